@@ -1,0 +1,89 @@
+/**
+ * The guest's initramfs: busybox-static, the kernel modules the guest needs (closure from modules.dep), the
+ * command agent and workload tool, and an init that mounts the data disk and runs the agent on ttyS1.
+ */
+import { chmod, copyFile, mkdir, readFile, writeFile } from "node:fs/promises";
+import { dirname, join } from "node:path";
+import { run, runBuffer } from "./exec.ts";
+import type { GuestPrograms } from "./guest-programs.ts";
+import type { GuestKernel } from "./kernels.ts";
+import { moduleLoadOrder, parseModulesBuiltin, parseModulesDep } from "./modules.ts";
+
+/** Drivers the guest needs beyond what the cloud kernels build in (ext4 and the 8250 UART are built in). */
+export const GUEST_DRIVERS = ["virtio_pci", "virtio_blk", "virtio_console", "virtio_balloon"] as const;
+
+/** busybox-static's binary (Debian package busybox-static). */
+export const BUSYBOX = "/bin/busybox";
+
+/** Serial numbers the lab gives its virtio disks; init links them under /dev/disk/by-serial/. */
+export const DISK_SERIAL = { data: "vmprune-data", spare: "vmprune-spare" } as const;
+
+/** Printed on the console once init is done; the agent then answers on ttyS1. */
+export const BOOT_MARKER = "VMPRUNE-BOOTED";
+
+export function initScript(): string {
+  return `#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/shm /dev/pts /run /tmp /data /dev/disk/by-serial
+mount -t tmpfs -o mode=1777 shm /dev/shm
+mount -t tmpfs run /run
+mount -t tmpfs tmp /tmp
+while read -r module; do insmod "/lib/modules/$module" || echo "init: insmod $module failed"; done < /lib/modules/load-order
+for block in /sys/block/vd*; do
+  [ -e "$block/serial" ] && ln -sf "/dev/\${block##*/}" "/dev/disk/by-serial/$(cat "$block/serial")"
+done
+if [ -e /dev/disk/by-serial/${DISK_SERIAL.data} ]; then
+  mount -t ext4 /dev/disk/by-serial/${DISK_SERIAL.data} /data || echo "init: cannot mount the data disk"
+fi
+echo "${BOOT_MARKER} $(uname -r) mem=$(grep MemTotal /proc/meminfo)"
+while true; do /bin/agent /dev/ttyS1; echo "init: agent exited, restarting"; sleep 1; done
+`;
+}
+
+export async function buildInitramfs(
+  kernel: GuestKernel,
+  programs: GuestPrograms,
+  outPath: string,
+): Promise<void> {
+  const stage = `${outPath}.stage`;
+  await run("rm", ["-rf", stage]);
+  for (const d of ["bin", "dev", "proc", "sys", "run", "tmp", "data", "lib/modules"]) {
+    await mkdir(join(stage, d), { recursive: true });
+  }
+  await copyFile(BUSYBOX, join(stage, "bin", "busybox"));
+  await copyFile(programs.agent, join(stage, "bin", "agent"));
+  await copyFile(programs.vmwork, join(stage, "bin", "vmwork"));
+  await chmod(join(stage, "bin", "agent"), 0o755);
+  await chmod(join(stage, "bin", "vmwork"), 0o755);
+
+  const dep = parseModulesDep(await readFile(join(kernel.modulesDir, "modules.dep"), "utf8"));
+  const builtin = parseModulesBuiltin(await readFile(join(kernel.modulesDir, "modules.builtin"), "utf8"));
+  const order = moduleLoadOrder(GUEST_DRIVERS, dep, builtin);
+  const loadOrder: string[] = [];
+  for (const path of order) {
+    // busybox insmod cannot read compressed modules: store them plain.
+    const plain = path.replace(/\.(xz|zst|gz)$/, "");
+    const target = join(stage, "lib", "modules", plain);
+    await mkdir(dirname(target), { recursive: true });
+    const source = join(kernel.modulesDir, path);
+    if (path.endsWith(".xz")) await writeFile(target, await runBuffer("xz", ["-dc", source]));
+    else if (path.endsWith(".zst")) await writeFile(target, await runBuffer("zstd", ["-dc", source]));
+    else if (path.endsWith(".gz")) await writeFile(target, await runBuffer("gzip", ["-dc", source]));
+    else await copyFile(source, target);
+    loadOrder.push(plain);
+  }
+  await writeFile(join(stage, "lib", "modules", "load-order"), `${loadOrder.join("\n")}\n`);
+  await writeFile(join(stage, "init"), initScript(), { mode: 0o755 });
+  await run("bash", [
+    "-c",
+    'set -o pipefail; cd "$1" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet > "$2"',
+    "_",
+    stage,
+    outPath,
+  ]);
+  await run("rm", ["-rf", stage]);
+}

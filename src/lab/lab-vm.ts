@@ -1,0 +1,138 @@
+/**
+ * Lab VMs as tests, the demo and benchmarks use them: a source VM booted with one kernel on one QEMU, a
+ * destination started to receive it, both sharing one copy of the data disk (shared storage), and plain-QEMU
+ * live migration between them on loopback.
+ */
+
+import { randomBytes } from "node:crypto";
+import { copyFile, mkdir, rm, truncate, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { detectAccelerator } from "../qemu/accel.ts";
+import { ensureQemu, type QemuBinary, type QemuVersion } from "../qemu/binaries.ts";
+import { trackPath, untrackPath } from "../qemu/cleanup.ts";
+import {
+  type MigrationOptions,
+  type MigrationResult,
+  prepareIncoming,
+  runMigration,
+  waitRunning,
+} from "../qemu/migration.ts";
+import { type Accelerator, RUN_ROOT, Vm, type VmConfig } from "../qemu/vm.ts";
+import { ensureGuestImage, type GuestImage } from "./guest-image.ts";
+import type { KernelId } from "./kernels.ts";
+import { workload } from "./workloads.ts";
+
+export interface LabVmOptions {
+  kernel: KernelId;
+  qemu: QemuVersion;
+  memoryMiB?: number;
+  vcpus?: number;
+  cpu?: string;
+  accel?: Accelerator;
+  extraArgs?: string[];
+  bootTimeoutMs?: number;
+}
+
+/** Spare raw disk per guest: room for a /proc/kpageflags + kpagecount dump (16 bytes per 4 KiB page). */
+function spareDiskBytes(memoryMiB: number): number {
+  return 1024 * 1024 + Math.ceil(((memoryMiB + 4096) * 256 * 16) / 4096) * 4096;
+}
+
+export class LabPair {
+  dst: Vm | undefined;
+  private stopped = false;
+
+  private constructor(
+    readonly options: Required<Pick<LabVmOptions, "kernel" | "qemu" | "memoryMiB" | "vcpus">> & LabVmOptions,
+    readonly qemu: QemuBinary,
+    readonly image: GuestImage,
+    readonly accel: Accelerator,
+    readonly diskDir: string,
+    readonly src: Vm,
+    readonly bootMs: number,
+  ) {}
+
+  private static config(
+    options: LabPair["options"],
+    qemu: QemuBinary,
+    image: GuestImage,
+    accel: Accelerator,
+    diskDir: string,
+    name: string,
+  ): VmConfig {
+    return {
+      name,
+      qemu,
+      image,
+      accel,
+      memoryMiB: options.memoryMiB,
+      vcpus: options.vcpus,
+      ...(options.cpu ? { cpu: options.cpu } : {}),
+      disks: { data: join(diskDir, "data.img"), spare: join(diskDir, "spare.img") },
+      ...(options.extraArgs ? { extraArgs: options.extraArgs } : {}),
+    };
+  }
+
+  /** Boots the source VM (with its own copy of the data disk) and waits for its agent. */
+  static async boot(opts: LabVmOptions): Promise<LabPair> {
+    const options = { memoryMiB: 512, vcpus: 1, ...opts };
+    const [qemu, image] = await Promise.all([ensureQemu(options.qemu), ensureGuestImage(options.kernel)]);
+    const accel = options.accel ?? (await detectAccelerator(qemu, image)).accel;
+    const diskDir = join(RUN_ROOT, `${process.pid}-disks-${randomBytes(3).toString("hex")}`);
+    await mkdir(diskDir, { recursive: true });
+    trackPath(diskDir);
+    let src: Vm | undefined;
+    try {
+      await copyFile(image.dataDisk, join(diskDir, "data.img"));
+      await writeFile(join(diskDir, "spare.img"), "");
+      await truncate(join(diskDir, "spare.img"), spareDiskBytes(options.memoryMiB));
+      const started = performance.now();
+      src = await Vm.start(LabPair.config(options, qemu, image, accel, diskDir, "src"));
+      await src.waitBooted(options.bootTimeoutMs ?? 120_000);
+      return new LabPair(options, qemu, image, accel, diskDir, src, performance.now() - started);
+    } catch (error) {
+      await src?.stop();
+      await rm(diskDir, { recursive: true, force: true });
+      untrackPath(diskDir);
+      throw error;
+    }
+  }
+
+  /** Starts a destination VM (same devices, -incoming defer) on the same shared disks. */
+  async startDestination(name = "dst"): Promise<Vm> {
+    if (this.dst) await this.dst.stop();
+    this.dst = await Vm.start({
+      ...LabPair.config(this.options, this.qemu, this.image, this.accel, this.diskDir, name),
+      incoming: true,
+    });
+    return this.dst;
+  }
+
+  /**
+   * Plain QEMU live migration src → dst on loopback (dst is started if needed). When it completes, waits for the
+   * destination to run and reconnects nothing: callers use `dst.agent`.
+   */
+  async migratePlain(options: Partial<MigrationOptions> = {}): Promise<MigrationResult> {
+    const dst = this.dst ?? (await this.startDestination());
+    const uri = await prepareIncoming(dst.monitor, {
+      incomingUri: options.incomingUri ?? "tcp:127.0.0.1:0",
+      ...(options.capabilities ? { capabilities: options.capabilities } : {}),
+    });
+    const result = await runMigration(this.src.monitor, options.connectUri ?? uri, options);
+    await waitRunning(dst.monitor);
+    return result;
+  }
+
+  /** `vmwork verify` on a VM; returns its output, throws with the first mismatch. */
+  static verify(vm: Vm, timeoutMs = 300_000): Promise<string> {
+    return vm.agent.run(workload.verify(), timeoutMs);
+  }
+
+  async stop(): Promise<void> {
+    if (this.stopped) return;
+    this.stopped = true;
+    await Promise.allSettled([this.src.stop(), this.dst?.stop()]);
+    await rm(this.diskDir, { recursive: true, force: true });
+    untrackPath(this.diskDir);
+  }
+}

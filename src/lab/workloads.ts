@@ -1,0 +1,85 @@
+/**
+ * The guest workloads (the `vmwork` tool in the guest, src/lab/guest/workload.c) as typed host calls, and the
+ * mixed workload the demo and tests use.
+ */
+
+import { dataFilePaths } from "./data-disk.ts";
+import type { GuestAgent } from "./guest-agent.ts";
+import { DISK_SERIAL } from "./initramfs.ts";
+
+export type Size = `${number}${"K" | "M" | "G" | ""}`;
+
+/** Shell-quotes one word for the guest's /bin/sh. */
+function q(word: string): string {
+  return /^[\w./:=@%+-]+$/.test(word) ? word : `'${word.replaceAll("'", "'\\''")}'`;
+}
+
+export const workload = {
+  fillCache: (files: readonly string[]) => `vmwork fill-cache ${files.map(q).join(" ")}`,
+  mapFiles: (files: readonly string[]) => `vmwork map-files ${files.map(q).join(" ")}`,
+  dirtyFiles: (dir: string, size: Size, count = 4) => `vmwork dirty-files ${q(dir)} ${size} ${count}`,
+  anon: (size: Size) => `vmwork anon ${size}`,
+  tmpfs: (size: Size, dir = "/dev/shm") => `vmwork tmpfs ${size} ${q(dir)}`,
+  churn: (size: Size, loops = 1) => `vmwork churn ${size} ${loops}`,
+  dirty: (ratePerSecond: Size, size: Size = "64M") => `vmwork dirty ${ratePerSecond} ${size}`,
+  kpageflags: (device = `/dev/disk/by-serial/${DISK_SERIAL.spare}`) => `vmwork kpageflags ${q(device)}`,
+  verify: () => "vmwork verify",
+  stop: () => "vmwork stop",
+  status: () => "vmwork status",
+} as const;
+
+export interface MixedWorkloadSizes {
+  /** Files read into clean, unmapped page cache. */
+  cacheFiles: number;
+  /** Files mmapped by a keeper process. */
+  mappedFiles: number;
+  anon: Size;
+  tmpfs: Size;
+  /** Anonymous memory filled with non-zero data and freed again. */
+  churn: Size;
+  churnLoops: number;
+  dirtyFiles: { size: Size; count: number };
+}
+
+/** Sized for a 512 MiB guest: about 300 MiB in use, the rest mostly non-zero free pages. */
+export const MIXED_512M: MixedWorkloadSizes = {
+  cacheFiles: 6,
+  mappedFiles: 2,
+  anon: "64M",
+  tmpfs: "32M",
+  churn: "160M",
+  churnLoops: 2,
+  dirtyFiles: { size: "4M", count: 4 },
+};
+
+/** Runs the mixed workload; returns what each step printed. */
+export async function runMixedWorkload(
+  agent: GuestAgent,
+  sizes: MixedWorkloadSizes = MIXED_512M,
+): Promise<string[]> {
+  const files = dataFilePaths();
+  const cache = files.slice(0, sizes.cacheFiles);
+  const mapped = files.slice(sizes.cacheFiles, sizes.cacheFiles + sizes.mappedFiles);
+  const steps = [
+    workload.churn(sizes.churn, sizes.churnLoops),
+    workload.fillCache(cache),
+    workload.mapFiles(mapped),
+    workload.anon(sizes.anon),
+    workload.tmpfs(sizes.tmpfs),
+    workload.dirtyFiles("/data/scratch", sizes.dirtyFiles.size, sizes.dirtyFiles.count),
+  ];
+  const out: string[] = [];
+  for (const step of steps) out.push((await agent.run(step, 300_000)).trim());
+  return out;
+}
+
+/** Parsed /proc/meminfo of the guest, in KiB. */
+export async function guestMeminfo(agent: GuestAgent): Promise<Record<string, number>> {
+  const text = await agent.run("cat /proc/meminfo");
+  const info: Record<string, number> = {};
+  for (const line of text.split("\n")) {
+    const m = /^(\S+):\s+(\d+)/.exec(line);
+    if (m?.[1] && m[2]) info[m[1]] = Number(m[2]);
+  }
+  return info;
+}

@@ -1,0 +1,115 @@
+/**
+ * Drives one live migration between two QEMUs with QMP: same capabilities on both ends, `migrate-incoming` on
+ * the destination (started with -incoming defer), `migrate` on the source, then polling `query-migrate` until
+ * QEMU reports an end state. Only QEMU's own path; vmprune's relay sits between the two URIs it is given.
+ */
+import { setTimeout as sleep } from "node:timers/promises";
+import type { MigrationInfo, QmpClient } from "./qmp.ts";
+
+export interface MigrationOptions {
+  /** Where the destination listens, e.g. "tcp:127.0.0.1:0" (port 0: QEMU picks one; see listenAddress). */
+  incomingUri: string;
+  /** Where the source connects; default: the address the destination reports. */
+  connectUri?: string;
+  capabilities?: Record<string, boolean>;
+  /** migrate-set-parameters on the source (and the destination, for multifd-channels etc.). */
+  parameters?: Record<string, unknown>;
+  timeoutMs?: number;
+  /** Called with every query-migrate answer while it runs. */
+  onProgress?: (info: MigrationInfo) => void;
+  pollMs?: number;
+}
+
+export interface MigrationResult {
+  status: string;
+  info: MigrationInfo;
+  /** Wall time from `migrate` to the end state seen here. */
+  wallMs: number;
+  uri: string;
+}
+
+/** Default parameters for loopback lab migrations: QEMU's default bandwidth cap (128 MiB/s) would dominate. */
+export const LOOPBACK_PARAMETERS = { "max-bandwidth": 8 * 1024 * 1024 * 1024 };
+
+export class MigrationFailed extends Error {
+  constructor(
+    message: string,
+    readonly info: MigrationInfo | undefined,
+  ) {
+    super(message);
+    this.name = "MigrationFailed";
+  }
+}
+
+/** The address a destination listens on after `migrate-incoming` (QEMU reports the port it bound). */
+export async function listenAddress(dst: QmpClient): Promise<string> {
+  const info = (await dst.executeUntyped("query-migrate")) as {
+    "socket-address"?: { type: string; host?: string; port?: string }[];
+  };
+  const address = info["socket-address"]?.find((a) => a.type === "inet");
+  if (!address?.host || !address.port)
+    throw new Error(`destination reports no listening address: ${JSON.stringify(info)}`);
+  return `tcp:${address.host}:${address.port}`;
+}
+
+export async function prepareIncoming(
+  dst: QmpClient,
+  options: Pick<MigrationOptions, "incomingUri" | "capabilities" | "parameters">,
+): Promise<string> {
+  await setCapabilities(dst, options.capabilities);
+  if (options.parameters) await dst.execute("migrate-set-parameters", options.parameters);
+  await dst.execute("migrate-incoming", { uri: options.incomingUri });
+  return options.incomingUri.endsWith(":0") ? listenAddress(dst) : options.incomingUri;
+}
+
+async function setCapabilities(
+  qmp: QmpClient,
+  capabilities: Record<string, boolean> | undefined,
+): Promise<void> {
+  const list = Object.entries(capabilities ?? {}).map(([capability, state]) => ({ capability, state }));
+  if (list.length > 0) await qmp.execute("migrate-set-capabilities", { capabilities: list });
+}
+
+const END_STATES = new Set(["completed", "failed", "cancelled"]);
+
+/** Starts the migration on the source and waits for its end; throws MigrationFailed unless it completed. */
+export async function runMigration(
+  src: QmpClient,
+  connectUri: string,
+  options: Omit<MigrationOptions, "incomingUri">,
+): Promise<MigrationResult> {
+  await setCapabilities(src, options.capabilities);
+  await src.execute("migrate-set-parameters", { ...LOOPBACK_PARAMETERS, ...options.parameters });
+  const started = performance.now();
+  await src.execute("migrate", { uri: connectUri });
+  const deadline = Date.now() + (options.timeoutMs ?? 300_000);
+  let info: MigrationInfo = {};
+  while (Date.now() < deadline) {
+    info = await src.execute("query-migrate");
+    options.onProgress?.(info);
+    if (info.status && END_STATES.has(info.status)) break;
+    await sleep(options.pollMs ?? 100);
+  }
+  const wallMs = performance.now() - started;
+  if (info.status !== "completed") {
+    if (!info.status || !END_STATES.has(info.status))
+      await src.execute("migrate_cancel").catch(() => undefined);
+    throw new MigrationFailed(
+      `migration to ${connectUri} ${info.status ?? "did not start"}${info["error-desc"] ? `: ${info["error-desc"]}` : ""}`,
+      info,
+    );
+  }
+  return { status: info.status, info, wallMs, uri: connectUri };
+}
+
+/** Waits until the destination runs the guest (QEMU resumes it after the last RAM and device state). */
+export async function waitRunning(qmp: QmpClient, timeoutMs = 30_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  let status = "";
+  while (Date.now() < deadline) {
+    status = (await qmp.execute("query-status")).status;
+    if (status === "running") return;
+    await sleep(100);
+  }
+  throw new Error(`destination is '${status}', not running, ${timeoutMs} ms after the migration completed`);
+}

@@ -1,0 +1,321 @@
+/**
+ * One QEMU process running the lab guest: guest RAM in a shared memory-backend file under /dev/shm (so vmprune
+ * can read it from outside), QMP and the guest agent on unix sockets, the serial console in a file.
+ * `stop()` always ends the process (QMP quit, then SIGKILL by PID) and removes its files.
+ */
+import { spawn } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import {
+  closeSync,
+  existsSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+} from "node:fs";
+import { readFile } from "node:fs/promises";
+import { join } from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
+import { GuestAgent } from "../lab/guest-agent.ts";
+import type { GuestImage } from "../lab/guest-image.ts";
+import { DISK_SERIAL } from "../lab/initramfs.ts";
+import type { QemuBinary } from "./binaries.ts";
+import { trackPath, trackProcess, untrackPath, untrackProcess } from "./cleanup.ts";
+import { QmpClient } from "./qmp.ts";
+
+export type Accelerator = "kvm" | "tcg";
+
+export interface VmConfig {
+  /** Short name used in file names and logs ("src", "dst"). */
+  name: string;
+  qemu: QemuBinary;
+  image: GuestImage;
+  accel: Accelerator;
+  memoryMiB: number;
+  vcpus: number;
+  /** CPU model; default: "host" under KVM, "qemu64" under TCG ("max" exposes LA57, i.e. 5-level paging). */
+  cpu?: string;
+  /** Machine type; default "q35" (QEMU resolves it to its own versioned q35). */
+  machine?: string;
+  /** Raw disk images: `data` is the ext4 data disk, `spare` a raw scratch disk (kpageflags dumps). */
+  disks: { data?: string; spare?: string };
+  /** Start with `-incoming defer`: the VM waits for `migrate-incoming`. */
+  incoming?: boolean;
+  extraArgs?: string[];
+}
+
+/** Folder for per-VM run folders (sockets must stay under 108 bytes of path). */
+export const RUN_ROOT = "/tmp/vmprune-run";
+/** Prefix of RAM files in /dev/shm; the owner's PID follows, so stale files can be attributed. */
+export const SHM_PREFIX = "vmprune-";
+
+export function qemuArgs(
+  config: VmConfig,
+  files: { ramPath: string; qmpPath: string; agentPath: string; consolePath: string },
+): string[] {
+  const ramSize = `${config.memoryMiB}M`;
+  const cpu = config.cpu ?? (config.accel === "kvm" ? "host" : "qemu64");
+  const args = [
+    ...config.qemu.firmwareDirs.flatMap((d) => ["-L", d]),
+    "-name",
+    config.name,
+    "-machine",
+    `${config.machine ?? "q35"},accel=${config.accel},memory-backend=ram0`,
+    "-cpu",
+    cpu,
+    "-smp",
+    String(config.vcpus),
+    "-m",
+    ramSize,
+    "-object",
+    `memory-backend-file,id=ram0,size=${ramSize},mem-path=${files.ramPath},share=on`,
+    "-nodefaults",
+    "-no-user-config",
+    "-display",
+    "none",
+    "-no-reboot",
+    "-kernel",
+    config.image.kernel.vmlinuz,
+    "-initrd",
+    config.image.initrd,
+    "-append",
+    config.image.cmdline,
+    "-chardev",
+    `file,id=console,path=${files.consolePath}`,
+    "-serial",
+    "chardev:console",
+    "-chardev",
+    `socket,id=agent,path=${files.agentPath},server=on,wait=off`,
+    "-serial",
+    "chardev:agent",
+    "-qmp",
+    `unix:${files.qmpPath},server=on,wait=off`,
+  ];
+  for (const [role, path] of Object.entries(config.disks) as [
+    keyof typeof DISK_SERIAL,
+    string | undefined,
+  ][]) {
+    if (!path) continue;
+    args.push("-drive", `if=none,id=${role},file=${path},format=raw`);
+    args.push("-device", `virtio-blk-pci,drive=${role},serial=${DISK_SERIAL[role]}`);
+  }
+  if (config.incoming) args.push("-incoming", "defer");
+  args.push(...(config.extraArgs ?? []));
+  return args;
+}
+
+export class Vm {
+  private stopped = false;
+  private exitInfo: { code: number | null; signal: string | null } | undefined;
+  readonly exited: Promise<{ code: number | null; signal: string | null }>;
+  readonly agent: GuestAgent;
+
+  private constructor(
+    readonly config: VmConfig,
+    readonly pid: number,
+    readonly runDir: string,
+    readonly ramPath: string,
+    exited: Promise<{ code: number | null; signal: string | null }>,
+    public qmp: QmpClient | undefined,
+  ) {
+    this.exited = exited.then((info) => {
+      this.exitInfo = info;
+      return info;
+    });
+    this.agent = new GuestAgent(this.agentPath);
+  }
+
+  get qmpPath(): string {
+    return join(this.runDir, "qmp.sock");
+  }
+  get agentPath(): string {
+    return join(this.runDir, "agent.sock");
+  }
+  get consolePath(): string {
+    return join(this.runDir, "console.log");
+  }
+  get logPath(): string {
+    return join(this.runDir, "qemu.log");
+  }
+  get running(): boolean {
+    return this.exitInfo === undefined;
+  }
+
+  /** Starts QEMU and connects QMP; the guest is still booting (see waitBooted). */
+  static async start(config: VmConfig): Promise<Vm> {
+    const id = `${process.pid}-${config.name}-${randomBytes(3).toString("hex")}`;
+    const runDir = join(RUN_ROOT, id);
+    const ramPath = join("/dev/shm", `${SHM_PREFIX}${id}.ram`);
+    mkdirSync(runDir, { recursive: true });
+    trackPath(runDir);
+    trackPath(ramPath);
+    const files = {
+      ramPath,
+      qmpPath: join(runDir, "qmp.sock"),
+      agentPath: join(runDir, "agent.sock"),
+      consolePath: join(runDir, "console.log"),
+    };
+    const args = qemuArgs(config, files);
+    writeFileSync(join(runDir, "cmdline"), [config.qemu.binary, ...args].join("\n"));
+    const logFd = openSync(join(runDir, "qemu.log"), "a");
+    // setpriv --pdeathsig: QEMU dies with this process even if it is SIGKILLed (util-linux).
+    const child = spawn("setpriv", ["--pdeathsig", "KILL", "--", config.qemu.binary, ...args], {
+      stdio: ["ignore", logFd, logFd],
+      env: { ...process.env, ...config.qemu.env },
+    });
+    closeSync(logFd);
+    const pid = child.pid;
+    if (pid === undefined) throw new Error(`cannot start ${config.qemu.binary}: spawn failed`);
+    trackProcess(pid);
+    writeFileSync(join(runDir, "qemu.pid"), String(pid));
+    const exited = new Promise<{ code: number | null; signal: string | null }>((resolve) =>
+      child.once("exit", (code, signal) => {
+        untrackProcess(pid);
+        resolve({ code, signal });
+      }),
+    );
+    const vm = new Vm(config, pid, runDir, ramPath, exited, undefined);
+    try {
+      vm.qmp = await vm.connectQmp(15_000);
+    } catch (error) {
+      const log = await vm.log();
+      await vm.stop();
+      throw new Error(
+        `QEMU ${config.qemu.version} (${config.name}) did not start: ${log.trim() || String(error)}`,
+      );
+    }
+    return vm;
+  }
+
+  private async connectQmp(timeoutMs: number): Promise<QmpClient> {
+    const deadline = Date.now() + timeoutMs;
+    while (Date.now() < deadline) {
+      if (!this.running) throw new Error(`QEMU exited (${JSON.stringify(this.exitInfo)})`);
+      if (existsSync(this.qmpPath)) {
+        try {
+          return await QmpClient.connect(this.qmpPath, 5_000);
+        } catch {
+          // socket not listening yet
+        }
+      }
+      await sleep(50);
+    }
+    throw new Error(`no QMP socket at ${this.qmpPath} after ${timeoutMs} ms`);
+  }
+
+  /** QMP, which exists once start() returned. */
+  get monitor(): QmpClient {
+    if (!this.qmp) throw new Error(`VM ${this.config.name}: no QMP connection`);
+    return this.qmp;
+  }
+
+  /** Waits until the guest agent answers; fails early if QEMU exits. */
+  async waitBooted(timeoutMs = 120_000): Promise<void> {
+    const exitedEarly = this.exited.then((info) => {
+      throw new Error(
+        `VM ${this.config.name}: QEMU exited during boot (${JSON.stringify(info)}); console: ${this.consoleTail()}`,
+      );
+    });
+    try {
+      await Promise.race([this.agent.waitReady(timeoutMs), exitedEarly]);
+    } catch (error) {
+      throw new Error(
+        `VM ${this.config.name} did not boot: ${error instanceof Error ? error.message : String(error)}; console: ${this.consoleTail()}`,
+      );
+    }
+    exitedEarly.catch(() => undefined);
+  }
+
+  consoleTail(lines = 15): string {
+    try {
+      return readFileSync(this.consolePath, "utf8").trim().split("\n").slice(-lines).join("\n");
+    } catch {
+      return "(no console output)";
+    }
+  }
+
+  async log(): Promise<string> {
+    return readFile(this.logPath, "utf8").catch(() => "");
+  }
+
+  /** Ends QEMU (quit, then SIGKILL) and removes its RAM file and run folder. Safe to call twice. */
+  async stop(): Promise<void> {
+    if (this.stopped) return;
+    this.stopped = true;
+    this.agent.disconnect();
+    if (this.running) {
+      if (this.qmp && !this.qmp.closed) {
+        await this.qmp.execute("quit", undefined, 2_000).catch(() => undefined);
+      }
+      const quitInTime = await Promise.race([this.exited.then(() => true), sleep(5_000).then(() => false)]);
+      if (!quitInTime) {
+        try {
+          process.kill(this.pid, "SIGKILL");
+        } catch {
+          // exited meanwhile
+        }
+        await this.exited;
+      }
+    }
+    this.qmp?.close();
+    rmSync(this.ramPath, { force: true });
+    rmSync(this.runDir, { recursive: true, force: true });
+    untrackPath(this.ramPath);
+    untrackPath(this.runDir);
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Removes what crashed earlier runs left: for every run folder whose owner process is gone, kill its QEMU (only
+ * if that PID still runs a command line naming the folder, so a reused PID is never hit) and delete its files.
+ */
+export function sweepStaleRuns(): { killed: number[]; removed: string[] } {
+  const killed: number[] = [];
+  const removed: string[] = [];
+  const owners = new Set<number>();
+  for (const entry of existsSync(RUN_ROOT) ? readdirSync(RUN_ROOT) : []) {
+    const owner = Number.parseInt(entry, 10);
+    if (!Number.isFinite(owner) || processAlive(owner)) continue;
+    owners.add(owner);
+    const dir = join(RUN_ROOT, entry);
+    const qemuPid = Number.parseInt(readFileSafe(join(dir, "qemu.pid")), 10);
+    if (Number.isFinite(qemuPid) && readFileSafe(`/proc/${qemuPid}/cmdline`).includes(dir)) {
+      try {
+        process.kill(qemuPid, "SIGKILL");
+        killed.push(qemuPid);
+      } catch {
+        // gone
+      }
+    }
+    rmSync(dir, { recursive: true, force: true });
+    removed.push(dir);
+  }
+  for (const file of readdirSync("/dev/shm")) {
+    if (!file.startsWith(SHM_PREFIX)) continue;
+    const owner = Number.parseInt(file.slice(SHM_PREFIX.length), 10);
+    if (Number.isFinite(owner) && !processAlive(owner)) {
+      rmSync(join("/dev/shm", file), { force: true });
+      removed.push(join("/dev/shm", file));
+    }
+  }
+  return { killed, removed };
+}
+
+function readFileSafe(path: string): string {
+  try {
+    return readFileSync(path, "utf8");
+  } catch {
+    return "";
+  }
+}
