@@ -35,7 +35,8 @@ export function run(file: string, args: readonly string[], options: RunOptions =
     const child = execFile(file, [...args], execOptions, (error, stdout, stderr) => {
       if (error) {
         const code = typeof error.code === "number" ? error.code : null;
-        const detail = String(stderr) || error.message;
+        // Programs that report failures on stdout (vmwork verify) still get their words into the error.
+        const detail = String(stderr) || String(stdout).slice(-2000) || error.message;
         reject(new CommandError(`${file} ${args.join(" ")}`.slice(0, 300), code, detail));
         return;
       }
