@@ -64,7 +64,9 @@ export class GuestAgent {
   private socket: Socket | undefined;
   private buffer = "";
   private nextId = 1 + Math.floor(Math.random() * 1_000_000);
-  private waiter: { id: number; resolve: (r: GuestCommandResult) => void } | undefined;
+  private waiter:
+    | { id: number; resolve: (r: GuestCommandResult) => void; reject: (e: Error) => void }
+    | undefined;
   private queue: Promise<unknown> = Promise.resolve();
 
   constructor(readonly socketPath: string) {}
@@ -81,6 +83,13 @@ export class GuestAgent {
     socket.setEncoding("utf8");
     socket.on("data", (chunk: string) => this.onData(chunk));
     socket.on("error", () => socket.destroy());
+    // QEMU exited (guest panic, kill): fail the command now rather than at its timeout.
+    socket.on("close", () => {
+      if (this.socket === socket) this.socket = undefined;
+      const waiter = this.waiter;
+      this.waiter = undefined;
+      waiter?.reject(new Error(`guest agent connection ${this.socketPath} closed (did QEMU exit?)`));
+    });
     this.socket = socket;
     this.buffer = "";
     return socket;
@@ -130,6 +139,10 @@ export class GuestAgent {
         resolve: (r) => {
           clearTimeout(timer);
           resolve(r);
+        },
+        reject: (e) => {
+          clearTimeout(timer);
+          reject(e);
         },
       };
       socket.write(formatRequest(id, guestTimeoutMs, command));

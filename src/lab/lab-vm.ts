@@ -119,7 +119,7 @@ export class LabPair {
       ...(options.capabilities ? { capabilities: options.capabilities } : {}),
     });
     const result = await runMigration(this.src.monitor, options.connectUri ?? uri, options);
-    await waitRunning(dst.monitor);
+    if (!dst.config.extraArgs?.includes("-S")) await waitRunning(dst.monitor);
     return result;
   }
 

@@ -4,7 +4,6 @@
  * memory (written through /proc/PID/mem) and in a dirtying process; the kpageflags dump layout.
  */
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { mkdtemp, open, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -16,7 +15,9 @@ import { labDir } from "../../src/lab/paths.ts";
 
 const b64 = (s: string) => Buffer.from(s).toString("base64");
 
-async function workDir(t: { after: (fn: () => Promise<void>) => void }): Promise<{ dir: string; env: NodeJS.ProcessEnv; vmwork: (...args: string[]) => Promise<string> }> {
+async function workDir(t: {
+  after: (fn: () => Promise<void>) => void;
+}): Promise<{ dir: string; env: NodeJS.ProcessEnv; vmwork: (...args: string[]) => Promise<string> }> {
   const programs = await ensureGuestPrograms(labDir());
   const dir = await mkdtemp(join(tmpdir(), "vmwork-"));
   const env = { ...process.env, VMWORK_STATE_DIR: join(dir, "state") };
