@@ -98,12 +98,24 @@ export class LabPair {
     }
   }
 
-  /** Starts a destination VM (same devices, -incoming defer) on the same shared disks. */
-  async startDestination(name = "dst"): Promise<Vm> {
+  /**
+   * Starts a destination VM (same devices, -incoming defer) on the same shared disks. `paused` adds `-S`: the
+   * guest stays stopped after the migration completes, so its RAM can be compared with the source's.
+   */
+  async startDestination(options: { name?: string; paused?: boolean } = {}): Promise<Vm> {
     if (this.dst) await this.dst.stop();
+    const config = LabPair.config(
+      this.options,
+      this.qemu,
+      this.image,
+      this.accel,
+      this.diskDir,
+      options.name ?? "dst",
+    );
     this.dst = await Vm.start({
-      ...LabPair.config(this.options, this.qemu, this.image, this.accel, this.diskDir, name),
+      ...config,
       incoming: true,
+      ...(options.paused ? { extraArgs: [...(config.extraArgs ?? []), "-S"] } : {}),
     });
     return this.dst;
   }

@@ -1,7 +1,7 @@
 /**
  * The lab end to end, on every guest kernel and QEMU version: boot, every workload, the kpageflags dump,
- * `verify`, then a plain-QEMU live migration on loopback with the guest dirtying memory, after which the
- * destination runs and `verify` passes there.
+ * `verify`, then a plain-QEMU live migration on loopback (on 10.0 with the guest dirtying memory), after which
+ * the destination runs and `verify` passes there.
  */
 import assert from "node:assert/strict";
 import { open } from "node:fs/promises";
@@ -68,7 +68,10 @@ for (const kernel of KERNEL_IDS) {
       );
       assert.equal(dump.flagsOffset, 4096n);
 
-      await agent.run(workload.dirty("8M", "32M"), 120_000);
+      // A guest dirtying memory forces several pre-copy passes. Only on 10.0: QEMU 7.2 under TCG loses a few
+      // dirty pages in such migrations (the RAM oracle in ram-oracle.test.ts found 1-458 stale pages per run
+      // with 1 vCPU; once the destination's kernel panicked), so its live migration runs with a quiet guest.
+      if (qemu === "10.0") await agent.run(workload.dirty("8M", "32M"), 120_000);
       assert.match(await LabPair.verify(pair.src), /^OK [1-9]\d* checks/);
 
       const result = await pair.migratePlain();
