@@ -1,4 +1,5 @@
 #!/usr/bin/env node
+import { createReadStream, createWriteStream } from "node:fs";
 /** `vmprune`: thin command-line layer over the library. Logs go to stderr, results to stdout. */
 import { Command, InvalidArgumentError, Option } from "commander";
 import { runDemo } from "../lab/demo.ts";
@@ -6,7 +7,10 @@ import { ensureGuestImage } from "../lab/guest-image.ts";
 import { isKernelId, KERNEL_IDS, type KernelId } from "../lab/kernels.ts";
 import { ensureQemu, isQemuVersion, QEMU_VERSIONS, type QemuVersion } from "../qemu/binaries.ts";
 import { sweepStaleRuns } from "../qemu/vm.ts";
-import { renderDemo } from "./render.ts";
+import { StreamError } from "../stream/errors.ts";
+import { rewriteStream } from "../stream/rewrite.ts";
+import { summarizeStream } from "../stream/summary.ts";
+import { renderDemo, renderStreamSummary } from "./render.ts";
 
 const log = (line: string) => process.stderr.write(`${line}\n`);
 
@@ -57,6 +61,42 @@ program
     sweepStaleRuns();
     const result = await runDemo({ kernel: opts.kernel, qemu: opts.qemu, memoryMiB: opts.memory, log });
     process.stdout.write(opts.json ? `${JSON.stringify(result, null, 2)}\n` : renderDemo(result));
+  });
+
+const stream = program.command("stream").description("QEMU migration streams: inspect and re-encode");
+
+/** A file, or "-" for standard input, as a source of chunks. */
+function input(path: string): AsyncIterable<Buffer> {
+  return path === "-" ? process.stdin : createReadStream(path, { highWaterMark: 1024 * 1024 });
+}
+
+stream
+  .command("inspect <file>")
+  .description("summarise a migration stream (a file, or - for stdin): sections, RAM blocks, records by type")
+  .option("--json", "print the summary as JSON")
+  .action(async (file: string, opts: { json?: boolean }) => {
+    const summary = await summarizeStream(input(file));
+    process.stdout.write(opts.json ? `${JSON.stringify(summary, null, 2)}\n` : renderStreamSummary(summary));
+    if (summary.error) process.exitCode = 2;
+  });
+
+stream
+  .command("rewrite <in> <out>")
+  .description(
+    "parse a migration stream and write it back record by record (identity; for round-trip checks)",
+  )
+  .action(async (inFile: string, outFile: string) => {
+    try {
+      const bytes = await rewriteStream(
+        input(inFile),
+        outFile === "-" ? process.stdout : createWriteStream(outFile),
+      );
+      log(`rewrote ${bytes} bytes`);
+    } catch (error) {
+      if (error instanceof StreamError)
+        throw new Error(`${error.message}: the input is not a stream vmprune can re-encode`);
+      throw error;
+    }
   });
 
 program.parseAsync(process.argv).catch((error: unknown) => {

@@ -1,5 +1,7 @@
 /** Human-readable tables for the CLI. */
+
 import type { DemoResult } from "../lab/demo.ts";
+import type { StreamSummaryJson } from "../stream/summary.ts";
 
 export function formatBytes(bytes: number): string {
   const units = ["B", "KiB", "MiB", "GiB"];
@@ -37,4 +39,47 @@ export function renderDemo(result: DemoResult): string {
     r.verify.startsWith("OK") ? "OK" : r.verify,
   ]);
   return `${head.join("\n")}${table(["migration", "status", "total time", "downtime", "on the wire", "pages sent", "zero pages", "passes", "verify"], rows)}\n`;
+}
+
+/** `vmprune stream inspect`: a human summary of a migration stream. */
+export function renderStreamSummary(s: StreamSummaryJson): string {
+  const r = s.ram.records;
+  const lines = [
+    `stream: ${formatBytes(s.bytes)} (${s.bytes} bytes), version ${s.version ?? "?"}, machine ${s.machineType ?? "?"}`,
+    `sha256: ${s.sha256}`,
+    `sections: ${s.sections.length} (${countBy(s.sections.map((x) => `${x.type}${x.idstr ? ` ${x.idstr}` : ""}`))})`,
+    `commands: ${s.commands.length ? countBy(s.commands.map((c) => c.name)) : "none"}`,
+    "",
+    table(
+      ["RAM block", "length"],
+      s.ram.blocks.map((b) => [b.id, formatBytes(b.length)]),
+    ),
+    "",
+    table(
+      ["RAM records", "count"],
+      [
+        ["PAGE", String(r.page)],
+        ["  of which all-zero", String(s.ram.zeroPayloadPages)],
+        ["ZERO", String(r.zero)],
+        ["XBZRLE", String(r.xbzrle)],
+        ["COMPRESS_PAGE", String(r.compress)],
+        ["MULTIFD_FLUSH", String(r.multifdFlush)],
+        ["MEM_SIZE", String(r.memSize)],
+        ["EOS", String(r.eos)],
+      ],
+    ),
+    "",
+    `RAM records on the wire: ${formatBytes(s.ram.wireBytes)}`,
+    s.passthroughFrom === null
+      ? "parsed to the end"
+      : `passthrough from byte ${s.passthroughFrom}: ${s.passthroughReason ?? ""}`,
+  ];
+  if (s.error) lines.push(`ERROR: ${s.error.message}`);
+  return `${lines.join("\n")}\n`;
+}
+
+function countBy(items: string[]): string {
+  const counts = new Map<string, number>();
+  for (const i of items) counts.set(i, (counts.get(i) ?? 0) + 1);
+  return [...counts].map(([k, n]) => `${n}× ${k}`).join(", ");
 }

@@ -69,7 +69,11 @@ export class GuestAgent {
     | undefined;
   private queue: Promise<unknown> = Promise.resolve();
 
-  constructor(readonly socketPath: string) {}
+  /** `describeClose` adds what is known about why the connection closed (QEMU's exit, the console's last lines). */
+  constructor(
+    readonly socketPath: string,
+    private readonly describeClose: () => string = () => "did QEMU exit?",
+  ) {}
 
   private async connection(): Promise<Socket> {
     if (this.socket && !this.socket.destroyed) return this.socket;
@@ -88,7 +92,10 @@ export class GuestAgent {
       if (this.socket === socket) this.socket = undefined;
       const waiter = this.waiter;
       this.waiter = undefined;
-      waiter?.reject(new Error(`guest agent connection ${this.socketPath} closed (did QEMU exit?)`));
+      if (waiter)
+        waiter.reject(
+          new Error(`guest agent connection ${this.socketPath} closed (${this.describeClose()})`),
+        );
     });
     this.socket = socket;
     this.buffer = "";

@@ -51,12 +51,24 @@ export const RUN_ROOT = "/tmp/vmprune-run";
 /** Prefix of RAM files in /dev/shm; the owner's PID follows, so stale files can be attributed. */
 export const SHM_PREFIX = "vmprune-";
 
+/**
+ * The guest CPU when none is asked for: the host's under KVM; under TCG `qemu64`, and on QEMU 7.2 without
+ * CMPXCHG16B. QEMU 7.2's TCG emulation of `cmpxchg16b %gs:(...)` (the per-CPU fast path of the guest kernel's
+ * SLUB allocator) corrupts guest state: Debian's 6.12 kernel panicked in kmem_cache_alloc with garbage in
+ * EFLAGS during boot or the lab workloads (seen here, 2 of 2 runs); 10.0 runs it cleanly. Without the CPUID
+ * bit the kernel takes its locked fallback.
+ */
+export function defaultCpu(config: Pick<VmConfig, "accel" | "qemu">): string {
+  if (config.accel === "kvm") return "host";
+  return config.qemu.version === "7.2" ? "qemu64,-cx16" : "qemu64";
+}
+
 export function qemuArgs(
   config: VmConfig,
   files: { ramPath: string; qmpPath: string; agentPath: string; consolePath: string },
 ): string[] {
   const ramSize = `${config.memoryMiB}M`;
-  const cpu = config.cpu ?? (config.accel === "kvm" ? "host" : "qemu64");
+  const cpu = config.cpu ?? defaultCpu(config);
   const args = [
     ...config.qemu.firmwareDirs.flatMap((d) => ["-L", d]),
     "-name",
@@ -124,7 +136,7 @@ export class Vm {
       this.exitInfo = info;
       return info;
     });
-    this.agent = new GuestAgent(this.agentPath);
+    this.agent = new GuestAgent(this.agentPath, () => this.deathReport());
   }
 
   get qmpPath(): string {
@@ -226,6 +238,20 @@ export class Vm {
       );
     }
     exitedEarly.catch(() => undefined);
+  }
+
+  /** Why the VM may have gone: QEMU's exit status (if it exited), its log and the console's last lines. */
+  deathReport(): string {
+    const status = this.exitInfo
+      ? `QEMU exited: ${JSON.stringify(this.exitInfo)}`
+      : "QEMU still running or exiting";
+    let log = "";
+    try {
+      log = readFileSync(this.logPath, "utf8").trim().split("\n").slice(-5).join("\n");
+    } catch {
+      // no log
+    }
+    return `${status}; qemu.log: ${log || "(empty)"}; console: ${this.consoleTail()}`;
   }
 
   consoleTail(lines = 15): string {

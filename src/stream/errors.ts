@@ -1,0 +1,28 @@
+/** Typed failures of the migration-stream parser: what was wrong and at which byte of the stream. */
+
+export type StreamErrorCode =
+  | "bad-magic"
+  | "bad-version"
+  | "truncated"
+  | "unknown-section-type"
+  | "unknown-command"
+  | "bad-command-length"
+  | "unknown-ram-flags"
+  | "unknown-block"
+  | "no-current-block"
+  | "impossible-length"
+  | "impossible-offset"
+  | "footer-mismatch"
+  | "trailing-bytes";
+
+export class StreamError extends Error {
+  override readonly name = "StreamError";
+  constructor(
+    readonly code: StreamErrorCode,
+    /** Offset in the stream of the record (or field) that could not be parsed. */
+    readonly offset: number,
+    readonly detail: string,
+  ) {
+    super(`migration stream, byte ${offset}: ${detail} (${code})`);
+  }
+}
