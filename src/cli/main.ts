@@ -7,10 +7,12 @@ import { ensureGuestImage } from "../lab/guest-image.ts";
 import { isKernelId, KERNEL_IDS, type KernelId } from "../lab/kernels.ts";
 import { ensureQemu, isQemuVersion, QEMU_VERSIONS, type QemuVersion } from "../qemu/binaries.ts";
 import { sweepStaleRuns } from "../qemu/vm.ts";
+import { CountingProcessor } from "../stream/counting-processor.ts";
 import { StreamError } from "../stream/errors.ts";
+import { Relay } from "../stream/relay.ts";
 import { rewriteStream } from "../stream/rewrite.ts";
 import { summarizeStream } from "../stream/summary.ts";
-import { renderDemo, renderStreamSummary } from "./render.ts";
+import { renderDemo, renderSendReport, renderStreamSummary } from "./render.ts";
 
 const log = (line: string) => process.stderr.write(`${line}\n`);
 
@@ -98,6 +100,57 @@ stream
       throw error;
     }
   });
+
+/** "HOST:PORT" or "[V6]:PORT". */
+function hostPort(value: string): { host: string; port: number } {
+  const m = /^(?:\[([^\]]+)\]|([^:]+)):(\d+)$/.exec(value);
+  const port = Number(m?.[3]);
+  const host = m?.[1] ?? m?.[2];
+  if (!host || !Number.isInteger(port) || port < 0 || port > 65535)
+    throw new InvalidArgumentError("HOST:PORT, e.g. 127.0.0.1:4444");
+  return { host, port };
+}
+
+program
+  .command("send")
+  .description(
+    "relay one live migration: the source QEMU migrates to tcp:LISTEN, vmprune forwards it to the destination's -incoming address",
+  )
+  .requiredOption("--listen <host:port>", "where the source QEMU connects (port 0: any free port)", hostPort)
+  .requiredOption("--to <host:port>", "the destination QEMU's -incoming address", hostPort)
+  .option("--capture <file>", "also write the main channel's stream, as received, to this file")
+  .option("--json", "print the report as JSON")
+  .action(
+    async (opts: {
+      listen: { host: string; port: number };
+      to: { host: string; port: number };
+      capture?: string;
+      json?: boolean;
+    }) => {
+      let processor: CountingProcessor | undefined;
+      const relay = await Relay.start({
+        listen: opts.listen,
+        to: opts.to,
+        createMainProcessor: () => {
+          processor = new CountingProcessor();
+          return processor;
+        },
+        ...(opts.capture ? { capturePath: opts.capture } : {}),
+        log,
+      });
+      const { host, port } = relay.address;
+      log(
+        `vmprune send: listening on ${host}:${port}, relaying to ${opts.to.host}:${opts.to.port} (passthrough)`,
+      );
+      const stop = () => void relay.close();
+      process.once("SIGINT", stop);
+      process.once("SIGTERM", stop);
+      const report = await relay.done;
+      const result = { relay: report, stream: processor?.report() ?? null };
+      process.stdout.write(opts.json ? `${JSON.stringify(result, null, 2)}\n` : renderSendReport(result));
+      if (report.error) process.exitCode = 1;
+    },
+  );
 
 program.parseAsync(process.argv).catch((error: unknown) => {
   log(`vmprune: ${error instanceof Error ? error.message : String(error)}`);

@@ -1,6 +1,7 @@
 /** Human-readable tables for the CLI. */
 
 import type { DemoResult } from "../lab/demo.ts";
+import type { RelayReport } from "../stream/relay.ts";
 import type { StreamSummaryJson } from "../stream/summary.ts";
 
 export function formatBytes(bytes: number): string {
@@ -82,4 +83,34 @@ function countBy(items: string[]): string {
   const counts = new Map<string, number>();
   for (const i of items) counts.set(i, (counts.get(i) ?? 0) + 1);
   return [...counts].map(([k, n]) => `${n}× ${k}`).join(", ");
+}
+
+/** `vmprune send`: what was relayed, per connection, and what the main channel carried. */
+export function renderSendReport(r: { relay: RelayReport; stream: StreamSummaryJson | null }): string {
+  const lines = [
+    table(
+      ["connection", "kind", "to destination", "to source", "closed by"],
+      r.relay.channels.map((c) => [
+        String(c.index),
+        c.kind,
+        formatBytes(c.bytesToDestination),
+        formatBytes(c.bytesToSource),
+        c.closedBy,
+      ]),
+    ),
+    `relayed in ${(r.relay.durationMs / 1000).toFixed(2)} s`,
+  ];
+  const s = r.stream;
+  if (s) {
+    const c = s.ram.records;
+    lines.push(
+      `main channel: ${c.page} PAGE (${s.ram.zeroPayloadPages} all-zero), ${c.zero} ZERO, ${c.xbzrle} XBZRLE, ` +
+        `${c.compress} COMPRESS_PAGE, ${c.eos} EOS, ${s.sections.length} sections`,
+      s.passthroughFrom === null
+        ? "parsed to the end"
+        : `parsed up to byte ${s.passthroughFrom} (${s.passthroughReason ?? ""}), then relayed raw`,
+    );
+  }
+  if (r.relay.error) lines.push(`ERROR: ${r.relay.error}`);
+  return `${lines.join("\n")}\n`;
 }

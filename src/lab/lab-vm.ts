@@ -30,7 +30,11 @@ export interface LabVmOptions {
   cpu?: string;
   accel?: Accelerator;
   extraArgs?: string[];
+  /** A second RAM block (pc-dimm) of this many MiB. */
+  dimmMiB?: number;
   bootTimeoutMs?: number;
+  /** Start the source with -S and do not wait for the guest: RAM holds only firmware (tiny streams). */
+  frozen?: boolean;
 }
 
 /** Spare raw disk per guest: room for a /proc/kpageflags + kpagecount dump (16 bytes per 4 KiB page). */
@@ -70,6 +74,7 @@ export class LabPair {
       ...(options.cpu ? { cpu: options.cpu } : {}),
       disks: { data: join(diskDir, "data.img"), spare: join(diskDir, "spare.img") },
       ...(options.extraArgs ? { extraArgs: options.extraArgs } : {}),
+      ...(options.dimmMiB ? { dimmMiB: options.dimmMiB } : {}),
     };
   }
 
@@ -87,8 +92,10 @@ export class LabPair {
       await writeFile(join(diskDir, "spare.img"), "");
       await truncate(join(diskDir, "spare.img"), spareDiskBytes(options.memoryMiB));
       const started = performance.now();
-      src = await Vm.start(LabPair.config(options, qemu, image, accel, diskDir, "src"));
-      await src.waitBooted(options.bootTimeoutMs ?? 120_000);
+      const config = LabPair.config(options, qemu, image, accel, diskDir, "src");
+      if (options.frozen) config.extraArgs = [...(config.extraArgs ?? []), "-S"];
+      src = await Vm.start(config);
+      if (!options.frozen) await src.waitBooted(options.bootTimeoutMs ?? 120_000);
       return new LabPair(options, qemu, image, accel, diskDir, src, performance.now() - started);
     } catch (error) {
       await src?.stop();

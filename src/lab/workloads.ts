@@ -21,7 +21,9 @@ export const workload = {
   anon: (size: Size) => `vmwork anon ${size}`,
   tmpfs: (size: Size, dir = "/dev/shm") => `vmwork tmpfs ${size} ${q(dir)}`,
   churn: (size: Size, loops = 1) => `vmwork churn ${size} ${loops}`,
-  dirty: (ratePerSecond: Size, size: Size = "64M") => `vmwork dirty ${ratePerSecond} ${size}`,
+  /** Rewrites `size` of anonymous memory at a rate; `sparse`: each pass changes one word per page (XBZRLE-friendly). */
+  dirty: (ratePerSecond: Size, size: Size = "64M", mode: "dense" | "sparse" = "dense") =>
+    `vmwork dirty ${ratePerSecond} ${size}${mode === "sparse" ? " sparse" : ""}`,
   kpageflags: (device = `/dev/disk/by-serial/${DISK_SERIAL.spare}`) => `vmwork kpageflags ${q(device)}`,
   verify: () => "vmwork verify",
   stop: () => "vmwork stop",

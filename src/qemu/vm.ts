@@ -41,6 +41,11 @@ export interface VmConfig {
   machine?: string;
   /** Raw disk images: `data` is the ext4 data disk, `spare` a raw scratch disk (kpageflags dumps). */
   disks: { data?: string; spare?: string };
+  /**
+   * A second RAM block: a pc-dimm of this size backed by its own shared file (`<ramPath>.dimm0`), as memory
+   * hot-plugged into the guest. Its RAMBlock's idstr is the backend id "dimm0".
+   */
+  dimmMiB?: number;
   /** Start with `-incoming defer`: the VM waits for `migrate-incoming`. */
   incoming?: boolean;
   extraArgs?: string[];
@@ -63,6 +68,10 @@ export function defaultCpu(config: Pick<VmConfig, "accel" | "qemu">): string {
   return config.qemu.version === "7.2" ? "qemu64,-cx16" : "qemu64";
 }
 
+export function dimmPath(ramPath: string): string {
+  return `${ramPath}.dimm0`;
+}
+
 export function qemuArgs(
   config: VmConfig,
   files: { ramPath: string; qmpPath: string; agentPath: string; consolePath: string },
@@ -80,9 +89,17 @@ export function qemuArgs(
     "-smp",
     String(config.vcpus),
     "-m",
-    ramSize,
+    config.dimmMiB ? `${ramSize},slots=1,maxmem=${config.memoryMiB + config.dimmMiB}M` : ramSize,
     "-object",
     `memory-backend-file,id=ram0,size=${ramSize},mem-path=${files.ramPath},share=on`,
+    ...(config.dimmMiB
+      ? [
+          "-object",
+          `memory-backend-file,id=dimm0,size=${config.dimmMiB}M,mem-path=${dimmPath(files.ramPath)},share=on`,
+          "-device",
+          "pc-dimm,id=dimm0dev,memdev=dimm0",
+        ]
+      : []),
     "-nodefaults",
     "-no-user-config",
     "-display",
@@ -163,6 +180,7 @@ export class Vm {
     mkdirSync(runDir, { recursive: true });
     trackPath(runDir);
     trackPath(ramPath);
+    if (config.dimmMiB) trackPath(dimmPath(ramPath));
     const files = {
       ramPath,
       qmpPath: join(runDir, "qmp.sock"),
@@ -286,9 +304,11 @@ export class Vm {
       }
     }
     this.qmp?.close();
-    rmSync(this.ramPath, { force: true });
+    for (const file of [this.ramPath, dimmPath(this.ramPath)]) {
+      rmSync(file, { force: true });
+      untrackPath(file);
+    }
     rmSync(this.runDir, { recursive: true, force: true });
-    untrackPath(this.ramPath);
     untrackPath(this.runDir);
   }
 }

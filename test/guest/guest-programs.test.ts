@@ -8,6 +8,7 @@ import { mkdtemp, open, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
+import { setTimeout as sleep } from "node:timers/promises";
 import { run } from "../../src/lab/exec.ts";
 import { parseReply } from "../../src/lab/guest-agent.ts";
 import { ensureGuestPrograms } from "../../src/lab/guest-programs.ts";
@@ -100,6 +101,31 @@ test("vmwork dirty: a page changed behind the writer's back is caught by verify"
   // Page 200 is rewritten only after ~3 s at 64 KiB/s; verify sees the damage first.
   await mem.write(Buffer.from("garbage!"), 0, 8, Number(BigInt(`0x${m[2]}`) + 200n * 4096n + 64n));
   await mem.close();
+  await assert.rejects(vmwork("verify"), /FAIL dirty/);
+});
+
+test("vmwork dirty sparse: a generation changes one word per page, and verify still checks every word", async (t) => {
+  const { vmwork } = await workDir(t);
+  const out = await vmwork("dirty", "4M", "64K", "sparse");
+  const m = /pid=(\d+) addr=0x([0-9a-f]+)/.exec(out);
+  assert.ok(m?.[1] && m[2]);
+  const base = Number(BigInt(`0x${m[2]}`));
+  const mem = await open(`/proc/${m[1]}/mem`, "r+");
+  const read = async () => {
+    const b = Buffer.alloc(4096);
+    await mem.read(b, 0, 4096, base + 4096 * 3);
+    return b;
+  };
+  const before = await read();
+  await sleep(300); // 64 KiB at 4 MiB/s: many generations
+  const after = await read();
+  assert.notEqual(before.readBigUInt64LE(8), after.readBigUInt64LE(8), "the generation word changed");
+  assert.ok(before.subarray(16).equals(after.subarray(16)), "nothing else in the page changed");
+  assert.equal(after.readBigUInt64LE(0), 3n | (1n << 63n), "word 0: index and the sparse bit");
+  assert.match(await vmwork("verify"), /^OK 1 checks/);
+  await mem.write(Buffer.from("garbage!"), 0, 8, base + 4096 * 5 + 4000);
+  await mem.close();
+  await sleep(100);
   await assert.rejects(vmwork("verify"), /FAIL dirty/);
 });
 

@@ -370,22 +370,29 @@ static int cmd_churn(int argc, char **argv) {
 
 /* ---- dirty: rewrite anonymous memory at a rate, each page self-describing ---- */
 
-/* Page `index` at generation `gen`: word0 = index, word1 = gen, the rest derived from both. */
-static void dirty_fill(uint64_t *page, uint64_t seed, uint64_t index, uint64_t gen) {
-    page[0] = index;
+/*
+ * Page `index` at generation `gen`: word0 = index (bit 63: sparse), word1 = gen, the rest derived from the
+ * index and, unless sparse, the generation. A sparse generation changes only word 1: a small delta, as XBZRLE
+ * likes it; a dense one rewrites the whole page.
+ */
+#define DIRTY_SPARSE (1ull << 63)
+static void dirty_fill(uint64_t *page, uint64_t seed, uint64_t index, uint64_t gen, int sparse) {
+    page[0] = index | (sparse ? DIRTY_SPARSE : 0);
     page[1] = gen;
-    pattern_fill(page + 2, WORDS_PER_PAGE - 2, seed ^ (index << 20) ^ (gen << 44), 0);
+    pattern_fill(page + 2, WORDS_PER_PAGE - 2, seed ^ (index << 20) ^ (sparse ? 0 : gen << 44), 0);
 }
 
 /* Index of the first bad word of a dirty page, or WORDS_PER_PAGE if it is consistent. */
 static size_t dirty_check(const uint64_t *page, uint64_t seed, uint64_t index) {
-    if (page[0] != index) return 0;
-    size_t bad = pattern_check(page + 2, WORDS_PER_PAGE - 2, seed ^ (index << 20) ^ (page[1] << 44), 0);
+    if ((page[0] & ~DIRTY_SPARSE) != index) return 0;
+    int sparse = (page[0] & DIRTY_SPARSE) != 0;
+    size_t bad = pattern_check(page + 2, WORDS_PER_PAGE - 2, seed ^ (index << 20) ^ (sparse ? 0 : page[1] << 44), 0);
     return bad < WORDS_PER_PAGE - 2 ? bad + 2 : WORDS_PER_PAGE;
 }
 
 struct dirty_arg {
     uint64_t rate, size;
+    int sparse;
 };
 
 static void dirty_body(void *p) {
@@ -393,7 +400,7 @@ static void dirty_body(void *p) {
     uint64_t seed = random_seed(), pages = a->size / PAGE;
     uint64_t *m = map_anon(a->size);
     if (!m) keeper_fail("cannot map %" PRIu64 " bytes: %s", a->size, strerror(errno));
-    for (uint64_t i = 0; i < pages; i++) dirty_fill(m + i * WORDS_PER_PAGE, seed, i, 0);
+    for (uint64_t i = 0; i < pages; i++) dirty_fill(m + i * WORDS_PER_PAGE, seed, i, 0, a->sparse);
     struct reg r = {.pid = getpid(), .addr = (uint64_t)(uintptr_t)m, .size = a->size, .seed = seed};
     snprintf(r.kind, sizeof r.kind, "dirty");
     reg_write(&r);
@@ -417,7 +424,7 @@ static void dirty_body(void *p) {
                     fclose(f);
                 }
             }
-            dirty_fill(page, seed, i, gen);
+            dirty_fill(page, seed, i, gen, a->sparse);
             if (batch_ns > 0 && (i + 1) % batch == 0) {
                 uint64_t ns = (uint64_t)next.tv_nsec + (uint64_t)batch_ns;
                 next.tv_sec += (time_t)(ns / 1000000000u);
@@ -429,8 +436,8 @@ static void dirty_body(void *p) {
 }
 
 static int cmd_dirty(int argc, char **argv) {
-    if (argc < 1 || argc > 2) die("usage: vmwork dirty RATE [SIZE]");
-    struct dirty_arg a = {parse_size(argv[0]), argc == 2 ? parse_size(argv[1]) / PAGE * PAGE : 64u << 20};
+    if (argc < 1 || argc > 3 || (argc == 3 && strcmp(argv[2], "sparse"))) die("usage: vmwork dirty RATE [SIZE [sparse]]");
+    struct dirty_arg a = {parse_size(argv[0]), argc >= 2 ? parse_size(argv[1]) / PAGE * PAGE : 64u << 20, argc == 3};
     start_keeper(dirty_body, &a);
     return 0;
 }

@@ -1,0 +1,528 @@
+/**
+ * A transparent TCP relay for one QEMU live migration: the source QEMU migrates to `tcp:LISTEN`, the relay
+ * forwards every connection to the destination's `-incoming` address. QEMU must not be able to tell it from a
+ * direct connection. The rules, and why (sections of ../shared/docs/qemu-migration-stream.md):
+ *
+ * 1. Accept order is connect order (§1, §10.10). QEMU 7.2 takes the first connection it accepts as the main
+ *    channel and later ones as multifd (≥8.0 peeks a magic instead). So the k-th upstream connection is opened
+ *    only once the (k-1)-th is established; the kernel's accept queue is FIFO, so the destination accepts them in
+ *    the order the relay accepted them. The first accepted connection is the main channel and goes through the
+ *    {@link MainChannelProcessor}; the others are relayed raw and only classified for the report by their
+ *    first 4 bytes (0x11223344 = multifd, §5.1).
+ * 2. No probes (§1, §10.10): a connection to the destination is opened only for an accepted source connection.
+ *    A ≥8.0 destination blocks its main loop on a connection that sends nothing; 7.2 takes it as the main channel.
+ * 3. Both directions at once (§6, §10.8-9): the return path is the same socket in reverse (PONG, SHUT, ...).
+ *    Destination→source bytes are forwarded raw as they arrive, never waiting for the other direction, and the
+ *    processor's output is written as soon as it is returned.
+ * 4. Half-closes are propagated per direction (§6): the source waits for SHUT after its own EOF, so the relay
+ *    must not close the source side before SHUT has been forwarded. Source EOF → (processor's final bytes, then)
+ *    EOF to the destination; destination EOF → EOF to the source. An error (reset) on one side resets the other,
+ *    so QEMU sees the failure instead of a clean end.
+ * 5. Bounded buffers (§10.12): the source estimates its bandwidth from what *it* writes, so a deep relay buffer
+ *    inflates the estimate and the real downtime. A reading socket is paused once a write returned false and the
+ *    writer holds `maxBufferedBytes` or more (Node's high-water mark, 16 KiB, if that is larger), and resumed on
+ *    'drain'. So the source feels the destination's backpressure through the relay. Sockets use TCP_NODELAY.
+ * 6. One relay = one migration: after the first accepted connection, `done` resolves once every accepted
+ *    connection has closed, and the relay stops listening.
+ * 7. A failed upstream connect resets the source connection and is reported with the destination's address.
+ *    Later source connections are then reset too, rather than connected: a 7.2 destination would take a
+ *    multifd connection for the main channel.
+ * 8. `capturePath` receives the main channel's source→destination bytes as received (before processing), with
+ *    the same backpressure (a capture that falls behind pauses the source).
+ */
+import { createWriteStream, type WriteStream } from "node:fs";
+import { type AddressInfo, connect, createServer, type Server, type Socket } from "node:net";
+import type { Writable } from "node:stream";
+
+/** Source→destination bytes of the main channel are handed to one of these. */
+export interface MainChannelProcessor {
+  /**
+   * Source→destination bytes of the main channel; returns the bytes to forward (may be the same Buffer).
+   * `chunk` must not be modified in place: it may also be queued for the capture file.
+   */
+  push(chunk: Buffer): Buffer[];
+  /** The source half-closed; returns any final bytes to forward. */
+  end(): Buffer[];
+}
+
+export interface RelayOptions {
+  listen: { host: string; port: number }; // port 0 = ephemeral
+  to: { host: string; port: number };
+  /** Called once for the main channel (the first accepted connection). Default: identity (forward as is). */
+  createMainProcessor?: () => MainChannelProcessor;
+  /** If set, the main channel's source→destination bytes (as received, before processing) are also written to this file. */
+  capturePath?: string;
+  /** Upper bound of bytes buffered per direction before the reading side is paused (default 8 MiB). */
+  maxBufferedBytes?: number;
+  log?: (line: string) => void;
+}
+
+/**
+ * One relayed connection. `closedBy` names what ended it first: "source" or "destination" (that side sent its
+ * EOF first, the normal cases), "source error: CODE" / "destination error: CODE" (reset or other socket error),
+ * or "relay: REASON" (connect failure, processor failure, {@link Relay.close}).
+ */
+export interface ChannelReport {
+  index: number;
+  kind: "main" | "multifd" | "other";
+  /** Bytes written to the destination (after the processor, for the main channel). */
+  bytesToDestination: number;
+  /** Bytes of the return path, destination → source. */
+  bytesToSource: number;
+  closedBy: string;
+  /** Bytes received from the source (before the processor). */
+  bytesFromSource: number;
+}
+
+export interface RelayReport {
+  channels: ChannelReport[];
+  /** Every error seen (connect failures, resets, processor or capture failures), joined with "; ". */
+  error?: string;
+  /** From the first accepted connection to the last one closing. */
+  durationMs: number;
+}
+
+export type ChannelKind = ChannelReport["kind"];
+
+/** The first 4 bytes of a multifd channel (`MultiFDInit_t.magic`, §5.1). */
+export const MULTIFD_MAGIC = 0x11223344;
+/** The first 4 bytes of the main channel, "QEVM" (§3.1). */
+export const MAIN_MAGIC = 0x5145564d;
+export const DEFAULT_MAX_BUFFERED_BYTES = 8 * 1024 * 1024;
+
+/** What a channel needs from its relay. */
+interface ChannelContext {
+  to: { host: string; port: number };
+  maxBufferedBytes: number;
+  log: (line: string) => void;
+  /** An earlier upstream connect failed: do not connect any more (rule 7). */
+  refuse: () => boolean;
+  connectFailed: () => void;
+  observeBuffered: (bytes: number) => void;
+}
+
+function errorText(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
+}
+
+function errorCode(error: Error): string {
+  const code = (error as NodeJS.ErrnoException).code;
+  return code ?? error.message;
+}
+
+/** True once `writer` should stop being fed: a write returned false and it holds at least `limit` bytes. */
+function overLimit(writer: Writable, limit: number): boolean {
+  return writer.writableNeedDrain && writer.writableLength >= limit;
+}
+
+/**
+ * Pauses `reader` until `writer` drains (or closes, so that a dead writer never leaves the reader paused).
+ * `holds` is the set of writers the reader currently waits for; it resumes when all have drained.
+ */
+function hold(reader: Socket, writer: Writable, holds: Set<Writable>): void {
+  if (holds.has(writer)) return;
+  holds.add(writer);
+  reader.pause();
+  const release = () => {
+    writer.off("drain", release);
+    writer.off("close", release);
+    holds.delete(writer);
+    if (holds.size === 0 && !reader.destroyed) reader.resume();
+  };
+  writer.on("drain", release);
+  writer.on("close", release);
+}
+
+/** Tears a socket down so that the peer sees a reset, not a clean EOF. */
+function reset(socket: Socket): void {
+  if (socket.destroyed) return;
+  if (socket.connecting) socket.destroy();
+  else socket.resetAndDestroy();
+  if (!socket.destroyed) socket.destroy();
+}
+
+/** A socket that closed after both of its directions ended normally. */
+function closedCleanly(socket: Socket): boolean {
+  return socket.readableEnded && socket.writableFinished;
+}
+
+/** One accepted source connection and its upstream connection to the destination. */
+class Channel {
+  kind: ChannelKind;
+  bytesToDestination = 0;
+  bytesToSource = 0;
+  bytesFromSource = 0;
+  closedBy: string | undefined;
+  readonly errors: string[] = [];
+  /** Both sockets have closed. */
+  isClosed = false;
+  /** Resolves when the source socket and the upstream socket (if one was opened) have both closed. */
+  readonly closed: Promise<void>;
+
+  readonly #source: Socket;
+  #upstream: Socket | undefined;
+  /** "pending": waiting for its turn to connect; "none": never connected. */
+  #upstreamState: "pending" | "connecting" | "open" | "closed" | "none" = "pending";
+  #sourceClosed = false;
+  #head: Buffer = Buffer.alloc(0);
+  readonly #fromSourceHolds = new Set<Writable>();
+  readonly #toSourceHolds = new Set<Writable>();
+  #resolveClosed!: () => void;
+
+  constructor(
+    readonly index: number,
+    source: Socket,
+    private readonly ctx: ChannelContext,
+    private readonly processor: MainChannelProcessor | undefined,
+    private readonly capture: WriteStream | undefined,
+  ) {
+    this.kind = index === 0 ? "main" : "other";
+    this.#source = source;
+    this.closed = new Promise((resolve) => {
+      this.#resolveClosed = resolve;
+    });
+    source.setNoDelay(true);
+    source.on("error", (error) => this.#onError("source", error));
+    source.on("close", () => {
+      this.#sourceClosed = true;
+      if (!closedCleanly(source) && this.#upstream) this.#upstream.destroy();
+      this.#checkClosed();
+    });
+  }
+
+  /** Opens the upstream connection; resolves once it is established or has failed (rule 1). */
+  connect(): Promise<void> {
+    const source = this.#source;
+    if (source.destroyed || this.ctx.refuse()) {
+      this.#upstreamState = "none";
+      if (!source.destroyed) {
+        this.#end("relay: not connected, an earlier upstream connection failed");
+        reset(source);
+      }
+      this.#checkClosed();
+      return Promise.resolve();
+    }
+    const { host, port } = this.ctx.to;
+    return new Promise((resolve) => {
+      this.#upstreamState = "connecting";
+      const upstream = connect({ host, port, allowHalfOpen: true, noDelay: true });
+      this.#upstream = upstream;
+      upstream.once("connect", () => {
+        this.#upstreamState = "open";
+        resolve();
+        this.#established(upstream);
+      });
+      upstream.on("error", (error) => {
+        if (this.#upstreamState === "connecting") {
+          resolve();
+          const code = errorCode(error);
+          this.errors.push(`cannot connect to destination ${host}:${port}: ${code} (${error.message})`);
+          this.#end("relay: cannot connect to destination");
+          this.ctx.connectFailed();
+          this.ctx.log(`relay #${this.index}: cannot connect to ${host}:${port}: ${error.message}`);
+          reset(source);
+        } else this.#onError("destination", error);
+      });
+      upstream.on("close", () => {
+        resolve(); // destroyed while connecting
+        this.#upstreamState = "closed";
+        if (!closedCleanly(upstream)) source.destroy();
+        this.#checkClosed();
+      });
+    });
+  }
+
+  /** Destroys both sockets (processor failure, {@link Relay.close}). */
+  abort(reason: string): void {
+    this.#end(`relay: ${reason}`);
+    if (this.#upstream) reset(this.#upstream);
+    reset(this.#source);
+  }
+
+  /** Bytes waiting in this channel's user-space buffers. */
+  buffered(): number {
+    const up = this.#upstream;
+    const source = this.#source;
+    return source.writableLength + source.readableLength + (up ? up.writableLength + up.readableLength : 0);
+  }
+
+  report(): ChannelReport {
+    return {
+      index: this.index,
+      kind: this.kind,
+      bytesToDestination: this.bytesToDestination,
+      bytesToSource: this.bytesToSource,
+      closedBy: this.closedBy ?? "open",
+      bytesFromSource: this.bytesFromSource,
+    };
+  }
+
+  #established(upstream: Socket): void {
+    const source = this.#source;
+    this.ctx.log(`relay #${this.index}: connected to ${this.ctx.to.host}:${this.ctx.to.port}`);
+    if (source.destroyed) {
+      upstream.destroy();
+      return;
+    }
+    upstream.setNoDelay(true);
+    // Return path: raw, immediately (rule 3).
+    upstream.on("data", (chunk: Buffer) => {
+      this.bytesToSource += chunk.length;
+      if (!source.write(chunk) && overLimit(source, this.ctx.maxBufferedBytes)) {
+        this.ctx.observeBuffered(source.writableLength);
+        hold(upstream, source, this.#toSourceHolds);
+      }
+    });
+    upstream.on("end", () => {
+      this.#end("destination");
+      this.ctx.log(`relay #${this.index}: destination sent EOF`);
+      source.end();
+    });
+    source.on("data", (chunk: Buffer) => this.#fromSource(chunk, upstream));
+    source.on("end", () => {
+      this.#end("source");
+      this.ctx.log(`relay #${this.index}: source sent EOF after ${this.bytesFromSource} bytes`);
+      this.capture?.end();
+      let tail: Buffer[] = [];
+      try {
+        tail = this.processor?.end() ?? [];
+      } catch (error) {
+        this.processorFailed(error);
+        return;
+      }
+      this.#write(upstream, tail);
+      upstream.end();
+    });
+    source.resume();
+  }
+
+  #fromSource(chunk: Buffer, upstream: Socket): void {
+    this.bytesFromSource += chunk.length;
+    if (this.#head.length < 4) this.#classify(chunk);
+    const capture = this.capture;
+    if (capture && !capture.destroyed && !capture.writableEnded) {
+      if (!capture.write(chunk) && overLimit(capture, this.ctx.maxBufferedBytes))
+        hold(this.#source, capture, this.#fromSourceHolds);
+    }
+    let out: Buffer[];
+    try {
+      out = this.processor ? this.processor.push(chunk) : [chunk];
+    } catch (error) {
+      this.processorFailed(error);
+      return;
+    }
+    if (this.#write(upstream, out)) hold(this.#source, upstream, this.#fromSourceHolds);
+  }
+
+  /** Writes `chunks` to the destination; true if the source must pause. */
+  #write(upstream: Socket, chunks: Buffer[]): boolean {
+    if (upstream.destroyed || upstream.writableEnded) return false;
+    const corked = chunks.length > 1;
+    if (corked) upstream.cork();
+    for (const chunk of chunks) {
+      if (chunk.length === 0) continue;
+      this.bytesToDestination += chunk.length;
+      upstream.write(chunk);
+    }
+    if (corked) upstream.uncork();
+    if (!overLimit(upstream, this.ctx.maxBufferedBytes)) return false;
+    this.ctx.observeBuffered(upstream.writableLength);
+    return true;
+  }
+
+  #classify(chunk: Buffer): void {
+    this.#head = Buffer.concat([this.#head, chunk.subarray(0, 4 - this.#head.length)]);
+    if (this.#head.length < 4) return;
+    const magic = this.#head.readUInt32BE(0);
+    if (this.index === 0) {
+      if (magic !== MAIN_MAGIC)
+        this.ctx.log(`relay #0: main channel starts with ${this.#head.toString("hex")}, not QEVM`);
+    } else this.kind = magic === MULTIFD_MAGIC ? "multifd" : "other";
+  }
+
+  /** The processor threw: the channel cannot go on (a processor that gives up should pass bytes through instead). */
+  processorFailed(error: unknown): void {
+    const message = `main channel processor failed: ${errorText(error)}`;
+    this.errors.push(message);
+    this.ctx.log(`relay #${this.index}: ${message}`);
+    this.abort("processor failed");
+  }
+
+  #onError(side: "source" | "destination", error: Error): void {
+    this.#end(`${side} error: ${errorCode(error)}`);
+    this.errors.push(`${side} side of channel #${this.index}: ${error.message}`);
+    this.ctx.log(`relay #${this.index}: ${side} error: ${error.message}`);
+    const other = side === "source" ? this.#upstream : this.#source;
+    if (other) reset(other);
+  }
+
+  /** Records what ended the channel first. */
+  #end(reason: string): void {
+    this.closedBy ??= reason;
+  }
+
+  #checkClosed(): void {
+    const upstreamDone = this.#upstreamState === "closed" || this.#upstreamState === "none";
+    if (!this.#sourceClosed || !upstreamDone || this.isClosed) return;
+    this.isClosed = true;
+    this.#resolveClosed();
+  }
+}
+
+export class Relay {
+  /**
+   * Resolves when the migration's connections are all closed (after at least one was accepted), with the
+   * report; never rejects (errors go in report.error). Also resolves after {@link close}.
+   */
+  readonly done: Promise<RelayReport>;
+
+  readonly #server: Server;
+  readonly #options: RelayOptions;
+  readonly #maxBufferedBytes: number;
+  readonly #log: (line: string) => void;
+  readonly #channels: Channel[] = [];
+  readonly #errors: string[] = [];
+  /** Settles when the last accepted channel's upstream connect has settled (rule 1). */
+  #connectChain: Promise<void> = Promise.resolve();
+  #connectFailed = false;
+  #capture: WriteStream | undefined;
+  #firstAcceptAt: number | undefined;
+  #finishing = false;
+  #peakBuffered = 0;
+  #resolveDone!: (report: RelayReport) => void;
+
+  #address = { host: "", port: 0 };
+
+  private constructor(server: Server, options: RelayOptions) {
+    this.#server = server;
+    this.#options = options;
+    this.#maxBufferedBytes = options.maxBufferedBytes ?? DEFAULT_MAX_BUFFERED_BYTES;
+    this.#log = options.log ?? (() => {});
+    this.done = new Promise((resolve) => {
+      this.#resolveDone = resolve;
+    });
+    server.on("connection", (socket: Socket) => this.#accept(socket));
+    server.on("error", (error) => {
+      this.#errors.push(`listener: ${error.message}`);
+      this.#log(`relay: listener error: ${error.message}`);
+    });
+  }
+
+  /** Listens on `options.listen`; resolves once listening. */
+  static async start(options: RelayOptions): Promise<Relay> {
+    // pauseOnConnect: nothing is read from a source connection before its upstream connection is established.
+    const server = createServer({ allowHalfOpen: true, pauseOnConnect: true, noDelay: true });
+    const relay = new Relay(server, options);
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", reject);
+      server.listen({ host: options.listen.host, port: options.listen.port }, () => {
+        server.off("error", reject);
+        resolve();
+      });
+    });
+    const address = server.address() as AddressInfo;
+    relay.#address = { host: address.address, port: address.port };
+    relay.#log(`relay: listening on ${relay.address.host}:${relay.address.port}`);
+    return relay;
+  }
+
+  /** The actual listening address. */
+  get address(): { host: string; port: number } {
+    return this.#address;
+  }
+
+  /**
+   * Diagnostics: `bufferedBytes`, what the relay's sockets (and the capture stream) hold in user space now;
+   * `peakDirectionBytes`, the most one direction held when its reader was paused (0 if it never was).
+   */
+  bufferStats(): { bufferedBytes: number; peakDirectionBytes: number } {
+    let bufferedBytes = this.#capture?.writableLength ?? 0;
+    for (const channel of this.#channels) bufferedBytes += channel.buffered();
+    return { bufferedBytes, peakDirectionBytes: this.#peakBuffered };
+  }
+
+  /** Stops listening and destroys any connections; `done` then resolves. */
+  async close(): Promise<void> {
+    if (!this.#finishing) {
+      if (this.#channels.length === 0) {
+        this.#errors.push("relay closed before any connection was accepted");
+        void this.#finish();
+      } else {
+        this.#stopListening();
+        for (const channel of this.#channels) channel.abort("closed");
+      }
+    }
+    await this.done;
+  }
+
+  #accept(source: Socket): void {
+    if (this.#finishing) {
+      source.destroy();
+      return;
+    }
+    const index = this.#channels.length;
+    this.#firstAcceptAt ??= performance.now();
+    this.#log(`relay #${index}: accepted ${source.remoteAddress}:${source.remotePort}`);
+    const main = index === 0;
+    if (main && this.#options.capturePath) {
+      const path = this.#options.capturePath;
+      const capture = createWriteStream(path);
+      capture.on("error", (error) => {
+        this.#errors.push(`capture ${path}: ${error.message}`);
+        this.#log(`relay: capture ${path}: ${error.message}`);
+      });
+      this.#capture = capture;
+    }
+    const context: ChannelContext = {
+      to: this.#options.to,
+      maxBufferedBytes: this.#maxBufferedBytes,
+      log: this.#log,
+      refuse: () => this.#connectFailed,
+      connectFailed: () => {
+        this.#connectFailed = true;
+      },
+      observeBuffered: (bytes) => {
+        if (bytes > this.#peakBuffered) this.#peakBuffered = bytes;
+      },
+    };
+    let processor: MainChannelProcessor | undefined;
+    let processorError: unknown;
+    try {
+      processor = main ? this.#options.createMainProcessor?.() : undefined;
+    } catch (error) {
+      processorError = error;
+    }
+    const channel = new Channel(index, source, context, processor, main ? this.#capture : undefined);
+    this.#channels.push(channel);
+    if (processorError !== undefined) channel.processorFailed(processorError);
+    this.#connectChain = this.#connectChain.then(() => channel.connect());
+    void channel.closed.then(() => {
+      this.#log(`relay #${index}: closed (${channel.closedBy ?? "?"})`);
+      if (this.#channels.every((c) => c.isClosed)) void this.#finish();
+    });
+  }
+
+  #stopListening(): void {
+    if (this.#server.listening) this.#server.close();
+  }
+
+  async #finish(): Promise<void> {
+    if (this.#finishing) return;
+    this.#finishing = true;
+    this.#stopListening();
+    const capture = this.#capture;
+    if (capture && !capture.closed) {
+      await new Promise<void>((resolve) => {
+        capture.once("close", resolve);
+        if (!capture.writableEnded) capture.end();
+      });
+    }
+    const errors = [...this.#channels.flatMap((c) => c.errors), ...this.#errors];
+    const report: RelayReport = {
+      channels: this.#channels.map((c) => c.report()),
+      durationMs: this.#firstAcceptAt === undefined ? 0 : performance.now() - this.#firstAcceptAt,
+    };
+    if (errors.length > 0) report.error = errors.join("; ");
+    this.#resolveDone(report);
+  }
+}
