@@ -2,7 +2,11 @@
  * Throughput of the migration relay (src/stream/relay.ts) on loopback, compared with a direct connection and
  * with socat. Not a test.
  *
- *   node --import tsx bench/relay.ts [--bytes 2G] [--runs 3] [--json]
+ *   node --import tsx bench/relay.ts [--stream FILE | --constant [--bytes 2G]] [--runs 3] [--json]
+ *
+ * By default it first captures the migration stream of a 512 MiB lab guest with the mixed workload and sends
+ * that, so the relay also runs with its parser ("relay (parsing)", the `vmprune send` passthrough mode) and the
+ * parser's own speed is measured in memory ("parse only"). `--constant` sends a constant block instead.
  *
  * A client pushes N bytes (default 2 GiB, one preallocated 4 MiB buffer written repeatedly, with backpressure) to
  * a sink server that discards them: (a) directly, (b) through `Relay` with the identity processor, (c) through
@@ -16,9 +20,16 @@
  * the relay (for example a parsing/rewriting one; the client's bytes would then have to be a migration stream).
  */
 import { type ChildProcess, spawn } from "node:child_process";
+import { mkdirSync, readFileSync, rmSync, statSync } from "node:fs";
 import { createServer } from "node:net";
+import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { Worker } from "node:worker_threads";
+import { LabPair } from "../src/lab/lab-vm.ts";
+import { captureStream } from "../src/lab/stream-capture.ts";
+import { runMixedWorkload } from "../src/lab/workloads.ts";
+import { RUN_ROOT } from "../src/qemu/vm.ts";
+import { CountingProcessor } from "../src/stream/counting-processor.ts";
 import { type MainChannelProcessor, Relay } from "../src/stream/relay.ts";
 
 const HOST = "127.0.0.1";
@@ -40,16 +51,20 @@ server.listen(0, "${HOST}", () => parentPort.postMessage({ type: "listening", po
 
 /** Client worker: for each {port, bytes} message, connects and pushes the bytes from one 4 MiB buffer. */
 const CLIENT = `
-const { parentPort } = require("node:worker_threads");
+const { parentPort, workerData } = require("node:worker_threads");
 const net = require("node:net");
 const { once } = require("node:events");
 const block = Buffer.alloc(${BLOCK}, 0xa5);
+// With a captured migration stream, every run sends that stream (once) instead of the constant block.
+const stream = workerData && workerData.streamPath ? require("node:fs").readFileSync(workerData.streamPath) : null;
 parentPort.on("message", async ({ port, bytes }) => {
   try {
     const socket = net.connect({ host: "${HOST}", port, noDelay: true });
     await once(socket, "connect");
     for (let sent = 0; sent < bytes; sent += block.length) {
-      const piece = bytes - sent < block.length ? block.subarray(0, bytes - sent) : block;
+      const piece = stream
+        ? stream.subarray(sent, Math.min(bytes, sent + block.length))
+        : bytes - sent < block.length ? block.subarray(0, bytes - sent) : block;
       if (!socket.write(piece)) await once(socket, "drain");
     }
     socket.end();
@@ -73,6 +88,8 @@ export interface BenchOptions {
   bytes?: number;
   /** Runs per path; the best counts (default 3). */
   runs?: number;
+  /** A captured migration stream to send (once per run) instead of constant bytes; `bytes` is then its size. */
+  streamPath?: string;
   log?: (line: string) => void;
 }
 
@@ -80,8 +97,8 @@ export interface BenchResult {
   bytes: number;
   runs: number;
   /** Best throughput of each path, GB/s (10^9 bytes/s). */
-  gbps: { direct: number; relay: number; socat: number };
-  ratios: { relayToDirect: number; relayToSocat: number };
+  gbps: { direct: number; relay: number; socat: number; relayParsing?: number; parseOnly?: number };
+  ratios: { relayToDirect: number; relayToSocat: number; relayParsingToSocat?: number };
 }
 
 function nextMessage(worker: Worker, type: WorkerMessage["type"]): Promise<WorkerMessage> {
@@ -135,11 +152,15 @@ export async function benchRelay(
   createProcessor?: () => MainChannelProcessor,
   options: BenchOptions = {},
 ): Promise<BenchResult> {
-  const bytes = options.bytes ?? 2 * 1024 ** 3;
+  const bytes = options.streamPath ? statSync(options.streamPath).size : (options.bytes ?? 2 * 1024 ** 3);
   const runs = options.runs ?? 3;
   const log = options.log ?? ((line: string) => process.stderr.write(`${line}\n`));
   const sink = new Worker(SINK, { eval: true, execArgv: [] });
-  const client = new Worker(CLIENT, { eval: true, execArgv: [] });
+  const client = new Worker(CLIENT, {
+    eval: true,
+    execArgv: [],
+    workerData: { streamPath: options.streamPath ?? null },
+  });
   const children = new Set<ChildProcess>();
   const killChildren = () => {
     for (const child of children) stopProcess(child);
@@ -175,11 +196,11 @@ export async function benchRelay(
     };
 
     const direct = await best("direct", () => push(sinkPort));
-    const relay = await best("relay", async () => {
+    const throughRelay = async (processor?: () => MainChannelProcessor) => {
       const relay = await Relay.start({
         listen: { host: HOST, port: 0 },
         to: { host: HOST, port: sinkPort },
-        ...(createProcessor ? { createMainProcessor: createProcessor } : {}),
+        ...(processor ? { createMainProcessor: processor } : {}),
       });
       try {
         const seconds = await push(relay.address.port);
@@ -189,7 +210,27 @@ export async function benchRelay(
       } finally {
         await relay.close();
       }
-    });
+    };
+    const relay = await best("relay", () => throughRelay(createProcessor));
+    let relayParsing: number | undefined;
+    let parseOnly: number | undefined;
+    if (options.streamPath) {
+      const path = options.streamPath;
+      relayParsing = await best("relay (parsing)", () => throughRelay(() => new CountingProcessor()));
+      // The parser alone, in memory, in 1 MiB chunks: what it costs without the sockets.
+      const stream = readFileSync(path);
+      parseOnly = await best("parse only", async () => {
+        const processor = new CountingProcessor();
+        const start = performance.now();
+        for (let at = 0; at < stream.length; at += 1 << 20)
+          processor.push(stream.subarray(at, at + (1 << 20)));
+        processor.end();
+        const seconds = (performance.now() - start) / 1000;
+        const report = processor.report();
+        if (report.error) throw new Error(`the captured stream does not parse: ${report.error.message}`);
+        return seconds;
+      });
+    }
     const socat = await best("socat", async () => {
       const port = await freePort();
       const child = await startSocat(port, sinkPort);
@@ -204,8 +245,18 @@ export async function benchRelay(
     return {
       bytes,
       runs,
-      gbps: { direct, relay, socat },
-      ratios: { relayToDirect: relay / direct, relayToSocat: relay / socat },
+      gbps: {
+        direct,
+        relay,
+        socat,
+        ...(relayParsing ? { relayParsing } : {}),
+        ...(parseOnly ? { parseOnly } : {}),
+      },
+      ratios: {
+        relayToDirect: relay / direct,
+        relayToSocat: relay / socat,
+        ...(relayParsing ? { relayParsingToSocat: relayParsing / socat } : {}),
+      },
     };
   } finally {
     killChildren();
@@ -227,8 +278,17 @@ function formatTable(result: BenchResult): string {
     ["direct", `${result.gbps.direct.toFixed(2)} GB/s`],
     ["relay (identity)", `${result.gbps.relay.toFixed(2)} GB/s`],
     ["socat", `${result.gbps.socat.toFixed(2)} GB/s`],
+    ...(result.gbps.relayParsing
+      ? ([
+          ["relay (parsing)", `${result.gbps.relayParsing.toFixed(2)} GB/s`],
+          ["parse only", `${(result.gbps.parseOnly ?? 0).toFixed(2)} GB/s`],
+        ] as [string, string][])
+      : []),
     ["relay / direct", result.ratios.relayToDirect.toFixed(2)],
     ["relay / socat", result.ratios.relayToSocat.toFixed(2)],
+    ...(result.ratios.relayParsingToSocat
+      ? ([["relay (parsing) / socat", result.ratios.relayParsingToSocat.toFixed(2)]] as [string, string][])
+      : []),
   ];
   const header = `${(result.bytes / 1024 ** 3).toFixed(2)} GiB per run, best of ${result.runs}`;
   return [header, ...rows.map(([name, value]) => `${name.padEnd(18)} ${value.padStart(12)}`)].join("\n");
@@ -238,15 +298,51 @@ async function main(argv: string[]): Promise<void> {
   let bytes: number | undefined;
   let runs: number | undefined;
   let json = false;
+  let streamPath: string | undefined;
+  let constant = false;
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     if (arg === "--json") json = true;
+    else if (arg === "--stream") streamPath = argv[++i];
+    else if (arg === "--constant") constant = true;
     else if (arg === "--bytes") bytes = parseSize(argv[++i] ?? "");
     else if (arg === "--runs") runs = Number(argv[++i]);
-    else throw new Error(`unknown argument: ${arg} (usage: bench/relay.ts [--bytes 2G] [--runs 3] [--json])`);
+    else
+      throw new Error(
+        `unknown argument: ${arg} (usage: bench/relay.ts [--stream FILE | --constant [--bytes 2G]] [--runs 3] [--json])`,
+      );
   }
-  const result = await benchRelay(undefined, { ...(bytes ? { bytes } : {}), ...(runs ? { runs } : {}) });
-  process.stdout.write(json ? `${JSON.stringify(result, null, 2)}\n` : `${formatTable(result)}\n`);
+  let captured: { dir: string } | undefined;
+  if (!streamPath && !constant) {
+    captured = { dir: join(RUN_ROOT, `${process.pid}-bench-relay`) };
+    streamPath = await captureLabStream(captured.dir);
+  }
+  try {
+    const result = await benchRelay(undefined, {
+      ...(bytes ? { bytes } : {}),
+      ...(runs ? { runs } : {}),
+      ...(streamPath ? { streamPath } : {}),
+    });
+    process.stdout.write(json ? `${JSON.stringify(result, null, 2)}\n` : `${formatTable(result)}\n`);
+  } finally {
+    if (captured) rmSync(captured.dir, { recursive: true, force: true });
+  }
+}
+
+/** The stream of a 512 MiB lab guest with the mixed workload (QEMU 7.2, kernel 6.1), captured to a file. */
+async function captureLabStream(dir: string): Promise<string> {
+  mkdirSync(dir, { recursive: true });
+  const log = (line: string) => process.stderr.write(`${line}\n`);
+  log("capturing the migration stream of a 512 MiB lab guest with the mixed workload ...");
+  const pair = await LabPair.boot({ kernel: "6.1", qemu: "7.2", memoryMiB: 512 });
+  try {
+    await runMixedWorkload(pair.src.agent);
+    const capture = await captureStream(pair.src, join(dir, "stream.bin"), { resume: false });
+    log(`captured ${capture.bytes} bytes`);
+    return capture.path;
+  } finally {
+    await pair.stop();
+  }
 }
 
 if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {

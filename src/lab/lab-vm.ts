@@ -52,7 +52,7 @@ export class LabPair {
     readonly image: GuestImage,
     readonly accel: Accelerator,
     readonly diskDir: string,
-    readonly src: Vm,
+    public src: Vm,
     readonly bootMs: number,
   ) {}
 
@@ -140,6 +140,19 @@ export class LabPair {
     const result = await runMigration(this.src.monitor, options.connectUri ?? uri, options);
     if (!dst.config.extraArgs?.includes("-S")) await waitRunning(dst.monitor);
     return result;
+  }
+
+  /**
+   * After a completed migration: the destination becomes the source (the old source is stopped), so the same
+   * guest can be migrated again to a fresh destination.
+   */
+  async promoteDestination(): Promise<Vm> {
+    if (!this.dst) throw new Error("no destination to promote: migrate first");
+    const old = this.src;
+    this.src = this.dst;
+    this.dst = undefined;
+    await old.stop();
+    return this.src;
   }
 
   /** `vmwork verify` on a VM; returns its output, throws with the first mismatch. */

@@ -11,6 +11,8 @@ import type { Vm } from "../qemu/vm.ts";
 export interface CaptureOptions {
   capabilities?: Record<string, boolean>;
   parameters?: Record<string, unknown>;
+  /** At least this many pre-copy passes (see MigrationOptions.minPasses). */
+  minPasses?: number;
   /** Resume the VM after the capture (default true). */
   resume?: boolean;
 }
@@ -32,6 +34,7 @@ export async function captureStream(
   const migration = await runMigration(vm.monitor, `exec:cat > ${path}`, {
     ...(options.capabilities ? { capabilities: options.capabilities } : {}),
     ...(options.parameters ? { parameters: options.parameters } : {}),
+    ...(options.minPasses ? { minPasses: options.minPasses } : {}),
   });
   // Undo the capabilities so the next capture starts from QEMU's defaults.
   if (options.capabilities) {

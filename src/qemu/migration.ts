@@ -15,6 +15,11 @@ export interface MigrationOptions {
   /** migrate-set-parameters on the source (and the destination, for multifd-channels etc.). */
   parameters?: Record<string, unknown>;
   timeoutMs?: number;
+  /**
+   * Force at least this many pre-copy passes (dirty-bitmap syncs): the downtime limit stays at 1 ms until then,
+   * so QEMU cannot switch over while the guest dirties memory; then it becomes `downtime-limit` (default 300).
+   */
+  minPasses?: number;
   /** Called with every query-migrate answer while it runs. */
   onProgress?: (info: MigrationInfo) => void;
   pollMs?: number;
@@ -79,7 +84,13 @@ export async function runMigration(
   options: Omit<MigrationOptions, "incomingUri">,
 ): Promise<MigrationResult> {
   await setCapabilities(src, options.capabilities);
-  await src.execute("migrate-set-parameters", { ...LOOPBACK_PARAMETERS, ...options.parameters });
+  const parameters = { ...LOOPBACK_PARAMETERS, ...options.parameters };
+  const downtimeLimit = (parameters as { "downtime-limit"?: number })["downtime-limit"] ?? 300;
+  let holding = (options.minPasses ?? 0) > 1;
+  await src.execute("migrate-set-parameters", {
+    ...parameters,
+    "downtime-limit": holding ? 1 : downtimeLimit,
+  });
   const started = performance.now();
   await src.execute("migrate", { uri: connectUri });
   const deadline = Date.now() + (options.timeoutMs ?? 300_000);
@@ -87,6 +98,10 @@ export async function runMigration(
   while (Date.now() < deadline) {
     info = await src.execute("query-migrate");
     options.onProgress?.(info);
+    if (holding && (info.ram?.["dirty-sync-count"] ?? 0) >= (options.minPasses ?? 0)) {
+      holding = false;
+      await src.execute("migrate-set-parameters", { "downtime-limit": downtimeLimit });
+    }
     if (info.status && END_STATES.has(info.status)) break;
     await sleep(options.pollMs ?? 100);
   }

@@ -67,7 +67,7 @@ export interface MigrationInfo {
   downtime?: number;
   "setup-time"?: number;
   ram?: MigrationStats;
-  xbzrle_cache?: Record<string, number>;
+  "xbzrle-cache"?: Record<string, number>;
   "error-desc"?: string;
 }
 

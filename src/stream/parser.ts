@@ -506,6 +506,8 @@ export class StreamParser {
         return record;
       }
       case RAM_FLAG.MEM_SIZE:
+        if (hi > MAX_SAFE_HI)
+          throw new StreamError("impossible-length", at, "RAM total of 2^53 bytes or more");
         return this.parseMemSize(cur, at, value(), flags);
       case RAM_FLAG.EOS:
         if (flags !== RAM_FLAG.EOS) break;

@@ -1,0 +1,109 @@
+/**
+ * `vmprune send` as its own process, the way an operator runs it: started with --listen 127.0.0.1:0, its
+ * listening address read from its log, its JSON report read from stdout when it exits. Tracked by PID, so a
+ * failing or interrupted test still stops it.
+ */
+import { type ChildProcess, spawn } from "node:child_process";
+import { join } from "node:path";
+import { trackProcess, untrackProcess } from "../qemu/cleanup.ts";
+import type { RelayReport } from "../stream/relay.ts";
+import type { StreamSummaryJson } from "../stream/summary.ts";
+import { REPO_ROOT } from "./paths.ts";
+
+export interface SendResult {
+  code: number | null;
+  signal: string | null;
+  report: { relay: RelayReport; stream: StreamSummaryJson | null } | null;
+  stderr: string;
+}
+
+export class SendProcess {
+  private constructor(
+    private readonly child: ChildProcess,
+    readonly listen: { host: string; port: number },
+    readonly exited: Promise<SendResult>,
+    private readonly stderrText: () => string,
+  ) {}
+
+  get pid(): number {
+    return this.child.pid ?? -1;
+  }
+
+  /** Where the source QEMU should migrate to. */
+  get uri(): string {
+    return `tcp:${this.listen.host}:${this.listen.port}`;
+  }
+
+  get stderr(): string {
+    return this.stderrText();
+  }
+
+  static async start(options: { to: string; capture?: string; extraArgs?: string[] }): Promise<SendProcess> {
+    const to = options.to.replace(/^tcp:/, "");
+    const args = ["--import", "tsx", join(REPO_ROOT, "src/cli/main.ts"), "send", "--listen", "127.0.0.1:0"];
+    args.push("--to", to, "--json", ...(options.capture ? ["--capture", options.capture] : []));
+    args.push(...(options.extraArgs ?? []));
+    const child = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "pipe"], cwd: REPO_ROOT });
+    if (child.pid === undefined) throw new Error("cannot start vmprune send");
+    const pid = child.pid;
+    trackProcess(pid);
+    let stdout = "";
+    let stderr = "";
+    child.stdout?.setEncoding("utf8").on("data", (d: string) => {
+      stdout += d;
+    });
+    const listening = new Promise<{ host: string; port: number }>((resolve, reject) => {
+      child.stderr?.setEncoding("utf8").on("data", (d: string) => {
+        stderr += d;
+        const m = /listening on ([\d.]+):(\d+)/.exec(stderr);
+        if (m?.[1] && m[2]) resolve({ host: m[1], port: Number(m[2]) });
+      });
+      child.once("exit", () => reject(new Error(`vmprune send exited before listening: ${stderr.trim()}`)));
+    });
+    const exited = new Promise<SendResult>((resolve) =>
+      child.once("exit", (code, signal) => {
+        untrackProcess(pid);
+        let report: SendResult["report"] = null;
+        try {
+          report = JSON.parse(stdout) as SendResult["report"];
+        } catch {
+          // no report (killed)
+        }
+        resolve({ code, signal, report, stderr });
+      }),
+    );
+    const timeout = setTimeout(() => child.kill("SIGKILL"), 30_000);
+    try {
+      const listen = await listening;
+      return new SendProcess(child, listen, exited, () => stderr);
+    } catch (error) {
+      child.kill("SIGKILL");
+      throw error;
+    } finally {
+      clearTimeout(timeout);
+    }
+  }
+
+  /** Waits for the relay to finish (the migration's connections all closed). */
+  async wait(timeoutMs = 120_000): Promise<SendResult> {
+    const timer = setTimeout(() => this.kill(), timeoutMs);
+    try {
+      return await this.exited;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  kill(signal: NodeJS.Signals = "SIGKILL"): void {
+    try {
+      this.child.kill(signal);
+    } catch {
+      // gone
+    }
+  }
+
+  async stop(): Promise<void> {
+    this.kill();
+    await this.exited;
+  }
+}
