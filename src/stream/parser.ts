@@ -302,7 +302,8 @@ export class StreamParser {
     const machineType = cur.bytes(len).toString("latin1");
     const subsections: ConfigSubsection[] = [];
     let unknown: { at: number; name: string } | null = null;
-    // Subsections have no terminator: the loader peeks for the next 0x05 (savevm.c@v7.2.0:2566).
+    // Subsections have no terminator: the loader peeks for the next 0x05 (vmstate_subsection_load,
+    // migration/vmstate.c@v7.2.0:444).
     while (cur.peekU8() === VM.SUBSECTION) {
       const subAt = cur.pos;
       cur.u8();
@@ -367,7 +368,7 @@ export class StreamParser {
       packaged = cur.bytes(size);
     }
     if (cmd === CMD_POSTCOPY_ADVISE && len === 16) {
-      // be64 ram_pagesize_summary (OR of every block's page size), be64 target page size (savevm.c@v7.2.0:1915).
+      // be64 ram_pagesize_summary (OR of every block's page size), be64 target page size (savevm.c@v7.2.0:1686).
       const summaryLo = payload.readUInt32BE(4);
       const summaryHi = payload.readUInt32BE(0);
       this.advisedHugePages = summaryHi !== 0 || summaryLo !== this.pageSize;
@@ -570,7 +571,7 @@ export class StreamParser {
         );
       const entry: RamBlockEntry = { idstr, length };
       if (this.advisedHugePages) {
-        // Present only for blocks whose page size differs from the host's (ram.c@v7.2.0:3232); the stream does
+        // Present only for blocks whose page size differs from the host's (ram.c@v7.2.0:3235-3237); the stream does
         // not say which, so recognise it: a power of two above the target page size, unlike an idstr or EOS.
         const { hi, lo } = cur.peekBe64Parts();
         const candidate = hi * TWO_32 + lo;

@@ -66,9 +66,9 @@ export interface PageHeader {
 export interface RamBlockEntry {
   idstr: string;
   length: number;
-  /** Present iff postcopy was advised and the block's page size differs from the host's (ram.c@v7.2.0:3232). */
+  /** Present iff postcopy was advised and the block's page size differs from the host's (ram.c@v7.2.0:3235-3237). */
   pageSize?: number;
-  /** Present iff x-ignore-shared is on (ram.c@v7.2.0:3236): the block's guest-physical address. */
+  /** Present iff x-ignore-shared is on (ram.c@v7.2.0:3240): the block's guest-physical address. */
   addr?: number;
 }
 

@@ -31,6 +31,8 @@ export interface StreamSummaryJson {
     zeroPayloadPages: number;
     /** Bytes of RAM records (headers and payloads) in the stream. */
     wireBytes: number;
+    /** Bytes of XBZRLE records (headers and deltas). */
+    xbzrleWireBytes: number;
   };
   eof: boolean;
   vmdescBytes: number | null;
@@ -54,6 +56,7 @@ export class StreamSummary {
   };
   zeroPayloadPages = 0;
   ramWireBytes = 0;
+  xbzrleWireBytes = 0;
   totalBytes = 0;
   vmdescBytes: number | null = null;
   private readonly hash: Hash | null;
@@ -86,6 +89,9 @@ export class StreamSummary {
         this.records[r.type]++;
         if (r.type === "page" && r.data.equals(this.zeroPage)) this.zeroPayloadPages++;
         if (r.type === "memSize") this.totalBytes = r.total;
+        if (r.type === "xbzrle")
+          this.xbzrleWireBytes +=
+            8 + (r.header.idstr === null ? 0 : 1 + r.header.idstr.length) + 3 + r.data.length;
         break;
       }
     }
@@ -108,6 +114,7 @@ export class StreamSummary {
         records: { ...this.records },
         zeroPayloadPages: this.zeroPayloadPages,
         wireBytes: this.ramWireBytes,
+        xbzrleWireBytes: this.xbzrleWireBytes,
       },
       eof: parser.sawEof,
       vmdescBytes: this.vmdescBytes,

@@ -30,9 +30,11 @@ export const SECTION_TYPE_NAMES = {
 export type SectionType = (typeof SECTION_TYPE_NAMES)[keyof typeof SECTION_TYPE_NAMES];
 
 /**
- * `enum qemu_vm_cmd` (migration/savevm.c@v7.2.0:72-111, @v10.2.2:77-118) with the payload length the
- * destination accepts (`mig_cmd_args`, same file): a number is the only valid length, -1 any length.
- * POSTCOPY_ADVISE takes 0 or 16 (savevm.c@v7.2.0:1915-1930). SWITCHOVER_START is new in 10.0.
+ * `enum qemu_vm_cmd` (migration/savevm.c@v7.2.0:72-96, @v10.2.2:77-118) with the payload length the
+ * destination accepts (`mig_cmd_args`, savevm.c@v7.2.0:98-111): a number is the only valid length, -1 any
+ * length. POSTCOPY_ADVISE is variable there, but only 0 (dirty-bitmaps) and 16 (postcopy-ram: page size summary
+ * and target page size, loadvm_postcopy_handle_advise, savevm.c@v7.2.0:1650-1700) are ever sent.
+ * SWITCHOVER_START is new in 10.0.
  */
 export const COMMANDS: Record<number, { name: string; len: number | readonly number[] }> = {
   1: { name: "OPEN_RETURN_PATH", len: 0 },
@@ -49,7 +51,11 @@ export const COMMANDS: Record<number, { name: string; len: number | readonly num
 };
 export const CMD_PACKAGED = 7;
 export const CMD_POSTCOPY_ADVISE = 3;
-/** `MAX_VM_CMD_PACKAGED_SIZE` (1 << 24): migration/savevm.c@v7.2.0:1005, the destination's limit. */
+/**
+ * The largest PACKAGED blob vmprune accepts. QEMU's own limit is UINT32_MAX (`MAX_VM_CMD_PACKAGED_SIZE`,
+ * migration/savevm.c@v7.2.0:94), but the package holds only the postcopy switch-over's device state (13 KiB in
+ * a 7.2 capture, see the stream doc §3.4): more than 16 MiB is treated as garbage (the relay then passes through).
+ */
 export const MAX_PACKAGED_SIZE = 1 << 24;
 
 /** The RAM section: `register_savevm_live("ram", 0, 4, ...)`, migration/ram.c@v7.2.0:4682, @v10.2.2:4777. */
@@ -69,12 +75,12 @@ export const RAM_FLAG = {
   MULTIFD_FLUSH: 0x200,
 } as const;
 
-/** `ENCODING_FLAG_XBZRLE`: ram.c@v7.2.0:152; the only encoding byte an XBZRLE record may carry. */
+/** `ENCODING_FLAG_XBZRLE`: migration/ram.c@v7.2.0:749; the only encoding byte an XBZRLE record may carry. */
 export const XBZRLE_ENCODING_FLAG = 0x01;
-/** zlib's compressBound(4096): the largest COMPRESS_PAGE payload the destination accepts (ram.c@v7.2.0:4370). */
+/** zlib's compressBound(4096): the largest COMPRESS_PAGE payload the destination accepts (ram.c@v7.2.0:4367-4368). */
 export const MAX_COMPRESSED_PAGE = 4096 + 14;
 
-/** x86's TARGET_PAGE_BITS; `configuration/target-page-bits` overrides it on other targets (savevm.c@v7.2.0:285). */
+/** x86's TARGET_PAGE_BITS; `configuration/target-page-bits` overrides it on other targets (savevm.c@v7.2.0:271-304). */
 export const DEFAULT_TARGET_PAGE_BITS = 12;
 
 /** Configuration subsections the parser understands (savevm.c@v7.2.0:237-521, @v10.2.2:275-559). */

@@ -83,7 +83,12 @@ async function checkCapture(
   assert.equal(s.error, null, `${label}: ${s.error?.message}`);
   assert.ok(whole.roundTrip, `${label}: parse → write reproduces the stream byte for byte`);
   assert.equal(s.ram.records.page, ram?.normal, `${label}: PAGE records = QEMU's normal pages`);
-  assert.equal(s.ram.records.zero, ram?.duplicate, `${label}: ZERO records = QEMU's duplicate pages`);
+  // With `compress` (7.2), QEMU's duplicate counter runs ahead of the ZERO records it sent: every
+  // flush_compressed_data() counts each thread's last result again, a zero page once more if it was one
+  // (update_compress_thread_counts, ram.c@v7.2.0:1444-1487); 47 extra of ~29,700 in one run.
+  if (label !== "compress")
+    assert.equal(s.ram.records.zero, ram?.duplicate, `${label}: ZERO records = QEMU's duplicate pages`);
+  else assert.ok(s.ram.records.zero <= (ram?.duplicate ?? 0));
   assert.ok(s.ram.records.memSize === 1 && s.ram.records.eos >= 3, `${label}: setup, passes and completion`);
   // Parsed up to the first device section, which starts passthrough.
   const first = s.sections.find((x) => x.idstr !== "ram" && x.idstr !== null);
@@ -170,7 +175,16 @@ for (const [qemu, kernel] of [
     });
     const xbzrle = await checkCapture(t, "xbzrle", xbzrleCapture);
     assert.ok(xbzrle.ram.records.xbzrle > 0, "XBZRLE records were sent");
-    assert.equal(xbzrle.ram.records.xbzrle, xbzrleCapture.migration.info["xbzrle-cache"]?.pages);
+    // QEMU counts every cache hit as an XBZRLE page (also those sent whole on overflow, or skipped unchanged),
+    // and as XBZRLE bytes each record's size minus 8 plus a whole page per overflow (ram.c@v7.2.0:798-846).
+    const cache = xbzrleCapture.migration.info["xbzrle-cache"] ?? {};
+    t.diagnostic(`xbzrle-cache: ${JSON.stringify(cache)}`);
+    assert.ok(xbzrle.ram.records.xbzrle <= (cache.pages ?? 0) - (cache.overflow ?? 0));
+    assert.equal(
+      xbzrle.ram.xbzrleWireBytes - 8 * xbzrle.ram.records.xbzrle + 4096 * (cache.overflow ?? 0),
+      cache.bytes,
+      "XBZRLE bytes in the stream = QEMU's xbzrle-cache bytes",
+    );
     await vm.agent.run(workload.stop(), 30_000);
 
     const shared = await checkCapture(
