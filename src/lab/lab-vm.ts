@@ -132,7 +132,8 @@ export class LabPair {
    * destination to run and reconnects nothing: callers use `dst.agent`.
    */
   async migratePlain(options: Partial<MigrationOptions> = {}): Promise<MigrationResult> {
-    const dst = this.dst ?? (await this.startDestination());
+    // A destination that died (a failed migration) is replaced by a fresh one.
+    const dst = this.dst?.running ? this.dst : await this.startDestination();
     const uri = await prepareIncoming(dst.monitor, {
       incomingUri: options.incomingUri ?? "tcp:127.0.0.1:0",
       ...(options.capabilities ? { capabilities: options.capabilities } : {}),

@@ -108,16 +108,25 @@ export class QmpClient extends EventEmitter {
   private closedError: Error | undefined;
   version: QmpVersion | undefined;
 
-  private constructor(private readonly socket: Socket) {
+  private constructor(
+    private readonly socket: Socket,
+    describeClose?: () => string,
+  ) {
     super();
     socket.setEncoding("utf8");
     socket.on("data", (chunk: string) => this.onData(chunk));
     socket.on("error", (error) => this.fail(new QmpConnectionError(`QMP socket error: ${error.message}`)));
-    socket.on("close", () => this.fail(new QmpConnectionError("QMP connection closed by QEMU")));
+    socket.on("close", () =>
+      this.fail(
+        new QmpConnectionError(
+          `QMP connection closed by QEMU${describeClose ? ` (${describeClose()})` : ""}`,
+        ),
+      ),
+    );
   }
 
   /** Connects, reads the greeting and leaves capabilities negotiation. */
-  static async connect(path: string, timeoutMs = 10_000): Promise<QmpClient> {
+  static async connect(path: string, timeoutMs = 10_000, describeClose?: () => string): Promise<QmpClient> {
     const socket = await new Promise<Socket>((resolve, reject) => {
       const s = createConnection(path);
       const timer = setTimeout(() => {
@@ -133,7 +142,7 @@ export class QmpClient extends EventEmitter {
         reject(new QmpConnectionError(`QMP: cannot connect to ${path}: ${error.message}`));
       });
     });
-    const client = new QmpClient(socket);
+    const client = new QmpClient(socket, describeClose);
     const greeting = await client.waitGreeting(timeoutMs);
     client.version = greeting;
     await client.execute("qmp_capabilities", undefined, timeoutMs);

@@ -225,7 +225,11 @@ export class Vm {
       if (!this.running) throw new Error(`QEMU exited (${JSON.stringify(this.exitInfo)})`);
       if (existsSync(this.qmpPath)) {
         try {
-          return await QmpClient.connect(this.qmpPath, 5_000);
+          return await QmpClient.connect(
+            this.qmpPath,
+            5_000,
+            () => `VM ${this.config.name}: ${this.deathReport()}`,
+          );
         } catch {
           // socket not listening yet
         }
