@@ -1,0 +1,230 @@
+/**
+ * Classifies guest page frames from their struct pages, the way the guest kernel itself sees them
+ * (../shared/docs/linux-page-introspection.md §3-5):
+ *
+ * - free: buddy blocks of every order (the head's `private` is the order; the whole block is free), offline and
+ *   unaccepted pages, hugetlb pool pages not in use; per-CPU-list pages only with `inferPcpFree` (they look like
+ *   any flagless, unreferenced page, doc §3.5).
+ * - cache: the papers' redundant cache, what drop_caches would evict: a file page (an address_space mapping, not
+ *   swap-backed) that is uptodate, not dirty, not under writeback, not locked, without private data, not in the
+ *   swap cache and not mapped (doc §4.2).
+ * - inode: every other file page (mapped, dirty, writeback, with buffers, block-device metadata).
+ * - anonymous: anon and KSM pages (mapping bit 0), anon THP, hugetlb pages in use.
+ * - shmem: swap-backed file pages (tmpfs, memfd, SysV shm).
+ * - kernel: slab, page tables, reserved, non-LRU movable pages, everything else referenced.
+ *
+ * Compound pages (THP, large folios, hugetlb, high-order slab) are classified by their head and the category
+ * applies to every page of the compound. Guest memory is untrusted: orders are bounded and checked for
+ * alignment, tail pointers that lead nowhere give "unknown", and nothing here allocates per guest value.
+ */
+import type { KernelProfile, PageFlag } from "./kernel-profiles.ts";
+
+/** Category codes, also the byte values of `vmprune inspect --pfn-map`. */
+export const CATEGORY = {
+  unknown: 0,
+  free: 1,
+  cache: 2,
+  inode: 3,
+  anonymous: 4,
+  shmem: 5,
+  kernel: 6,
+} as const;
+export type Category = keyof typeof CATEGORY;
+export const CATEGORY_NAMES = Object.keys(CATEGORY) as Category[];
+
+/** Attribute bits per PFN. */
+export const ATTR = { dirty: 1, mapped: 2, private: 4, writeback: 8, pcpInferred: 16 } as const;
+
+/** Struct page fields (OFFSET(page.*) from VMCOREINFO; the profile checks these values). */
+const OFF = { flags: 0, compoundHead: 8, mapping: 24, private: 40, mapcount: 48, refcount: 52 } as const;
+export const STRUCT_PAGE_SIZE = 64;
+
+/** The largest buddy order any supported kernel has (LENGTH(zone.free_area) = 11 → orders 0..10). */
+const MAX_BUDDY_ORDER = 10;
+/** The largest compound order accepted (1 GiB hugetlb pages: order 18). */
+const MAX_COMPOUND_ORDER = 18;
+
+/** Where struct pages are read from: the guest's memmap through the introspected address space. */
+export interface StructPageSource {
+  /** Reads the struct pages of PFNs [pfn, pfn+count) into `into` (64 bytes each); false if unreadable. */
+  read(pfn: number, count: number, into: Buffer): boolean;
+  /** The PFN whose struct page is at this kernel virtual address (a tail's compound_head), or null. */
+  pfnOfStructPage(address: bigint): number | null;
+}
+
+export interface ClassifyOptions {
+  /** Treat unreferenced flagless pages (per-CPU free lists) as free. Off by default: only inferred. */
+  inferPcpFree?: boolean;
+}
+
+export interface Classification {
+  firstPfn: number;
+  categories: Uint8Array;
+  attributes: Uint8Array;
+}
+
+interface HeadVerdict {
+  category: number;
+  attributes: number;
+  /** Pages this verdict covers from the head (1 for a small page, 2^order for a compound or buddy block). */
+  pages: number;
+}
+
+export class PageClassifier {
+  private readonly bit: Record<PageFlag, number>;
+  private readonly scratch = Buffer.alloc(2 * STRUCT_PAGE_SIZE);
+
+  constructor(
+    readonly profile: KernelProfile,
+    private readonly source: StructPageSource,
+    private readonly options: ClassifyOptions = {},
+  ) {
+    const bit = {} as Record<PageFlag, number>;
+    for (const [name, n] of Object.entries(profile.flags)) bit[name as PageFlag] = 2 ** n;
+    this.bit = bit;
+  }
+
+  private has(flagsLo: number, flag: PageFlag): boolean {
+    const mask = this.bit[flag];
+    return mask !== undefined && (flagsLo & mask) !== 0;
+  }
+
+  /**
+   * Classifies PFNs [firstPfn, firstPfn+count) given their struct pages in `pages` (64 bytes each, as read from
+   * the source). Compound pages and buddy blocks that start before the range are resolved through the source.
+   */
+  classifyRange(firstPfn: number, count: number, pages: Buffer): Classification {
+    const categories = new Uint8Array(count);
+    const attributes = new Uint8Array(count);
+    let i = 0;
+    while (i < count) {
+      const at = i * STRUCT_PAGE_SIZE;
+      const verdict = this.verdictAt(firstPfn + i, pages, at, firstPfn, count);
+      const end = Math.min(count, i + Math.max(1, verdict.pages));
+      categories.fill(verdict.category, i, end);
+      attributes.fill(verdict.attributes, i, end);
+      i = end;
+    }
+    return { firstPfn, categories, attributes };
+  }
+
+  /** The verdict for the page at `pfn` (struct page at `at` in `pages`), covering it and maybe pages after it. */
+  private verdictAt(pfn: number, pages: Buffer, at: number, firstPfn: number, count: number): HeadVerdict {
+    const flagsLo = pages.readUInt32LE(at + OFF.flags);
+    if ((pages.readUInt32LE(at + OFF.compoundHead) & 1) === 1 && !this.has(flagsLo, "head")) {
+      const compoundHead = pages.readBigUInt64LE(at + OFF.compoundHead);
+      // A tail: classify by its head; the verdict covers the tail and the rest of the compound.
+      const headPfn = this.source.pfnOfStructPage(compoundHead - 1n);
+      if (headPfn === null || headPfn >= pfn || pfn - headPfn > 2 ** MAX_COMPOUND_ORDER)
+        return { category: CATEGORY.unknown, attributes: 0, pages: 1 };
+      const head = this.readHeadPair(headPfn, pages, firstPfn, count);
+      if (!head) return { category: CATEGORY.unknown, attributes: 0, pages: 1 };
+      const verdict = this.headVerdict(headPfn, head.buf, head.at);
+      const remaining = headPfn + verdict.pages - pfn;
+      if (remaining <= 0) return { category: CATEGORY.unknown, attributes: 0, pages: 1 };
+      return { ...verdict, pages: remaining };
+    }
+    // A small page or a head: the first tail (page[1]) is in `pages` unless the head is the last of the range.
+    if (this.has(flagsLo, "head") && at + 2 * STRUCT_PAGE_SIZE > pages.length) {
+      const pair = this.readHeadPair(pfn, pages, firstPfn, count);
+      if (!pair) return { category: CATEGORY.unknown, attributes: 0, pages: 1 };
+      return this.headVerdict(pfn, pair.buf, pair.at);
+    }
+    return this.headVerdict(pfn, pages, at);
+  }
+
+  /** The struct pages of a head and its first tail: from the batch if it holds both, else from the source. */
+  private readHeadPair(headPfn: number, pages: Buffer, firstPfn: number, count: number) {
+    if (headPfn >= firstPfn && headPfn + 1 < firstPfn + count)
+      return { buf: pages, at: (headPfn - firstPfn) * STRUCT_PAGE_SIZE };
+    return this.source.read(headPfn, 2, this.scratch) ? { buf: this.scratch, at: 0 } : null;
+  }
+
+  /** Verdict for a small page or a compound head (with page[1] right after it in `buf`). */
+  private headVerdict(pfn: number, buf: Buffer, at: number): HeadVerdict {
+    const p = this.profile;
+    const flagsLo = buf.readUInt32LE(at + OFF.flags);
+    const mappingLo = buf.readUInt32LE(at + OFF.mapping);
+    const mappingHi = buf.readUInt32LE(at + OFF.mapping + 4);
+    const privateLo = buf.readUInt32LE(at + OFF.private);
+    const privateHi = buf.readUInt32LE(at + OFF.private + 4);
+    const mapcountWord = buf.readUInt32LE(at + OFF.mapcount);
+    const refcount = buf.readInt32LE(at + OFF.refcount);
+    const type = p.pageType(mapcountWord);
+    const isHead = this.has(flagsLo, "head");
+
+    let pages = 1;
+    if (isHead) {
+      const order = p.compoundOrder(buf, at + STRUCT_PAGE_SIZE);
+      if (order >= 1 && order <= MAX_COMPOUND_ORDER && pfn % 2 ** order === 0) pages = 2 ** order;
+    }
+    const verdict = (category: number, attributes = 0): HeadVerdict => ({ category, attributes, pages });
+
+    if (type === "buddy") {
+      // The buddy order lives in page->private (set_buddy_order, mm/page_alloc.c).
+      const order = privateHi === 0 && privateLo <= MAX_BUDDY_ORDER ? privateLo : -1;
+      if (order < 0 || pfn % 2 ** order !== 0) return { category: CATEGORY.unknown, attributes: 0, pages: 1 };
+      return { category: CATEGORY.free, attributes: 0, pages: 2 ** order };
+    }
+    if (type === "offline" || type === "unaccepted") return verdict(CATEGORY.free);
+    if (type === "slab" || type === "table" || type === "guard" || type === "zsmalloc")
+      return verdict(CATEGORY.kernel);
+    if (this.has(flagsLo, "slab")) return verdict(CATEGORY.kernel);
+    const hugetlb = isHead && p.isHugetlb(buf, at, buf, at + STRUCT_PAGE_SIZE);
+    if (hugetlb || type === "hugetlb") return verdict(refcount === 0 ? CATEGORY.free : CATEGORY.anonymous);
+    if (this.has(flagsLo, "reserved")) return verdict(CATEGORY.kernel);
+
+    const mapped = this.isMapped(buf, at, mapcountWord, isHead && pages > 1);
+    let attributes = mapped ? ATTR.mapped : 0;
+    if (this.has(flagsLo, "dirty")) attributes |= ATTR.dirty;
+    if (this.has(flagsLo, "writeback")) attributes |= ATTR.writeback;
+    if (this.has(flagsLo, "private") || this.has(flagsLo, "private2")) attributes |= ATTR.private;
+
+    const mappingLow = mappingLo & 3;
+    const hasMapping = mappingLo !== 0 || mappingHi !== 0;
+    if (hasMapping && (mappingLow & 1) === 1) return verdict(CATEGORY.anonymous, attributes); // anon, KSM
+    if (hasMapping && mappingLow === 0) {
+      if (this.has(flagsLo, "swapbacked")) return verdict(CATEGORY.shmem, attributes);
+      const droppable =
+        this.has(flagsLo, "uptodate") &&
+        !this.has(flagsLo, "dirty") &&
+        !this.has(flagsLo, "writeback") &&
+        !this.has(flagsLo, "locked") &&
+        !this.has(flagsLo, "private") &&
+        !this.has(flagsLo, "private2") &&
+        !this.has(flagsLo, "swapcache") &&
+        !mapped;
+      return verdict(droppable ? CATEGORY.cache : CATEGORY.inode, attributes);
+    }
+    if (hasMapping) return verdict(CATEGORY.kernel, attributes); // non-LRU movable (zsmalloc, balloon)
+    const flagless = (flagsLo & p.flagsMask) === 0;
+    if (refcount === 0 && flagless && (mapcountWord | 0) === -1 && !isHead) {
+      return this.options.inferPcpFree
+        ? verdict(CATEGORY.free, ATTR.pcpInferred)
+        : verdict(CATEGORY.kernel, ATTR.pcpInferred);
+    }
+    return verdict(CATEGORY.kernel, attributes);
+  }
+
+  /**
+   * Mapped into a process: a small page's `_mapcount` >= 0; a compound's own or its entire (PMD) mapcount,
+   * page[1] +20 on 6.1 (compound_mapcount) and 6.12 (_entire_mapcount), or 6.12's _large_mapcount at +16.
+   */
+  private isMapped(buf: Buffer, at: number, mapcountWord: number, compound: boolean): boolean {
+    if ((mapcountWord | 0) >= 0) return true;
+    if (!compound) return false;
+    const tail = at + STRUCT_PAGE_SIZE;
+    if (buf.readInt32LE(tail + 20) >= 0) return true;
+    return this.profile.name === "linux-6.12" && buf.readInt32LE(tail + 16) >= 0;
+  }
+}
+
+/** Counts of each category in a classification. */
+export function countCategories(categories: Uint8Array): Record<Category, number> {
+  const counts = new Array<number>(CATEGORY_NAMES.length).fill(0);
+  for (const c of categories) counts[c] = (counts[c] ?? 0) + 1;
+  return Object.fromEntries(CATEGORY_NAMES.map((name, i) => [name, counts[i] ?? 0])) as Record<
+    Category,
+    number
+  >;
+}
