@@ -462,6 +462,8 @@ export class StreamParser {
 
   private parseRam(cur: Cursor): RamRecord {
     const at = this.offset;
+    const fast = this.parseContinuedPage(cur, at);
+    if (fast) return fast;
     const { hi, lo } = cur.be64Parts();
     const mask = this.pageSize - 1;
     const flags = lo & mask;
@@ -523,6 +525,35 @@ export class StreamParser {
       at,
       `unknown combination of RAM flags 0x${flags.toString(16)}`,
     );
+  }
+
+  /**
+   * The hot path: a complete PAGE or ZERO record of the current block (CONTINUE), most of any stream. Returns
+   * null for anything else, which the general path then parses (and validates) in full.
+   */
+  private parseContinuedPage(cur: Cursor, at: number): RamRecord | null {
+    const block = this.lastBlock;
+    const buf = cur.buf;
+    const p = cur.pos;
+    const pageSize = this.pageSize;
+    if (!block || buf.length - p < 9) return null;
+    const hi = buf.readUInt32BE(p);
+    const lo = buf.readUInt32BE(p + 4);
+    const flags = lo & (pageSize - 1);
+    if (hi > MAX_SAFE_HI) return null;
+    const addr = hi * TWO_32 + (lo - flags);
+    if (addr + pageSize > block.length) return null;
+    if (flags === (RAM_FLAG.PAGE | RAM_FLAG.CONTINUE) && buf.length - p >= 8 + pageSize) {
+      cur.pos = p + 8 + pageSize;
+      const header: PageHeader = { addr, flags, idstr: null, block: block.idstr };
+      return { kind: "ram", type: "page", offset: at, header, data: buf.subarray(p + 8, p + 8 + pageSize) };
+    }
+    if (flags === (RAM_FLAG.ZERO | RAM_FLAG.CONTINUE)) {
+      cur.pos = p + 9;
+      const header: PageHeader = { addr, flags, idstr: null, block: block.idstr };
+      return { kind: "ram", type: "zero", offset: at, header, fill: buf[p + 8] as number };
+    }
+    return null;
   }
 
   private pageHeader(cur: Cursor, at: number, addr: number, flags: number): PageHeader {
