@@ -228,3 +228,50 @@ export function countCategories(categories: Uint8Array): Record<Category, number
     number
   >;
 }
+
+/** PFNs a buddy block can span (2^MAX_BUDDY_ORDER): a batch window starts at a multiple of it. */
+export const BUDDY_SPAN = 2 ** MAX_BUDDY_ORDER;
+
+/**
+ * Classifies a set of PFNs (e.g. the pages of a batch of migration records) with as few struct-page reads as
+ * possible: PFNs are grouped into windows aligned to the largest buddy block, so that a free page inside a
+ * buddy block is seen together with its block's head; each window's struct pages are read once. Returns the
+ * category per requested PFN (in the order given); PFNs whose struct pages cannot be read are "unknown".
+ */
+export function classifyPfns(
+  classifier: PageClassifier,
+  source: StructPageSource,
+  pfns: readonly number[],
+  maxPfn: number,
+): Uint8Array {
+  const out = new Uint8Array(pfns.length);
+  const order = pfns.map((_, i) => i).sort((a, b) => (pfns[a] ?? 0) - (pfns[b] ?? 0));
+  let k = 0;
+  let buffer = Buffer.alloc(0);
+  while (k < order.length) {
+    const first = pfns[order[k] ?? 0] ?? 0;
+    const start = first - (first % BUDDY_SPAN);
+    // Extend the window over following PFNs while they stay within a few spans (keeps reads contiguous).
+    let end = Math.min(maxPfn, start + BUDDY_SPAN);
+    let j = k;
+    while (j < order.length && (pfns[order[j] ?? 0] ?? 0) < end + BUDDY_SPAN * 3) {
+      const pfn = pfns[order[j] ?? 0] ?? 0;
+      if (pfn >= end) end = Math.min(maxPfn, pfn - (pfn % BUDDY_SPAN) + BUDDY_SPAN);
+      j++;
+    }
+    const count = end - start;
+    if (count > 0 && buffer.length < count * STRUCT_PAGE_SIZE)
+      buffer = Buffer.alloc(count * STRUCT_PAGE_SIZE);
+    const pages = buffer.subarray(0, Math.max(0, count) * STRUCT_PAGE_SIZE);
+    const result =
+      count > 0 && source.read(start, count, pages) ? classifier.classifyRange(start, count, pages) : null;
+    for (let i = k; i < j; i++) {
+      const index = order[i] ?? 0;
+      const pfn = pfns[index] ?? 0;
+      out[index] =
+        result && pfn >= start && pfn < end ? (result.categories[pfn - start] ?? 0) : CATEGORY.unknown;
+    }
+    k = j;
+  }
+  return out;
+}

@@ -9,6 +9,7 @@ import { test } from "node:test";
 import {
   ATTR,
   CATEGORY,
+  classifyPfns,
   countCategories,
   PageClassifier,
   STRUCT_PAGE_SIZE,
@@ -189,4 +190,29 @@ test("profile selection: by release, checked against VMCOREINFO; unknown kernels
   const missing = new Map(numbers61);
   missing.delete("SIZE(page)");
   assert.throws(() => selectProfile("6.1.0-56-cloud-amd64", missing), /SIZE\(page\)=\(missing\)/);
+});
+
+test("classifyPfns: scattered PFNs (a batch of page records) get the same verdicts as a full pass", () => {
+  const m = new Memmap(8192);
+  layout61(m);
+  // A large buddy block far away (order 10 at 2048) and an anon compound of order 2 at 1024.
+  m.set(2048, { mapcount: -129, private: 10 });
+  for (let p = 2049; p < 3072; p++) m.set(p, { mapcount: -1 });
+  m.set(1024, { flags: bits(16, 19, 4, 2), mapping: ANON, refcount: 4 });
+  for (let p = 1025; p < 1028; p++) m.set(p, { head: (VMEMMAP + 1024n * 64n) | 1n });
+  m.buf[1025 * 64 + 17] = 2;
+  const classifier = new PageClassifier(P61, m);
+  const full = classifier.classifyRange(0, 8192, m.range(0, 8192)).categories;
+  const pfns = [3000, 17, 1025, 9, 2500, 16, 4095, 1024, 2048, 28, 31];
+  const batch = classifyPfns(classifier, m, pfns, 8192);
+  assert.deepEqual(
+    [...batch],
+    pfns.map((p) => full[p]),
+  );
+  assert.equal(batch[0], CATEGORY.free, "a page deep inside an order-10 buddy block is free");
+  assert.equal(batch[2], CATEGORY.anonymous, "a tail resolves to its head");
+  // Far-apart PFNs are read as separate windows, with the same verdicts.
+  const sparse = classifyPfns(classifier, m, [8000, 5, 2100], 8192);
+  assert.deepEqual([...sparse], [full[8000], full[5], full[2100]]);
+  assert.equal(sparse[2], CATEGORY.free);
 });
