@@ -33,7 +33,7 @@ export type Category = keyof typeof CATEGORY;
 export const CATEGORY_NAMES = Object.keys(CATEGORY) as Category[];
 
 /** Attribute bits per PFN. */
-export const ATTR = { dirty: 1, mapped: 2, private: 4, writeback: 8, pcpInferred: 16 } as const;
+export const ATTR = { dirty: 1, mapped: 2, private: 4, writeback: 8, pcpInferred: 16, buddy: 32 } as const;
 
 /** Struct page fields (OFFSET(page.*) from VMCOREINFO; the profile checks these values). */
 const OFF = { flags: 0, compoundHead: 8, mapping: 24, private: 40, mapcount: 48, refcount: 52 } as const;
@@ -164,7 +164,7 @@ export class PageClassifier {
       // The buddy order lives in page->private (set_buddy_order, mm/page_alloc.c).
       const order = privateHi === 0 && privateLo <= MAX_BUDDY_ORDER ? privateLo : -1;
       if (order < 0 || pfn % 2 ** order !== 0) return { category: CATEGORY.unknown, attributes: 0, pages: 1 };
-      return { category: CATEGORY.free, attributes: 0, pages: 2 ** order };
+      return { category: CATEGORY.free, attributes: ATTR.buddy, pages: 2 ** order };
     }
     if (type === "offline" || type === "unaccepted") return verdict(CATEGORY.free);
     if (type === "slab" || type === "table" || type === "guard" || type === "zsmalloc")

@@ -51,6 +51,12 @@ export interface KernelProfile {
   isHugetlb(head: Buffer, headAt: number, tail: Buffer, tailAt: number): boolean;
   /** VMCOREINFO keys that must be present with these values, else the profile does not apply. */
   expect: Record<string, number>;
+  /**
+   * Keys that must have these values when present. PG_hwpoison exists only with CONFIG_MEMORY_FAILURE, which
+   * Debian's cloud kernels leave off (their VMCOREINFO has no NUMBER(PG_hwpoison)); it is the highest bit the
+   * classifier reads, so its absence moves nothing below it.
+   */
+  expectIfPresent: Record<string, number>;
 }
 
 /** ≤6.9 page types: PAGE_TYPE_BASE 0xf0000000, a type clears its bit (include/linux/page-flags.h@v6.1). */
@@ -116,7 +122,6 @@ export const PROFILES: KernelProfile[] = [
       "NUMBER(PG_swapcache)": 10,
       "NUMBER(PG_swapbacked)": 19,
       "NUMBER(PG_slab)": 9,
-      "NUMBER(PG_hwpoison)": 23,
       "NUMBER(PG_head_mask)": 65536,
       "NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)": -129,
       "SIZE(page)": 64,
@@ -127,6 +132,7 @@ export const PROFILES: KernelProfile[] = [
       "OFFSET(page._refcount)": 52,
       "OFFSET(page.compound_head)": 8,
     },
+    expectIfPresent: { "NUMBER(PG_hwpoison)": 23 },
   },
   {
     name: "linux-6.12",
@@ -160,7 +166,6 @@ export const PROFILES: KernelProfile[] = [
       "NUMBER(PG_private)": 14,
       "NUMBER(PG_swapcache)": 10,
       "NUMBER(PG_swapbacked)": 17,
-      "NUMBER(PG_hwpoison)": 20,
       "NUMBER(PG_head_mask)": 64,
       "SIZE(page)": 64,
       "OFFSET(page.flags)": 0,
@@ -170,6 +175,7 @@ export const PROFILES: KernelProfile[] = [
       "OFFSET(page._refcount)": 52,
       "OFFSET(page.compound_head)": 8,
     },
+    expectIfPresent: { "NUMBER(PG_hwpoison)": 20 },
   },
 ];
 
@@ -192,6 +198,13 @@ export function selectProfile(release: string, numbers: ReadonlyMap<string, numb
     if (actual !== value)
       throw new UnsupportedKernelError(
         `Linux ${release}: VMCOREINFO ${key}=${actual ?? "(missing)"}, profile ${profile.name} expects ${value}: not pruning`,
+      );
+  }
+  for (const [key, value] of Object.entries(profile.expectIfPresent)) {
+    const actual = numbers.get(key);
+    if (actual !== undefined && actual !== value)
+      throw new UnsupportedKernelError(
+        `Linux ${release}: VMCOREINFO ${key}=${actual}, profile ${profile.name} expects ${value}: not pruning`,
       );
   }
   return profile;
