@@ -1,18 +1,23 @@
 #!/usr/bin/env node
 import { createReadStream, createWriteStream } from "node:fs";
+import { writeFile } from "node:fs/promises";
 /** `vmprune`: thin command-line layer over the library. Logs go to stderr, results to stdout. */
 import { Command, InvalidArgumentError, Option } from "commander";
+import { openRawSnapshot } from "../introspect/guest-memory.ts";
+import { classifyGuest } from "../introspect/inspect.ts";
+import { openLiveVmMemory } from "../introspect/live-vm.ts";
 import { runDemo } from "../lab/demo.ts";
 import { ensureGuestImage } from "../lab/guest-image.ts";
 import { isKernelId, KERNEL_IDS, type KernelId } from "../lab/kernels.ts";
 import { ensureQemu, isQemuVersion, QEMU_VERSIONS, type QemuVersion } from "../qemu/binaries.ts";
+import { QmpClient } from "../qemu/qmp.ts";
 import { sweepStaleRuns } from "../qemu/vm.ts";
 import { CountingProcessor } from "../stream/counting-processor.ts";
 import { StreamError } from "../stream/errors.ts";
 import { Relay } from "../stream/relay.ts";
 import { rewriteStream } from "../stream/rewrite.ts";
 import { summarizeStream } from "../stream/summary.ts";
-import { renderDemo, renderSendReport, renderStreamSummary } from "./render.ts";
+import { renderDemo, renderInspectReport, renderSendReport, renderStreamSummary } from "./render.ts";
 
 const log = (line: string) => process.stderr.write(`${line}\n`);
 
@@ -100,6 +105,69 @@ stream
       throw error;
     }
   });
+
+program
+  .command("inspect")
+  .description(
+    "classify every page of a Linux guest from outside: free, cache, inode, anonymous, shmem, kernel",
+  )
+  .option("--memory <file>", "a raw RAM snapshot (file offset = guest-physical address)")
+  .option("--qmp <socket>", "a running QEMU's QMP socket (its RAM files, or the QEMU process's memory)")
+  .option("--pid <pid>", "with --qmp: the QEMU process (default: the owner of the socket)", positiveInt)
+  .option("--pause", "with --qmp: stop the guest while classifying, then let it run again")
+  .option("--infer-pcp", "count unreferenced flagless pages (per-CPU free lists) as free")
+  .option(
+    "--pfn-map <file>",
+    "write one byte per PFN: 0 none/unknown, 1 free, 2 cache, 3 inode, 4 anon, 5 shmem, 6 kernel",
+  )
+  .option("--json", "print the report as JSON")
+  .action(
+    async (opts: {
+      memory?: string;
+      qmp?: string;
+      pid?: number;
+      pause?: boolean;
+      inferPcp?: boolean;
+      pfnMap?: string;
+      json?: boolean;
+    }) => {
+      if (Boolean(opts.memory) === Boolean(opts.qmp))
+        throw new Error("give exactly one of --memory FILE or --qmp SOCKET");
+      let qmp: QmpClient | undefined;
+      let paused = false;
+      try {
+        let memory: ReturnType<typeof openRawSnapshot>;
+        if (opts.memory) memory = openRawSnapshot(opts.memory);
+        else {
+          const socket = opts.qmp as string;
+          qmp = await QmpClient.connect(socket);
+          if (opts.pause && (await qmp.execute("query-status")).running) {
+            await qmp.execute("stop");
+            paused = true;
+          }
+          const live = await openLiveVmMemory(qmp, socket, opts.pid);
+          log(
+            `guest RAM: ${Object.entries(live.sources)
+              .map(([b, s]) => `${b} from ${s}`)
+              .join(", ")}`,
+          );
+          memory = live.memory;
+        }
+        try {
+          const result = classifyGuest(memory, { inferPcpFree: opts.inferPcp ?? false });
+          if (opts.pfnMap) await writeFile(opts.pfnMap, result.categories);
+          process.stdout.write(
+            opts.json ? `${JSON.stringify(result.report, null, 2)}\n` : renderInspectReport(result.report),
+          );
+        } finally {
+          memory.close();
+        }
+      } finally {
+        if (paused) await qmp?.execute("cont");
+        qmp?.close();
+      }
+    },
+  );
 
 /** "HOST:PORT" or "[V6]:PORT". */
 function hostPort(value: string): { host: string; port: number } {

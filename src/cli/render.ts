@@ -1,5 +1,6 @@
 /** Human-readable tables for the CLI. */
 
+import type { InspectReport } from "../introspect/inspect.ts";
 import type { DemoResult } from "../lab/demo.ts";
 import type { RelayReport } from "../stream/relay.ts";
 import type { StreamSummaryJson } from "../stream/summary.ts";
@@ -113,4 +114,20 @@ export function renderSendReport(r: { relay: RelayReport; stream: StreamSummaryJ
   }
   if (r.relay.error) lines.push(`ERROR: ${r.relay.error}`);
   return `${lines.join("\n")}\n`;
+}
+
+/** `vmprune inspect`: pages by category. */
+export function renderInspectReport(r: InspectReport): string {
+  const total = r.pfns || 1;
+  const rows = Object.entries(r.pages).map(([name, n]) => [
+    name,
+    String(n),
+    formatBytes(n * 4096),
+    `${((100 * n) / total).toFixed(1)}%`,
+  ]);
+  return `${[
+    `Linux ${r.kernel.release}, ${r.kernel.pagingLevels}-level paging, profile ${r.kernel.profile}; ${r.pfns} PFNs`,
+    table(["category", "pages", "bytes", "share"], rows),
+    `opened in ${r.timings.openMs.toFixed(0)} ms, classified in ${r.timings.classifyMs.toFixed(0)} ms`,
+  ].join("\n")}\n`;
 }

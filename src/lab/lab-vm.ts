@@ -15,7 +15,7 @@ import {
   type MigrationResult,
   prepareIncoming,
   runMigration,
-  waitRunning,
+  waitDestinationState,
 } from "../qemu/migration.ts";
 import { type Accelerator, RUN_ROOT, Vm, type VmConfig } from "../qemu/vm.ts";
 import { ensureGuestImage, type GuestImage } from "./guest-image.ts";
@@ -129,7 +129,8 @@ export class LabPair {
 
   /**
    * Plain QEMU live migration src → dst on loopback (dst is started if needed). When it completes, waits for the
-   * destination to run and reconnects nothing: callers use `dst.agent`.
+   * destination to run (or, started paused, to have loaded everything) and reconnects nothing: callers use
+   * `dst.agent`.
    */
   async migratePlain(options: Partial<MigrationOptions> = {}): Promise<MigrationResult> {
     // A destination that died (a failed migration) is replaced by a fresh one.
@@ -139,7 +140,8 @@ export class LabPair {
       ...(options.capabilities ? { capabilities: options.capabilities } : {}),
     });
     const result = await runMigration(this.src.monitor, options.connectUri ?? uri, options);
-    if (!dst.config.extraArgs?.includes("-S")) await waitRunning(dst.monitor);
+    const held = dst.config.extraArgs?.includes("-S") ?? false;
+    await waitDestinationState(dst.monitor, held ? "paused" : "running");
     return result;
   }
 

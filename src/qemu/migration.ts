@@ -117,14 +117,27 @@ export async function runMigration(
   return { status: info.status, info, wallMs, uri: connectUri };
 }
 
-/** Waits until the destination runs the guest (QEMU resumes it after the last RAM and device state). */
-export async function waitRunning(qmp: QmpClient, timeoutMs = 30_000): Promise<void> {
+/**
+ * Waits until the destination has loaded the whole stream and reached `want`: "running" normally, "paused" when
+ * it was started with -S. The source reports "completed" before the destination has finished loading the last
+ * device state, so the destination is briefly still "inmigrate".
+ */
+export async function waitDestinationState(
+  qmp: QmpClient,
+  want: "running" | "paused",
+  timeoutMs = 30_000,
+): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   let status = "";
   while (Date.now() < deadline) {
     status = (await qmp.execute("query-status")).status;
-    if (status === "running") return;
+    if (status === want) return;
     await sleep(100);
   }
-  throw new Error(`destination is '${status}', not running, ${timeoutMs} ms after the migration completed`);
+  throw new Error(`destination is '${status}', not ${want}, ${timeoutMs} ms after the migration completed`);
+}
+
+/** Waits until the destination runs the guest (QEMU resumes it after the last RAM and device state). */
+export function waitRunning(qmp: QmpClient, timeoutMs = 30_000): Promise<void> {
+  return waitDestinationState(qmp, "running", timeoutMs);
 }

@@ -444,53 +444,60 @@ static int cmd_dirty(int argc, char **argv) {
 
 /* ---- kpageflags: ground truth for introspection, dumped to a raw disk ---- */
 
-/* Reads a /proc/kpage* file whole (its st_size is 0: read until EOF). */
-static uint8_t *read_proc_all(const char *path, size_t *len) {
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) die("cannot open %s: %s", path, strerror(errno));
-    size_t cap = 8u << 20, n = 0;
-    uint8_t *buf = malloc(cap);
-    for (;;) {
-        if (n + IO_CHUNK > cap) buf = realloc(buf, cap *= 2);
-        if (!buf) die("out of memory reading %s", path);
-        ssize_t r = read(fd, buf + n, IO_CHUNK);
-        if (r < 0) die("read %s: %s", path, strerror(errno));
-        if (r == 0) break;
-        n += (size_t)r;
+/*
+ * The dump streams through one small buffer: a dumper holding megabytes would free them when it exits, after the
+ * dump and before the VM is paused, and those pages (free in the guest's view, then briefly allocated, then on a
+ * per-CPU free list) would disagree with the dump for reasons of the dumper's own making.
+ */
+#define KPF_CHUNK (64u << 10)
+
+/* Copies /proc/kpage* (st_size is 0: read until EOF, or up to `limit` bytes) to fd at `off`, KPF_CHUNK at a time;
+ * the last chunk is zero-padded to a whole page for O_DIRECT. Returns the bytes copied. */
+static uint64_t copy_proc_direct(const char *path, int fd, uint64_t off, uint64_t limit, uint8_t *buf) {
+    int in = open(path, O_RDONLY);
+    if (in < 0) die("cannot open %s: %s", path, strerror(errno));
+    uint64_t copied = 0;
+    int eof = 0;
+    while (!eof && copied < limit) {
+        size_t n = 0, want = KPF_CHUNK;
+        if (limit - copied < want) want = (size_t)(limit - copied);
+        memset(buf, 0, KPF_CHUNK);
+        while (n < want) {
+            ssize_t r = read(in, buf + n, want - n);
+            if (r < 0) die("read %s: %s", path, strerror(errno));
+            if (r == 0) { eof = 1; break; }
+            n += (size_t)r;
+        }
+        if (n == 0) break;
+        size_t padded = (n + PAGE - 1) / PAGE * PAGE;
+        if (pwrite(fd, buf, padded, (off_t)(off + copied)) != (ssize_t)padded)
+            die("write at %" PRIu64 ": %s (is the disk large enough?)", off + copied, strerror(errno));
+        copied += n;
     }
-    close(fd);
-    *len = n;
-    return buf;
+    close(in);
+    return copied;
 }
 
 static int cmd_kpageflags(int argc, char **argv) {
     if (argc != 1) die("usage: vmwork kpageflags DEV");
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    size_t flags_len, counts_len;
-    uint8_t *flags = read_proc_all("/proc/kpageflags", &flags_len);
-    uint8_t *counts = read_proc_all("/proc/kpagecount", &counts_len);
-    uint64_t pfns = flags_len / 8;
-    if (counts_len / 8 < pfns) pfns = counts_len / 8;
-    uint64_t flags_off = PAGE, counts_off = flags_off + (pfns * 8 + PAGE - 1) / PAGE * PAGE;
-    uint64_t total = counts_off + (pfns * 8 + PAGE - 1) / PAGE * PAGE;
-    uint8_t *out;
-    if (posix_memalign((void **)&out, PAGE, (size_t)total) != 0) die("out of memory for %" PRIu64 " bytes", total);
-    memset(out, 0, (size_t)total);
-    uint64_t header[5] = {0, pfns, flags_off, counts_off, (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec};
-    memcpy(header, "VMPKPF01", 8);
-    memcpy(out, header, sizeof header);
-    memcpy(out + flags_off, flags, (size_t)(pfns * 8));
-    memcpy(out + counts_off, counts, (size_t)(pfns * 8));
+    uint8_t *buf;
+    if (posix_memalign((void **)&buf, PAGE, KPF_CHUNK) != 0) die("out of memory");
     int fd = open(argv[0], O_WRONLY | O_DIRECT);
     if (fd < 0) die("cannot open %s for O_DIRECT writing: %s", argv[0], strerror(errno));
-    for (uint64_t off = 0; off < total;) {
-        ssize_t w = pwrite(fd, out + off, (size_t)(total - off), (off_t)off);
-        if (w <= 0) die("write %s at %" PRIu64 ": %s (is the disk large enough?)", argv[0], off, w < 0 ? strerror(errno) : "short write");
-        off += (uint64_t)w;
-    }
+    uint64_t flags_off = PAGE;
+    uint64_t pfns = copy_proc_direct("/proc/kpageflags", fd, flags_off, UINT64_MAX, buf) / 8;
+    uint64_t counts_off = flags_off + (pfns * 8 + PAGE - 1) / PAGE * PAGE;
+    uint64_t counted = copy_proc_direct("/proc/kpagecount", fd, counts_off, pfns * 8, buf) / 8;
+    if (counted < pfns) pfns = counted;
+    memset(buf, 0, PAGE);
+    uint64_t header[5] = {0, pfns, flags_off, counts_off, (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec};
+    memcpy(header, "VMPKPF01", 8);
+    memcpy(buf, header, sizeof header);
+    if (pwrite(fd, buf, PAGE, 0) != (ssize_t)PAGE) die("write header: %s", strerror(errno));
     if (fsync(fd) != 0 || close(fd) != 0) die("sync %s: %s", argv[0], strerror(errno));
-    printf("kpageflags pfns=%" PRIu64 " bytes=%" PRIu64 "\n", pfns, total);
+    printf("kpageflags pfns=%" PRIu64 " bytes=%" PRIu64 "\n", pfns, counts_off + pfns * 8);
     return 0;
 }
 
