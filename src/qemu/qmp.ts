@@ -143,9 +143,17 @@ export class QmpClient extends EventEmitter {
       });
     });
     const client = new QmpClient(socket, describeClose);
-    const greeting = await client.waitGreeting(timeoutMs);
-    client.version = greeting;
-    await client.execute("qmp_capabilities", undefined, timeoutMs);
+    try {
+      client.version = await client.waitGreeting(timeoutMs);
+      await client.execute("qmp_capabilities", undefined, timeoutMs);
+    } catch (error) {
+      socket.destroy();
+      if (client.version) throw error;
+      throw new QmpConnectionError(
+        `QMP: no greeting on ${path} within ${timeoutMs} ms: another client probably holds this monitor ` +
+          "(QEMU serves one client per QMP socket); give QEMU another -qmp unix:PATH,server=on,wait=off for vmprune",
+      );
+    }
     return client;
   }
 

@@ -16,7 +16,7 @@ import {
   writeFileSync,
 } from "node:fs";
 import { readFile } from "node:fs/promises";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { GuestAgent } from "../lab/guest-agent.ts";
 import type { GuestImage } from "../lab/guest-image.ts";
@@ -72,6 +72,11 @@ export function dimmPath(ramPath: string): string {
   return `${ramPath}.dimm0`;
 }
 
+/** The lab VM's second QMP socket, free for tools while the lab's client holds the first. */
+export function toolQmpPath(qmpPath: string): string {
+  return join(dirname(qmpPath), "tools.sock");
+}
+
 export function qemuArgs(
   config: VmConfig,
   files: { ramPath: string; qmpPath: string; agentPath: string; consolePath: string },
@@ -121,6 +126,10 @@ export function qemuArgs(
     "chardev:agent",
     "-qmp",
     `unix:${files.qmpPath},server=on,wait=off`,
+    // A second monitor for tools (`vmprune inspect|migrate --qmp`): QEMU serves one client per QMP socket, and
+    // the lab's own client holds the first for the VM's lifetime.
+    "-qmp",
+    `unix:${toolQmpPath(files.qmpPath)},server=on,wait=off`,
   ];
   for (const [role, path] of Object.entries(config.disks) as [
     keyof typeof DISK_SERIAL,
@@ -158,6 +167,10 @@ export class Vm {
 
   get qmpPath(): string {
     return join(this.runDir, "qmp.sock");
+  }
+  /** A QMP socket no lab client holds: for `vmprune` commands run against this VM. */
+  get toolQmpPath(): string {
+    return toolQmpPath(this.qmpPath);
   }
   get agentPath(): string {
     return join(this.runDir, "agent.sock");

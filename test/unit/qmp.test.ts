@@ -120,3 +120,19 @@ test("nothing listening: a clear connection error", async () => {
     /cannot connect to \/nonexistent\/qmp.sock/,
   );
 });
+
+test("a monitor that never greets (another client holds it): a clear error, and the socket is closed", async (t) => {
+  const path = join(tmpdir(), `qmp-${process.pid}-silent.sock`);
+  await rm(path, { force: true });
+  let closed: Promise<void> = Promise.resolve();
+  const server = createServer((socket) => {
+    closed = new Promise((resolve) => socket.on("close", () => resolve()));
+  });
+  await new Promise<void>((resolve) => server.listen(path, resolve));
+  t.after(async () => {
+    server.close();
+    await rm(path, { force: true });
+  });
+  await assert.rejects(QmpClient.connect(path, 300), /another client probably holds this monitor/);
+  await closed; // the client hung up: a CLI that failed here does not stay alive on an open socket
+});
