@@ -3,18 +3,18 @@ import { createReadStream, createWriteStream } from "node:fs";
 import { writeFile } from "node:fs/promises";
 /** `vmprune`: thin command-line layer over the library. Logs go to stderr, results to stdout. */
 import { Command, InvalidArgumentError, Option } from "commander";
+import { CATEGORY_NAMES, type Category } from "../introspect/classifier.ts";
 import { openRawSnapshot } from "../introspect/guest-memory.ts";
 import { classifyGuest } from "../introspect/inspect.ts";
 import { openLiveVmMemory } from "../introspect/live-vm.ts";
 import { runDemo } from "../lab/demo.ts";
 import { ensureGuestImage } from "../lab/guest-image.ts";
 import { isKernelId, KERNEL_IDS, type KernelId } from "../lab/kernels.ts";
+import { startSend } from "../migrate/send.ts";
 import { ensureQemu, isQemuVersion, QEMU_VERSIONS, type QemuVersion } from "../qemu/binaries.ts";
 import { QmpClient } from "../qemu/qmp.ts";
 import { sweepStaleRuns } from "../qemu/vm.ts";
-import { CountingProcessor } from "../stream/counting-processor.ts";
 import { StreamError } from "../stream/errors.ts";
-import { Relay } from "../stream/relay.ts";
 import { rewriteStream } from "../stream/rewrite.ts";
 import { summarizeStream } from "../stream/summary.ts";
 import { renderDemo, renderInspectReport, renderSendReport, renderStreamSummary } from "./render.ts";
@@ -182,43 +182,91 @@ function hostPort(value: string): { host: string; port: number } {
 program
   .command("send")
   .description(
-    "relay one live migration: the source QEMU migrates to tcp:LISTEN, vmprune forwards it to the destination's -incoming address",
+    "relay one live migration: the source QEMU migrates to tcp:LISTEN, vmprune forwards it to the destination's -incoming address, dropping what --drop names",
   )
   .requiredOption("--listen <host:port>", "where the source QEMU connects (port 0: any free port)", hostPort)
   .requiredOption("--to <host:port>", "the destination QEMU's -incoming address", hostPort)
+  .option(
+    "--drop <categories>",
+    "page categories to drop (comma-separated; without a receiver: free)",
+    categoryList,
+  )
+  .option("--qmp <socket>", "the source QEMU's QMP socket: how to reach guest RAM (and check xbzrle is off)")
+  .option(
+    "--pid <pid>",
+    "with --qmp: the source QEMU process (default: the owner of the socket)",
+    positiveInt,
+  )
+  .option("--guest-memory <file>", "the guest's RAM file (offset = guest-physical address), instead of --qmp")
+  .option("--ram-block <name>", "with --guest-memory: the RAMBlock the file holds", "ram0")
+  .option("--dry-run", "judge and count the pages, but forward every record unchanged")
+  .addOption(new Option("--classify-once", "TEST ONLY: classify once at the start (unsafe)").hideHelp())
   .option("--capture <file>", "also write the main channel's stream, as received, to this file")
   .option("--json", "print the report as JSON")
   .action(
     async (opts: {
       listen: { host: string; port: number };
       to: { host: string; port: number };
+      drop?: Category[];
+      qmp?: string;
+      pid?: number;
+      guestMemory?: string;
+      ramBlock: string;
+      dryRun?: boolean;
+      classifyOnce?: boolean;
       capture?: string;
       json?: boolean;
     }) => {
-      let processor: CountingProcessor | undefined;
-      const relay = await Relay.start({
-        listen: opts.listen,
-        to: opts.to,
-        createMainProcessor: () => {
-          processor = new CountingProcessor();
-          return processor;
-        },
-        ...(opts.capture ? { capturePath: opts.capture } : {}),
-        log,
-      });
-      const { host, port } = relay.address;
+      if (opts.drop && !opts.qmp && !opts.guestMemory)
+        throw new Error("--drop needs a way to read guest memory: --qmp SOCKET or --guest-memory FILE");
+      const qmp = opts.qmp ? await QmpClient.connect(opts.qmp) : undefined;
+      let send: Awaited<ReturnType<typeof startSend>>;
+      try {
+        send = await startSend({
+          listen: opts.listen,
+          to: opts.to,
+          ...(opts.drop ? { drop: opts.drop } : {}),
+          dryRun: opts.dryRun ?? false,
+          guest: {
+            ...(qmp && opts.qmp
+              ? { qmp: { client: qmp, path: opts.qmp, ...(opts.pid ? { pid: opts.pid } : {}) } }
+              : {}),
+            ...(opts.guestMemory ? { guestMemory: { path: opts.guestMemory, ramBlock: opts.ramBlock } } : {}),
+            classifyOnce: opts.classifyOnce ?? false,
+          },
+          ...(opts.capture ? { capturePath: opts.capture } : {}),
+          log,
+        });
+      } finally {
+        // The monitor is only needed to set up: leave it free for the operator while the migration runs.
+        qmp?.close();
+      }
+      const { host, port } = send.address;
+      const mode = opts.drop
+        ? `dropping ${opts.drop.join(",")}${opts.dryRun ? " (dry run)" : ""}`
+        : "passthrough";
       log(
-        `vmprune send: listening on ${host}:${port}, relaying to ${opts.to.host}:${opts.to.port} (passthrough)`,
+        `vmprune send: listening on ${host}:${port}, relaying to ${opts.to.host}:${opts.to.port} (${mode})`,
       );
-      const stop = () => void relay.close();
+      const stop = () => void send.relay.close();
       process.once("SIGINT", stop);
       process.once("SIGTERM", stop);
-      const report = await relay.done;
-      const result = { relay: report, stream: processor?.report() ?? null };
+      const result = await send.done;
       process.stdout.write(opts.json ? `${JSON.stringify(result, null, 2)}\n` : renderSendReport(result));
-      if (report.error) process.exitCode = 1;
+      if (result.relay.error) process.exitCode = 1;
     },
   );
+
+/** "free,cache" → categories (validated). */
+function categoryList(value: string): Category[] {
+  const names = value.split(",").map((v) => v.trim());
+  for (const n of names)
+    if (!(CATEGORY_NAMES as string[]).includes(n) || n === "unknown")
+      throw new InvalidArgumentError(
+        `page categories, comma-separated: ${CATEGORY_NAMES.filter((c) => c !== "unknown").join(", ")}`,
+      );
+  return names as Category[];
+}
 
 program.parseAsync(process.argv).catch((error: unknown) => {
   log(`vmprune: ${error instanceof Error ? error.message : String(error)}`);

@@ -2,7 +2,8 @@
 
 import type { InspectReport } from "../introspect/inspect.ts";
 import type { DemoResult } from "../lab/demo.ts";
-import type { RelayReport } from "../stream/relay.ts";
+import type { SendReport } from "../migrate/send.ts";
+import type { PruneReport } from "../prune/pruning-processor.ts";
 import type { StreamSummaryJson } from "../stream/summary.ts";
 
 export function formatBytes(bytes: number): string {
@@ -87,7 +88,7 @@ function countBy(items: string[]): string {
 }
 
 /** `vmprune send`: what was relayed, per connection, and what the main channel carried. */
-export function renderSendReport(r: { relay: RelayReport; stream: StreamSummaryJson | null }): string {
+export function renderSendReport(r: SendReport): string {
   const lines = [
     table(
       ["connection", "kind", "to destination", "to source", "closed by"],
@@ -112,8 +113,27 @@ export function renderSendReport(r: { relay: RelayReport; stream: StreamSummaryJ
         : `parsed up to byte ${s.passthroughFrom} (${s.passthroughReason ?? ""}), then relayed raw`,
     );
   }
+  if (r.prune) lines.push(...renderPruneLines(r.prune));
   if (r.relay.error) lines.push(`ERROR: ${r.relay.error}`);
   return `${lines.join("\n")}\n`;
+}
+
+/** What pruning did: pages by category when judged, how many were dropped, the bytes saved. */
+export function renderPruneLines(p: PruneReport): string[] {
+  const dry = p.mode === "dry-run";
+  const lines = [
+    `pruning: ${p.mode}${p.judge ? `, ${p.judge}` : ""}`,
+    table(
+      ["PAGE records by category", "pages", "bytes"],
+      Object.entries(p.pages.byCategory)
+        .filter(([, n]) => n > 0)
+        .map(([c, n]) => [c, String(n), formatBytes(n * 4096)]),
+    ),
+    `${dry ? "would drop" : "dropped"} ${p.pages.pruned} of ${p.pages.seen} pages (${p.drop.join(", ")}), ` +
+      `${formatBytes(p.bytesSaved)} ${dry ? "could be" : ""} saved; ${p.batches} batches judged in ${p.judgeMs} ms`,
+  ];
+  if (p.degraded) lines.push(`pruning off: ${p.degraded}`);
+  return lines;
 }
 
 /** `vmprune inspect`: pages by category. */

@@ -108,6 +108,34 @@ export class PageClassifier {
     return { firstPfn, categories, attributes };
   }
 
+  /**
+   * The category and attributes of one PFN of a range read into `pages` (as classifyRange would give it), without
+   * classifying the rest of the range: for batches of page records. The range must start at a multiple of
+   * BUDDY_SPAN (or at the PFN itself), so that a buddy block holding the PFN has its head in the range: a page
+   * inside a free block is found by looking for a buddy head of a large enough order at each aligned position
+   * below it (as the kernel's page_is_buddy walk does).
+   */
+  classifyOne(
+    pfn: number,
+    firstPfn: number,
+    count: number,
+    pages: Buffer,
+  ): { category: number; attributes: number } {
+    for (let order = 1; order <= MAX_BUDDY_ORDER; order++) {
+      const head = pfn - (pfn % 2 ** order);
+      if (head === pfn) continue;
+      if (head < firstPfn) break;
+      const at = (head - firstPfn) * STRUCT_PAGE_SIZE;
+      if (this.profile.pageType(pages.readUInt32LE(at + OFF.mapcount)) !== "buddy") continue;
+      const privateLo = pages.readUInt32LE(at + OFF.private);
+      const privateHi = pages.readUInt32LE(at + OFF.private + 4);
+      if (privateHi === 0 && privateLo >= order && privateLo <= MAX_BUDDY_ORDER)
+        return { category: CATEGORY.free, attributes: ATTR.buddy };
+    }
+    const verdict = this.verdictAt(pfn, pages, (pfn - firstPfn) * STRUCT_PAGE_SIZE, firstPfn, count);
+    return { category: verdict.category, attributes: verdict.attributes };
+  }
+
   /** The verdict for the page at `pfn` (struct page at `at` in `pages`), covering it and maybe pages after it. */
   private verdictAt(pfn: number, pages: Buffer, at: number, firstPfn: number, count: number): HeadVerdict {
     const flagsLo = pages.readUInt32LE(at + OFF.flags);
@@ -250,26 +278,34 @@ export function classifyPfns(
   let buffer = Buffer.alloc(0);
   while (k < order.length) {
     const first = pfns[order[k] ?? 0] ?? 0;
+    if (first >= maxPfn || first < 0) {
+      // Beyond guest RAM (e.g. a ROM block mapped high): no struct page to read. Sorted, so the rest are too,
+      // except negative ones, which come first and are equally unknown.
+      out[order[k] ?? 0] = CATEGORY.unknown;
+      k++;
+      continue;
+    }
     const start = first - (first % BUDDY_SPAN);
     // Extend the window over following PFNs while they stay within a few spans (keeps reads contiguous).
     let end = Math.min(maxPfn, start + BUDDY_SPAN);
     let j = k;
-    while (j < order.length && (pfns[order[j] ?? 0] ?? 0) < end + BUDDY_SPAN * 3) {
+    while (j < order.length && (pfns[order[j] ?? 0] ?? 0) < Math.min(maxPfn, end + BUDDY_SPAN * 3)) {
       const pfn = pfns[order[j] ?? 0] ?? 0;
       if (pfn >= end) end = Math.min(maxPfn, pfn - (pfn % BUDDY_SPAN) + BUDDY_SPAN);
       j++;
     }
-    const count = end - start;
-    if (count > 0 && buffer.length < count * STRUCT_PAGE_SIZE)
-      buffer = Buffer.alloc(count * STRUCT_PAGE_SIZE);
-    const pages = buffer.subarray(0, Math.max(0, count) * STRUCT_PAGE_SIZE);
-    const result =
-      count > 0 && source.read(start, count, pages) ? classifier.classifyRange(start, count, pages) : null;
+    // Read from the window's aligned start (where a buddy block holding these PFNs has its head) to just past the
+    // last requested PFN (a head's first tail holds its order); classify only the requested PFNs.
+    const last = pfns[order[j - 1] ?? 0] ?? start;
+    const count = Math.min(maxPfn, last + 2) - start;
+    if (buffer.length < count * STRUCT_PAGE_SIZE) buffer = Buffer.alloc(count * STRUCT_PAGE_SIZE);
+    const pages = buffer.subarray(0, count * STRUCT_PAGE_SIZE);
+    const readable = source.read(start, count, pages);
     for (let i = k; i < j; i++) {
       const index = order[i] ?? 0;
-      const pfn = pfns[index] ?? 0;
-      out[index] =
-        result && pfn >= start && pfn < end ? (result.categories[pfn - start] ?? 0) : CATEGORY.unknown;
+      out[index] = readable
+        ? classifier.classifyOne(pfns[index] ?? 0, start, count, pages).category
+        : CATEGORY.unknown;
     }
     k = j;
   }

@@ -6,7 +6,13 @@
  */
 import { existsSync, readdirSync, readFileSync, readlinkSync, statSync } from "node:fs";
 import type { QmpClient } from "../qemu/qmp.ts";
-import { discoverQemuLayout, type GuestMemory, openMemoryFiles, openProcessMemory } from "./guest-memory.ts";
+import {
+  discoverQemuLayout,
+  type GuestMemory,
+  openMemoryFiles,
+  openProcessMemory,
+  type RamMapping,
+} from "./guest-memory.ts";
 
 /** The PID of the process listening on a unix socket path (matched by the socket's inode in /proc/net/unix). */
 export function pidOfUnixSocket(path: string): number | null {
@@ -44,6 +50,8 @@ export interface LiveVmMemory {
   memory: GuestMemory;
   /** How each block is read: a file path, or "process <pid>". */
   sources: Record<string, string>;
+  /** QEMU's RAM layout: which RAMBlock offset is which guest-physical address. */
+  layout: RamMapping[];
 }
 
 export async function openLiveVmMemory(qmp: QmpClient, qmpPath: string, pid?: number): Promise<LiveVmMemory> {
@@ -62,11 +70,12 @@ export async function openLiveVmMemory(qmp: QmpClient, qmpPath: string, pid?: nu
   // Firmware and option ROM blocks (small, never guest RAM) need no file; RAM without one is read from QEMU.
   const unfiledRam = layout.filter((m) => !(m.block in files) && m.size >= MIN_RAM_BYTES);
   if (unfiledRam.length === 0 && Object.keys(files).length > 0)
-    return { memory: openMemoryFiles(files, layout), sources: files };
+    return { memory: openMemoryFiles(files, layout), sources: files, layout };
   const owner = pid ?? pidOfUnixSocket(qmpPath);
   if (owner === null) throw new Error(`cannot find the QEMU process behind ${qmpPath}: give its PID (--pid)`);
   return {
     memory: openProcessMemory(owner, layout),
     sources: Object.fromEntries(layout.map((m) => [m.block, files[m.block] ?? `process ${owner}`])),
+    layout,
   };
 }

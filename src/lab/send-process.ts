@@ -5,15 +5,14 @@
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import { join } from "node:path";
+import type { SendReport } from "../migrate/send.ts";
 import { trackProcess, untrackProcess } from "../qemu/cleanup.ts";
-import type { RelayReport } from "../stream/relay.ts";
-import type { StreamSummaryJson } from "../stream/summary.ts";
 import { REPO_ROOT } from "./paths.ts";
 
 export interface SendResult {
   code: number | null;
   signal: string | null;
-  report: { relay: RelayReport; stream: StreamSummaryJson | null } | null;
+  report: SendReport | null;
   stderr: string;
 }
 

@@ -216,3 +216,25 @@ test("classifyPfns: scattered PFNs (a batch of page records) get the same verdic
   assert.deepEqual([...sparse], [full[8000], full[5], full[2100]]);
   assert.equal(sparse[2], CATEGORY.free);
 });
+
+test("classifyPfns: PFNs beyond guest RAM (ROM mapped high) or negative are unknown, and the call ends", () => {
+  const m = new Memmap(4096);
+  layout61(m);
+  const classifier = new PageClassifier(P61, m);
+  const full = classifier.classifyRange(0, 4096, m.range(0, 4096)).categories;
+  // 0xfffc0: the PFN of QEMU's pc.bios at 4 GiB - 256 KiB, far beyond a 16 MiB guest.
+  const pfns = [0xfffc0, 5, -1, 4096, 4095, 0xfffc1, 1 << 30];
+  const batch = classifyPfns(classifier, m, pfns, 4096);
+  assert.deepEqual(
+    [...batch],
+    [
+      CATEGORY.unknown,
+      full[5],
+      CATEGORY.unknown,
+      CATEGORY.unknown,
+      full[4095],
+      CATEGORY.unknown,
+      CATEGORY.unknown,
+    ],
+  );
+});

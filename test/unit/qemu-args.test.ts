@@ -49,7 +49,10 @@ test("guest RAM is a shared file backend of the requested size, bound to the mac
 test("firmware dirs, sockets, console and disks with their serials", () => {
   const args = qemuArgs(base, files);
   assert.deepEqual(flagValues(args, "-L"), ["/fw/seabios", "/fw/qemu"]);
-  assert.deepEqual(flagValues(args, "-qmp"), ["unix:/r/qmp.sock,server=on,wait=off"]);
+  assert.deepEqual(flagValues(args, "-qmp"), [
+    "unix:/r/qmp.sock,server=on,wait=off",
+    "unix:/r/tools.sock,server=on,wait=off",
+  ]);
   assert.deepEqual(flagValues(args, "-serial"), ["chardev:console", "chardev:agent"]);
   assert.deepEqual(flagValues(args, "-device"), [
     "virtio-blk-pci,drive=data,serial=vmprune-data",

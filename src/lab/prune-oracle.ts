@@ -1,0 +1,79 @@
+/**
+ * The pruning oracles of the lab, for tests: one live migration from a LabPair's source through `vmprune send`
+ * (a separate process, as an operator runs it) into a destination held paused (-S), then
+ *   - oracle 1: source (postmigrate) and destination RAM compared page by page; every differing page must be
+ *     free in the source's final classification (both VMs are paused, so it is exact);
+ *   - oracle 2 is the caller's: resume the destination (`cont`) and run `verify` there.
+ */
+import { CATEGORY } from "../introspect/classifier.ts";
+import { openRawSnapshot } from "../introspect/guest-memory.ts";
+import { classifyGuest } from "../introspect/inspect.ts";
+import {
+  LOOPBACK_PARAMETERS,
+  type MigrationOptions,
+  type MigrationResult,
+  prepareIncoming,
+  runMigration,
+  waitDestinationState,
+} from "../qemu/migration.ts";
+import type { Vm } from "../qemu/vm.ts";
+import type { LabPair } from "./lab-vm.ts";
+import { compareRamFiles } from "./ram-compare.ts";
+import { SendProcess, type SendResult } from "./send-process.ts";
+
+export interface PrunedMigration {
+  dst: Vm;
+  result: MigrationResult;
+  sent: SendResult;
+  /** Pages whose bytes differ between source and destination. */
+  differing: number;
+  /** Differing pages that are not free in the final classification (must be none). */
+  differingNotFree: { pfn: number; category: string }[];
+  /** Pages free in the final classification. */
+  finalFree: number;
+}
+
+const CATEGORY_BY_CODE = Object.fromEntries(Object.entries(CATEGORY).map(([name, code]) => [code, name]));
+
+export async function migrateThroughPruningSend(
+  pair: LabPair,
+  options: {
+    /** Extra `vmprune send` arguments (default: --drop free --qmp <the source's tool socket>). */
+    sendArgs?: string[];
+    migration?: Partial<MigrationOptions>;
+    /** Runs while the migration is in flight (e.g. a workload that allocates memory). */
+    during?: () => Promise<unknown>;
+  } = {},
+): Promise<PrunedMigration> {
+  const dst = await pair.startDestination({ paused: true });
+  const dstUri = await prepareIncoming(dst.monitor, { incomingUri: "tcp:127.0.0.1:0" });
+  const send = await SendProcess.start({
+    to: dstUri,
+    extraArgs: options.sendArgs ?? ["--drop", "free", "--qmp", pair.src.toolQmpPath],
+  });
+  try {
+    const migration = runMigration(pair.src.monitor, send.uri, {
+      parameters: LOOPBACK_PARAMETERS,
+      ...options.migration,
+    });
+    // Run `during` while the migration runs; a failure of either is reported once both have settled.
+    const [result] = await Promise.all([migration, options.during?.()]);
+    await waitDestinationState(dst.monitor, "paused");
+    const sent = await send.wait(60_000);
+    const diff = await compareRamFiles(pair.src.ramPath, dst.ramPath, Number.MAX_SAFE_INTEGER);
+    const memory = openRawSnapshot(pair.src.ramPath);
+    try {
+      const final = classifyGuest(memory).categories;
+      const differingNotFree = diff.differing
+        .filter((pfn) => final[pfn] !== CATEGORY.free)
+        .map((pfn) => ({ pfn, category: CATEGORY_BY_CODE[final[pfn] ?? 0] ?? "?" }));
+      let finalFree = 0;
+      for (const c of final) if (c === CATEGORY.free) finalFree++;
+      return { dst, result, sent, differing: diff.differing.length, differingNotFree, finalFree };
+    } finally {
+      memory.close();
+    }
+  } finally {
+    await send.stop();
+  }
+}

@@ -1,0 +1,169 @@
+/**
+ * The rewriting main-channel processor of `vmprune send --drop free`: parses what the source QEMU sends, and for
+ * the PAGE records of each chunk asks a {@link PageJudge} what those pages are *now* (after the records arrived:
+ * invariant 1). A page the guest kernel holds free goes on as a ZERO record for the same block and offset (same
+ * CONTINUE state); every other record is re-encoded byte for byte (invariant 2). Why that is safe: QEMU clears a
+ * page's dirty bit before it reads the page for a record, so a page that is free when the relay looks has no
+ * content the guest can rely on, and any later allocation writes to it, which QEMU catches and sends again.
+ *
+ * Degrading (invariant 4): a judge that could not be opened, or fails mid-way, turns the processor into a
+ * passthrough for the rest of the stream, with the reason in the report; records already pruned were free when
+ * judged. XBZRLE (invariant 3): QEMU's deltas are against what it believes the destination holds; a delta for a
+ * page the relay zeroed would corrupt it. So pruning refuses xbzrle (checked before the migration by the CLI);
+ * should a delta arrive anyway, the processor passes everything through if it has pruned nothing yet, and
+ * otherwise fails the migration (the relay resets both sides, the source keeps running: invariant 5).
+ */
+import { CATEGORY, CATEGORY_NAMES, type Category } from "../introspect/classifier.ts";
+import { StreamParser } from "../stream/parser.ts";
+import type { RamRecord, StreamRecord } from "../stream/records.ts";
+import type { MainChannelProcessor } from "../stream/relay.ts";
+import { StreamSummary, type StreamSummaryJson } from "../stream/summary.ts";
+import { encodeRecord, pageToZero } from "../stream/writer.ts";
+import type { PageJudge, PageRef } from "./page-judge.ts";
+
+type PageRecord = Extract<RamRecord, { type: "page" }>;
+
+export interface PruneOptions {
+  /** Categories whose pages become ZERO records; only "free" is dispensable without a receiver. */
+  drop: readonly Category[];
+  /** Judge and count, but forward every record unchanged. */
+  dryRun?: boolean;
+  log?: (line: string) => void;
+}
+
+export interface PruneReport {
+  mode: "prune" | "dry-run" | "passthrough";
+  drop: Category[];
+  /** What the judge opened (kernel release and profile), or null when introspection was unavailable. */
+  judge: string | null;
+  /** Why pruning stopped or never started (passthrough), or null. */
+  degraded: string | null;
+  /** PAGE records seen, by the category they had when judged; `pruned` (and `bytesSaved`) count what a dry run
+   * would have pruned. */
+  pages: { seen: number; pruned: number; byCategory: Record<Category, number> };
+  /** Bytes not sent: each pruned PAGE record (header + page) became a ZERO record (header + 1 byte). */
+  bytesSaved: number;
+  /** Judge calls, and the time spent in them (reading struct pages and classifying). */
+  batches: number;
+  judgeMs: number;
+}
+
+export class PruningProcessor implements MainChannelProcessor {
+  private readonly parser = new StreamParser({ onError: "passthrough" });
+  private readonly summary = new StreamSummary({ sha256: false });
+  private readonly drop: Set<number>;
+  private readonly counts = new Array<number>(CATEGORY_NAMES.length).fill(0);
+  private seen = 0;
+  private pruned = 0;
+  private bytesSaved = 0;
+  private batches = 0;
+  private judgeMs = 0;
+  private degraded: string | null;
+
+  constructor(
+    private readonly judgeOrReason: PageJudge | string,
+    private readonly options: PruneOptions,
+  ) {
+    this.drop = new Set(options.drop.map((c) => CATEGORY[c]));
+    this.degraded = typeof judgeOrReason === "string" ? judgeOrReason : null;
+  }
+
+  push(chunk: Buffer): Buffer[] {
+    this.summary.chunk(chunk);
+    return this.emit(this.parser.push(chunk));
+  }
+
+  end(): Buffer[] {
+    return this.emit(this.parser.end());
+  }
+
+  private emit(records: StreamRecord[]): Buffer[] {
+    for (const r of records) this.summary.record(r);
+    const decisions = this.decide(records);
+    const out: Buffer[] = [];
+    for (const r of records) {
+      out.push(...encodeRecord(decisions?.has(r) ? pageToZero(r as PageRecord) : r));
+    }
+    return out;
+  }
+
+  /** The PAGE records of this batch to turn into ZERO records (none when passing through). */
+  private decide(records: StreamRecord[]): Set<StreamRecord> | null {
+    const pages: PageRecord[] = [];
+    for (const r of records) {
+      if (r.kind !== "ram") continue;
+      if (r.type === "page") pages.push(r);
+      else if (r.type === "xbzrle") this.onXbzrle();
+    }
+    if (pages.length === 0) return null;
+    this.seen += pages.length;
+    const judge = this.judgeOrReason;
+    if (this.degraded !== null || typeof judge === "string") return null;
+    let categories: Uint8Array;
+    const started = performance.now();
+    try {
+      categories = judge.judge(
+        pages.map((p): PageRef => ({ block: p.header.block, blockOffset: p.header.addr })),
+      );
+    } catch (error) {
+      this.degrade(`introspection failed mid-way: ${error instanceof Error ? error.message : String(error)}`);
+      return null;
+    } finally {
+      this.judgeMs += performance.now() - started;
+      this.batches++;
+    }
+    const zero = new Set<StreamRecord>();
+    for (let i = 0; i < pages.length; i++) {
+      const category = categories[i] ?? CATEGORY.unknown;
+      this.counts[category] = (this.counts[category] ?? 0) + 1;
+      if (!this.drop.has(category)) continue;
+      this.pruned++;
+      this.bytesSaved += this.parser.pageSize - 1;
+      if (!this.options.dryRun) zero.add(pages[i] as PageRecord);
+    }
+    return zero.size > 0 ? zero : null;
+  }
+
+  private onXbzrle(): void {
+    if (this.degraded !== null || this.options.dryRun) return;
+    if (this.pruned > 0)
+      throw new Error(
+        "QEMU sent an XBZRLE delta after vmprune had zeroed free pages (xbzrle was turned on during the migration): " +
+          "failing this migration so the destination cannot apply a delta to a zeroed page; the source keeps running. " +
+          "Turn the xbzrle capability off to prune.",
+      );
+    this.degrade("QEMU sends XBZRLE deltas (xbzrle is on): pruning is off for this migration");
+  }
+
+  private degrade(reason: string): void {
+    this.degraded = reason;
+    this.options.log?.(`vmprune send: ${reason}; passing the rest of the stream through unchanged`);
+  }
+
+  report(): PruneReport {
+    const mode =
+      typeof this.judgeOrReason === "string" ? "passthrough" : this.options.dryRun ? "dry-run" : "prune";
+    return {
+      mode,
+      drop: [...this.options.drop],
+      judge: typeof this.judgeOrReason === "string" ? null : this.judgeOrReason.description,
+      degraded: this.degraded,
+      pages: {
+        seen: this.seen,
+        pruned: this.pruned,
+        byCategory: Object.fromEntries(CATEGORY_NAMES.map((n, i) => [n, this.counts[i] ?? 0])) as Record<
+          Category,
+          number
+        >,
+      },
+      bytesSaved: this.bytesSaved,
+      batches: this.batches,
+      judgeMs: Math.round(this.judgeMs),
+    };
+  }
+
+  /** What the source sent (records by type, as parsed before rewriting). */
+  stream(): StreamSummaryJson {
+    return this.summary.toJSON(this.parser);
+  }
+}
