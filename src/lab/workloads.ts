@@ -62,13 +62,15 @@ export async function runMixedWorkload(
   const files = dataFilePaths();
   const cache = files.slice(0, sizes.cacheFiles);
   const mapped = files.slice(sizes.cacheFiles, sizes.cacheFiles + sizes.mappedFiles);
+  // Churn last: the memory it fills and frees stays free with old non-zero data (what QEMU cannot see as
+  // dispensable), instead of being taken again by the steps after it.
   const steps = [
-    workload.churn(sizes.churn, sizes.churnLoops),
     workload.fillCache(cache),
     workload.mapFiles(mapped),
     workload.anon(sizes.anon),
     workload.tmpfs(sizes.tmpfs),
     workload.dirtyFiles("/data/scratch", sizes.dirtyFiles.size, sizes.dirtyFiles.count),
+    workload.churn(sizes.churn, sizes.churnLoops),
   ];
   const out: string[] = [];
   for (const step of steps) out.push((await agent.run(step, 300_000)).trim());
