@@ -2,7 +2,10 @@
  * The pruning oracles of the lab, for tests: one live migration from a LabPair's source through `vmprune send`
  * (a separate process, as an operator runs it) into a destination held paused (-S), then
  *   - oracle 1: source (postmigrate) and destination RAM compared page by page; every differing page must be
- *     free in the source's final classification (both VMs are paused, so it is exact);
+ *     free in the source's final classification (both VMs are paused, so it is exact). Here "free" includes
+ *     pages on the per-CPU free lists (flagless, refcount 0: owned by no one), which the pruning judge does not
+ *     drop itself but which a page can reach after it was judged free: the allocator moves buddy pages to the
+ *     per-CPU lists in bulk without writing them;
  *   - oracle 2 is the caller's: resume the destination (`cont`) and run `verify` there.
  */
 import { CATEGORY } from "../introspect/classifier.ts";
@@ -63,7 +66,7 @@ export async function migrateThroughPruningSend(
     const diff = await compareRamFiles(pair.src.ramPath, dst.ramPath, Number.MAX_SAFE_INTEGER);
     const memory = openRawSnapshot(pair.src.ramPath);
     try {
-      const final = classifyGuest(memory).categories;
+      const final = classifyGuest(memory, { inferPcpFree: true }).categories;
       const differingNotFree = diff.differing
         .filter((pfn) => final[pfn] !== CATEGORY.free)
         .map((pfn) => ({ pfn, category: CATEGORY_BY_CODE[final[pfn] ?? 0] ?? "?" }));

@@ -1,0 +1,84 @@
+/**
+ * The stale-classification trap (invariant 1), QEMU 10.0 (7.2 under TCG loses dirty pages on its own, see
+ * ram-oracle.test.ts), kernel 6.12. During each live migration the guest frees, re-allocates and fills memory as
+ * fast as it can (`churn ... 0`), keeps rewriting memory (`dirty`, so pre-copy needs several passes), and takes
+ * fresh anonymous memory (`anon`) from pages that were free when the migration began. Ten migrations in a row
+ * (each destination becomes the next source): both oracles hold every time. Then the same migration with the
+ * test-only `--classify-once` (a snapshot of the classification taken at the start): pages that were free at the
+ * start and hold data by the end arrive zeroed, so oracle 1 (or the guest's own verify) fails.
+ */
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { LabPair } from "../../src/lab/lab-vm.ts";
+import { migrateThroughPruningSend, type PrunedMigration } from "../../src/lab/prune-oracle.ts";
+import { workload } from "../../src/lab/workloads.ts";
+
+const MIGRATIONS = 10;
+
+/** Starts the guest's memory churn and rewrite (background keepers, registered for verify). */
+async function startPressure(pair: LabPair): Promise<void> {
+  await pair.src.agent.run(workload.churn("48M", 0), 60_000);
+  await pair.src.agent.run(workload.dirty("16M", "24M"), 60_000);
+}
+
+/** One migration under pressure: `anon` runs while pre-copy is in its passes. */
+function migrateUnderPressure(pair: LabPair, sendArgs?: string[]): Promise<PrunedMigration> {
+  const agent = pair.src.agent;
+  return migrateThroughPruningSend(pair, {
+    ...(sendArgs ? { sendArgs } : {}),
+    migration: { minPasses: 4 },
+    during: async () => {
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      await agent.run(workload.anon("12M"), 60_000);
+    },
+  });
+}
+
+test(`${MIGRATIONS} pruned live migrations of a guest that churns memory: both oracles hold every time; classifying once fails`, async (t) => {
+  const pair = await LabPair.boot({ kernel: "6.12", qemu: "10.0", memoryMiB: 512 });
+  t.after(() => pair.stop());
+  await startPressure(pair);
+  let prunedTotal = 0;
+  for (let run = 1; run <= MIGRATIONS; run++) {
+    const m = await migrateUnderPressure(pair);
+    const prune = m.sent.report?.prune;
+    const syncs = m.result.info.ram?.["dirty-sync-count"] ?? 0;
+    t.diagnostic(
+      `run ${run}: ${syncs} syncs, pruned ${prune?.pages.pruned} of ${prune?.pages.seen}, ${m.differing} differ, ` +
+        `${m.differingNotFree.length} differ and are not free; judged ${JSON.stringify(prune?.pages.byCategory)}`,
+    );
+    assert.ok(syncs >= 4, `several pre-copy passes (${syncs})`);
+    assert.equal(prune?.degraded, null);
+    assert.deepEqual(m.differingNotFree.slice(0, 10), [], `run ${run}: only free pages may differ`);
+    prunedTotal += prune?.pages.pruned ?? 0;
+    await m.dst.monitor.execute("cont");
+    assert.match(await LabPair.verify(m.dst), /^OK/m, `run ${run}: verify on the destination`);
+    await pair.promoteDestination();
+    // Each guest keeps only this run's registrations: stop the keepers (freeing their memory), start anew.
+    await pair.src.agent.run("vmwork stop", 60_000);
+    await startPressure(pair);
+  }
+  assert.ok(prunedTotal > 10_000, `pages were pruned (${prunedTotal})`);
+
+  // The unsafe variant: one classification at the start, reused for every record.
+  const m = await migrateUnderPressure(pair, [
+    "--drop",
+    "free",
+    "--qmp",
+    pair.src.toolQmpPath,
+    "--classify-once",
+  ]);
+  await m.dst.monitor.execute("cont");
+  const verify = await LabPair.verify(m.dst).then(
+    () => "OK",
+    (error: unknown) => String(error),
+  );
+  t.diagnostic(
+    `classify once: ${m.differing} differ, ${m.differingNotFree.length} differ and are not free ` +
+      `(${JSON.stringify(m.differingNotFree.slice(0, 5))}); verify: ${verify.slice(0, 200)}`,
+  );
+  assert.ok(
+    m.differingNotFree.length > 0,
+    "classifying once at the start zeroes pages that were re-allocated during the migration",
+  );
+});
