@@ -10,6 +10,7 @@ import { openLiveVmMemory } from "../introspect/live-vm.ts";
 import { runDemo } from "../lab/demo.ts";
 import { ensureGuestImage } from "../lab/guest-image.ts";
 import { isKernelId, KERNEL_IDS, type KernelId } from "../lab/kernels.ts";
+import { migrate } from "../migrate/migrate.ts";
 import { startSend } from "../migrate/send.ts";
 import { ensureQemu, isQemuVersion, QEMU_VERSIONS, type QemuVersion } from "../qemu/binaries.ts";
 import { QmpClient } from "../qemu/qmp.ts";
@@ -17,7 +18,14 @@ import { sweepStaleRuns } from "../qemu/vm.ts";
 import { StreamError } from "../stream/errors.ts";
 import { rewriteStream } from "../stream/rewrite.ts";
 import { summarizeStream } from "../stream/summary.ts";
-import { renderDemo, renderInspectReport, renderSendReport, renderStreamSummary } from "./render.ts";
+import {
+  renderDemo,
+  renderInspectReport,
+  renderMigrateProgress,
+  renderMigrateReport,
+  renderSendReport,
+  renderStreamSummary,
+} from "./render.ts";
 
 const log = (line: string) => process.stderr.write(`${line}\n`);
 
@@ -58,7 +66,7 @@ lab
 program
   .command("demo")
   .description(
-    "boot a guest, run a mixed workload, live-migrate it, verify it on the destination, print what moved",
+    "boot a guest, run a mixed workload, live-migrate it through vmprune without and with pruning (fresh destination each), verify the guest, print both side by side",
   )
   .addOption(new Option("--kernel <id>", "guest kernel").argParser(kernelOption).default("6.1"))
   .addOption(new Option("--qemu <version>", "QEMU version").argParser(qemuOption).default("7.2"))
@@ -254,6 +262,64 @@ program
       const result = await send.done;
       process.stdout.write(opts.json ? `${JSON.stringify(result, null, 2)}\n` : renderSendReport(result));
       if (result.relay.error) process.exitCode = 1;
+    },
+  );
+
+program
+  .command("migrate")
+  .description(
+    "live-migrate a VM between two QEMUs on this host through vmprune (the destination started with -incoming defer)",
+  )
+  .requiredOption("--src-qmp <socket>", "the source QEMU's QMP socket")
+  .requiredOption("--dst-qmp <socket>", "the destination QEMU's QMP socket")
+  .option("--drop <categories>", "page categories to drop (without a receiver: free)", categoryList)
+  .option("--baseline", "the same path without pruning (the relay passes every byte through)")
+  .option("--src-pid <pid>", "the source QEMU process (default: the owner of its QMP socket)", positiveInt)
+  .option(
+    "--max-bandwidth <bytes/s>",
+    "migration bandwidth cap (default: QEMU's current setting)",
+    positiveInt,
+  )
+  .option(
+    "--no-return-path",
+    "do not turn on the return-path capability (then a cut stream may look completed to the source)",
+  )
+  .option("--json", "print the report as JSON")
+  .action(
+    async (opts: {
+      srcQmp: string;
+      dstQmp: string;
+      drop?: Category[];
+      baseline?: boolean;
+      srcPid?: number;
+      maxBandwidth?: number;
+      returnPath: boolean;
+      json?: boolean;
+    }) => {
+      if (opts.baseline && opts.drop) throw new Error("give --drop or --baseline, not both");
+      if (!opts.baseline && !opts.drop)
+        throw new Error("give --drop free (prune) or --baseline (no pruning)");
+      const tty = process.stderr.isTTY;
+      let lastLine = 0;
+      const report = await migrate({
+        srcQmp: opts.srcQmp,
+        dstQmp: opts.dstQmp,
+        drop: opts.drop ?? [],
+        ...(opts.srcPid ? { srcPid: opts.srcPid } : {}),
+        ...(opts.maxBandwidth ? { parameters: { "max-bandwidth": opts.maxBandwidth } } : {}),
+        capabilities: { "return-path": opts.returnPath },
+        log,
+        onProgress: (p) => {
+          if (tty) process.stderr.write(`\r${renderMigrateProgress(p)}\x1b[K`);
+          else if (p.elapsedMs - lastLine >= 2000) {
+            lastLine = p.elapsedMs;
+            log(renderMigrateProgress(p));
+          }
+        },
+      });
+      if (tty) process.stderr.write("\n");
+      process.stdout.write(opts.json ? `${JSON.stringify(report, null, 2)}\n` : renderMigrateReport(report));
+      if (report.error || report.status !== "completed") process.exitCode = 1;
     },
   );
 

@@ -1,7 +1,8 @@
 /** Human-readable tables for the CLI. */
 
 import type { InspectReport } from "../introspect/inspect.ts";
-import type { DemoResult } from "../lab/demo.ts";
+import type { DemoResult, DemoRun } from "../lab/demo.ts";
+import type { MigrateProgress, MigrateReport } from "../migrate/migrate.ts";
 import type { SendReport } from "../migrate/send.ts";
 import type { PruneReport } from "../prune/pruning-processor.ts";
 import type { StreamSummaryJson } from "../stream/summary.ts";
@@ -30,18 +31,28 @@ export function renderDemo(result: DemoResult): string {
     `guest before migration: MemFree ${formatBytes(result.guestMemFreeKiB * 1024)}, Cached ${formatBytes(result.guestCachedKiB * 1024)}`,
     "",
   ];
-  const rows = result.runs.map((r) => [
-    r.label,
-    r.status,
-    `${(r.totalTimeMs / 1000).toFixed(2)} s`,
-    `${r.downtimeMs} ms`,
-    formatBytes(r.transferredBytes),
-    String(r.pagesSent),
-    String(r.zeroPages),
-    String(r.iterations),
-    r.verify.startsWith("OK") ? "OK" : r.verify,
+  const [base, ...others] = result.runs;
+  if (!base) return `${head.join("\n")}no migration ran\n`;
+  const ratio = (a: number, b: number) => (b > 0 ? `${((100 * a) / b).toFixed(0)}%` : "-");
+  const metrics: [string, (r: DemoRun) => string, ((r: DemoRun) => number) | null][] = [
+    ["status", (r) => r.status, null],
+    ["total time", (r) => `${(r.totalTimeMs / 1000).toFixed(2)} s`, (r) => r.totalTimeMs],
+    ["downtime", (r) => `${r.downtimeMs} ms`, (r) => r.downtimeMs],
+    ["bytes on the wire", (r) => formatBytes(r.wireBytes), (r) => r.wireBytes],
+    ["bytes from QEMU", (r) => formatBytes(r.sourceBytes), null],
+    ["PAGE records from QEMU", (r) => String(r.pageRecords), null],
+    ["ZERO records from QEMU", (r) => String(r.zeroRecords), null],
+    ["free pages dropped", (r) => String(r.droppedPages), null],
+    ["pre-copy passes", (r) => String(r.iterations), null],
+    ["guest verify", (r) => (r.verify.startsWith("OK") ? "OK" : r.verify), null],
+  ];
+  const rows = metrics.map(([name, show, value]) => [
+    name,
+    show(base),
+    ...others.flatMap((o) => [show(o), value ? ratio(value(o), value(base)) : ""]),
   ]);
-  return `${head.join("\n")}${table(["migration", "status", "total time", "downtime", "on the wire", "pages sent", "zero pages", "passes", "verify"], rows)}\n`;
+  const header = ["", base.label, ...others.flatMap((o) => [o.label, "vs baseline"])];
+  return `${head.join("\n")}${table(header, rows)}\n`;
 }
 
 /** `vmprune stream inspect`: a human summary of a migration stream. */
@@ -150,4 +161,43 @@ export function renderInspectReport(r: InspectReport): string {
     table(["category", "pages", "bytes", "share"], rows),
     `opened in ${r.timings.openMs.toFixed(0)} ms, classified in ${r.timings.classifyMs.toFixed(0)} ms`,
   ].join("\n")}\n`;
+}
+
+/** One progress line of `vmprune migrate` (stderr). */
+export function renderMigrateProgress(p: MigrateProgress): string {
+  const done =
+    p.transferredBytes + p.remainingBytes > 0
+      ? p.transferredBytes / (p.transferredBytes + p.remainingBytes)
+      : 0;
+  const width = 24;
+  const filled = Math.round(done * width);
+  const bar = `${"#".repeat(filled)}${".".repeat(width - filled)}`;
+  return (
+    `[${bar}] ${p.status} ${(p.elapsedMs / 1000).toFixed(1)} s, pass ${p.iteration}, ` +
+    `${formatBytes(p.transferredBytes)} sent, ${formatBytes(p.remainingBytes)} left, ${p.mbps.toFixed(0)} Mbit/s, ` +
+    `dropped ${p.pruned} pages`
+  );
+}
+
+/** `vmprune migrate`: the report of one migration. */
+export function renderMigrateReport(r: MigrateReport): string {
+  const rows = [
+    ["mode", r.mode],
+    ["status", r.error ? `${r.status}: ${r.error}` : r.status],
+    ["total time", `${r.totalTimeMs} ms`],
+    ["downtime", `${r.downtimeMs} ms`],
+    ["bytes from QEMU", formatBytes(r.sourceBytes)],
+    ["bytes on the wire", formatBytes(r.wireBytes)],
+    ["pre-copy passes", String(r.iterations)],
+    ["destination", r.destinationStatus],
+  ];
+  const lines = [table(["migration", ""], rows)];
+  if (r.records) {
+    const c = r.records;
+    lines.push(
+      `records from QEMU: ${c.page} PAGE, ${c.zero} ZERO, ${c.xbzrle} XBZRLE, ${c.compress} COMPRESS_PAGE`,
+    );
+  }
+  if (r.prune) lines.push(...renderPruneLines(r.prune));
+  return `${lines.join("\n")}\n`;
 }

@@ -1,9 +1,11 @@
 /**
- * The main job, for now: boot a guest, run the mixed workload, live-migrate it with plain QEMU on loopback to a
- * fresh destination, verify the guest there, and report what moved. Later issues add the pruned runs beside it.
+ * The main job: boot a guest, run the mixed workload, live-migrate it on loopback through vmprune once without
+ * and once with pruning, verify the guest after each, and report both side by side.
  */
+
+import { type MigrateReport, migrate } from "../migrate/migrate.ts";
 import type { QemuVersion } from "../qemu/binaries.ts";
-import type { MigrationInfo } from "../qemu/qmp.ts";
+import { LOOPBACK_PARAMETERS } from "../qemu/migration.ts";
 import type { KernelId } from "./kernels.ts";
 import { LabPair } from "./lab-vm.ts";
 import { guestMeminfo, runMixedWorkload } from "./workloads.ts";
@@ -20,9 +22,14 @@ export interface DemoRun {
   status: string;
   totalTimeMs: number;
   downtimeMs: number;
-  transferredBytes: number;
-  pagesSent: number;
-  zeroPages: number;
+  /** Bytes QEMU wrote, and bytes that reached the destination (after pruning). */
+  sourceBytes: number;
+  wireBytes: number;
+  /** PAGE records QEMU sent, ZERO records it sent, and PAGE records vmprune turned into ZERO records. */
+  pageRecords: number;
+  zeroRecords: number;
+  droppedPages: number;
+  byCategory: Record<string, number> | null;
   iterations: number;
   verify: string;
 }
@@ -38,20 +45,28 @@ export interface DemoResult {
   runs: DemoRun[];
 }
 
-export function summarizeMigration(label: string, info: MigrationInfo, verify: string): DemoRun {
+function demoRun(label: string, r: MigrateReport, verify: string): DemoRun {
   return {
     label,
-    status: info.status ?? "unknown",
-    totalTimeMs: info["total-time"] ?? 0,
-    downtimeMs: info.downtime ?? 0,
-    transferredBytes: info.ram?.transferred ?? 0,
-    pagesSent: info.ram?.normal ?? 0,
-    zeroPages: info.ram?.duplicate ?? 0,
-    iterations: info.ram?.["dirty-sync-count"] ?? 0,
+    status: r.error ? `${r.status}: ${r.error}` : r.status,
+    totalTimeMs: r.totalTimeMs,
+    downtimeMs: r.downtimeMs,
+    sourceBytes: r.sourceBytes,
+    wireBytes: r.wireBytes,
+    pageRecords: r.records?.page ?? 0,
+    zeroRecords: r.records?.zero ?? 0,
+    droppedPages: r.prune?.pages.pruned ?? 0,
+    byCategory: r.prune?.pages.byCategory ?? null,
+    iterations: r.iterations,
     verify,
   };
 }
 
+/**
+ * The demo: one guest with the mixed workload, migrated twice through `vmprune migrate`'s code path, each time
+ * to a fresh destination: first the baseline (relay in passthrough), then, from where the guest now runs,
+ * pruned (`--drop free`). The guest is verified after each.
+ */
 export async function runDemo(options: DemoOptions): Promise<DemoResult> {
   const { log } = options;
   log(`booting a ${options.memoryMiB} MiB guest: kernel ${options.kernel}, QEMU ${options.qemu}`);
@@ -64,12 +79,27 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
     log(`booted in ${(pair.bootMs / 1000).toFixed(1)} s (${pair.accel}); running the mixed workload`);
     for (const line of await runMixedWorkload(pair.src.agent)) log(`  guest: ${line}`);
     const meminfo = await guestMeminfo(pair.src.agent);
-    log("live-migrating with plain QEMU to a fresh destination on loopback");
-    const result = await pair.migratePlain();
-    const dst = pair.dst;
-    if (!dst) throw new Error("no destination VM after migration");
-    const verify = (await LabPair.verify(dst)).trim();
-    log(`destination verify: ${verify}`);
+    const runs: DemoRun[] = [];
+    for (const [label, drop] of [
+      ["baseline (vmprune migrate --baseline)", []],
+      ["pruned (vmprune migrate --drop free)", ["free"]],
+    ] as const) {
+      const dst = await pair.startDestination();
+      log(`live-migrating to a fresh destination on loopback: ${label}`);
+      const report = await migrate({
+        srcQmp: pair.src.toolQmpPath,
+        dstQmp: dst.toolQmpPath,
+        drop,
+        parameters: LOOPBACK_PARAMETERS,
+        log: (line) => log(`  ${line}`),
+      });
+      if (report.error || report.status !== "completed")
+        throw new Error(`${label}: migration ${report.status}: ${report.error ?? ""}`);
+      const verify = (await LabPair.verify(dst)).trim();
+      log(`  destination verify: ${verify}`);
+      runs.push(demoRun(label, report, verify));
+      await pair.promoteDestination();
+    }
     return {
       kernel: pair.image.kernel.release,
       qemu: pair.qemu.fullVersion,
@@ -78,7 +108,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
       bootMs: Math.round(pair.bootMs),
       guestMemFreeKiB: meminfo.MemFree ?? 0,
       guestCachedKiB: meminfo.Cached ?? 0,
-      runs: [summarizeMigration("plain QEMU", result.info, verify)],
+      runs,
     };
   } finally {
     await pair.stop();

@@ -33,6 +33,8 @@ export interface LabVmOptions {
   /** A second RAM block (pc-dimm) of this many MiB. */
   dimmMiB?: number;
   bootTimeoutMs?: number;
+  /** A virtio-balloon device on source and destination (see VmConfig.balloon). */
+  balloon?: "free-page-hint";
   /** Start the source with -S and do not wait for the guest: RAM holds only firmware (tiny streams). */
   frozen?: boolean;
 }
@@ -75,6 +77,7 @@ export class LabPair {
       disks: { data: join(diskDir, "data.img"), spare: join(diskDir, "spare.img") },
       ...(options.extraArgs ? { extraArgs: options.extraArgs } : {}),
       ...(options.dimmMiB ? { dimmMiB: options.dimmMiB } : {}),
+      ...(options.balloon ? { balloon: options.balloon } : {}),
     };
   }
 

@@ -36,6 +36,8 @@ export interface RunningSend {
   relay: Relay;
   address: { host: string; port: number };
   done: Promise<SendReport>;
+  /** Pruning so far (for progress), null before the main channel or without --drop. */
+  pruneSoFar(): PruneReport | null;
 }
 
 export async function startSend(options: SendOptions): Promise<RunningSend> {
@@ -77,5 +79,5 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
       prune: pruner?.report() ?? null,
     };
   });
-  return { relay, address: relay.address, done };
+  return { relay, address: relay.address, done, pruneSoFar: () => pruner?.report() ?? null };
 }

@@ -68,3 +68,19 @@ test("incoming VMs wait for migrate-incoming; CPU defaults per accelerator", () 
   assert.deepEqual(flagValues(qemuArgs({ ...base, accel: "kvm" }, files), "-cpu"), ["host"]);
   assert.deepEqual(flagValues(qemuArgs({ ...base, cpu: "max" }, files), "-cpu"), ["max"]);
 });
+
+test("a free-page-hint balloon: virtio-balloon-pci with free-page-hint on its own iothread, on src and dst alike", () => {
+  assert.equal(qemuArgs(base, files).join(" ").includes("balloon"), false);
+  for (const incoming of [false, true]) {
+    const args = qemuArgs({ ...base, balloon: "free-page-hint", incoming }, files);
+    assert.deepEqual(flagValues(args, "-object"), [
+      "memory-backend-file,id=ram0,size=512M,mem-path=/dev/shm/vmprune-1-src.ram,share=on",
+      "iothread,id=iothread0",
+    ]);
+    assert.deepEqual(flagValues(args, "-device"), [
+      "virtio-blk-pci,drive=data,serial=vmprune-data",
+      "virtio-blk-pci,drive=spare,serial=vmprune-spare",
+      "virtio-balloon-pci,id=balloon0,free-page-hint=on,iothread=iothread0",
+    ]);
+  }
+});

@@ -1,0 +1,157 @@
+/**
+ * `vmprune migrate`: one whole live migration between two QEMUs on this host, through vmprune's relay.
+ *
+ *   destination (started with -incoming defer)   ← migrate-incoming tcp:127.0.0.1:0 (QEMU picks the port)
+ *   relay (startSend)                             listens on 127.0.0.1:0, forwards to the destination
+ *   source                                        ← migrate tcp:<relay>; query-migrate polled until it ends
+ *
+ * The return-path capability is on by default on both ends: with it the source waits for the destination's
+ * verdict, so a stream the relay had to cut (a failed judge, a killed relay) fails the migration on the source
+ * too, instead of looking "completed" there (invariant 5). Without `drop` (the baseline) the relay passes every
+ * byte through, so the baseline pays the same relay cost as the pruned run.
+ */
+import type { Category } from "../introspect/classifier.ts";
+import type { PruneReport } from "../prune/pruning-processor.ts";
+import { MigrationFailed, prepareIncoming, runMigration } from "../qemu/migration.ts";
+import { type MigrationInfo, QmpClient } from "../qemu/qmp.ts";
+import type { StreamSummaryJson } from "../stream/summary.ts";
+import { startSend } from "./send.ts";
+
+export interface MigrateOptions {
+  srcQmp: string;
+  dstQmp: string;
+  /** The source QEMU's PID, if the QMP socket's owner cannot be found through /proc. */
+  srcPid?: number;
+  /** Categories to drop; empty: the baseline (relay in passthrough). */
+  drop: readonly Category[];
+  /** Migration capabilities on both ends (default: return-path on). */
+  capabilities?: Record<string, boolean>;
+  /** migrate-set-parameters on the source, e.g. max-bandwidth in bytes/s (default: QEMU's current settings). */
+  parameters?: Record<string, unknown>;
+  timeoutMs?: number;
+  onProgress?: (progress: MigrateProgress) => void;
+  log?: (line: string) => void;
+}
+
+export interface MigrateProgress {
+  status: string;
+  elapsedMs: number;
+  /** Bytes QEMU sent so far, and its estimate of what remains. */
+  transferredBytes: number;
+  remainingBytes: number;
+  totalBytes: number;
+  mbps: number;
+  /** Pre-copy pass (dirty-bitmap syncs so far). */
+  iteration: number;
+  /** Pages dropped so far, and PAGE records judged by category. */
+  pruned: number;
+  byCategory: Record<Category, number> | null;
+}
+
+export interface MigrateReport {
+  mode: "baseline" | "pruned";
+  status: string;
+  error: string | null;
+  totalTimeMs: number;
+  downtimeMs: number;
+  /** Bytes QEMU wrote (query-migrate transferred) and bytes the relay wrote to the destination (all channels). */
+  sourceBytes: number;
+  wireBytes: number;
+  iterations: number;
+  /** What the source sent on the main channel, by record type. */
+  records: StreamSummaryJson["ram"]["records"] | null;
+  prune: PruneReport | null;
+  /** Where the destination ended: "running", or "paused" when it was started with -S. */
+  destinationStatus: string;
+  info: MigrationInfo;
+}
+
+export async function migrate(options: MigrateOptions): Promise<MigrateReport> {
+  const log = options.log ?? (() => undefined);
+  const capabilities = options.capabilities ?? { "return-path": true };
+  const [src, dst] = await Promise.all([
+    QmpClient.connect(options.srcQmp),
+    QmpClient.connect(options.dstQmp),
+  ]);
+  try {
+    const dstStatus = (await dst.execute("query-status")).status;
+    if (dstStatus !== "inmigrate")
+      throw new Error(
+        `the destination (${options.dstQmp}) is '${dstStatus}', not waiting for a migration: start it with -incoming defer`,
+      );
+    const dstUri = await prepareIncoming(dst, { incomingUri: "tcp:127.0.0.1:0", capabilities });
+    const [host = "127.0.0.1", port = "0"] = dstUri.replace(/^tcp:/, "").split(/:(?=\d+$)/);
+    const send = await startSend({
+      listen: { host: "127.0.0.1", port: 0 },
+      to: { host, port: Number(port) },
+      drop: options.drop,
+      guest: {
+        qmp: { client: src, path: options.srcQmp, ...(options.srcPid ? { pid: options.srcPid } : {}) },
+      },
+      log,
+    });
+    let info: MigrationInfo = {};
+    let error: string | null = null;
+    const started = performance.now();
+    try {
+      const result = await runMigration(src, `tcp:127.0.0.1:${send.address.port}`, {
+        capabilities,
+        ...(options.parameters ? { parameters: options.parameters } : {}),
+        timeoutMs: options.timeoutMs ?? 600_000,
+        onProgress: (i) => {
+          const prune = send.pruneSoFar();
+          options.onProgress?.({
+            status: i.status ?? "?",
+            elapsedMs: performance.now() - started,
+            transferredBytes: i.ram?.transferred ?? 0,
+            remainingBytes: i.ram?.remaining ?? 0,
+            totalBytes: i.ram?.total ?? 0,
+            mbps: i.ram?.mbps ?? 0,
+            iteration: i.ram?.["dirty-sync-count"] ?? 0,
+            pruned: prune?.pages.pruned ?? 0,
+            byCategory: prune?.pages.byCategory ?? null,
+          });
+        },
+      });
+      info = result.info;
+    } catch (e) {
+      if (!(e instanceof MigrationFailed)) {
+        send.relay.close();
+        throw e;
+      }
+      info = e.info ?? {};
+      error = e.message;
+    }
+    // The relay ends when QEMU closes its connections; a failed migration may leave one open.
+    if (error) send.relay.close();
+    const sent = await send.done;
+    const destinationStatus = error ? "not resumed" : await settledStatus(dst);
+    return {
+      mode: options.drop.length > 0 ? "pruned" : "baseline",
+      status: info.status ?? "unknown",
+      error: error ?? sent.relay.error ?? null,
+      totalTimeMs: info["total-time"] ?? 0,
+      downtimeMs: info.downtime ?? 0,
+      sourceBytes: info.ram?.transferred ?? 0,
+      wireBytes: sent.relay.channels.reduce((sum, c) => sum + c.bytesToDestination, 0),
+      iterations: info.ram?.["dirty-sync-count"] ?? 0,
+      records: sent.stream?.ram.records ?? null,
+      prune: sent.prune,
+      destinationStatus,
+      info,
+    };
+  } finally {
+    src.close();
+    dst.close();
+  }
+}
+
+/** The destination's state once it has loaded everything (it is "inmigrate" until then). */
+async function settledStatus(dst: QmpClient, timeoutMs = 60_000): Promise<string> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const status = (await dst.execute("query-status")).status;
+    if (status !== "inmigrate" || Date.now() > deadline) return status;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
