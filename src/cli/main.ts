@@ -336,5 +336,7 @@ function categoryList(value: string): Category[] {
 
 program.parseAsync(process.argv).catch((error: unknown) => {
   log(`vmprune: ${error instanceof Error ? error.message : String(error)}`);
-  process.exitCode = 1;
+  // Exit now: a failed command may still hold sockets (a QMP connection, a listening relay) that would keep
+  // the process alive. stderr is synchronous for files, pipes and terminals, so the message is out.
+  process.exit(1);
 });

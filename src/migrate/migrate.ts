@@ -69,10 +69,18 @@ export interface MigrateReport {
 export async function migrate(options: MigrateOptions): Promise<MigrateReport> {
   const log = options.log ?? (() => undefined);
   const capabilities = options.capabilities ?? { "return-path": true };
-  const [src, dst] = await Promise.all([
-    QmpClient.connect(options.srcQmp),
-    QmpClient.connect(options.dstQmp),
-  ]);
+  if (options.srcQmp === options.dstQmp)
+    throw new Error(
+      `--src-qmp and --dst-qmp are the same socket (${options.srcQmp}): give the destination's`,
+    );
+  const src = await QmpClient.connect(options.srcQmp);
+  let dst: QmpClient;
+  try {
+    dst = await QmpClient.connect(options.dstQmp);
+  } catch (error) {
+    src.close();
+    throw error;
+  }
   try {
     const dstStatus = (await dst.execute("query-status")).status;
     if (dstStatus !== "inmigrate")
