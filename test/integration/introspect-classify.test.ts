@@ -39,8 +39,11 @@ for (const [kernel, cpu, levels] of [
     const agent = pair.src.agent;
     await runMixedWorkload(agent);
     const release = (await agent.run("uname -r")).trim();
-    await agent.run(workload.kpageflags(), 120_000);
+    // Let the allocator settle (6.12 drains its per-CPU lists gradually after the churn's large frees), read
+    // MemFree, then dump and pause at once: whatever the guest does after the dump skews the comparison.
+    await agent.run("sleep 2");
     const memFreeKiB = (await guestMeminfo(agent)).MemFree ?? 0;
+    await agent.run(workload.kpageflags(), 120_000);
     await pair.src.monitor.execute("stop");
 
     const memory = openRawSnapshot(pair.src.ramPath);
@@ -49,12 +52,16 @@ for (const [kernel, cpu, levels] of [
     const dump = await readKpageflagsDump(join(pair.diskDir, "spare.img"));
     const a = compareWithGroundTruth(g.categories, allowedCategories(dump), dump);
     let buddy = 0;
-    for (const x of g.attributes) if (x & ATTR.buddy) buddy++;
+    let perCpu = 0;
+    for (const x of g.attributes) {
+      if (x & ATTR.buddy) buddy++;
+      if (x & ATTR.pcpInferred) perCpu++;
+    }
     const counter = kernelFreePages(g.kernel);
     t.diagnostic(
       `${JSON.stringify(g.report.pages)}; agreement ${(100 * a.ratio).toFixed(3)}%, free ${(100 * a.freeRatio).toFixed(3)}%, ` +
         `false free ${a.falseFree}, confusion ${JSON.stringify(a.confusion)}; buddy ${buddy}, NR_FREE_PAGES ${counter}, ` +
-        `MemFree ${memFreeKiB / 4} pages; open ${g.report.timings.openMs.toFixed(0)} ms, classify ${g.report.timings.classifyMs.toFixed(0)} ms`,
+        `MemFree ${memFreeKiB / 4} pages, per-CPU ${perCpu}; open ${g.report.timings.openMs.toFixed(0)} ms, classify ${g.report.timings.classifyMs.toFixed(0)} ms`,
     );
     assert.equal(g.report.kernel.release, release);
     assert.equal(g.report.kernel.pagingLevels, levels);
@@ -62,9 +69,10 @@ for (const [kernel, cpu, levels] of [
     assert.ok(a.ratio >= 0.995, `${(100 * a.ratio).toFixed(3)}% of PFNs agree`);
     assert.ok(a.freeRatio >= 0.999, `${(100 * a.freeRatio).toFixed(3)}% of free PFNs agree`);
     assert.equal(buddy, counter, "buddy pages = the kernel's NR_FREE_PAGES");
+    // MemFree was read a moment before the dump; pages move between the per-CPU lists and the buddy lists.
     assert.ok(
-      Math.abs(buddy - memFreeKiB / 4) <= 0.02 * buddy,
-      "buddy pages ≈ MemFree just before the pause",
+      Math.abs(buddy - memFreeKiB / 4) <= 0.02 * buddy + perCpu,
+      `buddy pages ≈ MemFree read just before the dump (per-CPU-list pages ${perCpu})`,
     );
     const p = g.report.pages;
     assert.ok(p.free > 10_000 && p.cache > 5_000 && p.inode > 2_000, "free, cache and inode pages");
