@@ -121,7 +121,9 @@ export class PageClassifier {
     count: number,
     pages: Buffer,
   ): { category: number; attributes: number } {
-    for (let order = 1; order <= MAX_BUDDY_ORDER; order++) {
+    // Only a page that looks like the tail of a free block can be inside one: skip the search for all others.
+    const maybeBuddyTail = this.mayBeInsideFreeBlock(pfn, firstPfn, pages);
+    for (let order = 1; maybeBuddyTail && order <= MAX_BUDDY_ORDER; order++) {
       const head = pfn - (pfn % 2 ** order);
       if (head === pfn) continue;
       if (head < firstPfn) break;
@@ -134,6 +136,21 @@ export class PageClassifier {
     }
     const verdict = this.verdictAt(pfn, pages, (pfn - firstPfn) * STRUCT_PAGE_SIZE, firstPfn, count);
     return { category: verdict.category, attributes: verdict.attributes };
+  }
+
+  /**
+   * Whether the page at `pfn` could be the tail of a free buddy block, judged from its own struct page: no flags,
+   * no references, no page type, no mapping. Only such a page needs the search for a buddy head below it.
+   */
+  mayBeInsideFreeBlock(pfn: number, firstPfn: number, pages: Buffer): boolean {
+    const at = (pfn - firstPfn) * STRUCT_PAGE_SIZE;
+    return (
+      (pages.readUInt32LE(at + OFF.flags) & this.profile.flagsMask) === 0 &&
+      pages.readInt32LE(at + OFF.refcount) === 0 &&
+      pages.readInt32LE(at + OFF.mapcount) === -1 &&
+      pages.readUInt32LE(at + OFF.mapping) === 0 &&
+      pages.readUInt32LE(at + OFF.mapping + 4) === 0
+    );
   }
 
   /** The verdict for the page at `pfn` (struct page at `at` in `pages`), covering it and maybe pages after it. */
