@@ -121,7 +121,10 @@ test("free PAGE records become ZERO records (same block, offset, CONTINUE); the 
     () => input.length,
     () => 1,
     () => 4096 + 9,
-    () => (seed = (seed * 48271) % 2147483647) % 9000,
+    () => {
+      seed = (seed * 48271) % 2147483647;
+      return seed % 9000;
+    },
   ]) {
     const p = new PruningProcessor(tableJudge(free), { drop: ["free"] });
     const output = run(p, input, chunk);
