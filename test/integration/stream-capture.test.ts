@@ -168,11 +168,18 @@ for (const [qemu, kernel] of [
 
     // XBZRLE needs a second pass over pages that changed: keep the guest dirtying memory meanwhile.
     await vm.agent.run(workload.dirty("32M", "4M", "sparse"), 60_000);
-    const xbzrleCapture = await captureStream(vm, join(dir, "xbzrle.bin"), {
-      capabilities: { xbzrle: true },
-      parameters: { "max-bandwidth": 256 * 1024 * 1024 },
-      minPasses: 8,
-    });
+    const captureXbzrle = (minPasses: number) =>
+      captureStream(vm, join(dir, "xbzrle.bin"), {
+        capabilities: { xbzrle: true },
+        parameters: { "max-bandwidth": 256 * 1024 * 1024 },
+        minPasses,
+      });
+    let xbzrleCapture = await captureXbzrle(8);
+    if ((xbzrleCapture.migration.info["xbzrle-cache"]?.pages ?? 0) === 0) {
+      // On a loaded host the TCG guest may dirty nothing QEMU had cached between passes: once more, longer.
+      t.diagnostic("no XBZRLE cache hits in 8 passes; capturing again with 16");
+      xbzrleCapture = await captureXbzrle(16);
+    }
     const xbzrle = await checkCapture(t, "xbzrle", xbzrleCapture);
     assert.ok(xbzrle.ram.records.xbzrle > 0, "XBZRLE records were sent");
     // QEMU counts every cache hit as an XBZRLE page (also those sent whole on overflow, or skipped unchanged),
