@@ -45,11 +45,49 @@ export interface MainChannelProcessor {
   end(): Buffer[];
 }
 
+/** What a codec wants done after it saw some bytes or an end: bytes to write each way, and half-closes. */
+export interface CodecOutput {
+  toUpstream?: Buffer[];
+  toSource?: Buffer[];
+  /** Half-close the upstream (destination) side after writing. */
+  endUpstream?: boolean;
+  /** Half-close the source side after writing. */
+  endSource?: boolean;
+}
+
+/**
+ * Takes over both directions of one connection (all connections, the main one included): vmprune's own link
+ * between `send` and `receive`, where the bytes each way are framed, the connection starts with a handshake, and
+ * messages may have to be answered in the direction they came from. The relay keeps its other rules (accept
+ * order, no probes, bounded buffers, resets on errors); half-closes are the codec's to decide. A codec method that
+ * throws aborts the connection (both sides reset).
+ */
+export interface ChannelCodec {
+  /** After the upstream connection is established and before any byte flows either way (e.g. a handshake). */
+  open?(sockets: { source: Socket; upstream: Socket }): Promise<void>;
+  fromSource(chunk: Buffer): CodecOutput;
+  sourceEnded(): CodecOutput;
+  fromUpstream(chunk: Buffer): CodecOutput;
+  upstreamEnded(): CodecOutput;
+}
+
+/** The plain relay as a codec: the main channel through its processor, the return path raw, ends mirrored. */
+function processorCodec(processor: MainChannelProcessor | undefined): ChannelCodec {
+  return {
+    fromSource: (chunk) => ({ toUpstream: processor ? processor.push(chunk) : [chunk] }),
+    sourceEnded: () => ({ toUpstream: processor?.end() ?? [], endUpstream: true }),
+    fromUpstream: (chunk) => ({ toSource: [chunk] }),
+    upstreamEnded: () => ({ endSource: true }),
+  };
+}
+
 export interface RelayOptions {
   listen: { host: string; port: number }; // port 0 = ephemeral
   to: { host: string; port: number };
   /** Called once for the main channel (the first accepted connection). Default: identity (forward as is). */
   createMainProcessor?: () => MainChannelProcessor;
+  /** Called once per accepted connection (index 0 = main); replaces createMainProcessor's plain relaying. */
+  createChannelCodec?: (index: number) => ChannelCodec;
   /** If set, the main channel's source→destination bytes (as received, before processing) are also written to this file. */
   capturePath?: string;
   /** Upper bound of bytes buffered per direction before the reading side is paused (default 8 MiB). */
@@ -173,7 +211,7 @@ class Channel {
     readonly index: number,
     source: Socket,
     private readonly ctx: ChannelContext,
-    private readonly processor: MainChannelProcessor | undefined,
+    private readonly codec: ChannelCodec,
     private readonly capture: WriteStream | undefined,
   ) {
     this.kind = index === 0 ? "main" : "other";
@@ -265,33 +303,34 @@ class Channel {
       return;
     }
     upstream.setNoDelay(true);
-    // Return path: raw, immediately (rule 3).
-    upstream.on("data", (chunk: Buffer) => {
-      this.bytesToSource += chunk.length;
-      if (!source.write(chunk) && overLimit(source, this.ctx.maxBufferedBytes)) {
-        this.ctx.observeBuffered(source.writableLength);
-        hold(upstream, source, this.#toSourceHolds);
-      }
-    });
+    const opening = this.codec.open ? this.codec.open({ source, upstream }) : Promise.resolve();
+    opening.then(
+      () => this.#flow(upstream),
+      (error: unknown) => {
+        this.errors.push(`channel #${this.index} could not be opened: ${errorText(error)}`);
+        this.ctx.log(`relay #${this.index}: could not be opened: ${errorText(error)}`);
+        this.abort("open failed");
+      },
+    );
+  }
+
+  /** Wires both directions through the codec and lets the source's bytes flow. */
+  #flow(upstream: Socket): void {
+    const source = this.#source;
+    if (source.destroyed || upstream.destroyed) return;
+    // Return path: as it arrives (rule 3).
+    upstream.on("data", (chunk: Buffer) => this.#apply(upstream, () => this.codec.fromUpstream(chunk)));
     upstream.on("end", () => {
       this.#end("destination");
       this.ctx.log(`relay #${this.index}: destination sent EOF`);
-      source.end();
+      this.#apply(upstream, () => this.codec.upstreamEnded());
     });
     source.on("data", (chunk: Buffer) => this.#fromSource(chunk, upstream));
     source.on("end", () => {
       this.#end("source");
       this.ctx.log(`relay #${this.index}: source sent EOF after ${this.bytesFromSource} bytes`);
       this.capture?.end();
-      let tail: Buffer[] = [];
-      try {
-        tail = this.processor?.end() ?? [];
-      } catch (error) {
-        this.processorFailed(error);
-        return;
-      }
-      this.#write(upstream, tail);
-      upstream.end();
+      this.#apply(upstream, () => this.codec.sourceEnded());
     });
     source.resume();
   }
@@ -304,14 +343,35 @@ class Channel {
       if (!capture.write(chunk) && overLimit(capture, this.ctx.maxBufferedBytes))
         hold(this.#source, capture, this.#fromSourceHolds);
     }
-    let out: Buffer[];
+    this.#apply(upstream, () => this.codec.fromSource(chunk));
+  }
+
+  /** Runs a codec step and carries out its output; a codec that throws aborts the channel. */
+  #apply(upstream: Socket, step: () => CodecOutput): void {
+    let out: CodecOutput;
     try {
-      out = this.processor ? this.processor.push(chunk) : [chunk];
+      out = step();
     } catch (error) {
       this.processorFailed(error);
       return;
     }
-    if (this.#write(upstream, out)) hold(this.#source, upstream, this.#fromSourceHolds);
+    const source = this.#source;
+    if (out.toUpstream && this.#write(upstream, out.toUpstream))
+      hold(source, upstream, this.#fromSourceHolds);
+    if (out.toSource && !source.destroyed && !source.writableEnded) {
+      let full = false;
+      for (const chunk of out.toSource) {
+        if (chunk.length === 0) continue;
+        this.bytesToSource += chunk.length;
+        full = !source.write(chunk) || full;
+      }
+      if (full && overLimit(source, this.ctx.maxBufferedBytes)) {
+        this.ctx.observeBuffered(source.writableLength);
+        hold(upstream, source, this.#toSourceHolds);
+      }
+    }
+    if (out.endUpstream && !upstream.destroyed && !upstream.writableEnded) upstream.end();
+    if (out.endSource && !source.destroyed && !source.writableEnded) source.end();
   }
 
   /** Writes `chunks` to the destination; true if the source must pause. */
@@ -342,7 +402,7 @@ class Channel {
 
   /** The processor threw: the channel cannot go on (a processor that gives up should pass bytes through instead). */
   processorFailed(error: unknown): void {
-    const message = `main channel processor failed: ${errorText(error)}`;
+    const message = `${this.index === 0 ? "main channel processor" : `channel #${this.index} codec`} failed: ${errorText(error)}`;
     this.errors.push(message);
     this.ctx.log(`relay #${this.index}: ${message}`);
     this.abort("processor failed");
@@ -485,14 +545,15 @@ export class Relay {
         if (bytes > this.#peakBuffered) this.#peakBuffered = bytes;
       },
     };
-    let processor: MainChannelProcessor | undefined;
+    let codec: ChannelCodec = processorCodec(undefined);
     let processorError: unknown;
     try {
-      processor = main ? this.#options.createMainProcessor?.() : undefined;
+      if (this.#options.createChannelCodec) codec = this.#options.createChannelCodec(index);
+      else if (main) codec = processorCodec(this.#options.createMainProcessor?.());
     } catch (error) {
       processorError = error;
     }
-    const channel = new Channel(index, source, context, processor, main ? this.#capture : undefined);
+    const channel = new Channel(index, source, context, codec, main ? this.#capture : undefined);
     this.#channels.push(channel);
     if (processorError !== undefined) channel.processorFailed(processorError);
     this.#connectChain = this.#connectChain.then(() => channel.connect());
