@@ -18,14 +18,34 @@ import { StreamParser } from "../stream/parser.ts";
 import type { RamRecord, StreamRecord } from "../stream/records.ts";
 import type { MainChannelProcessor } from "../stream/relay.ts";
 import { StreamSummary, type StreamSummaryJson } from "../stream/summary.ts";
-import { encodeRecord, pageToZero } from "../stream/writer.ts";
+import { encodePageHeader, encodeRecord, pageToZero } from "../stream/writer.ts";
 import type { PageJudge, PageRef } from "./page-judge.ts";
 
 type PageRecord = Extract<RamRecord, { type: "page" }>;
 
+/** A REF frame's fixed part (link/protocol.ts: frame header 5, refId 8, block 8, SHA-256 32), beyond the page header. */
+const REF_OVERHEAD_BYTES = 5 + 8 + 8 + 32;
+
+/** Where a clean page-cache page's bytes sit on the shared disk (storage/DiskIndex answers this). */
+export interface CacheIndex {
+  lookup(page: Buffer): { block: number; hash: Buffer } | null;
+}
+
+/**
+ * What the processor emits: QEMU stream bytes, or (with a receiver) a reference that replaces one PAGE record:
+ * the record's header bytes as QEMU wrote them, and where its 4096 bytes are on the shared disk.
+ */
+export type Segment =
+  | { kind: "bytes"; buffers: Buffer[] }
+  | { kind: "ref"; pageHeader: Buffer; block: number; hash: Buffer; page: PageRef };
+
 export interface PruneOptions {
-  /** Categories whose pages become ZERO records; only "free" is dispensable without a receiver. */
+  /**
+   * Categories to drop: "free" pages become ZERO records; "cache" pages whose bytes `cacheIndex` finds on the
+   * shared disk become references (only through {@link PruningProcessor.pushSegments}, for a receiver).
+   */
   drop: readonly Category[];
+  cacheIndex?: CacheIndex;
   /** Judge and count, but forward every record unchanged. */
   dryRun?: boolean;
   log?: (line: string) => void;
@@ -43,6 +63,9 @@ export interface PruneReport {
   pages: { seen: number; pruned: number; byCategory: Record<Category, number> };
   /** Bytes not sent: each pruned PAGE record (header + page) became a ZERO record (header + 1 byte). */
   bytesSaved: number;
+  /** Cache pages sent as references to the shared disk, and cache pages looked up but not found there. */
+  refs: number;
+  cacheMisses: number;
   /** Judge calls, and the time spent in them (reading struct pages and classifying). */
   batches: number;
   judgeMs: number;
@@ -59,6 +82,8 @@ export class PruningProcessor implements MainChannelProcessor {
   private batches = 0;
   private judgeMs = 0;
   private degraded: string | null;
+  private refs = 0;
+  private cacheMisses = 0;
 
   constructor(
     private readonly judgeOrReason: PageJudge | string,
@@ -68,28 +93,55 @@ export class PruningProcessor implements MainChannelProcessor {
     this.degraded = typeof judgeOrReason === "string" ? judgeOrReason : null;
   }
 
+  /** For a plain QEMU destination: the bytes to forward. */
   push(chunk: Buffer): Buffer[] {
-    this.summary.chunk(chunk);
-    return this.emit(this.parser.push(chunk));
+    return this.plain(this.pushSegments(chunk, false));
   }
 
   end(): Buffer[] {
-    return this.emit(this.parser.end());
+    return this.plain(this.endSegments(false));
   }
 
-  private emit(records: StreamRecord[]): Buffer[] {
-    for (const r of records) this.summary.record(r);
-    const decisions = this.decide(records);
-    const out: Buffer[] = [];
-    for (const r of records) {
-      out.push(...encodeRecord(decisions?.has(r) ? pageToZero(r as PageRecord) : r));
-    }
+  /** For a receiver: bytes and references, in stream order. */
+  pushSegments(chunk: Buffer, refs = true): Segment[] {
+    this.summary.chunk(chunk);
+    return this.emit(this.parser.push(chunk), refs);
+  }
+
+  endSegments(refs = true): Segment[] {
+    return this.emit(this.parser.end(), refs);
+  }
+
+  private plain(segments: Segment[]): Buffer[] {
+    const out = segments.flatMap((s) => (s.kind === "bytes" ? s.buffers : []));
     // One buffer per chunk: a copy of ~64 KiB costs less than handing the socket two buffers per record.
     return out.length > 1 ? [Buffer.concat(out)] : out;
   }
 
-  /** The PAGE records of this batch to turn into ZERO records (none when passing through). */
-  private decide(records: StreamRecord[]): Set<StreamRecord> | null {
+  private emit(records: StreamRecord[], refs: boolean): Segment[] {
+    for (const r of records) this.summary.record(r);
+    const decisions = this.decide(records, refs);
+    const out: Segment[] = [];
+    let bytes: Buffer[] = [];
+    for (const r of records) {
+      const decision = decisions?.get(r);
+      if (decision && decision !== "zero") {
+        if (bytes.length > 0) out.push({ kind: "bytes", buffers: bytes });
+        bytes = [];
+        out.push(decision);
+        continue;
+      }
+      bytes.push(...encodeRecord(decision === "zero" ? pageToZero(r as PageRecord) : r));
+    }
+    if (bytes.length > 0) out.push({ kind: "bytes", buffers: bytes });
+    return out;
+  }
+
+  /** What becomes of this batch's PAGE records: a ZERO record, a reference, or (absent) unchanged. */
+  private decide(
+    records: StreamRecord[],
+    refs: boolean,
+  ): Map<StreamRecord, "zero" | Extract<Segment, { kind: "ref" }>> | null {
     const pages: PageRecord[] = [];
     for (const r of records) {
       if (r.kind !== "ram") continue;
@@ -113,16 +165,40 @@ export class PruningProcessor implements MainChannelProcessor {
       this.judgeMs += performance.now() - started;
       this.batches++;
     }
-    const zero = new Set<StreamRecord>();
+    const decisions = new Map<StreamRecord, "zero" | Extract<Segment, { kind: "ref" }>>();
     for (let i = 0; i < pages.length; i++) {
+      const page = pages[i] as PageRecord;
       const category = categories[i] ?? CATEGORY.unknown;
       this.counts[category] = (this.counts[category] ?? 0) + 1;
       if (!this.drop.has(category)) continue;
+      if (category === CATEGORY.cache) {
+        // A clean cache page: a reference if its exact bytes are a block of the shared disk (the receiver checks
+        // the hash again against the disk as it is then), else it goes in full.
+        if (!refs || !this.options.cacheIndex) continue;
+        const found = this.options.cacheIndex.lookup(page.data);
+        if (!found) {
+          this.cacheMisses++;
+          continue;
+        }
+        const pageHeader = encodePageHeader(page.header).buf;
+        this.refs++;
+        this.pruned++;
+        this.bytesSaved += this.parser.pageSize - REF_OVERHEAD_BYTES;
+        if (!this.options.dryRun)
+          decisions.set(page, {
+            kind: "ref",
+            pageHeader,
+            block: found.block,
+            hash: found.hash,
+            page: { block: page.header.block, blockOffset: page.header.addr },
+          });
+        continue;
+      }
       this.pruned++;
       this.bytesSaved += this.parser.pageSize - 1;
-      if (!this.options.dryRun) zero.add(pages[i] as PageRecord);
+      if (!this.options.dryRun) decisions.set(page, "zero");
     }
-    return zero.size > 0 ? zero : null;
+    return decisions.size > 0 ? decisions : null;
   }
 
   private onXbzrle(): void {
@@ -158,6 +234,8 @@ export class PruningProcessor implements MainChannelProcessor {
         >,
       },
       bytesSaved: this.bytesSaved,
+      refs: this.refs,
+      cacheMisses: this.cacheMisses,
       batches: this.batches,
       judgeMs: Math.round(this.judgeMs),
     };

@@ -63,6 +63,11 @@ export interface CodecOutput {
  * throws aborts the connection (both sides reset).
  */
 export interface ChannelCodec {
+  /**
+   * Before the upstream connection is opened (e.g. authenticating the source: an unauthenticated peer must not
+   * make the relay connect to the destination QEMU). The source socket is paused when this resolves.
+   */
+  openSource?(source: Socket): Promise<void>;
   /** After the upstream connection is established and before any byte flows either way (e.g. a handshake). */
   open?(sockets: { source: Socket; upstream: Socket }): Promise<void>;
   fromSource(chunk: Buffer): CodecOutput;
@@ -229,8 +234,21 @@ class Channel {
   }
 
   /** Opens the upstream connection; resolves once it is established or has failed (rule 1). */
-  connect(): Promise<void> {
+  async connect(): Promise<void> {
     const source = this.#source;
+    if (this.codec.openSource && !source.destroyed) {
+      try {
+        await this.codec.openSource(source);
+      } catch (error) {
+        this.errors.push(`channel #${this.index}: ${errorText(error)}`);
+        this.ctx.log(`relay #${this.index}: refused: ${errorText(error)}`);
+        this.#end("relay: source refused");
+        this.#upstreamState = "none";
+        reset(source);
+        this.#checkClosed();
+        return;
+      }
+    }
     if (source.destroyed || this.ctx.refuse()) {
       this.#upstreamState = "none";
       if (!source.destroyed) {
@@ -332,6 +350,8 @@ class Channel {
       this.capture?.end();
       this.#apply(upstream, () => this.codec.sourceEnded());
     });
+    // A codec's handshake may have left either socket paused (with unread bytes put back).
+    upstream.resume();
     source.resume();
   }
 

@@ -1,0 +1,235 @@
+/**
+ * Link framing (src/link/protocol.ts, src/link/decoder.ts): every message round-trips, a sample session decodes
+ * the same at every split point, and each kind of malformed input gives a LinkError naming the frame's offset.
+ */
+import assert from "node:assert/strict";
+import { randomBytes } from "node:crypto";
+import { test } from "node:test";
+import { LinkDecoder } from "../../src/link/decoder.ts";
+import { LinkError } from "../../src/link/errors.ts";
+import {
+  CAPABILITY,
+  ERROR_CODE,
+  encodeBytesFrames,
+  encodeMessage,
+  FRAME_HEADER_BYTES,
+  LINK_MAGIC,
+  MAX_PAYLOAD_BYTES,
+  type Message,
+  MSG,
+  NACK_REASON,
+  PAGE_BYTES,
+  ROLE,
+} from "../../src/link/protocol.ts";
+
+const page = Buffer.alloc(PAGE_BYTES, 0xa5);
+const hash = randomBytes(32);
+// be64 offset|flags of a PAGE record without CONTINUE, then idlen + idstr, as QEMU writes it.
+const pageHeader = Buffer.concat([
+  Buffer.from("0000000000123008", "hex"),
+  Buffer.from([6]),
+  Buffer.from("pc.ram"),
+]);
+
+const samples: Message[] = [
+  {
+    type: MSG.HELLO,
+    major: 1,
+    minor: 3,
+    role: ROLE.RECEIVE,
+    windowBytes: 16 << 20,
+    nonce: randomBytes(32),
+    capabilities: [CAPABILITY.REF_SHA256, "future-thing"],
+  },
+  {
+    type: MSG.HELLO,
+    major: 1,
+    minor: 0,
+    role: ROLE.SEND,
+    windowBytes: 0,
+    nonce: randomBytes(32),
+    capabilities: [],
+  },
+  { type: MSG.AUTH, mac: randomBytes(32) },
+  { type: MSG.READY },
+  { type: MSG.DATA, bytes: Buffer.from("QEVM\0\0\0\x03") },
+  { type: MSG.REF, refId: 1, blockNumber: 123456789, hash, pageHeader },
+  {
+    type: MSG.REF,
+    refId: Number.MAX_SAFE_INTEGER,
+    blockNumber: 0,
+    hash,
+    pageHeader: pageHeader.subarray(0, 8),
+  },
+  { type: MSG.PAGE_DATA, refId: 7, page },
+  { type: MSG.RETURN, bytes: Buffer.from([0, 3, 0, 4, 1, 2, 3, 4]) },
+  { type: MSG.NACK, refId: 7, reason: NACK_REASON.UNVERIFIED },
+  { type: MSG.ACK, refId: 6 },
+  { type: MSG.EOF },
+  {
+    type: MSG.ERROR,
+    code: ERROR_CODE.DESTINATION,
+    message: "cannot connect to 127.0.0.1:4444 — ECONNREFUSED",
+  },
+];
+
+/** Decoded messages hold views; compare as plain values. */
+function plain(messages: Message[]): unknown[] {
+  return messages.map((m) =>
+    Object.fromEntries(Object.entries(m).map(([k, v]) => [k, Buffer.isBuffer(v) ? v.toString("hex") : v])),
+  );
+}
+
+function expectLinkError(fn: () => unknown, code: string, offset?: number): LinkError {
+  let caught: unknown;
+  try {
+    fn();
+  } catch (error) {
+    caught = error;
+  }
+  assert.ok(caught instanceof LinkError, `expected a LinkError, got ${String(caught)}`);
+  assert.equal(caught.code, code, caught.message);
+  if (offset !== undefined) assert.equal(caught.offset, offset, caught.message);
+  return caught;
+}
+
+test("every message type round-trips through encodeMessage and the decoder", () => {
+  for (const message of samples) {
+    const [decoded, ...more] = new LinkDecoder().push(encodeMessage(message));
+    assert.equal(more.length, 0);
+    assert.deepEqual(plain([decoded as Message]), plain([message]));
+  }
+  const types = new Set(samples.map((m) => m.type));
+  assert.deepEqual([...types].sort(), Object.values(MSG).sort(), "a sample of every type");
+});
+
+test("a session decodes identically when split at every byte boundary, and in 3 pieces", () => {
+  const wire = Buffer.concat(samples.map(encodeMessage));
+  const expected = plain(samples);
+  for (let cut = 0; cut <= wire.length; cut++) {
+    const decoder = new LinkDecoder();
+    const got = [...decoder.push(wire.subarray(0, cut)), ...decoder.push(wire.subarray(cut))];
+    decoder.end();
+    assert.deepEqual(plain(got), expected, `split at ${cut}`);
+  }
+  for (let a = 0; a < wire.length; a += 97) {
+    for (let b = a; b <= wire.length; b += 89) {
+      const decoder = new LinkDecoder();
+      const got = [a, b, wire.length].flatMap((end, i) => decoder.push(wire.subarray([0, a, b][i], end)));
+      assert.deepEqual(plain(got), expected, `split at ${a}, ${b}`);
+    }
+  }
+  // Byte by byte.
+  const decoder = new LinkDecoder();
+  const got: Message[] = [];
+  for (let i = 0; i < wire.length; i++) got.push(...decoder.push(wire.subarray(i, i + 1)));
+  assert.deepEqual(plain(got), expected);
+  assert.equal(decoder.offset, wire.length);
+});
+
+test("DATA larger than one frame is split into frames whose payloads are views of the input", () => {
+  const bytes = randomBytes(2 * MAX_PAYLOAD_BYTES + 123);
+  const frames = encodeBytesFrames(MSG.DATA, bytes);
+  assert.equal(frames.length, 6);
+  assert.equal(frames[1]?.buffer, bytes.buffer, "no copy");
+  const got = new LinkDecoder().push(Buffer.concat(frames));
+  assert.deepEqual(
+    got.map((m) => (m.type === MSG.DATA ? m.bytes.length : -1)),
+    [MAX_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES, 123],
+  );
+  assert.ok(Buffer.concat(got.map((m) => (m.type === MSG.DATA ? m.bytes : Buffer.alloc(0)))).equals(bytes));
+  assert.deepEqual(encodeBytesFrames(MSG.RETURN, Buffer.alloc(0)), []);
+});
+
+test("malformed input: each case is a typed LinkError at the offending frame's offset", () => {
+  const ready = encodeMessage({ type: MSG.READY });
+  const header = (type: number, length: number) => {
+    const b = Buffer.alloc(FRAME_HEADER_BYTES);
+    b[0] = type;
+    b.writeUInt32BE(length, 1);
+    return b;
+  };
+  const hello = encodeMessage(samples[0] as Message);
+
+  // Unknown type (a QEMU stream sent to a link port), after one good frame.
+  const qemu = Buffer.concat([ready, Buffer.from("QEVM\0\0\0\x03")]);
+  const e = expectLinkError(() => new LinkDecoder().push(qemu), "unknown-type", ready.length);
+  assert.match(e.message, /QEMU/);
+  // Oversized frame: rejected from the header alone, nothing allocated for it.
+  const decoder = new LinkDecoder();
+  expectLinkError(
+    () => decoder.push(Buffer.concat([ready, header(MSG.DATA, MAX_PAYLOAD_BYTES + 1)])),
+    "bad-length",
+    5,
+  );
+  assert.ok(decoder.bufferedBytes < 64);
+  expectLinkError(() => decoder.push(ready), "bad-length", 5); // unusable afterwards
+  expectLinkError(() => new LinkDecoder().push(header(MSG.DATA, 0xffffffff)), "bad-length", 0);
+  // A fixed-size message of the wrong size.
+  expectLinkError(
+    () => new LinkDecoder().push(Buffer.concat([header(MSG.ACK, 9), Buffer.alloc(9)])),
+    "bad-length",
+    0,
+  );
+  expectLinkError(() => new LinkDecoder().push(header(MSG.READY, 1)), "bad-length", 0);
+  // Bad magic in HELLO.
+  const badMagic = Buffer.from(hello);
+  badMagic.write("qemu-vm!", FRAME_HEADER_BYTES, "latin1");
+  expectLinkError(() => new LinkDecoder().push(Buffer.concat([ready, badMagic])), "bad-magic", ready.length);
+  // HELLO whose capability list runs past the payload.
+  const cut = Buffer.from(hello);
+  cut.writeUInt32BE(hello.length - FRAME_HEADER_BYTES - 3, 1);
+  expectLinkError(() => new LinkDecoder().push(cut.subarray(0, hello.length - 3)), "bad-payload", 0);
+  // Unknown role.
+  const badRole = Buffer.from(hello);
+  badRole[FRAME_HEADER_BYTES + LINK_MAGIC.length + 4] = 9;
+  expectLinkError(() => new LinkDecoder().push(badRole), "bad-payload", 0);
+  // A refId beyond 2^53.
+  const ref = encodeMessage(samples[5] as Message);
+  ref.writeBigUInt64BE(1n << 60n, FRAME_HEADER_BYTES);
+  expectLinkError(() => new LinkDecoder().push(Buffer.concat([ready, ready, ref])), "bad-payload", 10);
+  // Truncated at the end: inside the header, and inside the payload.
+  const pageData = encodeMessage(samples[7] as Message);
+  for (const [bytes, at] of [
+    [Buffer.concat([ready, pageData.subarray(0, 3)]), 5],
+    [Buffer.concat([ready, pageData.subarray(0, 100)]), 5],
+  ] as const) {
+    const d = new LinkDecoder();
+    assert.equal(d.push(bytes).length, 1);
+    expectLinkError(() => d.end(), "truncated", at);
+  }
+  const whole = new LinkDecoder();
+  whole.push(Buffer.concat([ready, pageData]));
+  whole.end();
+});
+
+test("a decode error is never untyped: random garbage gives LinkErrors or messages, nothing else", () => {
+  for (let i = 0; i < 2000; i++) {
+    const garbage = randomBytes(1 + (i % 64));
+    // Make valid types likely so payload decoders see garbage too.
+    garbage[0] = (Object.values(MSG)[i % Object.values(MSG).length] as number) ?? 0;
+    if (garbage.length >= 5) garbage.writeUInt32BE(garbage.length - 5, 1);
+    const decoder = new LinkDecoder();
+    try {
+      decoder.push(garbage);
+      decoder.end();
+    } catch (error) {
+      assert.ok(error instanceof LinkError, String(error));
+    }
+  }
+});
+
+test("takeRemainder hands back the bytes after the last frame taken", () => {
+  const wire = Buffer.concat([encodeMessage({ type: MSG.READY }), encodeMessage(samples[4] as Message)]);
+  for (let cut = 5; cut <= wire.length; cut++) {
+    const decoder = new LinkDecoder();
+    decoder.write(wire.subarray(0, cut));
+    assert.equal(decoder.nextFrame()?.type, MSG.READY);
+    if (cut < wire.length) {
+      // Possibly a partial frame pending.
+      assert.equal(decoder.nextFrame(), null);
+    }
+    const rest = decoder.takeRemainder();
+    assert.ok(Buffer.concat([rest, wire.subarray(cut)]).equals(wire.subarray(5)), `cut ${cut}`);
+  }
+});
