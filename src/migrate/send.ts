@@ -4,14 +4,19 @@
  * opened before the relay listens, so the first record is judged like the last.
  */
 import type { Category } from "../introspect/classifier.ts";
+import type { PageRef } from "../prune/page-judge.ts";
 import { type PruneReport, PruningProcessor } from "../prune/pruning-processor.ts";
+import { DiskIndex } from "../storage/disk-index.ts";
 import { CountingProcessor } from "../stream/counting-processor.ts";
 import { Relay, type RelayReport } from "../stream/relay.ts";
 import type { StreamSummaryJson } from "../stream/summary.ts";
 import { type GuestJudgeOptions, openGuestJudge } from "./guest-judge.ts";
+import { LinkSendCodec } from "./link-send.ts";
 
 /** Categories `send` can drop on its own (a plain QEMU destination rebuilds nothing). */
 export const DROPPABLE_WITHOUT_RECEIVER: readonly Category[] = ["free"];
+/** With `vmprune receive` on the other side, clean cache pages too (rebuilt from the shared disk). */
+export const DROPPABLE_WITH_RECEIVER: readonly Category[] = ["free", "cache"];
 
 export interface SendOptions {
   listen: { host: string; port: number };
@@ -21,6 +26,10 @@ export interface SendOptions {
   dryRun?: boolean;
   guest?: Omit<GuestJudgeOptions, "log">;
   capturePath?: string;
+  /** The target is `vmprune receive` (not a plain QEMU): the link's pre-shared key. */
+  link?: { psk: Buffer };
+  /** The shared disk image (raw), indexed for cache pages (with `link` and drop "cache"). */
+  disk?: string;
   log?: (line: string) => void;
 }
 
@@ -43,11 +52,24 @@ export interface RunningSend {
 export async function startSend(options: SendOptions): Promise<RunningSend> {
   const log = options.log ?? (() => undefined);
   const drop = options.drop ?? [];
+  const droppable = options.link ? DROPPABLE_WITH_RECEIVER : DROPPABLE_WITHOUT_RECEIVER;
   for (const category of drop)
-    if (!DROPPABLE_WITHOUT_RECEIVER.includes(category))
+    if (!droppable.includes(category))
       throw new Error(
-        `--drop ${category}: a plain QEMU destination cannot rebuild ${category} pages; only ${DROPPABLE_WITHOUT_RECEIVER.join(", ")} can be dropped here`,
+        options.link
+          ? `--drop ${category}: only ${droppable.join(", ")} can be dropped`
+          : `--drop ${category}: a plain QEMU destination cannot rebuild ${category} pages (that needs vmprune receive and the shared disk); only ${droppable.join(", ")} can be dropped here`,
       );
+  if (drop.includes("cache") && !options.disk)
+    throw new Error("--drop cache needs the shared disk image (--disk)");
+  let index: DiskIndex | undefined;
+  if (drop.includes("cache") && options.disk) {
+    const started = performance.now();
+    index = await DiskIndex.build(options.disk);
+    log(
+      `indexed ${options.disk}: ${index.entries} blocks in ${(performance.now() - started).toFixed(0)} ms (${index.alignmentBytes}-byte alignment)`,
+    );
+  }
   const opened = drop.length > 0 ? await openGuestJudge({ ...options.guest, log }) : null;
   let pruner: PruningProcessor | undefined;
   let counter: CountingProcessor | undefined;
@@ -58,12 +80,41 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
       to: options.to,
       createMainProcessor: () => {
         if (opened) {
-          pruner = new PruningProcessor(opened.judge, { drop, dryRun: options.dryRun ?? false, log });
+          pruner = new PruningProcessor(opened.judge, {
+            drop,
+            dryRun: options.dryRun ?? false,
+            ...(index ? { cacheIndex: index } : {}),
+            log,
+          });
           return pruner;
         }
         counter = new CountingProcessor();
         return counter;
       },
+      ...(options.link
+        ? {
+            createChannelCodec: (channel: number) => {
+              const judge = opened && typeof opened.judge !== "string" ? opened.judge : undefined;
+              if (channel === 0)
+                pruner = new PruningProcessor(opened?.judge ?? "no --drop: passthrough", {
+                  drop,
+                  dryRun: options.dryRun ?? false,
+                  ...(index ? { cacheIndex: index } : {}),
+                  log,
+                });
+              const codec = new LinkSendCodec(channel, {
+                psk: (options.link as { psk: Buffer }).psk,
+                ...(channel === 0 && pruner ? { processor: pruner } : {}),
+                ...(index ? { blockOffset: (block: number) => (index as DiskIndex).offsetOf(block) } : {}),
+                ...(judge?.readPage
+                  ? { readPage: (page: PageRef) => (judge.readPage as (p: PageRef) => Buffer)(page) }
+                  : {}),
+                log,
+              });
+              return codec;
+            },
+          }
+        : {}),
       ...(options.capturePath ? { capturePath: options.capturePath } : {}),
       log,
     });
@@ -71,8 +122,9 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
     opened?.close();
     throw error;
   }
-  const done = relay.done.then((report) => {
+  const done = relay.done.then(async (report) => {
     opened?.close();
+    await index?.close();
     return {
       relay: report,
       stream: pruner?.stream() ?? counter?.report() ?? null,

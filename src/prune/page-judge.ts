@@ -25,6 +25,8 @@ export interface PageRef {
 export interface PageJudge {
   /** One CATEGORY code per page; "unknown" for pages outside the known RAM layout or unreadable memmap. */
   judge(pages: readonly PageRef[]): Uint8Array;
+  /** The page's bytes as guest memory holds them now (to answer a receiver's NACK). */
+  readPage?(page: PageRef): Buffer;
   /** What was opened (kernel release, profile), for the report. */
   readonly description: string;
 }
@@ -59,13 +61,22 @@ export class IntrospectionJudge implements PageJudge {
   private readonly maxPfn: number;
 
   /** Opens the guest kernel (VMCOREINFO scan, profile); throws an IntrospectionError if it cannot. */
-  constructor(memory: GuestMemory, layout: readonly RamMapping[]) {
+  constructor(
+    private readonly memory: GuestMemory,
+    layout: readonly RamMapping[],
+  ) {
     const opened = openClassifier(memory);
     this.classifier = opened.classifier;
     this.memmap = opened.kernel.memmap;
     this.frames = new FrameMap(layout, memory);
     this.maxPfn = Math.ceil(memory.end / PAGE_SIZE);
     this.description = `Linux ${opened.kernel.release} (${opened.profile.name}), opened in ${opened.openMs.toFixed(0)} ms`;
+  }
+
+  readPage(page: PageRef): Buffer {
+    const pfn = this.frames.pfn(page);
+    if (pfn < 0) throw new Error(`page ${page.block}+0x${page.blockOffset.toString(16)} is not guest RAM`);
+    return this.memory.read(pfn * PAGE_SIZE, PAGE_SIZE);
   }
 
   judge(pages: readonly PageRef[]): Uint8Array {

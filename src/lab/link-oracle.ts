@@ -1,0 +1,101 @@
+/**
+ * One live migration of a LabPair's guest through `vmprune send` and `vmprune receive` joined by vmprune's link
+ * (in this process), dropping free pages and sending clean page-cache pages as references to the pair's shared
+ * data disk; the destination is held paused (-S) so the pruning oracles can compare RAM afterwards.
+ */
+import { randomBytes } from "node:crypto";
+import { join } from "node:path";
+import { CATEGORY } from "../introspect/classifier.ts";
+import { openRawSnapshot } from "../introspect/guest-memory.ts";
+import { classifyGuest } from "../introspect/inspect.ts";
+import { type ReceiveReport, startReceive } from "../migrate/link-receive.ts";
+import { type SendReport, startSend } from "../migrate/send.ts";
+import {
+  LOOPBACK_PARAMETERS,
+  type MigrationOptions,
+  type MigrationResult,
+  prepareIncoming,
+  runMigration,
+  waitDestinationState,
+} from "../qemu/migration.ts";
+import { QmpClient } from "../qemu/qmp.ts";
+import type { Vm } from "../qemu/vm.ts";
+import { BlockReader } from "../storage/block-reader.ts";
+import type { LabPair } from "./lab-vm.ts";
+import { compareRamFiles } from "./ram-compare.ts";
+
+export interface LinkedMigration {
+  dst: Vm;
+  result: MigrationResult;
+  send: SendReport;
+  receive: ReceiveReport;
+  differing: number;
+  differingNotFree: { pfn: number; category: string }[];
+}
+
+const CATEGORY_BY_CODE = Object.fromEntries(Object.entries(CATEGORY).map(([name, code]) => [code, name]));
+
+export async function migrateThroughLink(
+  pair: LabPair,
+  options: { migration?: Partial<MigrationOptions>; during?: () => Promise<unknown> } = {},
+): Promise<LinkedMigration> {
+  const disk = join(pair.diskDir, "data.img");
+  const psk = randomBytes(32);
+  const dst = await pair.startDestination({ paused: true });
+  const dstUri = await prepareIncoming(dst.monitor, { incomingUri: "tcp:127.0.0.1:0" });
+  const [, host = "127.0.0.1", port = "0"] = /^tcp:(.+):(\d+)$/.exec(dstUri) ?? [];
+  const reader = await BlockReader.open(disk, { alignmentBytes: 512 });
+  const receive = await startReceive({
+    listen: { host: "127.0.0.1", port: 0 },
+    to: { host, port: Number(port) },
+    psk,
+    disk: reader,
+  });
+  const qmp = await QmpClient.connect(pair.src.toolQmpPath);
+  try {
+    const send = await startSend({
+      listen: { host: "127.0.0.1", port: 0 },
+      to: receive.address,
+      drop: ["free", "cache"],
+      guest: { qmp: { client: qmp, path: pair.src.toolQmpPath } },
+      link: { psk },
+      disk,
+    });
+    qmp.close();
+    try {
+      const [result] = await Promise.all([
+        runMigration(pair.src.monitor, `tcp:127.0.0.1:${send.address.port}`, {
+          parameters: LOOPBACK_PARAMETERS,
+          ...options.migration,
+        }),
+        options.during?.(),
+      ]);
+      await waitDestinationState(dst.monitor, "paused");
+      const [sent, received] = await Promise.all([send.done, receive.done]);
+      const diff = await compareRamFiles(pair.src.ramPath, dst.ramPath, Number.MAX_SAFE_INTEGER);
+      const memory = openRawSnapshot(pair.src.ramPath);
+      try {
+        const final = classifyGuest(memory, { inferPcpFree: true }).categories;
+        const differingNotFree = diff.differing
+          .filter((pfn) => final[pfn] !== CATEGORY.free)
+          .map((pfn) => ({ pfn, category: CATEGORY_BY_CODE[final[pfn] ?? 0] ?? "?" }));
+        return {
+          dst,
+          result,
+          send: sent,
+          receive: received,
+          differing: diff.differing.length,
+          differingNotFree,
+        };
+      } finally {
+        memory.close();
+      }
+    } finally {
+      await send.relay.close();
+    }
+  } finally {
+    qmp.close();
+    await receive.relay.close();
+    reader.close();
+  }
+}

@@ -1,0 +1,133 @@
+/**
+ * `vmprune receive`: the destination side of vmprune's link (link/protocol.ts). It accepts `vmprune send`'s
+ * connections, authenticates each (pre-shared key) *before* it connects to the destination QEMU (an
+ * unauthenticated peer never reaches QEMU), then turns the link back into QEMU's stream: DATA as it is, each REF
+ * rebuilt from the shared disk and checked against its SHA-256 (on any doubt: NACK, and nothing past that point
+ * reaches QEMU until send's PAGE_DATA arrives). QEMU's return path goes back as RETURN frames. A link that fails
+ * (ERROR, a malformed frame, send gone) resets the destination QEMU's connection, so it never runs the guest on
+ * partial memory.
+ */
+import type { Socket } from "node:net";
+import { LinkDecoder } from "../link/decoder.ts";
+import { LinkError } from "../link/errors.ts";
+import { serverHandshake } from "../link/handshake.ts";
+import { CAPABILITY, encodeBytesFrames, encodeMessage, MSG } from "../link/protocol.ts";
+import { type ReassemblerStats, RefReassembler } from "../link/ref-reassembler.ts";
+import type { BlockReader } from "../storage/block-reader.ts";
+import { type ChannelCodec, type CodecOutput, Relay, type RelayReport } from "../stream/relay.ts";
+
+export interface ReceiveOptions {
+  listen: { host: string; port: number };
+  /** The destination QEMU's -incoming address. */
+  to: { host: string; port: number };
+  psk: Buffer;
+  /** The shared disk, opened with 512-byte block units (REF blockNumber is in sectors). */
+  disk?: BlockReader;
+  log?: (line: string) => void;
+}
+
+export interface ReceiveReport {
+  relay: RelayReport;
+  /** REFs rebuilt from the disk, NACKed, answered; bytes written to QEMU (all connections). */
+  refs: ReassemblerStats;
+}
+
+class LinkReceiveCodec implements ChannelCodec {
+  private readonly decoder = new LinkDecoder();
+  private reassembler: RefReassembler | undefined;
+
+  constructor(
+    private readonly index: number,
+    private readonly options: ReceiveOptions,
+  ) {}
+
+  get stats(): ReassemblerStats | undefined {
+    return this.reassembler?.stats;
+  }
+
+  async openSource(source: Socket): Promise<void> {
+    const session = await serverHandshake(source, {
+      psk: this.options.psk,
+      capabilities: this.options.disk ? [CAPABILITY.REF_SHA256] : [],
+    });
+    const disk = this.options.disk;
+    this.reassembler = new RefReassembler({
+      windowBytes: session.windowBytes,
+      resolveRef: (block, hash) => {
+        if (!disk) return null;
+        const r = disk.readSync(block, hash);
+        return r.ok ? r.page : null;
+      },
+    });
+    this.options.log?.(`link #${this.index}: send authenticated`);
+  }
+
+  fromSource(chunk: Buffer): CodecOutput {
+    const reassembler = this.reassembler;
+    if (!reassembler) throw new LinkError("unexpected-message", "link data before the handshake");
+    const messages = this.decoder.push(chunk);
+    const error = messages.find((m) => m.type === MSG.ERROR);
+    if (error && error.type === MSG.ERROR)
+      throw new LinkError("peer-error", `send aborted the migration: ${error.message} (code ${error.code})`);
+    const out = reassembler.push(messages);
+    return {
+      toUpstream: out.toQemu,
+      toSource: out.toSend.map((m) => encodeMessage(m)),
+      endUpstream: out.end,
+    };
+  }
+
+  sourceEnded(): CodecOutput {
+    this.decoder.end();
+    // send half-closes only after its EOF and the last ACK: by then everything reached QEMU.
+    if (!this.reassembler?.ended) throw new LinkError("closed", "send closed the link before its EOF");
+    return {};
+  }
+
+  fromUpstream(chunk: Buffer): CodecOutput {
+    return { toSource: encodeBytesFrames(MSG.RETURN, chunk) };
+  }
+
+  upstreamEnded(): CodecOutput {
+    return { toSource: [encodeMessage({ type: MSG.EOF })], endSource: true };
+  }
+}
+
+export interface RunningReceive {
+  relay: Relay;
+  address: { host: string; port: number };
+  done: Promise<ReceiveReport>;
+}
+
+export async function startReceive(options: ReceiveOptions): Promise<RunningReceive> {
+  const codecs: LinkReceiveCodec[] = [];
+  const relay = await Relay.start({
+    listen: options.listen,
+    to: options.to,
+    createChannelCodec: (index) => {
+      const codec = new LinkReceiveCodec(index, options);
+      codecs.push(codec);
+      return codec;
+    },
+    ...(options.log ? { log: options.log } : {}),
+  });
+  const done = relay.done.then((report) => {
+    const refs: ReassemblerStats = {
+      refsResolved: 0,
+      refsNacked: 0,
+      pagesReceived: 0,
+      readFailures: 0,
+      dataBytes: 0,
+      bytesToQemu: 0,
+      peakHeldBytes: 0,
+    };
+    for (const c of codecs) {
+      const s = c.stats;
+      if (!s) continue;
+      for (const key of Object.keys(refs) as (keyof ReassemblerStats)[])
+        refs[key] = key === "peakHeldBytes" ? Math.max(refs[key], s[key]) : refs[key] + s[key];
+    }
+    return { relay: report, refs };
+  });
+  return { relay, address: relay.address, done };
+}

@@ -1,0 +1,169 @@
+/**
+ * The send side of vmprune's link (link/protocol.ts), as a relay codec for one QEMU connection: after the
+ * handshake with `vmprune receive`, the source QEMU's bytes go as DATA frames, and, on the main channel, the
+ * pruning processor's references as REF frames (only if receive agreed to REFs). receive's answers come back on
+ * the same connection: RETURN (QEMU's return path, to the source at once), NACK (answered with the page as guest
+ * memory holds it now), ACK (frees the ledger, reopens the window), EOF (the destination QEMU is done: end the
+ * source), ERROR (abort: both sides reset, the source QEMU sees a failed migration and keeps running).
+ */
+import type { Socket } from "node:net";
+import { LinkDecoder } from "../link/decoder.ts";
+import { LinkError } from "../link/errors.ts";
+import { clientHandshake } from "../link/handshake.ts";
+import { CAPABILITY, encodeBytesFrames, encodeMessage, MSG } from "../link/protocol.ts";
+import { RefLedger } from "../link/ref-ledger.ts";
+import type { PageRef } from "../prune/page-judge.ts";
+import type { PruningProcessor, Segment } from "../prune/pruning-processor.ts";
+import type { ChannelCodec, CodecOutput } from "../stream/relay.ts";
+
+/** REF blockNumber unit: 512-byte disk sectors (link/protocol.ts stream rule 2). */
+export const REF_SECTOR_BYTES = 512;
+
+export interface LinkSendOptions {
+  psk: Buffer;
+  /** The main channel's processor (index 0); other channels are framed as they are. */
+  processor?: PruningProcessor;
+  /** Byte offset on the shared disk of an index block (DiskIndex.offsetOf). */
+  blockOffset?: (block: number) => number;
+  /** The current bytes of a guest page, to answer a NACK. */
+  readPage?: (page: PageRef) => Buffer;
+  log?: (line: string) => void;
+}
+
+export class LinkSendCodec implements ChannelCodec {
+  private readonly decoder = new LinkDecoder();
+  private ledger = new RefLedger<PageRef>(0);
+  private refsAllowed = false;
+  private source: Socket | undefined;
+  private sentEof = false;
+  private receivedEof = false;
+  private paused = false;
+  nacks = 0;
+
+  constructor(
+    private readonly index: number,
+    private readonly options: LinkSendOptions,
+  ) {}
+
+  async open({ source, upstream }: { source: Socket; upstream: Socket }): Promise<void> {
+    this.source = source;
+    const session = await clientHandshake(upstream, {
+      psk: this.options.psk,
+      capabilities: [CAPABILITY.REF_SHA256],
+    });
+    this.refsAllowed = session.capabilities.includes(CAPABILITY.REF_SHA256);
+    this.ledger = new RefLedger<PageRef>(session.windowBytes);
+    this.options.log?.(
+      `link #${this.index}: authenticated; ${this.refsAllowed ? "references on" : "receive takes no references"}`,
+    );
+  }
+
+  fromSource(chunk: Buffer): CodecOutput {
+    const p = this.index === 0 ? this.options.processor : undefined;
+    const out = p ? this.frames(p.pushSegments(chunk, this.refsAllowed)) : this.dataFrames([chunk]);
+    this.pauseWhileWindowFull();
+    return { toUpstream: out };
+  }
+
+  sourceEnded(): CodecOutput {
+    const p = this.index === 0 ? this.options.processor : undefined;
+    const out = p ? this.frames(p.endSegments(this.refsAllowed)) : [];
+    out.push(encodeMessage({ type: MSG.EOF }));
+    this.sentEof = true;
+    return { toUpstream: out, endUpstream: this.doneSending() };
+  }
+
+  fromUpstream(chunk: Buffer): CodecOutput {
+    const toSource: Buffer[] = [];
+    const toUpstream: Buffer[] = [];
+    let endSource = false;
+    for (const m of this.decoder.push(chunk)) {
+      switch (m.type) {
+        case MSG.RETURN:
+          toSource.push(m.bytes);
+          break;
+        case MSG.ACK:
+          this.ledger.ack(m.refId);
+          break;
+        case MSG.NACK: {
+          const page = this.ledger.nacked(m.refId);
+          if (!this.options.readPage)
+            throw new LinkError("unknown-ref", `NACK ${m.refId}: no guest memory to answer`);
+          this.nacks++;
+          toUpstream.push(
+            encodeMessage({ type: MSG.PAGE_DATA, refId: m.refId, page: this.options.readPage(page) }),
+          );
+          break;
+        }
+        case MSG.EOF:
+          this.receivedEof = true;
+          endSource = true;
+          break;
+        case MSG.ERROR:
+          throw new LinkError("peer-error", `receive aborted the migration: ${m.message} (code ${m.code})`);
+        default:
+          throw new LinkError(
+            "unexpected-message",
+            `receive sent message type ${m.type} after the handshake`,
+          );
+      }
+    }
+    this.resumeIfWindowOpen();
+    return { toSource, toUpstream, endSource, endUpstream: this.doneSending() };
+  }
+
+  upstreamEnded(): CodecOutput {
+    if (!this.receivedEof) throw new LinkError("closed", "receive closed the link before its EOF");
+    return { endSource: true };
+  }
+
+  /** send half-closes the link after its EOF, once every REF is settled (a NACK may still need an answer). */
+  private doneSending(): boolean {
+    return this.sentEof && this.ledger.outstanding === 0;
+  }
+
+  private dataFrames(buffers: Buffer[]): Buffer[] {
+    const bytes = buffers.length === 1 ? (buffers[0] as Buffer) : Buffer.concat(buffers);
+    if (bytes.length === 0) return [];
+    this.ledger.data(bytes.length);
+    return encodeBytesFrames(MSG.DATA, bytes);
+  }
+
+  private frames(segments: Segment[]): Buffer[] {
+    const out: Buffer[] = [];
+    for (const s of segments) {
+      if (s.kind === "bytes") {
+        out.push(...this.dataFrames(s.buffers));
+        continue;
+      }
+      const offset = this.options.blockOffset?.(s.block) ?? 0;
+      const refId = this.ledger.ref(s.page, s.pageHeader.length);
+      out.push(
+        encodeMessage({
+          type: MSG.REF,
+          refId,
+          blockNumber: offset / REF_SECTOR_BYTES,
+          hash: s.hash,
+          pageHeader: s.pageHeader,
+        }),
+      );
+    }
+    return out;
+  }
+
+  /** Stream rule 3: stop reading the source QEMU while the bytes behind the oldest unsettled REF fill the window. */
+  private pauseWhileWindowFull(): void {
+    // Also when already paused: the relay's own backpressure may have resumed the source meanwhile.
+    if (this.ledger.full && this.source) {
+      this.paused = true;
+      this.source.pause();
+    }
+  }
+
+  private resumeIfWindowOpen(): void {
+    if (this.paused && !this.ledger.full && this.source) {
+      this.paused = false;
+      this.source.resume();
+    }
+  }
+}
