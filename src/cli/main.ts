@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 import { createReadStream, createWriteStream } from "node:fs";
-import { writeFile } from "node:fs/promises";
+import { readFile, writeFile } from "node:fs/promises";
 /** `vmprune`: thin command-line layer over the library. Logs go to stderr, results to stdout. */
 import { Command, InvalidArgumentError, Option } from "commander";
 import { CATEGORY_NAMES, type Category } from "../introspect/classifier.ts";
@@ -10,11 +10,15 @@ import { openLiveVmMemory } from "../introspect/live-vm.ts";
 import { runDemo } from "../lab/demo.ts";
 import { ensureGuestImage } from "../lab/guest-image.ts";
 import { isKernelId, KERNEL_IDS, type KernelId } from "../lab/kernels.ts";
+import { MIN_PSK_BYTES } from "../link/handshake.ts";
+import { startReceive } from "../migrate/link-receive.ts";
+import { REF_SECTOR_BYTES } from "../migrate/link-send.ts";
 import { migrate } from "../migrate/migrate.ts";
 import { startSend } from "../migrate/send.ts";
 import { ensureQemu, isQemuVersion, QEMU_VERSIONS, type QemuVersion } from "../qemu/binaries.ts";
 import { QmpClient } from "../qemu/qmp.ts";
 import { sweepStaleRuns } from "../qemu/vm.ts";
+import { BlockReader } from "../storage/block-reader.ts";
 import { StreamError } from "../stream/errors.ts";
 import { rewriteStream } from "../stream/rewrite.ts";
 import { summarizeStream } from "../stream/summary.ts";
@@ -23,6 +27,7 @@ import {
   renderInspectReport,
   renderMigrateProgress,
   renderMigrateReport,
+  renderReceiveReport,
   renderSendReport,
   renderStreamSummary,
 } from "./render.ts";
@@ -209,6 +214,11 @@ program
   .option("--ram-block <name>", "with --guest-memory: the RAMBlock the file holds", "ram0")
   .option("--dry-run", "judge and count the pages, but forward every record unchanged")
   .addOption(new Option("--classify-once", "TEST ONLY: classify once at the start (unsafe)").hideHelp())
+  .option(
+    "--link-key <file>",
+    "the target is `vmprune receive`, not a QEMU: the pre-shared key file (the same on both hosts, >= 16 bytes)",
+  )
+  .option("--disk <image>", "the shared raw disk image, indexed to send clean cache pages as references")
   .option("--capture <file>", "also write the main channel's stream, as received, to this file")
   .option("--json", "print the report as JSON")
   .action(
@@ -223,6 +233,8 @@ program
       dryRun?: boolean;
       classifyOnce?: boolean;
       capture?: string;
+      linkKey?: string;
+      disk?: string;
       json?: boolean;
     }) => {
       if (opts.drop && !opts.qmp && !opts.guestMemory)
@@ -243,6 +255,8 @@ program
             classifyOnce: opts.classifyOnce ?? false,
           },
           ...(opts.capture ? { capturePath: opts.capture } : {}),
+          ...(opts.linkKey ? { link: { psk: await readKey(opts.linkKey) } } : {}),
+          ...(opts.disk ? { disk: opts.disk } : {}),
           log,
         });
       } finally {
@@ -272,8 +286,12 @@ program
   )
   .requiredOption("--src-qmp <socket>", "the source QEMU's QMP socket")
   .requiredOption("--dst-qmp <socket>", "the destination QEMU's QMP socket")
-  .option("--drop <categories>", "page categories to drop (without a receiver: free)", categoryList)
+  .option("--drop <categories>", "page categories to drop: free, or free,cache (with --disk)", categoryList)
   .option("--baseline", "the same path without pruning (the relay passes every byte through)")
+  .option(
+    "--disk <image>",
+    "with --drop cache: the shared raw disk image (vmprune receive runs beside the destination)",
+  )
   .option("--src-pid <pid>", "the source QEMU process (default: the owner of its QMP socket)", positiveInt)
   .option(
     "--max-bandwidth <bytes/s>",
@@ -291,6 +309,7 @@ program
       dstQmp: string;
       drop?: Category[];
       baseline?: boolean;
+      disk?: string;
       srcPid?: number;
       maxBandwidth?: number;
       returnPath: boolean;
@@ -305,6 +324,7 @@ program
         srcQmp: opts.srcQmp,
         dstQmp: opts.dstQmp,
         drop: opts.drop ?? [],
+        ...(opts.disk ? { disk: opts.disk } : {}),
         ...(opts.srcPid ? { srcPid: opts.srcPid } : {}),
         ...(opts.maxBandwidth ? { parameters: { "max-bandwidth": opts.maxBandwidth } } : {}),
         capabilities: { "return-path": opts.returnPath },
@@ -322,6 +342,59 @@ program
       if (report.error || report.status !== "completed") process.exitCode = 1;
     },
   );
+
+program
+  .command("receive")
+  .description(
+    "the destination side of vmprune's link: accept vmprune send, rebuild referenced pages from the shared disk, feed the destination QEMU",
+  )
+  .requiredOption("--listen <host:port>", "where vmprune send connects (port 0: any free port)", hostPort)
+  .requiredOption("--to <host:port>", "the destination QEMU's -incoming address", hostPort)
+  .requiredOption("--link-key <file>", "the pre-shared key file (the same as send's, >= 16 bytes)")
+  .option("--disk <image>", "the shared raw disk image (without it, every reference is answered with a NACK)")
+  .option("--json", "print the report as JSON")
+  .action(
+    async (opts: {
+      listen: { host: string; port: number };
+      to: { host: string; port: number };
+      linkKey: string;
+      disk?: string;
+      json?: boolean;
+    }) => {
+      const disk = opts.disk
+        ? await BlockReader.open(opts.disk, { alignmentBytes: REF_SECTOR_BYTES })
+        : undefined;
+      const receive = await startReceive({
+        listen: opts.listen,
+        to: opts.to,
+        psk: await readKey(opts.linkKey),
+        ...(disk ? { disk } : {}),
+        log,
+      });
+      log(
+        `vmprune receive: listening on ${receive.address.host}:${receive.address.port}, feeding ${opts.to.host}:${opts.to.port}`,
+      );
+      const stop = () => void receive.relay.close();
+      process.once("SIGINT", stop);
+      process.once("SIGTERM", stop);
+      const report = await receive.done;
+      disk?.close();
+      process.stdout.write(
+        opts.json ? `${JSON.stringify(report, null, 2)}\n` : `${renderReceiveReport(report)}`,
+      );
+      if (report.relay.error) process.exitCode = 1;
+    },
+  );
+
+/** A pre-shared key file: its bytes (trailing newline included), at least 16. */
+async function readKey(path: string): Promise<Buffer> {
+  const key = await readFile(path);
+  if (key.length < MIN_PSK_BYTES)
+    throw new Error(
+      `${path}: a link key needs at least ${MIN_PSK_BYTES} bytes (e.g. head -c 32 /dev/urandom > ${path})`,
+    );
+  return key;
+}
 
 /** "free,cache" → categories (validated). */
 function categoryList(value: string): Category[] {

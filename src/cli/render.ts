@@ -2,6 +2,7 @@
 
 import type { InspectReport } from "../introspect/inspect.ts";
 import type { DemoResult, DemoRun } from "../lab/demo.ts";
+import type { ReceiveReport } from "../migrate/link-receive.ts";
 import type { MigrateProgress, MigrateReport } from "../migrate/migrate.ts";
 import type { SendReport } from "../migrate/send.ts";
 import type { PruneReport } from "../prune/pruning-processor.ts";
@@ -42,7 +43,8 @@ export function renderDemo(result: DemoResult): string {
     ["bytes from QEMU", (r) => formatBytes(r.sourceBytes), null],
     ["PAGE records from QEMU", (r) => String(r.pageRecords), null],
     ["ZERO records from QEMU", (r) => String(r.zeroRecords), null],
-    ["free pages dropped", (r) => String(r.droppedPages), null],
+    ["pages dropped", (r) => String(r.droppedPages), null],
+    ["  of which cache pages rebuilt from disk", (r) => String(r.references), null],
     ["pre-copy passes", (r) => String(r.iterations), null],
     ["guest verify", (r) => (r.verify.startsWith("OK") ? "OK" : r.verify), null],
   ];
@@ -143,6 +145,10 @@ export function renderPruneLines(p: PruneReport): string[] {
     `${dry ? "would drop" : "dropped"} ${p.pages.pruned} of ${p.pages.seen} pages (${p.drop.join(", ")}), ` +
       `${formatBytes(p.bytesSaved)} ${dry ? "could be" : ""} saved; ${p.batches} batches judged in ${p.judgeMs} ms`,
   ];
+  if (p.refs || p.cacheMisses)
+    lines.push(
+      `cache pages: ${p.refs} sent as references to the shared disk, ${p.cacheMisses} not found there (sent whole)`,
+    );
   if (p.degraded) lines.push(`pruning off: ${p.degraded}`);
   return lines;
 }
@@ -199,5 +205,28 @@ export function renderMigrateReport(r: MigrateReport): string {
     );
   }
   if (r.prune) lines.push(...renderPruneLines(r.prune));
+  if (r.receive)
+    lines.push(
+      `references: ${r.receive.refsResolved} cache pages rebuilt from the disk, ${r.receive.refsNacked} NACKed and sent whole`,
+    );
+  return `${lines.join("\n")}\n`;
+}
+
+/** `vmprune receive`: what was rebuilt and relayed. */
+export function renderReceiveReport(r: ReceiveReport): string {
+  const lines = [
+    table(
+      ["connection", "kind", "to QEMU", "return path", "closed by"],
+      r.relay.channels.map((c) => [
+        String(c.index),
+        c.kind,
+        formatBytes(c.bytesToDestination),
+        formatBytes(c.bytesToSource),
+        c.closedBy,
+      ]),
+    ),
+    `references: ${r.refs.refsResolved} rebuilt from the disk, ${r.refs.refsNacked} NACKed (${r.refs.pagesReceived} answered with the page)`,
+  ];
+  if (r.relay.error) lines.push(`ERROR: ${r.relay.error}`);
   return `${lines.join("\n")}\n`;
 }

@@ -3,6 +3,7 @@
  * and once with pruning, verify the guest after each, and report both side by side.
  */
 
+import { join } from "node:path";
 import { type MigrateReport, migrate } from "../migrate/migrate.ts";
 import type { QemuVersion } from "../qemu/binaries.ts";
 import { LOOPBACK_PARAMETERS } from "../qemu/migration.ts";
@@ -29,6 +30,8 @@ export interface DemoRun {
   pageRecords: number;
   zeroRecords: number;
   droppedPages: number;
+  /** Cache pages sent as references and rebuilt by receive from the shared disk. */
+  references: number;
   byCategory: Record<string, number> | null;
   iterations: number;
   verify: string;
@@ -56,6 +59,7 @@ function demoRun(label: string, r: MigrateReport, verify: string): DemoRun {
     pageRecords: r.records?.page ?? 0,
     zeroRecords: r.records?.zero ?? 0,
     droppedPages: r.prune?.pages.pruned ?? 0,
+    references: r.receive?.refsResolved ?? 0,
     byCategory: r.prune?.pages.byCategory ?? null,
     iterations: r.iterations,
     verify,
@@ -83,6 +87,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
     for (const [label, drop] of [
       ["baseline (vmprune migrate --baseline)", []],
       ["pruned (vmprune migrate --drop free)", ["free"]],
+      ["pruned (--drop free,cache, with receive)", ["free", "cache"]],
     ] as const) {
       const dst = await pair.startDestination();
       log(`live-migrating to a fresh destination on loopback: ${label}`);
@@ -90,6 +95,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
         srcQmp: pair.src.toolQmpPath,
         dstQmp: dst.toolQmpPath,
         drop,
+        disk: join(pair.diskDir, "data.img"),
         parameters: LOOPBACK_PARAMETERS,
         log: (line) => log(`  ${line}`),
       });

@@ -10,11 +10,16 @@
  * too, instead of looking "completed" there (invariant 5). Without `drop` (the baseline) the relay passes every
  * byte through, so the baseline pays the same relay cost as the pruned run.
  */
+import { randomBytes } from "node:crypto";
 import type { Category } from "../introspect/classifier.ts";
+import type { ReassemblerStats } from "../link/ref-reassembler.ts";
 import type { PruneReport } from "../prune/pruning-processor.ts";
 import { MigrationFailed, prepareIncoming, runMigration } from "../qemu/migration.ts";
 import { type MigrationInfo, QmpClient } from "../qemu/qmp.ts";
+import { BlockReader } from "../storage/block-reader.ts";
 import type { StreamSummaryJson } from "../stream/summary.ts";
+import { startReceive } from "./link-receive.ts";
+import { REF_SECTOR_BYTES } from "./link-send.ts";
 import { startSend } from "./send.ts";
 
 export interface MigrateOptions {
@@ -22,8 +27,10 @@ export interface MigrateOptions {
   dstQmp: string;
   /** The source QEMU's PID, if the QMP socket's owner cannot be found through /proc. */
   srcPid?: number;
-  /** Categories to drop; empty: the baseline (relay in passthrough). */
+  /** Categories to drop; empty: the baseline (relay in passthrough). "cache" runs vmprune receive too. */
   drop: readonly Category[];
+  /** The shared raw disk image (for "cache"). */
+  disk?: string;
   /** Migration capabilities on both ends (default: return-path on). */
   capabilities?: Record<string, boolean>;
   /** migrate-set-parameters on the source, e.g. max-bandwidth in bytes/s (default: QEMU's current settings). */
@@ -61,6 +68,8 @@ export interface MigrateReport {
   /** What the source sent on the main channel, by record type. */
   records: StreamSummaryJson["ram"]["records"] | null;
   prune: PruneReport | null;
+  /** With --drop cache: references rebuilt by receive from the shared disk, NACKed, answered. */
+  receive: ReassemblerStats | null;
   /** Where the destination ended: "running", or "paused" when it was started with -S. */
   destinationStatus: string;
   info: MigrationInfo;
@@ -89,13 +98,31 @@ export async function migrate(options: MigrateOptions): Promise<MigrateReport> {
       );
     const dstUri = await prepareIncoming(dst, { incomingUri: "tcp:127.0.0.1:0", capabilities });
     const [host = "127.0.0.1", port = "0"] = dstUri.replace(/^tcp:/, "").split(/:(?=\d+$)/);
+    // Cache pages need vmprune receive in front of the destination (here in this process, with a fresh key).
+    const linked = options.drop.includes("cache");
+    if (linked && !options.disk) throw new Error("--drop cache needs the shared disk image (--disk IMAGE)");
+    const psk = randomBytes(32);
+    const reader =
+      linked && options.disk
+        ? await BlockReader.open(options.disk, { alignmentBytes: REF_SECTOR_BYTES })
+        : undefined;
+    const receive = reader
+      ? await startReceive({
+          listen: { host: "127.0.0.1", port: 0 },
+          to: { host, port: Number(port) },
+          psk,
+          disk: reader,
+          log,
+        })
+      : undefined;
     const send = await startSend({
       listen: { host: "127.0.0.1", port: 0 },
-      to: { host, port: Number(port) },
+      to: receive ? receive.address : { host, port: Number(port) },
       drop: options.drop,
       guest: {
         qmp: { client: src, path: options.srcQmp, ...(options.srcPid ? { pid: options.srcPid } : {}) },
       },
+      ...(receive && options.disk ? { link: { psk }, disk: options.disk } : {}),
       log,
     });
     let info: MigrationInfo = {};
@@ -132,7 +159,10 @@ export async function migrate(options: MigrateOptions): Promise<MigrateReport> {
     }
     // The relay ends when QEMU closes its connections; a failed migration may leave one open.
     if (error) send.relay.close();
+    if (error) receive?.relay.close();
     const sent = await send.done;
+    const received = receive ? await receive.done : null;
+    reader?.close();
     const destinationStatus = error ? "not resumed" : await settledStatus(dst);
     return {
       mode: options.drop.length > 0 ? "pruned" : "baseline",
@@ -145,6 +175,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrateReport> {
       iterations: info.ram?.["dirty-sync-count"] ?? 0,
       records: sent.stream?.ram.records ?? null,
       prune: sent.prune,
+      receive: received ? received.refs : null,
       destinationStatus,
       info,
     };
