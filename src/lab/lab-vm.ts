@@ -37,6 +37,12 @@ export interface LabVmOptions {
   balloon?: "free-page-hint";
   /** Start the source with -S and do not wait for the guest: RAM holds only firmware (tiny streams). */
   frozen?: boolean;
+  /**
+   * Network namespaces (src/lab/netns.ts) to start the source and the destination QEMU in (VmConfig.netns), so
+   * that their migration traffic crosses a link between them (src/lab/shaped-link.ts). Absent: this process's
+   * namespace. Give `migratePlain` an `incomingUri` on the destination's address then.
+   */
+  netns?: { src?: string; dst?: string };
 }
 
 /** Spare raw disk per guest: room for a /proc/kpageflags + kpagecount dump (16 bytes per 4 KiB page). */
@@ -65,6 +71,7 @@ export class LabPair {
     accel: Accelerator,
     diskDir: string,
     name: string,
+    role: "src" | "dst",
   ): VmConfig {
     return {
       name,
@@ -78,6 +85,7 @@ export class LabPair {
       ...(options.extraArgs ? { extraArgs: options.extraArgs } : {}),
       ...(options.dimmMiB ? { dimmMiB: options.dimmMiB } : {}),
       ...(options.balloon ? { balloon: options.balloon } : {}),
+      ...(options.netns?.[role] ? { netns: options.netns[role] } : {}),
     };
   }
 
@@ -95,7 +103,7 @@ export class LabPair {
       await writeFile(join(diskDir, "spare.img"), "");
       await truncate(join(diskDir, "spare.img"), spareDiskBytes(options.memoryMiB));
       const started = performance.now();
-      const config = LabPair.config(options, qemu, image, accel, diskDir, "src");
+      const config = LabPair.config(options, qemu, image, accel, diskDir, "src", "src");
       if (options.frozen) config.extraArgs = [...(config.extraArgs ?? []), "-S"];
       src = await Vm.start(config);
       if (!options.frozen) await src.waitBooted(options.bootTimeoutMs ?? 120_000);
@@ -121,6 +129,7 @@ export class LabPair {
       this.accel,
       this.diskDir,
       options.name ?? "dst",
+      "dst",
     );
     this.dst = await Vm.start({
       ...config,

@@ -9,6 +9,7 @@ import { CATEGORY } from "../introspect/classifier.ts";
 import { openRawSnapshot } from "../introspect/guest-memory.ts";
 import { classifyGuest } from "../introspect/inspect.ts";
 import { type ReceiveReport, startReceive } from "../migrate/link-receive.ts";
+import { REF_SECTOR_BYTES } from "../migrate/link-send.ts";
 import { type SendReport, startSend } from "../migrate/send.ts";
 import {
   LOOPBACK_PARAMETERS,
@@ -37,14 +38,19 @@ const CATEGORY_BY_CODE = Object.fromEntries(Object.entries(CATEGORY).map(([name,
 
 export async function migrateThroughLink(
   pair: LabPair,
-  options: { migration?: Partial<MigrationOptions>; during?: () => Promise<unknown> } = {},
+  options: {
+    migration?: Partial<MigrationOptions>;
+    during?: () => Promise<unknown>;
+    /** The image receive reads (default: the shared disk itself); a differing copy forces NACKs. */
+    receiveDisk?: string;
+  } = {},
 ): Promise<LinkedMigration> {
   const disk = join(pair.diskDir, "data.img");
   const psk = randomBytes(32);
   const dst = await pair.startDestination({ paused: true });
   const dstUri = await prepareIncoming(dst.monitor, { incomingUri: "tcp:127.0.0.1:0" });
   const [, host = "127.0.0.1", port = "0"] = /^tcp:(.+):(\d+)$/.exec(dstUri) ?? [];
-  const reader = await BlockReader.open(disk, { alignmentBytes: 512 });
+  const reader = await BlockReader.open(options.receiveDisk ?? disk, { alignmentBytes: REF_SECTOR_BYTES });
   const receive = await startReceive({
     listen: { host: "127.0.0.1", port: 0 },
     to: { host, port: Number(port) },

@@ -37,13 +37,20 @@ export class SendProcess {
     return this.stderrText();
   }
 
-  static async start(options: { to: string; capture?: string; extraArgs?: string[] }): Promise<SendProcess> {
+  static async start(options: {
+    to: string;
+    capture?: string;
+    extraArgs?: string[];
+    /** `vmprune receive` instead of `send` (same listen/to/--json shape; its report has another shape). */
+    command?: "send" | "receive";
+  }): Promise<SendProcess> {
     const to = options.to.replace(/^tcp:/, "");
-    const args = ["--import", "tsx", join(REPO_ROOT, "src/cli/main.ts"), "send", "--listen", "127.0.0.1:0"];
+    const command = options.command ?? "send";
+    const args = ["--import", "tsx", join(REPO_ROOT, "src/cli/main.ts"), command, "--listen", "127.0.0.1:0"];
     args.push("--to", to, "--json", ...(options.capture ? ["--capture", options.capture] : []));
     args.push(...(options.extraArgs ?? []));
     const child = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "pipe"], cwd: REPO_ROOT });
-    if (child.pid === undefined) throw new Error("cannot start vmprune send");
+    if (child.pid === undefined) throw new Error(`cannot start vmprune ${command}`);
     const pid = child.pid;
     trackProcess(pid);
     let stdout = "";
@@ -54,10 +61,12 @@ export class SendProcess {
     const listening = new Promise<{ host: string; port: number }>((resolve, reject) => {
       child.stderr?.setEncoding("utf8").on("data", (d: string) => {
         stderr += d;
-        const m = /listening on ([\d.]+):(\d+)/.exec(stderr);
+        const m = /vmprune (?:send|receive): listening on ([\d.]+):(\d+)/.exec(stderr);
         if (m?.[1] && m[2]) resolve({ host: m[1], port: Number(m[2]) });
       });
-      child.once("exit", () => reject(new Error(`vmprune send exited before listening: ${stderr.trim()}`)));
+      child.once("exit", () =>
+        reject(new Error(`vmprune ${command} exited before listening: ${stderr.trim()}`)),
+      );
     });
     const exited = new Promise<SendResult>((resolve) =>
       child.once("exit", (code, signal) => {

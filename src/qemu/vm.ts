@@ -55,6 +55,12 @@ export interface VmConfig {
   balloon?: "free-page-hint";
   /** Start with `-incoming defer`: the VM waits for `migrate-incoming`. */
   incoming?: boolean;
+  /**
+   * Run QEMU inside this named network namespace (`ip netns exec NAME`, see src/lab/netns.ts): its migration
+   * sockets live there. QMP, the agent and the RAM file are filesystem paths, reachable from any namespace.
+   * Absent: the caller's namespace.
+   */
+  netns?: string;
   extraArgs?: string[];
 }
 
@@ -222,8 +228,10 @@ export class Vm {
     const args = qemuArgs(config, files);
     writeFileSync(join(runDir, "cmdline"), [config.qemu.binary, ...args].join("\n"));
     const logFd = openSync(join(runDir, "qemu.log"), "a");
-    // setpriv --pdeathsig: QEMU dies with this process even if it is SIGKILLed (util-linux).
-    const child = spawn("setpriv", ["--pdeathsig", "KILL", "--", config.qemu.binary, ...args], {
+    // setpriv --pdeathsig: QEMU dies with this process even if it is SIGKILLed (util-linux). `ip netns exec`
+    // execs its command without forking, so with a namespace the PID is still QEMU's and pdeathsig carries over.
+    const netns = config.netns ? ["ip", "netns", "exec", config.netns] : [];
+    const child = spawn("setpriv", ["--pdeathsig", "KILL", "--", ...netns, config.qemu.binary, ...args], {
       stdio: ["ignore", logFd, logFd],
       env: { ...process.env, ...config.qemu.env },
     });

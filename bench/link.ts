@@ -1,0 +1,674 @@
+/**
+ * Issue 6's figures: one guest and workload, migrated over an emulated 1 Gbit/s link by plain QEMU, QEMU's own
+ * options and vmprune, against the ideal. Not a test.
+ *
+ *   npm run bench:link -- [--kernel 6.1|6.12] [--qemu 7.2|10.0] [--runs 3] [--rate-mbit 1000] [--json]
+ *
+ * The link (src/lab/shaped-link.ts): two network namespaces, `vmprune-<pid>-src-*` and `vmprune-<pid>-dst-*`,
+ * joined by a veth pair shaped with tbf to 1 Gbit/s on both ends, 10.77.0.1/30 (src) and 10.77.0.2/30 (dst).
+ * Where everything runs:
+ *   src namespace   the source QEMU, vmprune send (startSend, in this process) and this benchmark itself: the
+ *                   process re-runs itself inside the src namespace (`ip netns exec`) after creating the link,
+ *                   so the relay's sockets are on the source side of the link; the outer process only creates
+ *                   the link, waits, and deletes it (also when the inner one fails or is interrupted);
+ *   dst namespace   the destination QEMU, listening on 10.77.0.2 (and, once it exists, vmprune receive).
+ * QMP and agent sockets are files, so VM control works across namespaces. Nothing is configured outside the
+ * two namespaces, and nothing but the link's two addresses is ever contacted.
+ *
+ * A 512 MiB lab guest (1 vCPU) runs the mixed workload (src/lab/workloads.ts); a fresh pair per migration, rows
+ * alternating within each run. Migration `max-bandwidth` is 10 Gbit/s, so the link, not QEMU's cap, limits.
+ * Rows:
+ *   plain            source QEMU → destination QEMU;
+ *   free-page-hint   both with virtio-balloon free-page-hint=on (LabPair `balloon`);
+ *   xbzrle           capability xbzrle on both ends, QEMU's default cache size;
+ *   multifd+zstd     capability multifd on both ends, multifd-compression zstd (zlib, labelled, if this QEMU
+ *                    lacks zstd), multifd-channels 2 (QEMU 8.0+ only);
+ *   vmprune free     source QEMU → vmprune send --drop free on 127.0.0.1 in the src namespace → the link →
+ *                    destination QEMU;
+ *   vmprune free+cache  source QEMU → vmprune send --drop free,cache (src namespace) → the link → vmprune receive
+ *                    (a process in the dst namespace, rebuilding cache pages from the shared disk) → destination QEMU;
+ *   ideal            bytes of the guest's RAM pages that are neither free, nor clean page cache, nor all zero,
+ *                    from a classification of the source (classifyGuest on its RAM file, guest paused for it)
+ *                    right before each migration; the median over every run of every row.
+ * Figures per row are medians over --runs of:
+ *   link bytes       frames the src end of the veth sent during the migration (src → dst): every byte that
+ *                    crossed the link, for every row the same way (multifd channels and compression included);
+ *   stream bytes     QEMU's ram.transferred (vmprune: what the relay wrote to the destination);
+ *   total time, downtime  as the source QEMU's query-migrate reports them.
+ * Targets (issue 6), checked per row against the medians: total time at least 75% below plain's, link bytes at
+ * most 10% above the ideal, downtime no more than plain's. After each migration the destination must run and
+ * pass `verify`.
+ *
+ * Logs go to stderr; stdout gets the table, or with --json the figures.
+ */
+
+import { spawn } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { open, stat, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { fileURLToPath, pathToFileURL } from "node:url";
+import { parseArgs } from "node:util";
+import { CATEGORY } from "../src/introspect/classifier.ts";
+import { blockOffsetToGpa } from "../src/introspect/guest-memory.ts";
+import { classifyGuest } from "../src/introspect/inspect.ts";
+import { openLiveVmMemory } from "../src/introspect/live-vm.ts";
+import { guestBalloon } from "../src/lab/balloon.ts";
+import { ensureGuestImage } from "../src/lab/guest-image.ts";
+import { isKernelId, type KernelId } from "../src/lab/kernels.ts";
+import { LabPair } from "../src/lab/lab-vm.ts";
+import { sweepStaleNamespaces } from "../src/lab/netns.ts";
+import { REPO_ROOT } from "../src/lab/paths.ts";
+import {
+  type LinkDescription,
+  measureRateOf,
+  type RateMeasurement,
+  runInNamespace,
+  ShapedLink,
+  txBytesOf,
+} from "../src/lab/shaped-link.ts";
+import { guestMeminfo, runMixedWorkload } from "../src/lab/workloads.ts";
+import { startSend } from "../src/migrate/send.ts";
+import { ensureQemu, isQemuVersion, type QemuVersion } from "../src/qemu/binaries.ts";
+import { trackProcess, untrackProcess } from "../src/qemu/cleanup.ts";
+import {
+  type MigrationResult,
+  prepareIncoming,
+  runMigration,
+  waitDestinationState,
+} from "../src/qemu/migration.ts";
+import { QmpClient } from "../src/qemu/qmp.ts";
+import { sweepStaleRuns } from "../src/qemu/vm.ts";
+
+const MEMORY_MIB = 512;
+const PAGE_SIZE = 4096;
+/** 10 Gbit/s in bytes per second: far above the link, so the link limits (QEMU's default is 128 MiB/s). */
+const MAX_BANDWIDTH = 1_250_000_000;
+/** Set in the environment of the inner process: the link it runs in (LinkDescription as JSON). */
+const LINK_ENV = "VMPRUNE_BENCH_LINK";
+const log = (line: string) => process.stderr.write(`${line}\n`);
+
+/** What one migration of one row measured. */
+export interface RunFigures {
+  linkBytes: number;
+  /** The dst → src direction (return path, TCP acknowledgements). */
+  linkReturnBytes: number;
+  streamBytes: number;
+  totalTimeMs: number;
+  downtimeMs: number;
+  /** Ideal bytes of this run's guest (see idealBytes). */
+  idealBytes: number;
+  /** Pages neither free nor zero (what dropping free pages alone could reach), in bytes. */
+  idealFreeOnlyBytes: number;
+  freePages: number;
+  /** vmprune rows: PAGE records turned into ZERO records. */
+  prunedPages?: number;
+}
+
+/** Everything a row's migration gets: the booted pair (workload done) and the link it must cross. */
+export interface RowContext {
+  pair: LabPair;
+  link: LinkDescription;
+  qemu: QemuVersion;
+}
+
+/** A row's migration: from the source of `ctx.pair` to a destination it starts in the dst namespace. */
+export type RowMigrator = (ctx: RowContext) => Promise<
+  Pick<RunFigures, "streamBytes" | "prunedPages"> & {
+    result: MigrationResult;
+  }
+>;
+
+interface RowSpec {
+  name: string;
+  balloon?: "free-page-hint";
+  /** Undefined: the row is listed but not run (reason in `missing`). */
+  migrate: RowMigrator | undefined;
+  missing?: string;
+}
+
+/** Source QEMU straight to a destination QEMU in the dst namespace, with capabilities and parameters on both. */
+async function migrateDirect(
+  ctx: RowContext,
+  capabilities: Record<string, boolean> = {},
+  parameters: Record<string, unknown> = {},
+): Promise<{ streamBytes: number; result: MigrationResult }> {
+  const dst = await ctx.pair.startDestination();
+  const uri = await prepareIncoming(dst.monitor, {
+    incomingUri: `tcp:${ctx.link.dstIp}:0`,
+    capabilities,
+    ...(Object.keys(parameters).length > 0 ? { parameters } : {}),
+  });
+  const result = await runMigration(ctx.pair.src.monitor, uri, {
+    capabilities,
+    parameters: { "max-bandwidth": MAX_BANDWIDTH, ...parameters },
+  });
+  await waitDestinationState(dst.monitor, "running");
+  return { streamBytes: result.info.ram?.transferred ?? 0, result };
+}
+
+/** multifd's compression: zstd when this QEMU has it (probed once per process on a destination), else zlib. */
+let multifdCompression: "zstd" | "zlib" | undefined;
+
+async function migrateMultifd(ctx: RowContext): Promise<{ streamBytes: number; result: MigrationResult }> {
+  if (ctx.qemu === "7.2") throw new Error("multifd compression needs QEMU 8.0+: run with --qemu 10.0");
+  if (!multifdCompression) {
+    const probe = await ctx.pair.startDestination();
+    try {
+      await probe.monitor.execute("migrate-set-parameters", { "multifd-compression": "zstd" });
+      multifdCompression = "zstd";
+    } catch (error) {
+      log(`multifd-compression zstd refused (${String(error)}): using zlib`);
+      multifdCompression = "zlib";
+    }
+    await probe.stop();
+  }
+  return migrateDirect(
+    ctx,
+    { multifd: true },
+    { "multifd-compression": multifdCompression, "multifd-channels": 2 },
+  );
+}
+
+/**
+ * Source QEMU → vmprune send --drop free (startSend in this process, listening on the src namespace's
+ * loopback, judging pages through the source's tool QMP socket) → the link → destination QEMU.
+ */
+async function migrateVmpruneFree(ctx: RowContext): ReturnType<RowMigrator> {
+  const dst = await ctx.pair.startDestination();
+  const dstUri = await prepareIncoming(dst.monitor, { incomingUri: `tcp:${ctx.link.dstIp}:0` });
+  const port = Number(dstUri.slice(dstUri.lastIndexOf(":") + 1));
+  const toolQmp = await QmpClient.connect(ctx.pair.src.toolQmpPath);
+  try {
+    const send = await startSend({
+      listen: { host: "127.0.0.1", port: 0 },
+      to: { host: ctx.link.dstIp, port },
+      drop: ["free"],
+      guest: { qmp: { client: toolQmp, path: ctx.pair.src.toolQmpPath } },
+    });
+    try {
+      const result = await runMigration(ctx.pair.src.monitor, `tcp:127.0.0.1:${send.address.port}`, {
+        parameters: { "max-bandwidth": MAX_BANDWIDTH },
+      });
+      await waitDestinationState(dst.monitor, "running");
+      const report = await send.done;
+      if (report.relay.error) throw new Error(`vmprune send: ${report.relay.error}`);
+      const prune = report.prune;
+      if (prune?.mode !== "prune")
+        throw new Error(`vmprune send did not prune: ${prune?.degraded ?? "no pruning report"}`);
+      const streamBytes = report.relay.channels.reduce((sum, c) => sum + c.bytesToDestination, 0);
+      return { streamBytes, prunedPages: prune.pages.pruned, result };
+    } finally {
+      await send.relay.close();
+    }
+  } finally {
+    toolQmp.close();
+  }
+}
+
+/**
+ * Source QEMU → vmprune send --drop free,cache (in this process, src namespace) → the link → `vmprune receive`
+ * (a process in the dst namespace: it must sit on the destination's side of the link) → destination QEMU on the
+ * dst namespace's loopback. Cache pages found on the shared data disk cross the link as references.
+ */
+async function migrateVmpruneFreeCache(ctx: RowContext): ReturnType<RowMigrator> {
+  const dst = await ctx.pair.startDestination();
+  const dstUri = await prepareIncoming(dst.monitor, { incomingUri: "tcp:127.0.0.1:0" });
+  const port = Number(dstUri.slice(dstUri.lastIndexOf(":") + 1));
+  const disk = join(ctx.pair.diskDir, "data.img");
+  const keyPath = join(ctx.pair.diskDir, "link.key");
+  const psk = randomBytes(32);
+  await writeFile(keyPath, psk, { mode: 0o600 });
+  const receive = spawn(
+    "ip",
+    [
+      "netns",
+      "exec",
+      ctx.link.dstNetns,
+      process.execPath,
+      "--import",
+      "tsx",
+      join(REPO_ROOT, "src/cli/main.ts"),
+      "receive",
+      "--listen",
+      `${ctx.link.dstIp}:0`,
+      "--to",
+      `127.0.0.1:${port}`,
+      "--link-key",
+      keyPath,
+      "--disk",
+      disk,
+      "--json",
+    ],
+    { stdio: ["ignore", "pipe", "pipe"], cwd: REPO_ROOT },
+  );
+  const pid = receive.pid;
+  if (pid === undefined) throw new Error("cannot start vmprune receive");
+  trackProcess(pid);
+  let stderr = "";
+  let stdout = "";
+  receive.stdout?.setEncoding("utf8").on("data", (d: string) => {
+    stdout += d;
+  });
+  const exited = new Promise<void>((resolve) => receive.once("exit", () => resolve()));
+  try {
+    const listenPort = await new Promise<number>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`vmprune receive did not listen: ${stderr}`)), 30_000);
+      receive.stderr?.setEncoding("utf8").on("data", (d: string) => {
+        stderr += d;
+        const m = /listening on [\d.]+:(\d+)/.exec(stderr);
+        if (m?.[1]) {
+          clearTimeout(timer);
+          resolve(Number(m[1]));
+        }
+      });
+      receive.once("exit", () => reject(new Error(`vmprune receive exited: ${stderr}`)));
+    });
+    const toolQmp = await QmpClient.connect(ctx.pair.src.toolQmpPath);
+    try {
+      const send = await startSend({
+        listen: { host: "127.0.0.1", port: 0 },
+        to: { host: ctx.link.dstIp, port: listenPort },
+        drop: ["free", "cache"],
+        guest: { qmp: { client: toolQmp, path: ctx.pair.src.toolQmpPath } },
+        link: { psk },
+        disk,
+      });
+      try {
+        const result = await runMigration(ctx.pair.src.monitor, `tcp:127.0.0.1:${send.address.port}`, {
+          parameters: { "max-bandwidth": MAX_BANDWIDTH },
+        });
+        await waitDestinationState(dst.monitor, "running");
+        const report = await send.done;
+        if (report.relay.error) throw new Error(`vmprune send: ${report.relay.error}`);
+        const prune = report.prune;
+        if (prune?.mode !== "prune")
+          throw new Error(`vmprune send did not prune: ${prune?.degraded ?? "no pruning report"}`);
+        await exited;
+        log(
+          `  receive: ${stdout.length > 0 ? JSON.stringify((JSON.parse(stdout) as { refs: unknown }).refs) : stderr.slice(-300)}`,
+        );
+        const streamBytes = report.relay.channels.reduce((sum, c) => sum + c.bytesToDestination, 0);
+        return { streamBytes, prunedPages: prune.pages.pruned, result };
+      } finally {
+        await send.relay.close();
+      }
+    } finally {
+      toolQmp.close();
+    }
+  } finally {
+    if (receive.exitCode === null) receive.kill("SIGKILL");
+    await exited;
+    untrackProcess(pid);
+  }
+}
+
+const FREE_CACHE_ROW: RowMigrator | undefined = migrateVmpruneFreeCache;
+
+const ROWS: readonly RowSpec[] = [
+  { name: "plain", migrate: (ctx) => migrateDirect(ctx) },
+  { name: "free-page-hint", balloon: "free-page-hint", migrate: (ctx) => migrateDirect(ctx) },
+  { name: "xbzrle", migrate: (ctx) => migrateDirect(ctx, { xbzrle: true }) },
+  { name: "multifd+zstd", migrate: migrateMultifd },
+  { name: "vmprune free", migrate: migrateVmpruneFree },
+  {
+    name: "vmprune free+cache",
+    migrate: FREE_CACHE_ROW,
+    missing: "needs vmprune receive (FREE_CACHE_ROW in bench/link.ts)",
+  },
+];
+
+/**
+ * Bytes of guest RAM that must travel: pages neither free nor clean page cache (by the guest kernel's own
+ * struct pages) nor all zero. Read from the source's RAM file(s) while the guest is paused; RAMBlock offsets
+ * not mapped into guest-physical memory (e.g. behind the VGA hole) count when non-zero.
+ */
+export async function idealBytes(
+  pair: LabPair,
+): Promise<{ ideal: number; freeOnly: number; counts: string }> {
+  const qmp = await QmpClient.connect(pair.src.toolQmpPath);
+  try {
+    await qmp.execute("stop");
+    try {
+      const live = await openLiveVmMemory(qmp, pair.src.toolQmpPath);
+      try {
+        const { categories } = classifyGuest(live.memory);
+        let ideal = 0;
+        let freeOnly = 0;
+        const pages = { free: 0, cache: 0, zero: 0, other: 0 };
+        const zeroPage = Buffer.alloc(PAGE_SIZE);
+        const window = Buffer.alloc(4 << 20);
+        for (const [block, path] of Object.entries(live.sources)) {
+          if (path.startsWith("process ")) throw new Error(`block ${block} has no RAM file to read`);
+          const handle = await open(path, "r");
+          try {
+            const size = (await stat(path)).size;
+            for (let offset = 0; offset < size; offset += window.length) {
+              const { bytesRead } = await handle.read(
+                window,
+                0,
+                Math.min(window.length, size - offset),
+                offset,
+              );
+              for (let at = 0; at + PAGE_SIZE <= bytesRead; at += PAGE_SIZE) {
+                const gpa = blockOffsetToGpa(live.layout, block, offset + at);
+                const category = gpa === null ? CATEGORY.unknown : (categories[gpa / PAGE_SIZE] ?? 0);
+                const zero = window.compare(zeroPage, 0, PAGE_SIZE, at, at + PAGE_SIZE) === 0;
+                if (category === CATEGORY.free) pages.free++;
+                else if (zero) pages.zero++;
+                else if (category === CATEGORY.cache) pages.cache++;
+                else pages.other++;
+                if (category !== CATEGORY.free && !zero) {
+                  freeOnly += PAGE_SIZE;
+                  if (category !== CATEGORY.cache) ideal += PAGE_SIZE;
+                }
+              }
+            }
+          } finally {
+            await handle.close();
+          }
+        }
+        return { ideal, freeOnly, counts: JSON.stringify(pages) };
+      } finally {
+        live.memory.close();
+      }
+    } finally {
+      await qmp.execute("cont");
+    }
+  } finally {
+    qmp.close();
+  }
+}
+
+/** The accelerator the lab VMs ran with (all of them: one host, one probe). */
+let accelUsed = "";
+
+async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOptions): Promise<RunFigures> {
+  const { link } = options;
+  const pair = await LabPair.boot({
+    kernel: options.kernel,
+    qemu: options.qemu,
+    memoryMiB: MEMORY_MIB,
+    netns: { src: link.srcNetns, dst: link.dstNetns },
+    ...(spec.balloon ? { balloon: spec.balloon } : {}),
+  });
+  accelUsed = pair.accel;
+  try {
+    if (spec.balloon === "free-page-hint") {
+      const balloon = await guestBalloon(pair.src.agent);
+      if (balloon?.driver !== "virtio_balloon" || !balloon.freePageHint)
+        throw new Error(`the guest's balloon has no free page hinting: ${JSON.stringify(balloon)}`);
+    }
+    await runMixedWorkload(pair.src.agent);
+    const freePages = Math.floor(((await guestMeminfo(pair.src.agent)).MemFree ?? 0) / 4);
+    const ideal = await idealBytes(pair);
+    log(`  ${spec.name}: ideal ${ideal.ideal} B, pages ${ideal.counts}`);
+    const before = await txBytesOf(link);
+    const { result, streamBytes, prunedPages } = await migrate({ pair, link, qemu: options.qemu });
+    const after = await txBytesOf(link);
+    const dst = pair.dst;
+    if (!dst) throw new Error("no destination after the migration");
+    const verified = await LabPair.verify(dst);
+    if (!/^OK/m.test(verified))
+      throw new Error(`${spec.name}: verify on the destination: ${verified.trim()}`);
+    return {
+      linkBytes: after.toDst - before.toDst,
+      linkReturnBytes: after.toSrc - before.toSrc,
+      streamBytes,
+      totalTimeMs: result.info["total-time"] ?? Math.round(result.wallMs),
+      downtimeMs: result.info.downtime ?? 0,
+      idealBytes: ideal.ideal,
+      idealFreeOnlyBytes: ideal.freeOnly,
+      freePages,
+      ...(prunedPages !== undefined ? { prunedPages } : {}),
+    };
+  } finally {
+    await pair.stop();
+  }
+}
+
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = sorted.length >> 1;
+  return sorted.length % 2 === 1 ? (sorted[mid] ?? 0) : ((sorted[mid - 1] ?? 0) + (sorted[mid] ?? 0)) / 2;
+}
+
+type Verdict = "met" | "not met" | "-";
+
+export interface RowResult {
+  row: string;
+  /** Why the row has no figures (not run). */
+  missing?: string;
+  runs: RunFigures[];
+  median?: RunFigures;
+  linkBytesVsPlain?: number;
+  linkBytesVsIdeal?: number;
+  totalTimeVsPlain?: number;
+  targets: {
+    totalTime75PercentLess: Verdict;
+    bytesWithin10PercentOfIdeal: Verdict;
+    downtimeAtMostPlain: Verdict;
+  };
+}
+
+export interface LinkBenchResult {
+  kernel: KernelId;
+  qemu: QemuVersion;
+  accel: string;
+  memoryMiB: number;
+  runs: number;
+  link: LinkDescription & { measuredBefore: RateMeasurement; measuredAfter: RateMeasurement };
+  multifdCompression: string | undefined;
+  maxBandwidthBytesPerSecond: number;
+  rows: RowResult[];
+  ideal: { bytes: number; freeOnlyBytes: number; atLinkRateMs: number };
+}
+
+interface BenchOptions {
+  kernel: KernelId;
+  qemu: QemuVersion;
+  runs: number;
+  link: LinkDescription;
+}
+
+export async function benchLink(options: BenchOptions): Promise<LinkBenchResult> {
+  const measuredBefore = await measureRateOf(options.link);
+  log(
+    `link ${options.link.srcIp} → ${options.link.dstIp}, shaped to ${options.link.rateMbit} Mbit/s: ` +
+      `measured ${measuredBefore.gbitPerSecond.toFixed(3)} Gbit/s (100 MB)`,
+  );
+  const runs = new Map<string, RunFigures[]>(ROWS.map((r) => [r.name, []]));
+  for (let i = 0; i < options.runs; i++) {
+    for (const spec of ROWS) {
+      if (!spec.migrate) continue;
+      const started = performance.now();
+      const figures = await runOnce(spec, spec.migrate, options);
+      runs.get(spec.name)?.push(figures);
+      log(
+        `run ${i + 1}/${options.runs} ${spec.name}: ${figures.linkBytes} B over the link ` +
+          `(stream ${figures.streamBytes} B, return ${figures.linkReturnBytes} B), ${figures.totalTimeMs} ms total, ` +
+          `${figures.downtimeMs} ms down, ideal ${figures.idealBytes} B` +
+          `${figures.prunedPages !== undefined ? `, ${figures.prunedPages} pages pruned` : ""} ` +
+          `(${Math.round((performance.now() - started) / 1000)} s with boot and workload)`,
+      );
+    }
+  }
+  const measuredAfter = await measureRateOf(options.link);
+  log(`link measured again: ${measuredAfter.gbitPerSecond.toFixed(3)} Gbit/s`);
+
+  const medianOf = (list: RunFigures[]): RunFigures => {
+    const m = (key: keyof RunFigures) => median(list.flatMap((r) => (r[key] === undefined ? [] : [r[key]])));
+    const figures: RunFigures = {
+      linkBytes: m("linkBytes"),
+      linkReturnBytes: m("linkReturnBytes"),
+      streamBytes: m("streamBytes"),
+      totalTimeMs: m("totalTimeMs"),
+      downtimeMs: m("downtimeMs"),
+      idealBytes: m("idealBytes"),
+      idealFreeOnlyBytes: m("idealFreeOnlyBytes"),
+      freePages: m("freePages"),
+    };
+    if (list.some((r) => r.prunedPages !== undefined)) figures.prunedPages = m("prunedPages");
+    return figures;
+  };
+  const all = [...runs.values()].flat();
+  const idealAll = median(all.map((r) => r.idealBytes));
+  const idealFreeOnly = median(all.map((r) => r.idealFreeOnlyBytes));
+  const plainRuns = runs.get("plain") ?? [];
+  const plain = plainRuns.length > 0 ? medianOf(plainRuns) : undefined;
+  const rows = ROWS.map((spec): RowResult => {
+    const list = runs.get(spec.name) ?? [];
+    if (list.length === 0)
+      return {
+        row: spec.name,
+        missing: spec.missing ?? "not run",
+        runs: [],
+        targets: { totalTime75PercentLess: "-", bytesWithin10PercentOfIdeal: "-", downtimeAtMostPlain: "-" },
+      };
+    const m = medianOf(list);
+    const verdict = (ok: boolean): Verdict => (ok ? "met" : "not met");
+    const isPlain = spec.name === "plain";
+    return {
+      row: spec.name,
+      runs: list,
+      median: m,
+      ...(plain ? { linkBytesVsPlain: m.linkBytes / plain.linkBytes } : {}),
+      linkBytesVsIdeal: m.linkBytes / idealAll,
+      ...(plain ? { totalTimeVsPlain: m.totalTimeMs / plain.totalTimeMs } : {}),
+      targets: {
+        totalTime75PercentLess: isPlain || !plain ? "-" : verdict(m.totalTimeMs <= 0.25 * plain.totalTimeMs),
+        bytesWithin10PercentOfIdeal: verdict(m.linkBytes <= 1.1 * idealAll),
+        downtimeAtMostPlain: isPlain || !plain ? "-" : verdict(m.downtimeMs <= plain.downtimeMs),
+      },
+    };
+  });
+  return {
+    kernel: options.kernel,
+    qemu: options.qemu,
+    accel: accelUsed,
+    memoryMiB: MEMORY_MIB,
+    runs: options.runs,
+    link: { ...options.link, measuredBefore, measuredAfter },
+    multifdCompression,
+    maxBandwidthBytesPerSecond: MAX_BANDWIDTH,
+    rows,
+    ideal: {
+      bytes: idealAll,
+      freeOnlyBytes: idealFreeOnly,
+      atLinkRateMs: (idealAll * 8) / (measuredBefore.gbitPerSecond * 1e9) / 1e-3,
+    },
+  };
+}
+
+export function formatTable(result: LinkBenchResult): string {
+  const mib = (bytes: number) => (bytes / (1 << 20)).toFixed(1);
+  const ratio = (x: number | undefined) => (x === undefined ? "-" : x.toFixed(3));
+  const rowName = (row: string) =>
+    row === "multifd+zstd" && result.multifdCompression === "zlib" ? "multifd+zlib (no zstd)" : row;
+  const { link } = result;
+  const lines = [
+    `${result.memoryMiB} MiB guest, mixed workload, kernel ${result.kernel}, QEMU ${result.qemu} (${result.accel}), ` +
+      `medians of ${result.runs} runs per row`,
+    `link: veth ${link.srcNetns} ${link.srcIp} → ${link.dstNetns} ${link.dstIp}, tbf ${link.rateMbit} Mbit/s both ends; ` +
+      `measured ${link.measuredBefore.gbitPerSecond.toFixed(3)} Gbit/s before, ${link.measuredAfter.gbitPerSecond.toFixed(3)} after ` +
+      `(100 MB TCP); migration max-bandwidth ${(result.maxBandwidthBytesPerSecond * 8) / 1e9} Gbit/s`,
+    `${"row".padEnd(22)} ${"link bytes".padStart(11)} ${"MiB".padStart(7)} ${"vs plain".padStart(8)} ${"vs ideal".padStart(8)} ` +
+      `${"stream bytes".padStart(12)} ${"total ms".padStart(8)} ${"vs plain".padStart(8)} ${"downtime ms".padStart(11)}  ` +
+      `${"time -75%".padEnd(9)} ${"bytes<=ideal+10%".padEnd(16)} ${"downtime<=plain".padEnd(15)}`,
+  ];
+  for (const r of result.rows) {
+    const m = r.median;
+    if (!m) {
+      lines.push(`${rowName(r.row).padEnd(22)} not run: ${r.missing ?? ""}`);
+      continue;
+    }
+    lines.push(
+      `${rowName(r.row).padEnd(22)} ${String(Math.round(m.linkBytes)).padStart(11)} ${mib(m.linkBytes).padStart(7)} ` +
+        `${ratio(r.linkBytesVsPlain).padStart(8)} ${ratio(r.linkBytesVsIdeal).padStart(8)} ` +
+        `${String(Math.round(m.streamBytes)).padStart(12)} ${String(Math.round(m.totalTimeMs)).padStart(8)} ` +
+        `${ratio(r.totalTimeVsPlain).padStart(8)} ${String(Math.round(m.downtimeMs)).padStart(11)}  ` +
+        `${r.targets.totalTime75PercentLess.padEnd(9)} ${r.targets.bytesWithin10PercentOfIdeal.padEnd(16)} ` +
+        `${r.targets.downtimeAtMostPlain.padEnd(15)}`,
+    );
+  }
+  const plainBytes = result.rows.find((r) => r.row === "plain")?.median?.linkBytes;
+  lines.push(
+    `${"ideal".padEnd(22)} ${String(Math.round(result.ideal.bytes)).padStart(11)} ${mib(result.ideal.bytes).padStart(7)} ` +
+      `${ratio(plainBytes ? result.ideal.bytes / plainBytes : undefined).padStart(8)} ${"1.000".padStart(8)}` +
+      `   (pages neither free, nor clean page cache, nor zero; ${Math.round(result.ideal.atLinkRateMs)} ms at the measured link rate)`,
+  );
+  lines.push(
+    `ideal for free pages alone (neither free nor zero): ${Math.round(result.ideal.freeOnlyBytes)} B ` +
+      `(${mib(result.ideal.freeOnlyBytes)} MiB); targets: total time <= 25% of plain, link bytes <= 1.1 x ideal, ` +
+      `downtime <= plain`,
+  );
+  return lines.join("\n");
+}
+
+/** Whether this process runs in the named namespace (its /proc/self/ns/net is the bind-mounted one). */
+async function inNamespace(name: string): Promise<boolean> {
+  const [self, named] = await Promise.all([stat("/proc/self/ns/net"), stat(`/run/netns/${name}`)]);
+  return self.ino === named.ino && self.dev === named.dev;
+}
+
+/** Outer process: builds what needs the network, creates the link, re-runs this file inside its src side. */
+async function outer(argv: string[], kernel: KernelId, qemu: QemuVersion, rateMbit: number): Promise<number> {
+  // The inner process has no route but the link: anything that may need the network (apt lists) is done here.
+  await Promise.all([ensureQemu(qemu), ensureGuestImage(kernel)]);
+  const removed = await sweepStaleNamespaces();
+  if (removed.length > 0) log(`removed namespaces of earlier runs: ${removed.join(", ")}`);
+  const link = await ShapedLink.create({ rateMbit });
+  try {
+    log(`created ${link.src.name} and ${link.dst.name}: ${await link.qdiscs()}`);
+    const self = fileURLToPath(import.meta.url);
+    const { code, signal } = await runInNamespace(
+      link.src.name,
+      process.execPath,
+      [...process.execArgv, self, ...argv],
+      { ...process.env, [LINK_ENV]: JSON.stringify(link.describe()) },
+    );
+    if (signal) log(`the benchmark in ${link.src.name} ended by ${signal}`);
+    return code ?? 1;
+  } finally {
+    await link.destroy();
+    log(`deleted ${link.src.name} and ${link.dst.name}`);
+  }
+}
+
+async function main(argv: string[]): Promise<void> {
+  const usage =
+    "usage: bench/link.ts [--kernel 6.1|6.12] [--qemu 7.2|10.0] [--runs 3] [--rate-mbit 1000] [--json]";
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      kernel: { type: "string", default: "6.1" },
+      qemu: { type: "string", default: "10.0" },
+      runs: { type: "string", default: "3" },
+      "rate-mbit": { type: "string", default: "1000" },
+      json: { type: "boolean", default: false },
+    },
+  });
+  const runs = Number(values.runs);
+  if (!isKernelId(values.kernel)) throw new Error(`unknown kernel ${values.kernel} (${usage})`);
+  if (!isQemuVersion(values.qemu)) throw new Error(`unknown QEMU ${values.qemu} (${usage})`);
+  if (!Number.isInteger(runs) || runs < 1) throw new Error(`--runs needs a positive integer (${usage})`);
+  const rateMbit = Number(values["rate-mbit"]);
+  if (!(rateMbit > 0)) throw new Error(`--rate-mbit needs a positive number (${usage})`);
+  const described = process.env[LINK_ENV];
+  if (!described) {
+    process.exitCode = await outer(argv, values.kernel, values.qemu, rateMbit);
+    return;
+  }
+  const link = JSON.parse(described) as LinkDescription;
+  if (!(await inNamespace(link.srcNetns)))
+    throw new Error(`${LINK_ENV} is set but this process is not in ${link.srcNetns}: do not set it by hand`);
+  sweepStaleRuns();
+  const result = await benchLink({ kernel: values.kernel, qemu: values.qemu, runs, link });
+  process.stdout.write(values.json ? `${JSON.stringify(result, null, 2)}\n` : `${formatTable(result)}\n`);
+}
+
+if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
+  main(process.argv.slice(2)).catch((error: unknown) => {
+    process.stderr.write(`${error instanceof Error ? error.stack : String(error)}\n`);
+    process.exitCode = 1;
+  });
+}
