@@ -127,6 +127,10 @@ export function renderSendReport(r: SendReport): string {
     );
   }
   if (r.prune) lines.push(...renderPruneLines(r.prune));
+  if (r.diskIndex)
+    lines.push(
+      `shared disk index: ${r.diskIndex.entries} blocks (${r.diskIndex.alignmentBytes}-byte alignment) built in ${r.diskIndex.buildMs} ms`,
+    );
   if (r.relay.error) lines.push(`ERROR: ${r.relay.error}`);
   return `${lines.join("\n")}\n`;
 }

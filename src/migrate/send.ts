@@ -39,6 +39,8 @@ export interface SendReport {
   stream: StreamSummaryJson | null;
   /** Pruning decisions and savings (null without --drop). */
   prune: PruneReport | null;
+  /** The shared disk's index (with --drop cache): blocks indexed, alignment, build time. */
+  diskIndex: { entries: number; alignmentBytes: number; buildMs: number } | null;
 }
 
 export interface RunningSend {
@@ -63,9 +65,11 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
   if (drop.includes("cache") && !options.disk)
     throw new Error("--drop cache needs the shared disk image (--disk)");
   let index: DiskIndex | undefined;
+  let indexBuildMs = 0;
   if (drop.includes("cache") && options.disk) {
     const started = performance.now();
     index = await DiskIndex.build(options.disk);
+    indexBuildMs = performance.now() - started;
     log(
       `indexed ${options.disk}: ${index.entries} blocks in ${(performance.now() - started).toFixed(0)} ms (${index.alignmentBytes}-byte alignment)`,
     );
@@ -129,6 +133,9 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
       relay: report,
       stream: pruner?.stream() ?? counter?.report() ?? null,
       prune: pruner?.report() ?? null,
+      diskIndex: index
+        ? { entries: index.entries, alignmentBytes: index.alignmentBytes, buildMs: Math.round(indexBuildMs) }
+        : null,
     };
   });
   return { relay, address: relay.address, done, pruneSoFar: () => pruner?.report() ?? null };

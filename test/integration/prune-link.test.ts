@@ -32,12 +32,13 @@ test("QEMU 7.2, kernel 6.1: cache pages rebuilt from the shared disk; only free 
   const p = m.send.prune;
   t.diagnostic(
     `refs ${p?.refs} (not on disk ${p?.cacheMisses}), dropped ${p?.pages.pruned}; receive ${JSON.stringify(m.receive.refs)}; ` +
-      `link ${m.send.relay.channels[0]?.bytesToDestination} B, QEMU ${m.result.info.ram?.transferred} B; ${m.differing} differ`,
+      `index ${JSON.stringify(m.send.diskIndex)}; link ${m.send.relay.channels[0]?.bytesToDestination} B, QEMU ${m.result.info.ram?.transferred} B; ${m.differing} differ`,
   );
   assert.equal(m.result.status, "completed");
   assert.ok((p?.refs ?? 0) > 10_000, "cache pages went as references");
   assert.equal(m.receive.refs.refsResolved, p?.refs, "receive rebuilt every reference from the disk");
   assert.equal(m.receive.refs.refsNacked, 0);
+  assert.ok((m.send.diskIndex?.entries ?? 0) > 49_000, "the shared disk's file blocks were indexed");
   assert.deepEqual(m.differingNotFree, [], "rebuilt cache pages are bit-exact: only free pages differ");
   await m.dst.monitor.execute("cont");
   assert.match(await LabPair.verify(m.dst), /^OK/m);
