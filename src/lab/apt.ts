@@ -5,7 +5,7 @@
  * release, so the lab reaches exactly the registry the machine is configured for.
  */
 import { existsSync } from "node:fs";
-import { mkdir, readdir, readFile, stat, writeFile } from "node:fs/promises";
+import { mkdir, readdir, readFile, rename, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { run } from "./exec.ts";
 import { labDir } from "./paths.ts";
@@ -92,6 +92,18 @@ export async function debianCodename(): Promise<string> {
 
 const LISTS_MAX_AGE_MS = 24 * 3600_000;
 
+/**
+ * Writes a sources file only if its content changed, and then atomically (temporary file + rename): another
+ * process's apt-cache may be reading it at this moment (two lab builds at once, or a benchmark and its child),
+ * and a truncated sources file makes apt forget the backports release mid-run.
+ */
+async function writeIfChanged(path: string, text: string): Promise<void> {
+  if (existsSync(path) && (await readFile(path, "utf8")) === text) return;
+  const temporary = `${path}.${process.pid}.tmp`;
+  await writeFile(temporary, text);
+  await rename(temporary, path);
+}
+
 export class PrivateApt {
   private prepared = false;
 
@@ -143,14 +155,17 @@ export class PrivateApt {
       if (name.endsWith(".sources")) entries.push(...parseDeb822Sources(text));
       else if (name.endsWith(".list")) entries.push(...parseOneLineSources(text));
       else continue;
-      await writeFile(join(partsDir, `system-${name}`), text);
+      await writeIfChanged(join(partsDir, `system-${name}`), text);
     }
     if (existsSync("/etc/apt/sources.list")) {
       const text = await readFile("/etc/apt/sources.list", "utf8");
       entries.push(...parseOneLineSources(text));
-      await writeFile(join(partsDir, "system-sources.list"), text);
+      await writeIfChanged(join(partsDir, "system-sources.list"), text);
     }
-    await writeFile(join(partsDir, "vmprune-backports.sources"), backportsStanza(entries, this.codename));
+    await writeIfChanged(
+      join(partsDir, "vmprune-backports.sources"),
+      backportsStanza(entries, this.codename),
+    );
     const stamp = join(this.root, "lists", "updated");
     const fresh = existsSync(stamp) && Date.now() - (await stat(stamp)).mtimeMs < LISTS_MAX_AGE_MS;
     if (forceUpdate || !fresh) {

@@ -54,6 +54,17 @@ export const MIXED_512M: MixedWorkloadSizes = {
   dirtyFiles: { size: "4M", count: 4 },
 };
 
+/** A page-cache-heavy 512 MiB guest: most data-disk files read (clean cache) or mapped, little else. */
+export const CACHE_HEAVY_512M: MixedWorkloadSizes = {
+  cacheFiles: 10,
+  mappedFiles: 2,
+  anon: "16M",
+  tmpfs: "8M",
+  churn: "32M",
+  churnLoops: 1,
+  dirtyFiles: { size: "1M", count: 1 },
+};
+
 /** Runs the mixed workload; returns what each step printed. */
 export async function runMixedWorkload(
   agent: GuestAgent,

@@ -15,35 +15,43 @@ import { test } from "node:test";
 import { LabPair } from "../../src/lab/lab-vm.ts";
 import { migrateThroughLink } from "../../src/lab/link-oracle.ts";
 import { SendProcess } from "../../src/lab/send-process.ts";
-import { runMixedWorkload } from "../../src/lab/workloads.ts";
+import { CACHE_HEAVY_512M, MIXED_512M, runMixedWorkload } from "../../src/lab/workloads.ts";
 import { MigrationFailed, prepareIncoming, runMigration } from "../../src/qemu/migration.ts";
 
-/** sha256 of the data disk's files as the guest reads them (from its page cache). */
+/** sha256 of the data disk's files (and the scratch file) as the guest reads them, from its page cache. */
 async function dataChecksums(vm: LabPair["src"]): Promise<string> {
-  return (await vm.agent.run("sha256sum /data/*.bin /data/*/*.bin 2>/dev/null | sort", 120_000)).trim();
+  const out = (
+    await vm.agent.run("sha256sum /data/files/* /data/scratch/*.bin 2>/dev/null | sort", 120_000)
+  ).trim();
+  assert.ok(out.split("\n").length >= 12, `checksums of the data files: ${out.slice(0, 200)}`);
+  return out;
 }
 
-test("QEMU 7.2, kernel 6.1: cache pages rebuilt from the shared disk; only free pages differ; files and verify match", async (t) => {
-  const pair = await LabPair.boot({ kernel: "6.1", qemu: "7.2", memoryMiB: 512 });
-  t.after(() => pair.stop());
-  await runMixedWorkload(pair.src.agent);
-  const before = await dataChecksums(pair.src);
-  const m = await migrateThroughLink(pair);
-  const p = m.send.prune;
-  t.diagnostic(
-    `refs ${p?.refs} (not on disk ${p?.cacheMisses}), dropped ${p?.pages.pruned}; receive ${JSON.stringify(m.receive.refs)}; ` +
-      `index ${JSON.stringify(m.send.diskIndex)}; link ${m.send.relay.channels[0]?.bytesToDestination} B, QEMU ${m.result.info.ram?.transferred} B; ${m.differing} differ`,
-  );
-  assert.equal(m.result.status, "completed");
-  assert.ok((p?.refs ?? 0) > 10_000, "cache pages went as references");
-  assert.equal(m.receive.refs.refsResolved, p?.refs, "receive rebuilt every reference from the disk");
-  assert.equal(m.receive.refs.refsNacked, 0);
-  assert.ok((m.send.diskIndex?.entries ?? 0) > 49_000, "the shared disk's file blocks were indexed");
-  assert.deepEqual(m.differingNotFree, [], "rebuilt cache pages are bit-exact: only free pages differ");
-  await m.dst.monitor.execute("cont");
-  assert.match(await LabPair.verify(m.dst), /^OK/m);
-  assert.equal(await dataChecksums(m.dst), before);
-});
+for (const [qemu, kernel, workload, sizes] of [
+  ["7.2", "6.1", "mixed", MIXED_512M],
+  ["10.0", "6.12", "page-cache-heavy", CACHE_HEAVY_512M],
+] as const)
+  test(`QEMU ${qemu}, kernel ${kernel}, ${workload} guest: cache pages rebuilt from the shared disk; only free pages differ; files and verify match`, async (t) => {
+    const pair = await LabPair.boot({ kernel, qemu, memoryMiB: 512 });
+    t.after(() => pair.stop());
+    await runMixedWorkload(pair.src.agent, sizes);
+    const before = await dataChecksums(pair.src);
+    const m = await migrateThroughLink(pair);
+    const p = m.send.prune;
+    t.diagnostic(
+      `refs ${p?.refs} (not on disk ${p?.cacheMisses}), dropped ${p?.pages.pruned}; receive ${JSON.stringify(m.receive.refs)}; ` +
+        `index ${JSON.stringify(m.send.diskIndex)}; link ${m.send.relay.channels[0]?.bytesToDestination} B, QEMU ${m.result.info.ram?.transferred} B; ${m.differing} differ`,
+    );
+    assert.equal(m.result.status, "completed");
+    assert.ok((p?.refs ?? 0) > sizes.cacheFiles * 3_000, "cache pages went as references");
+    assert.equal(m.receive.refs.refsResolved, p?.refs, "receive rebuilt every reference from the disk");
+    assert.equal(m.receive.refs.refsNacked, 0);
+    assert.ok((m.send.diskIndex?.entries ?? 0) > 49_000, "the shared disk's file blocks were indexed");
+    assert.deepEqual(m.differingNotFree, [], "rebuilt cache pages are bit-exact: only free pages differ");
+    await m.dst.monitor.execute("cont");
+    assert.match(await LabPair.verify(m.dst), /^OK/m);
+    assert.equal(await dataChecksums(m.dst), before);
+  });
 
 // QEMU 10.0: the guest writes during the live migration, and QEMU 7.2 under TCG then leaves pages stale on its own
 // (see ram-oracle.test.ts), which a RAM comparison cannot tell from a pruning error.
