@@ -6,6 +6,7 @@ import type { ReceiveReport } from "../migrate/link-receive.ts";
 import type { MigrateProgress, MigrateReport } from "../migrate/migrate.ts";
 import type { SendReport } from "../migrate/send.ts";
 import type { PruneReport } from "../prune/pruning-processor.ts";
+import type { RelayReport } from "../stream/relay.ts";
 import type { StreamSummaryJson } from "../stream/summary.ts";
 
 export function formatBytes(bytes: number): string {
@@ -100,19 +101,24 @@ function countBy(items: string[]): string {
   return [...counts].map(([k, n]) => `${n}× ${k}`).join(", ");
 }
 
+/** A relay's connections: kind, bytes each way (named by the caller), what closed them. */
+function channelTable(relay: RelayReport, directions: [string, string]): string {
+  return table(
+    ["connection", "kind", ...directions, "closed by"],
+    relay.channels.map((c) => [
+      String(c.index),
+      c.kind,
+      formatBytes(c.bytesToDestination),
+      formatBytes(c.bytesToSource),
+      c.closedBy,
+    ]),
+  );
+}
+
 /** `vmprune send`: what was relayed, per connection, and what the main channel carried. */
 export function renderSendReport(r: SendReport): string {
   const lines = [
-    table(
-      ["connection", "kind", "to destination", "to source", "closed by"],
-      r.relay.channels.map((c) => [
-        String(c.index),
-        c.kind,
-        formatBytes(c.bytesToDestination),
-        formatBytes(c.bytesToSource),
-        c.closedBy,
-      ]),
-    ),
+    channelTable(r.relay, ["to destination", "to source"]),
     `relayed in ${(r.relay.durationMs / 1000).toFixed(2)} s`,
   ];
   const s = r.stream;
@@ -219,16 +225,7 @@ export function renderMigrateReport(r: MigrateReport): string {
 /** `vmprune receive`: what was rebuilt and relayed. */
 export function renderReceiveReport(r: ReceiveReport): string {
   const lines = [
-    table(
-      ["connection", "kind", "to QEMU", "return path", "closed by"],
-      r.relay.channels.map((c) => [
-        String(c.index),
-        c.kind,
-        formatBytes(c.bytesToDestination),
-        formatBytes(c.bytesToSource),
-        c.closedBy,
-      ]),
-    ),
+    channelTable(r.relay, ["to QEMU", "return path"]),
     `references: ${r.refs.refsResolved} rebuilt from the disk, ${r.refs.refsNacked} NACKed (${r.refs.pagesReceived} answered with the page)`,
   ];
   if (r.relay.error) lines.push(`ERROR: ${r.relay.error}`);

@@ -5,9 +5,6 @@
  */
 import { randomBytes } from "node:crypto";
 import { join } from "node:path";
-import { CATEGORY } from "../introspect/classifier.ts";
-import { openRawSnapshot } from "../introspect/guest-memory.ts";
-import { classifyGuest } from "../introspect/inspect.ts";
 import { type ReceiveReport, startReceive } from "../migrate/link-receive.ts";
 import { REF_SECTOR_BYTES } from "../migrate/link-send.ts";
 import { type SendReport, startSend } from "../migrate/send.ts";
@@ -23,7 +20,7 @@ import { QmpClient } from "../qemu/qmp.ts";
 import type { Vm } from "../qemu/vm.ts";
 import { BlockReader } from "../storage/block-reader.ts";
 import type { LabPair } from "./lab-vm.ts";
-import { compareRamFiles } from "./ram-compare.ts";
+import { prunedRamOracle } from "./prune-oracle.ts";
 
 export interface LinkedMigration {
   dst: Vm;
@@ -32,9 +29,8 @@ export interface LinkedMigration {
   receive: ReceiveReport;
   differing: number;
   differingNotFree: { pfn: number; category: string }[];
+  finalFree: number;
 }
-
-const CATEGORY_BY_CODE = Object.fromEntries(Object.entries(CATEGORY).map(([name, code]) => [code, name]));
 
 export async function migrateThroughLink(
   pair: LabPair,
@@ -78,24 +74,8 @@ export async function migrateThroughLink(
       ]);
       await waitDestinationState(dst.monitor, "paused");
       const [sent, received] = await Promise.all([send.done, receive.done]);
-      const diff = await compareRamFiles(pair.src.ramPath, dst.ramPath, Number.MAX_SAFE_INTEGER);
-      const memory = openRawSnapshot(pair.src.ramPath);
-      try {
-        const final = classifyGuest(memory, { inferPcpFree: true }).categories;
-        const differingNotFree = diff.differing
-          .filter((pfn) => final[pfn] !== CATEGORY.free)
-          .map((pfn) => ({ pfn, category: CATEGORY_BY_CODE[final[pfn] ?? 0] ?? "?" }));
-        return {
-          dst,
-          result,
-          send: sent,
-          receive: received,
-          differing: diff.differing.length,
-          differingNotFree,
-        };
-      } finally {
-        memory.close();
-      }
+      const oracle = await prunedRamOracle(pair.src.ramPath, dst.ramPath);
+      return { dst, result, send: sent, receive: received, ...oracle };
     } finally {
       await send.relay.close();
     }

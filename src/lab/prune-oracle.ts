@@ -38,6 +38,29 @@ export interface PrunedMigration {
 
 const CATEGORY_BY_CODE = Object.fromEntries(Object.entries(CATEGORY).map(([name, code]) => [code, name]));
 
+/**
+ * Oracle 1 over two paused guests' RAM files: the pages that differ, those of them that are not free in the
+ * source's final classification (must be none), and how many pages are free at the end.
+ */
+export async function prunedRamOracle(
+  srcRam: string,
+  dstRam: string,
+): Promise<Pick<PrunedMigration, "differing" | "differingNotFree" | "finalFree">> {
+  const diff = await compareRamFiles(srcRam, dstRam, Number.MAX_SAFE_INTEGER);
+  const memory = openRawSnapshot(srcRam);
+  try {
+    const final = classifyGuest(memory, { inferPcpFree: true }).categories;
+    const differingNotFree = diff.differing
+      .filter((pfn) => final[pfn] !== CATEGORY.free)
+      .map((pfn) => ({ pfn, category: CATEGORY_BY_CODE[final[pfn] ?? 0] ?? "?" }));
+    let finalFree = 0;
+    for (const c of final) if (c === CATEGORY.free) finalFree++;
+    return { differing: diff.differing.length, differingNotFree, finalFree };
+  } finally {
+    memory.close();
+  }
+}
+
 export async function migrateThroughPruningSend(
   pair: LabPair,
   options: {
@@ -63,19 +86,7 @@ export async function migrateThroughPruningSend(
     const [result] = await Promise.all([migration, options.during?.()]);
     await waitDestinationState(dst.monitor, "paused");
     const sent = await send.wait(60_000);
-    const diff = await compareRamFiles(pair.src.ramPath, dst.ramPath, Number.MAX_SAFE_INTEGER);
-    const memory = openRawSnapshot(pair.src.ramPath);
-    try {
-      const final = classifyGuest(memory, { inferPcpFree: true }).categories;
-      const differingNotFree = diff.differing
-        .filter((pfn) => final[pfn] !== CATEGORY.free)
-        .map((pfn) => ({ pfn, category: CATEGORY_BY_CODE[final[pfn] ?? 0] ?? "?" }));
-      let finalFree = 0;
-      for (const c of final) if (c === CATEGORY.free) finalFree++;
-      return { dst, result, sent, differing: diff.differing.length, differingNotFree, finalFree };
-    } finally {
-      memory.close();
-    }
+    return { dst, result, sent, ...(await prunedRamOracle(pair.src.ramPath, dst.ramPath)) };
   } finally {
     await send.stop();
   }

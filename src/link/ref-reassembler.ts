@@ -58,6 +58,19 @@ export interface ReassemblerStats {
   peakHeldBytes: number;
 }
 
+/** All counters at zero (also the start of a sum over several connections). */
+export function emptyReassemblerStats(): ReassemblerStats {
+  return {
+    refsResolved: 0,
+    refsNacked: 0,
+    pagesReceived: 0,
+    readFailures: 0,
+    dataBytes: 0,
+    bytesToQemu: 0,
+    peakHeldBytes: 0,
+  };
+}
+
 type Held =
   | { kind: "bytes"; bytes: Buffer }
   | { kind: "ref"; refId: number; pageHeader: Buffer; page: Buffer | null }
@@ -78,15 +91,7 @@ export class RefReassembler {
   #ackedRefId = 0;
   #eofSeen = false;
   #ended = false;
-  readonly #stats: ReassemblerStats = {
-    refsResolved: 0,
-    refsNacked: 0,
-    pagesReceived: 0,
-    readFailures: 0,
-    dataBytes: 0,
-    bytesToQemu: 0,
-    peakHeldBytes: 0,
-  };
+  readonly #stats: ReassemblerStats = emptyReassemblerStats();
 
   constructor(options: ReassemblerOptions) {
     this.#resolveRef = options.resolveRef;

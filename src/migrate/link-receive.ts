@@ -12,7 +12,7 @@ import { LinkDecoder } from "../link/decoder.ts";
 import { LinkError } from "../link/errors.ts";
 import { serverHandshake } from "../link/handshake.ts";
 import { CAPABILITY, encodeBytesFrames, encodeMessage, MSG } from "../link/protocol.ts";
-import { type ReassemblerStats, RefReassembler } from "../link/ref-reassembler.ts";
+import { emptyReassemblerStats, type ReassemblerStats, RefReassembler } from "../link/ref-reassembler.ts";
 import type { BlockReader } from "../storage/block-reader.ts";
 import { type ChannelCodec, type CodecOutput, Relay, type RelayReport } from "../stream/relay.ts";
 
@@ -112,15 +112,7 @@ export async function startReceive(options: ReceiveOptions): Promise<RunningRece
     ...(options.log ? { log: options.log } : {}),
   });
   const done = relay.done.then((report) => {
-    const refs: ReassemblerStats = {
-      refsResolved: 0,
-      refsNacked: 0,
-      pagesReceived: 0,
-      readFailures: 0,
-      dataBytes: 0,
-      bytesToQemu: 0,
-      peakHeldBytes: 0,
-    };
+    const refs = emptyReassemblerStats();
     for (const c of codecs) {
       const s = c.stats;
       if (!s) continue;
