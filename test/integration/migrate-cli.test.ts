@@ -22,14 +22,15 @@ function vmprune(args: string[]) {
   });
 }
 
-test("vmprune migrate: --baseline and --drop free migrations that verify; a destination not waiting is refused", async (t) => {
+test("vmprune migrate: --baseline, --drop free and --drop free,cache migrations that verify; a destination not waiting is refused", async (t) => {
   const pair = await LabPair.boot({ kernel: "6.1", qemu: "10.0", memoryMiB: 512 });
   t.after(() => pair.stop());
   await runMixedWorkload(pair.src.agent);
   const bandwidth = String(8 * 1024 ** 3);
 
   const reports: MigrateReport[] = [];
-  for (const mode of [["--baseline"], ["--drop", "free"]]) {
+  const disk = join(pair.diskDir, "data.img");
+  for (const mode of [["--baseline"], ["--drop", "free"], ["--drop", "free,cache", "--disk", disk]]) {
     const dst = await pair.startDestination();
     const { stdout } = await vmprune([
       "migrate",
@@ -68,7 +69,7 @@ test("vmprune migrate: --baseline and --drop free migrations that verify; a dest
       );
     await pair.promoteDestination();
   }
-  const [baseline, pruned] = reports;
+  const [baseline, pruned, withCache] = reports;
   assert.equal(baseline?.mode, "baseline");
   assert.equal(baseline?.prune, null);
   assert.equal(pruned?.mode, "pruned");
@@ -76,5 +77,12 @@ test("vmprune migrate: --baseline and --drop free migrations that verify; a dest
   assert.ok(
     (pruned?.wireBytes ?? 0) < (baseline?.wireBytes ?? 0) * 0.8,
     "the pruned migration put at least 20% fewer bytes on the wire",
+  );
+  // With the cache: vmprune receive ran beside the destination and rebuilt the references from the disk.
+  assert.ok((withCache?.prune?.refs ?? 0) > 10_000, "cache pages went as references");
+  assert.equal(withCache?.receive?.refsResolved, withCache?.prune?.refs);
+  assert.ok(
+    (withCache?.wireBytes ?? 0) < (pruned?.wireBytes ?? 0) * 0.9,
+    "fewer bytes than free pages alone",
   );
 });
