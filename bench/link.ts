@@ -42,7 +42,6 @@
  * Logs go to stderr; stdout gets the table, or with --json the figures.
  */
 
-import { spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { open, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
@@ -57,7 +56,7 @@ import { ensureGuestImage } from "../src/lab/guest-image.ts";
 import { isKernelId, type KernelId } from "../src/lab/kernels.ts";
 import { LabPair } from "../src/lab/lab-vm.ts";
 import { sweepStaleNamespaces } from "../src/lab/netns.ts";
-import { REPO_ROOT } from "../src/lab/paths.ts";
+import { SendProcess } from "../src/lab/send-process.ts";
 import {
   type LinkDescription,
   measureRateOf,
@@ -67,9 +66,7 @@ import {
   txBytesOf,
 } from "../src/lab/shaped-link.ts";
 import { guestMeminfo, runMixedWorkload } from "../src/lab/workloads.ts";
-import { startSend } from "../src/migrate/send.ts";
 import { ensureQemu, isQemuVersion, type QemuVersion } from "../src/qemu/binaries.ts";
-import { trackProcess, untrackProcess } from "../src/qemu/cleanup.ts";
 import {
   type MigrationResult,
   prepareIncoming,
@@ -78,6 +75,7 @@ import {
 } from "../src/qemu/migration.ts";
 import { QmpClient } from "../src/qemu/qmp.ts";
 import { sweepStaleRuns } from "../src/qemu/vm.ts";
+import { migrateThroughInProcessSend } from "./send-run.ts";
 
 const MEMORY_MIB = 512;
 const PAGE_SIZE = 4096;
@@ -121,9 +119,7 @@ export type RowMigrator = (ctx: RowContext) => Promise<
 interface RowSpec {
   name: string;
   balloon?: "free-page-hint";
-  /** Undefined: the row is listed but not run (reason in `missing`). */
-  migrate: RowMigrator | undefined;
-  missing?: string;
+  migrate: RowMigrator;
 }
 
 /** Source QEMU straight to a destination QEMU in the dst namespace, with capabilities and parameters on both. */
@@ -177,32 +173,13 @@ async function migrateVmpruneFree(ctx: RowContext): ReturnType<RowMigrator> {
   const dst = await ctx.pair.startDestination();
   const dstUri = await prepareIncoming(dst.monitor, { incomingUri: `tcp:${ctx.link.dstIp}:0` });
   const port = Number(dstUri.slice(dstUri.lastIndexOf(":") + 1));
-  const toolQmp = await QmpClient.connect(ctx.pair.src.toolQmpPath);
-  try {
-    const send = await startSend({
-      listen: { host: "127.0.0.1", port: 0 },
-      to: { host: ctx.link.dstIp, port },
-      drop: ["free"],
-      guest: { qmp: { client: toolQmp, path: ctx.pair.src.toolQmpPath } },
-    });
-    try {
-      const result = await runMigration(ctx.pair.src.monitor, `tcp:127.0.0.1:${send.address.port}`, {
-        parameters: { "max-bandwidth": MAX_BANDWIDTH },
-      });
-      await waitDestinationState(dst.monitor, "running");
-      const report = await send.done;
-      if (report.relay.error) throw new Error(`vmprune send: ${report.relay.error}`);
-      const prune = report.prune;
-      if (prune?.mode !== "prune")
-        throw new Error(`vmprune send did not prune: ${prune?.degraded ?? "no pruning report"}`);
-      const streamBytes = report.relay.channels.reduce((sum, c) => sum + c.bytesToDestination, 0);
-      return { streamBytes, prunedPages: prune.pages.pruned, result };
-    } finally {
-      await send.relay.close();
-    }
-  } finally {
-    toolQmp.close();
-  }
+  const run = await migrateThroughInProcessSend(ctx.pair, dst, {
+    listenHost: "127.0.0.1",
+    to: { host: ctx.link.dstIp, port },
+    drop: ["free"],
+    parameters: { "max-bandwidth": MAX_BANDWIDTH },
+  });
+  return { streamBytes: run.wireBytes, prunedPages: run.prunedPages, result: run.result };
 }
 
 /**
@@ -218,91 +195,31 @@ async function migrateVmpruneFreeCache(ctx: RowContext): ReturnType<RowMigrator>
   const keyPath = join(ctx.pair.diskDir, "link.key");
   const psk = randomBytes(32);
   await writeFile(keyPath, psk, { mode: 0o600 });
-  const receive = spawn(
-    "ip",
-    [
-      "netns",
-      "exec",
-      ctx.link.dstNetns,
-      process.execPath,
-      "--import",
-      "tsx",
-      join(REPO_ROOT, "src/cli/main.ts"),
-      "receive",
-      "--listen",
-      `${ctx.link.dstIp}:0`,
-      "--to",
-      `127.0.0.1:${port}`,
-      "--link-key",
-      keyPath,
-      "--disk",
-      disk,
-      "--json",
-    ],
-    { stdio: ["ignore", "pipe", "pipe"], cwd: REPO_ROOT },
-  );
-  const pid = receive.pid;
-  if (pid === undefined) throw new Error("cannot start vmprune receive");
-  trackProcess(pid);
-  let stderr = "";
-  let stdout = "";
-  receive.stdout?.setEncoding("utf8").on("data", (d: string) => {
-    stdout += d;
+  const receive = await SendProcess.start({
+    command: "receive",
+    netns: ctx.link.dstNetns,
+    listen: `${ctx.link.dstIp}:0`,
+    to: `127.0.0.1:${port}`,
+    extraArgs: ["--link-key", keyPath, "--disk", disk],
   });
-  const exited = new Promise<void>((resolve) => receive.once("exit", () => resolve()));
   try {
-    const listenPort = await new Promise<number>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`vmprune receive did not listen: ${stderr}`)), 30_000);
-      receive.stderr?.setEncoding("utf8").on("data", (d: string) => {
-        stderr += d;
-        const m = /listening on [\d.]+:(\d+)/.exec(stderr);
-        if (m?.[1]) {
-          clearTimeout(timer);
-          resolve(Number(m[1]));
-        }
-      });
-      receive.once("exit", () => reject(new Error(`vmprune receive exited: ${stderr}`)));
+    const run = await migrateThroughInProcessSend(ctx.pair, dst, {
+      listenHost: "127.0.0.1",
+      to: { host: ctx.link.dstIp, port: receive.listen.port },
+      drop: ["free", "cache"],
+      parameters: { "max-bandwidth": MAX_BANDWIDTH },
+      link: { psk },
+      disk,
     });
-    const toolQmp = await QmpClient.connect(ctx.pair.src.toolQmpPath);
-    try {
-      const send = await startSend({
-        listen: { host: "127.0.0.1", port: 0 },
-        to: { host: ctx.link.dstIp, port: listenPort },
-        drop: ["free", "cache"],
-        guest: { qmp: { client: toolQmp, path: ctx.pair.src.toolQmpPath } },
-        link: { psk },
-        disk,
-      });
-      try {
-        const result = await runMigration(ctx.pair.src.monitor, `tcp:127.0.0.1:${send.address.port}`, {
-          parameters: { "max-bandwidth": MAX_BANDWIDTH },
-        });
-        await waitDestinationState(dst.monitor, "running");
-        const report = await send.done;
-        if (report.relay.error) throw new Error(`vmprune send: ${report.relay.error}`);
-        const prune = report.prune;
-        if (prune?.mode !== "prune")
-          throw new Error(`vmprune send did not prune: ${prune?.degraded ?? "no pruning report"}`);
-        await exited;
-        log(
-          `  receive: ${stdout.length > 0 ? JSON.stringify((JSON.parse(stdout) as { refs: unknown }).refs) : stderr.slice(-300)}`,
-        );
-        const streamBytes = report.relay.channels.reduce((sum, c) => sum + c.bytesToDestination, 0);
-        return { streamBytes, prunedPages: prune.pages.pruned, result };
-      } finally {
-        await send.relay.close();
-      }
-    } finally {
-      toolQmp.close();
-    }
+    const received = await receive.wait(60_000);
+    log(
+      `  receive: ${received.stdout.length > 0 ? JSON.stringify((JSON.parse(received.stdout) as { refs: unknown }).refs) : received.stderr.slice(-300)}`,
+    );
+    return { streamBytes: run.wireBytes, prunedPages: run.prunedPages, result: run.result };
   } finally {
-    if (receive.exitCode === null) receive.kill("SIGKILL");
-    await exited;
-    untrackProcess(pid);
+    await receive.stop();
   }
 }
-
-const FREE_CACHE_ROW: RowMigrator | undefined = migrateVmpruneFreeCache;
 
 const ROWS: readonly RowSpec[] = [
   { name: "plain", migrate: (ctx) => migrateDirect(ctx) },
@@ -310,11 +227,7 @@ const ROWS: readonly RowSpec[] = [
   { name: "xbzrle", migrate: (ctx) => migrateDirect(ctx, { xbzrle: true }) },
   { name: "multifd+zstd", migrate: migrateMultifd },
   { name: "vmprune free", migrate: migrateVmpruneFree },
-  {
-    name: "vmprune free+cache",
-    migrate: FREE_CACHE_ROW,
-    missing: "needs vmprune receive (FREE_CACHE_ROW in bench/link.ts)",
-  },
+  { name: "vmprune free+cache", migrate: migrateVmpruneFreeCache },
 ];
 
 /**
@@ -479,7 +392,6 @@ export async function benchLink(options: BenchOptions): Promise<LinkBenchResult>
   const runs = new Map<string, RunFigures[]>(ROWS.map((r) => [r.name, []]));
   for (let i = 0; i < options.runs; i++) {
     for (const spec of ROWS) {
-      if (!spec.migrate) continue;
       const started = performance.now();
       const figures = await runOnce(spec, spec.migrate, options);
       runs.get(spec.name)?.push(figures);
@@ -520,7 +432,7 @@ export async function benchLink(options: BenchOptions): Promise<LinkBenchResult>
     if (list.length === 0)
       return {
         row: spec.name,
-        missing: spec.missing ?? "not run",
+        missing: "no run completed",
         runs: [],
         targets: { totalTime75PercentLess: "-", bytesWithin10PercentOfIdeal: "-", downtimeAtMostPlain: "-" },
       };

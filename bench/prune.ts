@@ -30,16 +30,10 @@ import { guestBalloon } from "../src/lab/balloon.ts";
 import { isKernelId, type KernelId } from "../src/lab/kernels.ts";
 import { LabPair } from "../src/lab/lab-vm.ts";
 import { guestMeminfo, runMixedWorkload } from "../src/lab/workloads.ts";
-import { startSend } from "../src/migrate/send.ts";
 import { isQemuVersion, type QemuVersion } from "../src/qemu/binaries.ts";
-import {
-  type MigrationResult,
-  prepareIncoming,
-  runMigration,
-  waitDestinationState,
-} from "../src/qemu/migration.ts";
-import { QmpClient } from "../src/qemu/qmp.ts";
+import { type MigrationResult, prepareIncoming } from "../src/qemu/migration.ts";
 import { sweepStaleRuns } from "../src/qemu/vm.ts";
+import { migrateThroughInProcessSend } from "./send-run.ts";
 
 export const ROWS = ["plain", "free-page-hint", "vmprune --drop free"] as const;
 export type Row = (typeof ROWS)[number];
@@ -98,30 +92,12 @@ async function migrateThroughSend(pair: LabPair, freePages: number): Promise<Run
   const dst = await pair.startDestination();
   const dstUri = await prepareIncoming(dst.monitor, { incomingUri: `tcp:${HOST}:0` });
   const port = Number(dstUri.slice(dstUri.lastIndexOf(":") + 1));
-  const toolQmp = await QmpClient.connect(pair.src.toolQmpPath);
-  try {
-    const send = await startSend({
-      listen: { host: HOST, port: 0 },
-      to: { host: HOST, port },
-      drop: ["free"],
-      guest: { qmp: { client: toolQmp, path: pair.src.toolQmpPath } },
-    });
-    try {
-      const result = await runMigration(pair.src.monitor, `tcp:${HOST}:${send.address.port}`, {});
-      await waitDestinationState(dst.monitor, "running");
-      const report = await send.done;
-      if (report.relay.error) throw new Error(`vmprune send: ${report.relay.error}`);
-      const prune = report.prune;
-      if (prune?.mode !== "prune")
-        throw new Error(`vmprune send did not prune: ${prune?.degraded ?? "no pruning report"}`);
-      const wire = report.relay.channels.reduce((sum, c) => sum + c.bytesToDestination, 0);
-      return { ...figuresOf(result, wire, freePages), prunedPages: prune.pages.pruned };
-    } finally {
-      await send.relay.close();
-    }
-  } finally {
-    toolQmp.close();
-  }
+  const run = await migrateThroughInProcessSend(pair, dst, {
+    listenHost: HOST,
+    to: { host: HOST, port },
+    drop: ["free"],
+  });
+  return { ...figuresOf(run.result, run.wireBytes, freePages), prunedPages: run.prunedPages };
 }
 
 async function runOnce(

@@ -6,7 +6,7 @@ import { Command, InvalidArgumentError, Option } from "commander";
 import { CATEGORY_NAMES, type Category } from "../introspect/classifier.ts";
 import { openRawSnapshot } from "../introspect/guest-memory.ts";
 import { classifyGuest } from "../introspect/inspect.ts";
-import { openLiveVmMemory } from "../introspect/live-vm.ts";
+import { describeSources, openLiveVmMemory } from "../introspect/live-vm.ts";
 import { runDemo } from "../lab/demo.ts";
 import { ensureGuestImage } from "../lab/guest-image.ts";
 import { isKernelId, KERNEL_IDS, type KernelId } from "../lab/kernels.ts";
@@ -159,11 +159,7 @@ program
             paused = true;
           }
           const live = await openLiveVmMemory(qmp, socket, opts.pid);
-          log(
-            `guest RAM: ${Object.entries(live.sources)
-              .map(([b, s]) => `${b} from ${s}`)
-              .join(", ")}`,
-          );
+          log(`guest RAM: ${describeSources(live.sources)}`);
           memory = live.memory;
         }
         try {

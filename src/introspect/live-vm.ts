@@ -79,3 +79,10 @@ export async function openLiveVmMemory(qmp: QmpClient, qmpPath: string, pid?: nu
     layout,
   };
 }
+
+/** "ram0 from /dev/shm/..., dimm0 from process 1234": for logs. */
+export function describeSources(sources: Record<string, string>): string {
+  return Object.entries(sources)
+    .map(([block, source]) => `${block} from ${source}`)
+    .join(", ");
+}

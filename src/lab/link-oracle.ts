@@ -14,6 +14,7 @@ import {
   type MigrationResult,
   prepareIncoming,
   runMigration,
+  tcpAddress,
   waitDestinationState,
 } from "../qemu/migration.ts";
 import { QmpClient } from "../qemu/qmp.ts";
@@ -45,11 +46,11 @@ export async function migrateThroughLink(
   const psk = randomBytes(32);
   const dst = await pair.startDestination({ paused: true });
   const dstUri = await prepareIncoming(dst.monitor, { incomingUri: "tcp:127.0.0.1:0" });
-  const [, host = "127.0.0.1", port = "0"] = /^tcp:(.+):(\d+)$/.exec(dstUri) ?? [];
+
   const reader = await BlockReader.open(options.receiveDisk ?? disk, { alignmentBytes: REF_SECTOR_BYTES });
   const receive = await startReceive({
     listen: { host: "127.0.0.1", port: 0 },
-    to: { host, port: Number(port) },
+    to: tcpAddress(dstUri),
     psk,
     disk: reader,
   });

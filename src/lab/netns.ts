@@ -16,6 +16,7 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { Socket } from "node:net";
 import { setTimeout as sleep } from "node:timers/promises";
+import { processAlive } from "../qemu/cleanup.ts";
 import { run } from "./exec.ts";
 
 /** Every namespace the lab creates starts with this, then the owner's PID and a dash. */
@@ -23,15 +24,6 @@ export const NETNS_PREFIX = "vmprune-";
 
 export function isLabNamespace(name: string): boolean {
   return /^vmprune-\d+-[\w-]+$/.test(name);
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 /** Names of all named network namespaces (`ip netns list`), ours or not. */

@@ -12,7 +12,9 @@ import { REPO_ROOT } from "./paths.ts";
 export interface SendResult {
   code: number | null;
   signal: string | null;
+  /** `send`'s JSON report (for `receive`, see `stdout`). */
   report: SendReport | null;
+  stdout: string;
   stderr: string;
 }
 
@@ -43,13 +45,20 @@ export class SendProcess {
     extraArgs?: string[];
     /** `vmprune receive` instead of `send` (same listen/to/--json shape; its report has another shape). */
     command?: "send" | "receive";
+    /** Where it listens (default 127.0.0.1:0). */
+    listen?: string;
+    /** Run it inside this network namespace (`ip netns exec` execs it: the PID stays the vmprune process's). */
+    netns?: string;
   }): Promise<SendProcess> {
     const to = options.to.replace(/^tcp:/, "");
     const command = options.command ?? "send";
-    const args = ["--import", "tsx", join(REPO_ROOT, "src/cli/main.ts"), command, "--listen", "127.0.0.1:0"];
-    args.push("--to", to, "--json", ...(options.capture ? ["--capture", options.capture] : []));
-    args.push(...(options.extraArgs ?? []));
-    const child = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "pipe"], cwd: REPO_ROOT });
+    const args = ["--import", "tsx", join(REPO_ROOT, "src/cli/main.ts"), command];
+    args.push("--listen", options.listen ?? "127.0.0.1:0", "--to", to, "--json");
+    args.push(...(options.capture ? ["--capture", options.capture] : []), ...(options.extraArgs ?? []));
+    const [file, argv] = options.netns
+      ? ["ip", ["netns", "exec", options.netns, process.execPath, ...args]]
+      : [process.execPath, args];
+    const child = spawn(file, argv, { stdio: ["ignore", "pipe", "pipe"], cwd: REPO_ROOT });
     if (child.pid === undefined) throw new Error(`cannot start vmprune ${command}`);
     const pid = child.pid;
     trackProcess(pid);
@@ -77,7 +86,7 @@ export class SendProcess {
         } catch {
           // no report (killed)
         }
-        resolve({ code, signal, report, stderr });
+        resolve({ code, signal, report, stderr, stdout });
       }),
     );
     const timeout = setTimeout(() => child.kill("SIGKILL"), 30_000);

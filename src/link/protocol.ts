@@ -353,7 +353,8 @@ function bytesCodec<M extends Data | Return>(type: M["type"], name: string): Mes
 export const DATA_CODEC = bytesCodec<Data>(MSG.DATA, "DATA");
 export const RETURN_CODEC = bytesCodec<Return>(MSG.RETURN, "RETURN");
 
-const REF_FIXED_BYTES = 8 + 8 + HASH_BYTES;
+/** REF's payload before the page header: refId, blockNumber, SHA-256. */
+export const REF_FIXED_BYTES = 8 + 8 + HASH_BYTES;
 
 export const REF_CODEC: MessageCodec<Ref> = {
   type: MSG.REF,

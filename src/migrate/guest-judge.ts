@@ -8,7 +8,7 @@
 import { statSync } from "node:fs";
 import type { GuestMemory, RamMapping } from "../introspect/guest-memory.ts";
 import { openRawSnapshot } from "../introspect/guest-memory.ts";
-import { openLiveVmMemory } from "../introspect/live-vm.ts";
+import { describeSources, openLiveVmMemory } from "../introspect/live-vm.ts";
 import { IntrospectionJudge, type PageJudge, SnapshotJudge } from "../prune/page-judge.ts";
 import type { QmpClient } from "../qemu/qmp.ts";
 
@@ -55,11 +55,7 @@ export async function openGuestJudge(options: GuestJudgeOptions): Promise<Opened
       const live = await openLiveVmMemory(options.qmp.client, options.qmp.path, options.qmp.pid);
       memory = live.memory;
       layout = live.layout;
-      log(
-        `guest RAM: ${Object.entries(live.sources)
-          .map(([b, s]) => `${b} from ${s}`)
-          .join(", ")}`,
-      );
+      log(`guest RAM: ${describeSources(live.sources)}`);
     } else if (options.guestMemory) {
       const { path, ramBlock = "ram0" } = options.guestMemory;
       memory = openRawSnapshot(path);

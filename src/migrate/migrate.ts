@@ -14,7 +14,7 @@ import { randomBytes } from "node:crypto";
 import type { Category } from "../introspect/classifier.ts";
 import type { ReassemblerStats } from "../link/ref-reassembler.ts";
 import type { PruneReport } from "../prune/pruning-processor.ts";
-import { MigrationFailed, prepareIncoming, runMigration } from "../qemu/migration.ts";
+import { MigrationFailed, prepareIncoming, runMigration, tcpAddress } from "../qemu/migration.ts";
 import { type MigrationInfo, QmpClient } from "../qemu/qmp.ts";
 import { BlockReader } from "../storage/block-reader.ts";
 import type { StreamSummaryJson } from "../stream/summary.ts";
@@ -97,7 +97,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrateReport> {
         `the destination (${options.dstQmp}) is '${dstStatus}', not waiting for a migration: start it with -incoming defer`,
       );
     const dstUri = await prepareIncoming(dst, { incomingUri: "tcp:127.0.0.1:0", capabilities });
-    const [host = "127.0.0.1", port = "0"] = dstUri.replace(/^tcp:/, "").split(/:(?=\d+$)/);
+    const destination = tcpAddress(dstUri);
     // Cache pages need vmprune receive in front of the destination (here in this process, with a fresh key).
     const linked = options.drop.includes("cache");
     if (linked && !options.disk) throw new Error("--drop cache needs the shared disk image (--disk IMAGE)");
@@ -109,7 +109,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrateReport> {
     const receive = reader
       ? await startReceive({
           listen: { host: "127.0.0.1", port: 0 },
-          to: { host, port: Number(port) },
+          to: destination,
           psk,
           disk: reader,
           log,
@@ -117,7 +117,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrateReport> {
       : undefined;
     const send = await startSend({
       listen: { host: "127.0.0.1", port: 0 },
-      to: receive ? receive.address : { host, port: Number(port) },
+      to: receive ? receive.address : destination,
       drop: options.drop,
       guest: {
         qmp: { client: src, path: options.srcQmp, ...(options.srcPid ? { pid: options.srcPid } : {}) },

@@ -4,7 +4,7 @@
  * opened before the relay listens, so the first record is judged like the last.
  */
 import type { Category } from "../introspect/classifier.ts";
-import type { PageRef } from "../prune/page-judge.ts";
+import type { PageJudge } from "../prune/page-judge.ts";
 import { type PruneReport, PruningProcessor } from "../prune/pruning-processor.ts";
 import { DiskIndex } from "../storage/disk-index.ts";
 import { CountingProcessor } from "../stream/counting-processor.ts";
@@ -71,10 +71,18 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
     index = await DiskIndex.build(options.disk);
     indexBuildMs = performance.now() - started;
     log(
-      `indexed ${options.disk}: ${index.entries} blocks in ${(performance.now() - started).toFixed(0)} ms (${index.alignmentBytes}-byte alignment)`,
+      `indexed ${options.disk}: ${index.entries} blocks in ${indexBuildMs.toFixed(0)} ms (${index.alignmentBytes}-byte alignment)`,
     );
   }
   const opened = drop.length > 0 ? await openGuestJudge({ ...options.guest, log }) : null;
+  const judge = opened && typeof opened.judge !== "string" ? opened.judge : undefined;
+  const newPruner = (judgeOrReason: PageJudge | string) =>
+    new PruningProcessor(judgeOrReason, {
+      drop,
+      dryRun: options.dryRun ?? false,
+      ...(index ? { cacheIndex: index } : {}),
+      log,
+    });
   let pruner: PruningProcessor | undefined;
   let counter: CountingProcessor | undefined;
   let relay: Relay;
@@ -84,12 +92,7 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
       to: options.to,
       createMainProcessor: () => {
         if (opened) {
-          pruner = new PruningProcessor(opened.judge, {
-            drop,
-            dryRun: options.dryRun ?? false,
-            ...(index ? { cacheIndex: index } : {}),
-            log,
-          });
+          pruner = newPruner(opened.judge);
           return pruner;
         }
         counter = new CountingProcessor();
@@ -98,21 +101,12 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
       ...(options.link
         ? {
             createChannelCodec: (channel: number) => {
-              const judge = opened && typeof opened.judge !== "string" ? opened.judge : undefined;
-              if (channel === 0)
-                pruner = new PruningProcessor(opened?.judge ?? "no --drop: passthrough", {
-                  drop,
-                  dryRun: options.dryRun ?? false,
-                  ...(index ? { cacheIndex: index } : {}),
-                  log,
-                });
+              if (channel === 0) pruner = newPruner(opened?.judge ?? "no --drop: passthrough");
               const codec = new LinkSendCodec(channel, {
                 psk: (options.link as { psk: Buffer }).psk,
                 ...(channel === 0 && pruner ? { processor: pruner } : {}),
                 ...(index ? { blockOffset: (block: number) => (index as DiskIndex).offsetOf(block) } : {}),
-                ...(judge?.readPage
-                  ? { readPage: (page: PageRef) => (judge.readPage as (p: PageRef) => Buffer)(page) }
-                  : {}),
+                ...(judge?.readPage ? { readPage: judge.readPage.bind(judge) } : {}),
                 log,
               });
               return codec;

@@ -14,6 +14,7 @@
  * otherwise fails the migration (the relay resets both sides, the source keeps running: invariant 5).
  */
 import { CATEGORY, CATEGORY_NAMES, type Category } from "../introspect/classifier.ts";
+import { FRAME_HEADER_BYTES, REF_FIXED_BYTES } from "../link/protocol.ts";
 import { StreamParser } from "../stream/parser.ts";
 import type { RamRecord, StreamRecord } from "../stream/records.ts";
 import type { MainChannelProcessor } from "../stream/relay.ts";
@@ -23,8 +24,8 @@ import type { PageJudge, PageRef } from "./page-judge.ts";
 
 type PageRecord = Extract<RamRecord, { type: "page" }>;
 
-/** A REF frame's fixed part (link/protocol.ts: frame header 5, refId 8, block 8, SHA-256 32), beyond the page header. */
-const REF_OVERHEAD_BYTES = 5 + 8 + 8 + 32;
+/** What a REF frame adds beyond the page header it carries (link/protocol.ts). */
+const REF_OVERHEAD_BYTES = FRAME_HEADER_BYTES + REF_FIXED_BYTES;
 
 /** Where a clean page-cache page's bytes sit on the shared disk (storage/DiskIndex answers this). */
 export interface CacheIndex {

@@ -57,3 +57,13 @@ export function untrackPath(path: string): void {
 export function tracked(): { pids: number[]; paths: string[] } {
   return { pids: [...pids], paths: [...paths] };
 }
+
+/** Whether a process with this PID exists (signal 0: nothing is sent). */
+export function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}

@@ -57,6 +57,13 @@ export async function listenAddress(dst: QmpClient): Promise<string> {
   return `tcp:${address.host}:${address.port}`;
 }
 
+/** Host and port of a "tcp:HOST:PORT" migration URI. */
+export function tcpAddress(uri: string): { host: string; port: number } {
+  const m = /^tcp:(.+):(\d+)$/.exec(uri);
+  if (!m?.[1] || !m[2]) throw new Error(`not a tcp:HOST:PORT migration address: ${uri}`);
+  return { host: m[1], port: Number(m[2]) };
+}
+
 export async function prepareIncoming(
   dst: QmpClient,
   options: Pick<MigrationOptions, "incomingUri" | "capabilities" | "parameters">,

@@ -22,7 +22,7 @@ import { GuestAgent } from "../lab/guest-agent.ts";
 import type { GuestImage } from "../lab/guest-image.ts";
 import { DISK_SERIAL } from "../lab/initramfs.ts";
 import type { QemuBinary } from "./binaries.ts";
-import { trackPath, trackProcess, untrackPath, untrackProcess } from "./cleanup.ts";
+import { processAlive, trackPath, trackProcess, untrackPath, untrackProcess } from "./cleanup.ts";
 import { QmpClient } from "./qmp.ts";
 
 export type Accelerator = "kvm" | "tcg";
@@ -354,15 +354,6 @@ export class Vm {
     }
     rmSync(this.runDir, { recursive: true, force: true });
     untrackPath(this.runDir);
-  }
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
   }
 }
 

@@ -1,0 +1,60 @@
+/**
+ * The benchmarks' vmprune row: the lab pair's source migrates through `startSend` in this process (judging pages
+ * through the source's second QMP socket) to an address on the destination side, and must prune; the figures are
+ * what the relay wrote to the destination. Shared by bench/prune.ts and bench/link.ts.
+ */
+import type { Category } from "../src/introspect/classifier.ts";
+import type { LabPair } from "../src/lab/lab-vm.ts";
+import { startSend } from "../src/migrate/send.ts";
+import { type MigrationResult, runMigration, waitDestinationState } from "../src/qemu/migration.ts";
+import { QmpClient } from "../src/qemu/qmp.ts";
+import type { Vm } from "../src/qemu/vm.ts";
+
+export interface SendRun {
+  result: MigrationResult;
+  /** Bytes the relay wrote towards the destination, all connections. */
+  wireBytes: number;
+  prunedPages: number;
+}
+
+export async function migrateThroughInProcessSend(
+  pair: LabPair,
+  dst: Vm,
+  options: {
+    listenHost: string;
+    to: { host: string; port: number };
+    drop: readonly Category[];
+    parameters?: Record<string, unknown>;
+    link?: { psk: Buffer };
+    disk?: string;
+  },
+): Promise<SendRun> {
+  const toolQmp = await QmpClient.connect(pair.src.toolQmpPath);
+  try {
+    const send = await startSend({
+      listen: { host: options.listenHost, port: 0 },
+      to: options.to,
+      drop: options.drop,
+      guest: { qmp: { client: toolQmp, path: pair.src.toolQmpPath } },
+      ...(options.link ? { link: options.link } : {}),
+      ...(options.disk ? { disk: options.disk } : {}),
+    });
+    try {
+      const result = await runMigration(pair.src.monitor, `tcp:${options.listenHost}:${send.address.port}`, {
+        ...(options.parameters ? { parameters: options.parameters } : {}),
+      });
+      await waitDestinationState(dst.monitor, "running");
+      const report = await send.done;
+      if (report.relay.error) throw new Error(`vmprune send: ${report.relay.error}`);
+      const prune = report.prune;
+      if (prune?.mode !== "prune")
+        throw new Error(`vmprune send did not prune: ${prune?.degraded ?? "no pruning report"}`);
+      const wireBytes = report.relay.channels.reduce((sum, c) => sum + c.bytesToDestination, 0);
+      return { result, wireBytes, prunedPages: prune.pages.pruned };
+    } finally {
+      await send.relay.close();
+    }
+  } finally {
+    toolQmp.close();
+  }
+}
