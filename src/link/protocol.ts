@@ -90,8 +90,13 @@ export const FRAME_HEADER_BYTES = 5;
 export const MAX_PAYLOAD_BYTES = 1024 * 1024;
 /** Bytes receive tolerates past its announced window: what send may have taken in one read before it stops. */
 export const WINDOW_SLACK_BYTES = 1024 * 1024;
-/** The window receive announces unless told otherwise (stream rule 3). */
-export const DEFAULT_WINDOW_BYTES = 16 * 1024 * 1024;
+/**
+ * The window receive announces unless told otherwise (stream rule 3): what receive may have to hold while one REF
+ * waits for its PAGE_DATA. It must exceed what can be in flight between send's relay and receive (send reads up
+ * to 64 MiB ahead of the link, migrate/send.ts GUARDED_READ_AHEAD_BYTES, plus a few MiB of socket buffers), or
+ * the window, not the link, would stall send after a free stretch.
+ */
+export const DEFAULT_WINDOW_BYTES = 96 * 1024 * 1024;
 /** Guest page = disk block size that REF and PAGE_DATA describe (x86-64 TARGET_PAGE_SIZE). */
 export const PAGE_BYTES = 4096;
 export const NONCE_BYTES = 32;

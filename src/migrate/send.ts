@@ -11,12 +11,23 @@ import { CountingProcessor } from "../stream/counting-processor.ts";
 import { Relay, type RelayReport } from "../stream/relay.ts";
 import type { StreamSummaryJson } from "../stream/summary.ts";
 import { type GuestJudgeOptions, openGuestJudge } from "./guest-judge.ts";
+import { LinkRateMeter } from "./link-rate.ts";
 import { LinkSendCodec } from "./link-send.ts";
+import { SwitchoverGuard, type SwitchoverGuardReport } from "./switchover-guard.ts";
 
 /** Categories `send` can drop on its own (a plain QEMU destination rebuilds nothing). */
 export const DROPPABLE_WITHOUT_RECEIVER: readonly Category[] = ["free"];
 /** With `vmprune receive` on the other side, clean cache pages too (rebuilt from the shared disk). */
 export const DROPPABLE_WITH_RECEIVER: readonly Category[] = ["free", "cache"];
+
+/**
+ * How far the relay may read ahead of the link while the switchover guard accounts for its backlog. The source
+ * QEMU emits pruned stretches (free pages) slower than the link would carry their replacement, and dense
+ * stretches faster: with room to read ahead, the link keeps draining the dense bytes while QEMU walks the free
+ * ones, instead of idling (about 0.5 s per 100 MB of free pages at QEMU's 150-380 MB/s here). 64 MiB is half a
+ * second of a 1 Gbit/s link. Without the guard the relay keeps its default bound (Relay rule 5).
+ */
+export const GUARDED_READ_AHEAD_BYTES = 64 * 1024 * 1024;
 
 export interface SendOptions {
   listen: { host: string; port: number };
@@ -30,6 +41,11 @@ export interface SendOptions {
   link?: { psk: Buffer };
   /** The shared disk image (raw), indexed for cache pages (with `link` and drop "cache"). */
   disk?: string;
+  /**
+   * Tell the source QEMU the link's measured rate for its switchover decision (switchover-guard.ts), through
+   * `guest.qmp`, while pruning. Default true; without it QEMU judges by the rate it writes into the relay.
+   */
+  guardSwitchover?: boolean;
   log?: (line: string) => void;
 }
 
@@ -41,6 +57,8 @@ export interface SendReport {
   prune: PruneReport | null;
   /** The shared disk's index (with --drop cache): blocks indexed, alignment, build time. */
   diskIndex: { entries: number; alignmentBytes: number; buildMs: number } | null;
+  /** What the switchover guard told the source QEMU (null when it did not run). */
+  switchover: SwitchoverGuardReport | null;
 }
 
 export interface RunningSend {
@@ -83,6 +101,7 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
       ...(index ? { cacheIndex: index } : {}),
       log,
     });
+  const guardQmp = options.guardSwitchover !== false && judge ? options.guest?.qmp?.client : undefined;
   let pruner: PruningProcessor | undefined;
   let counter: CountingProcessor | undefined;
   let relay: Relay;
@@ -114,13 +133,33 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
           }
         : {}),
       ...(options.capturePath ? { capturePath: options.capturePath } : {}),
+      ...(guardQmp ? { maxBufferedBytes: GUARDED_READ_AHEAD_BYTES } : {}),
       log,
     });
   } catch (error) {
     opened?.close();
     throw error;
   }
+  let guard: SwitchoverGuard | undefined;
+  if (guardQmp) {
+    const meter = new LinkRateMeter();
+    const started = relay;
+    try {
+      guard = await SwitchoverGuard.start({
+        qmp: guardQmp,
+        link: () => {
+          const drain = started.upstreamDrain();
+          meter.sample(performance.now(), drain);
+          return { bytesPerSecond: meter.bytesPerSecond, backlogBytes: drain.queuedBytes };
+        },
+        log,
+      });
+    } catch (error) {
+      log(`switchover guard not started: ${error instanceof Error ? error.message : String(error)}`);
+    }
+  }
   const done = relay.done.then(async (report) => {
+    const switchover = (await guard?.stop()) ?? null;
     opened?.close();
     await index?.close();
     return {
@@ -130,6 +169,7 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
       diskIndex: index
         ? { entries: index.entries, alignmentBytes: index.alignmentBytes, buildMs: Math.round(indexBuildMs) }
         : null,
+      switchover,
     };
   });
   return { relay, address: relay.address, done, pruneSoFar: () => pruner?.report() ?? null };

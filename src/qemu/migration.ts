@@ -4,7 +4,7 @@
  * QEMU reports an end state. Only QEMU's own path; vmprune's relay sits between the two URIs it is given.
  */
 import { setTimeout as sleep } from "node:timers/promises";
-import type { MigrationInfo, QmpClient } from "./qmp.ts";
+import type { MigrationInfo, QmpClient, QmpEvent } from "./qmp.ts";
 
 export interface MigrationOptions {
   /** Where the destination listens, e.g. "tcp:127.0.0.1:0" (port 0: QEMU picks one; see listenAddress). */
@@ -147,4 +147,40 @@ export async function waitDestinationState(
 /** Waits until the destination runs the guest (QEMU resumes it after the last RAM and device state). */
 export function waitRunning(qmp: QmpClient, timeoutMs = 30_000): Promise<void> {
   return waitDestinationState(qmp, "running", timeoutMs);
+}
+
+/** QMP event timestamps are the host's wall clock (seconds and microseconds since the epoch), in ms. */
+function eventMs(event: QmpEvent): number {
+  return event.timestamp.seconds * 1000 + event.timestamp.microseconds / 1000;
+}
+
+/** How long the guest did not run across a migration, as both QEMUs' own events time it. */
+export interface GuestPause {
+  /** The source's STOP (QEMU stops the guest to switch over), host wall clock in ms. */
+  stoppedAtMs: number;
+  /** The destination's RESUME, host wall clock in ms. */
+  resumedAtMs: number;
+  /** resumedAtMs − stoppedAtMs: what the guest lived through, relay and link included (QEMU's `downtime` ends
+   *  when the source has written its last byte, which with a relay between is not when the destination runs). */
+  pauseMs: number;
+}
+
+/**
+ * The guest's pause across a migration started at `sinceMs` (host wall clock, Date.now()): the source's last STOP
+ * at or after it and the destination's first RESUME after that. Only meaningful when source and destination run
+ * on one host clock (the lab); call it after the destination runs.
+ */
+export async function guestPause(
+  src: QmpClient,
+  dst: QmpClient,
+  sinceMs: number,
+  timeoutMs = 5_000,
+): Promise<GuestPause> {
+  const stops = src.events().filter((e) => e.event === "STOP" && eventMs(e) >= sinceMs);
+  const stop = stops[stops.length - 1];
+  if (!stop) throw new Error("the source sent no STOP event since the migration started");
+  const stoppedAtMs = eventMs(stop);
+  const resume = await dst.waitEvent("RESUME", (e) => eventMs(e) >= stoppedAtMs, timeoutMs);
+  const resumedAtMs = eventMs(resume);
+  return { stoppedAtMs, resumedAtMs, pauseMs: resumedAtMs - stoppedAtMs };
 }

@@ -127,6 +127,12 @@ export interface RelayReport {
 
 export type ChannelKind = ChannelReport["kind"];
 
+/** Towards the destination, all channels: what the kernel took, and what still waits in the relay's buffers. */
+export interface UpstreamDrain {
+  sentBytes: number;
+  queuedBytes: number;
+}
+
 /** The first 4 bytes of a multifd channel (`MultiFDInit_t.magic`, §5.1). */
 export const MULTIFD_MAGIC = 0x11223344;
 /** The first 4 bytes of the main channel, "QEVM" (§3.1). */
@@ -300,6 +306,13 @@ class Channel {
     const up = this.#upstream;
     const source = this.#source;
     return source.writableLength + source.readableLength + (up ? up.writableLength + up.readableLength : 0);
+  }
+
+  /** Upstream bytes handed to the kernel so far, and bytes still queued in user space (waiting for the link). */
+  upstreamDrain(): UpstreamDrain {
+    const up = this.#upstream;
+    if (!up) return { sentBytes: 0, queuedBytes: 0 };
+    return { sentBytes: up.bytesWritten - up.writableLength, queuedBytes: up.writableLength };
   }
 
   report(): ChannelReport {
@@ -519,6 +532,17 @@ export class Relay {
     let bufferedBytes = this.#capture?.writableLength ?? 0;
     for (const channel of this.#channels) bufferedBytes += channel.buffered();
     return { bufferedBytes, peakDirectionBytes: this.#peakBuffered };
+  }
+
+  /** Upstream bytes so far, summed over channels (see {@link UpstreamDrain}): lets a caller measure the link. */
+  upstreamDrain(): UpstreamDrain {
+    const total = { sentBytes: 0, queuedBytes: 0 };
+    for (const channel of this.#channels) {
+      const d = channel.upstreamDrain();
+      total.sentBytes += d.sentBytes;
+      total.queuedBytes += d.queuedBytes;
+    }
+    return total;
   }
 
   /** Stops listening and destroys any connections; `done` then resolves. */

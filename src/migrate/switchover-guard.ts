@@ -1,0 +1,190 @@
+/**
+ * Keeps the source QEMU's switchover decision true to the link when a relay prunes.
+ *
+ * QEMU stops the guest once the dirty bytes it still has to send fit into `downtime-limit` at the bandwidth it
+ * measures: threshold = bandwidth × downtime-limit, re-estimated every 100 ms from what the migration wrote
+ * (QEMU 7.2: migration/migration.c migration_update_counters; 10.0: migration/migration.c the same, with
+ * migration_iteration_run comparing the pending estimate against it). Behind `vmprune send` that is the rate the
+ * source writes *into the relay*, and through pruned stretches the relay takes bytes far faster than the link
+ * carries them (QEMU measured 150-380 MB/s here against a 1 Gbit/s link). So QEMU stops the guest with far more
+ * left than the link can carry within the limit, and the guest's pause grows by the difference.
+ *
+ * The guard tells QEMU the link's real rate, measured by the relay (link-rate.ts), scaled down by the relay's own
+ * backlog: bytes the relay still holds for the link are downtime too if the guest stops now, and QEMU's pending
+ * estimate (query-migrate `ram.remaining`) does not count them. So QEMU gets
+ *   rate × remaining / (remaining + backlog),
+ * which makes its test `remaining / rate' ≤ limit` the same as `(remaining + backlog) / rate ≤ limit`:
+ * - QEMU ≥ 8.2: migration parameter `avail-switchover-bandwidth` (bytes/s; qapi/migration.json, "Since 8.2":
+ *   used only for the switchover decision, not a limit).
+ * - Older QEMU (7.2): the threshold can only be moved through `downtime-limit`, so while the migration is active
+ *   the guard sets it to operatorLimit × linkRate / QEMU's measured rate (query-migrate `ram.mbps`), never above
+ *   the operator's limit, at least 1 ms. A `downtime-limit` someone else sets meanwhile becomes the new
+ *   operator's limit.
+ * Both are put back as they were when the guard stops (the source keeps running if the migration fails).
+ */
+import type { QmpClient } from "../qemu/qmp.ts";
+
+/** How often the guard samples the link and, when needed, corrects QEMU (QEMU re-estimates every 100 ms). */
+export const GUARD_INTERVAL_MS = 100;
+/** A new link estimate is passed on only if it differs this much from the one QEMU has (fewer QMP calls). */
+const RATE_CHANGE = 0.1;
+
+export type GuardMode = "avail-switchover-bandwidth" | "downtime-limit";
+
+export interface SwitchoverGuardReport {
+  mode: GuardMode;
+  /** The link's measured rate (bytes/s), or null if no link-bound window was ever seen. */
+  linkBytesPerSecond: number | null;
+  /** The lowest rate given to QEMU (backlog included), bytes/s; null if none was given. */
+  lowestGivenBytesPerSecond: number | null;
+  /** How many times QEMU's parameters were set. */
+  updates: number;
+  /** downtime-limit mode: the lowest limit set (ms), null if never lowered. */
+  lowestDowntimeLimitMs: number | null;
+  /** QMP calls that failed (the guard keeps going; the source QEMU decides as it would without it). */
+  errors: number;
+}
+
+/** What the relay knows of the link now. */
+export interface LinkState {
+  /** Measured capacity (link-rate.ts), undefined until known. */
+  bytesPerSecond: number | undefined;
+  /** Bytes the relay holds for the link, not yet handed to the kernel. */
+  backlogBytes: number;
+}
+
+interface MigrationParameters {
+  "avail-switchover-bandwidth"?: number;
+  "downtime-limit"?: number;
+}
+
+export class SwitchoverGuard {
+  private timer: NodeJS.Timeout | undefined;
+  private ticking: Promise<void> = Promise.resolve();
+  private busy = false;
+  private givenRate: number | undefined;
+  private lowestGiven: number | undefined;
+  private lastLinkRate: number | undefined;
+  private updates = 0;
+  private operatorLimit: number;
+  private setLimit: number | undefined;
+  private lowestLimit: number | undefined;
+  private errors = 0;
+
+  private constructor(
+    private readonly qmp: QmpClient,
+    readonly mode: GuardMode,
+    private readonly original: MigrationParameters,
+    private readonly link: () => LinkState,
+    private readonly log: (line: string) => void,
+  ) {
+    this.operatorLimit = original["downtime-limit"] ?? 300;
+  }
+
+  /**
+   * Starts guarding the QEMU behind `qmp` (the source). `link` is called every {@link GUARD_INTERVAL_MS}; while
+   * its rate is unknown QEMU decides on its own.
+   */
+  static async start(options: {
+    qmp: QmpClient;
+    link: () => LinkState;
+    log?: (line: string) => void;
+  }): Promise<SwitchoverGuard> {
+    const parameters = (await options.qmp.executeUntyped("query-migrate-parameters")) as MigrationParameters;
+    const mode: GuardMode =
+      parameters["avail-switchover-bandwidth"] !== undefined
+        ? "avail-switchover-bandwidth"
+        : "downtime-limit";
+    const guard = new SwitchoverGuard(
+      options.qmp,
+      mode,
+      parameters,
+      options.link,
+      options.log ?? (() => undefined),
+    );
+    guard.timer = setInterval(() => {
+      if (guard.busy) return; // a slow QMP answer: skip this round rather than queue behind it
+      guard.busy = true;
+      guard.ticking = guard.tick().finally(() => {
+        guard.busy = false;
+      });
+    }, GUARD_INTERVAL_MS);
+    guard.timer.unref();
+    return guard;
+  }
+
+  private async tick(): Promise<void> {
+    const { bytesPerSecond, backlogBytes } = this.link();
+    if (bytesPerSecond === undefined) return;
+    this.lastLinkRate = bytesPerSecond;
+    try {
+      const info = await this.qmp.execute("query-migrate");
+      if (info.status !== "active") return;
+      const remaining = info.ram?.remaining ?? 0;
+      const rate = remaining > 0 ? (bytesPerSecond * remaining) / (remaining + backlogBytes) : bytesPerSecond;
+      if (this.mode === "avail-switchover-bandwidth") await this.tickAvail(rate);
+      else await this.tickDowntime(rate, ((info.ram?.mbps ?? 0) * 1e6) / 8);
+    } catch (error) {
+      this.errors++;
+      if (this.errors === 1)
+        this.log(`switchover guard: ${error instanceof Error ? error.message : String(error)}`);
+    }
+  }
+
+  private async tickAvail(rate: number): Promise<void> {
+    if (this.givenRate !== undefined && Math.abs(rate - this.givenRate) <= RATE_CHANGE * this.givenRate)
+      return;
+    const bytesPerSecond = Math.max(1, Math.round(rate));
+    await this.qmp.execute("migrate-set-parameters", { "avail-switchover-bandwidth": bytesPerSecond });
+    if (this.givenRate === undefined)
+      this.log(`switchover guard: link drains ${(bytesPerSecond / 1e6).toFixed(1)} MB/s; told QEMU`);
+    this.given(bytesPerSecond);
+  }
+
+  private given(rate: number): void {
+    this.givenRate = rate;
+    this.updates++;
+    if (rate < (this.lowestGiven ?? Number.POSITIVE_INFINITY)) this.lowestGiven = rate;
+  }
+
+  private async tickDowntime(rate: number, qemuRate: number): Promise<void> {
+    const current = ((await this.qmp.executeUntyped("query-migrate-parameters")) as MigrationParameters)[
+      "downtime-limit"
+    ];
+    if (current !== undefined && current !== this.setLimit) this.operatorLimit = current;
+    const want =
+      qemuRate > rate ? Math.max(1, Math.floor((this.operatorLimit * rate) / qemuRate)) : this.operatorLimit;
+    if (want === current) return;
+    await this.qmp.execute("migrate-set-parameters", { "downtime-limit": want });
+    this.setLimit = want;
+    this.given(rate);
+    if (want < (this.lowestLimit ?? Number.POSITIVE_INFINITY)) this.lowestLimit = want;
+  }
+
+  /** Stops, and puts QEMU's parameters back as they were (errors only logged: the source may be gone). */
+  async stop(): Promise<SwitchoverGuardReport> {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = undefined;
+    await this.ticking;
+    try {
+      if (this.mode === "avail-switchover-bandwidth" && this.givenRate !== undefined)
+        await this.qmp.execute("migrate-set-parameters", {
+          "avail-switchover-bandwidth": this.original["avail-switchover-bandwidth"] ?? 0,
+        });
+      if (this.mode === "downtime-limit" && this.setLimit !== undefined)
+        await this.qmp.execute("migrate-set-parameters", { "downtime-limit": this.operatorLimit });
+    } catch (error) {
+      this.log(
+        `switchover guard: could not restore the source's parameters: ${error instanceof Error ? error.message : String(error)}`,
+      );
+    }
+    return {
+      mode: this.mode,
+      linkBytesPerSecond: this.lastLinkRate ?? null,
+      lowestGivenBytesPerSecond: this.lowestGiven ?? null,
+      updates: this.updates,
+      lowestDowntimeLimitMs: this.lowestLimit ?? null,
+      errors: this.errors,
+    };
+  }
+}
