@@ -216,9 +216,15 @@ program
   )
   .option("--disk <image>", "the shared raw disk image, indexed to send clean cache pages as references")
   .option("--capture <file>", "also write the main channel's stream, as received, to this file")
+  .option(
+    "--no-switchover-guard",
+    "with --drop and --qmp: do not tell the source QEMU the link's measured rate for its switchover decision " +
+      "(the guard holds the --qmp socket until the migration ends; without it the socket is freed after setup)",
+  )
   .option("--json", "print the report as JSON")
   .action(
     async (opts: {
+      switchoverGuard: boolean;
       listen: { host: string; port: number };
       to: { host: string; port: number };
       drop?: Category[];
@@ -253,12 +259,20 @@ program
           ...(opts.capture ? { capturePath: opts.capture } : {}),
           ...(opts.linkKey ? { link: { psk: await readKey(opts.linkKey) } } : {}),
           ...(opts.disk ? { disk: opts.disk } : {}),
+          guardSwitchover: opts.switchoverGuard,
           log,
         });
-      } finally {
-        // The monitor is only needed to set up: leave it free for the operator while the migration runs.
+      } catch (error) {
         qmp?.close();
+        throw error;
       }
+      // Without the switchover guard the monitor is only needed to set up: free it for the operator at once.
+      const guarding = opts.switchoverGuard && opts.drop !== undefined && qmp !== undefined;
+      if (guarding)
+        log(
+          `holding ${opts.qmp} for the switchover guard until the migration ends (--no-switchover-guard frees it)`,
+        );
+      else qmp?.close();
       const { host, port } = send.address;
       const mode = opts.drop
         ? `dropping ${opts.drop.join(",")}${opts.dryRun ? " (dry run)" : ""}`
@@ -270,6 +284,7 @@ program
       process.once("SIGINT", stop);
       process.once("SIGTERM", stop);
       const result = await send.done;
+      qmp?.close();
       process.stdout.write(opts.json ? `${JSON.stringify(result, null, 2)}\n` : renderSendReport(result));
       if (result.relay.error) process.exitCode = 1;
     },

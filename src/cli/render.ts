@@ -5,6 +5,7 @@ import type { DemoResult, DemoRun } from "../lab/demo.ts";
 import type { ReceiveReport } from "../migrate/link-receive.ts";
 import type { MigrateProgress, MigrateReport } from "../migrate/migrate.ts";
 import type { SendReport } from "../migrate/send.ts";
+import type { SwitchoverGuardReport } from "../migrate/switchover-guard.ts";
 import type { PruneReport } from "../prune/pruning-processor.ts";
 import type { RelayReport } from "../stream/relay.ts";
 import type { StreamSummaryJson } from "../stream/summary.ts";
@@ -137,6 +138,7 @@ export function renderSendReport(r: SendReport): string {
     lines.push(
       `shared disk index: ${r.diskIndex.entries} blocks (${r.diskIndex.alignmentBytes}-byte alignment) built in ${r.diskIndex.buildMs} ms`,
     );
+  if (r.switchover) lines.push(renderSwitchover(r.switchover));
   if (r.relay.error) lines.push(`ERROR: ${r.relay.error}`);
   return `${lines.join("\n")}\n`;
 }
@@ -230,4 +232,16 @@ export function renderReceiveReport(r: ReceiveReport): string {
   ];
   if (r.relay.error) lines.push(`ERROR: ${r.relay.error}`);
   return `${lines.join("\n")}\n`;
+}
+
+/** What the switchover guard told the source QEMU (migrate/switchover-guard.ts). */
+export function renderSwitchover(g: SwitchoverGuardReport): string {
+  if (g.linkBytesPerSecond === null)
+    return "switchover guard: no link-bound stretch measured; QEMU decided on its own estimate";
+  const mb = (bytesPerSecond: number) => `${(bytesPerSecond / 1e6).toFixed(1)} MB/s`;
+  const told =
+    g.mode === "avail-switchover-bandwidth"
+      ? `avail-switchover-bandwidth set ${g.updates} times, lowest ${mb(g.lowestGivenBytesPerSecond ?? 0)} (backlog counted)`
+      : `downtime-limit lowered ${g.updates} times, to ${g.lowestDowntimeLimitMs ?? "-"} ms at least`;
+  return `switchover guard: link measured at ${mb(g.linkBytesPerSecond)}; ${told}${g.errors > 0 ? `; ${g.errors} QMP errors` : ""}`;
 }

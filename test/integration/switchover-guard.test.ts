@@ -1,0 +1,135 @@
+/**
+ * The switchover guard against real QEMUs, during a real (slow) migration of a booted guest to `exec:cat`:
+ * - QEMU 10.0: `avail-switchover-bandwidth` becomes the link's rate, scaled by remaining / (remaining + backlog)
+ *   with the remaining bytes QEMU itself reports, and goes back to 0 when the guard stops.
+ * - QEMU 7.2 (no such parameter): `downtime-limit` is lowered to limit × link rate / QEMU's measured rate while
+ *   the migration is active, follows a limit the operator sets meanwhile, and is put back when the guard stops.
+ * The migration is cancelled afterwards; the source keeps running and passes `verify`.
+ */
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { setTimeout as sleep } from "node:timers/promises";
+import { LabPair } from "../../src/lab/lab-vm.ts";
+import { workload } from "../../src/lab/workloads.ts";
+import type { LinkState } from "../../src/migrate/switchover-guard.ts";
+import { SwitchoverGuard } from "../../src/migrate/switchover-guard.ts";
+import type { QemuVersion } from "../../src/qemu/binaries.ts";
+import { QmpClient } from "../../src/qemu/qmp.ts";
+
+/** Slow enough that the migration stays active for the whole test (the guest has ~60 MiB of non-zero pages). */
+const MAX_BANDWIDTH = 4_000_000;
+
+async function parameters(qmp: QmpClient): Promise<Record<string, number>> {
+  return (await qmp.executeUntyped("query-migrate-parameters")) as Record<string, number>;
+}
+
+/** Polls until `check` holds (QMP state the guard sets on its 100 ms ticks), or fails with the last value. */
+async function until<T>(read: () => Promise<T>, check: (v: T) => boolean, what: string): Promise<T> {
+  let last: T | undefined;
+  for (let i = 0; i < 50; i++) {
+    last = await read();
+    if (check(last)) return last;
+    await sleep(100);
+  }
+  assert.fail(`${what}: last ${JSON.stringify(last)}`);
+}
+
+async function withMigratingGuest(
+  qemu: QemuVersion,
+  body: (pair: LabPair, tool: QmpClient) => Promise<void>,
+): Promise<void> {
+  const pair = await LabPair.boot({ kernel: "6.1", qemu, memoryMiB: 256 });
+  try {
+    await pair.src.agent.run(workload.anon("48M"), 120_000);
+    const tool = await QmpClient.connect(pair.src.toolQmpPath);
+    try {
+      await pair.src.monitor.execute("migrate-set-parameters", { "max-bandwidth": MAX_BANDWIDTH });
+      await pair.src.monitor.execute("migrate", { uri: "exec:cat > /dev/null" });
+      await until(
+        () => pair.src.monitor.execute("query-migrate"),
+        (i) => i.status === "active" && (i.ram?.mbps ?? 0) > 0,
+        "the migration is active and measured",
+      );
+      await body(pair, tool);
+    } finally {
+      await pair.src.monitor.execute("migrate_cancel").catch(() => undefined);
+      tool.close();
+    }
+    await until(
+      () => pair.src.monitor.execute("query-status"),
+      (s) => s.status === "running",
+      "the source runs again after the cancel",
+    );
+    assert.match(await LabPair.verify(pair.src), /^OK [1-9]\d* checks/);
+  } finally {
+    await pair.stop();
+  }
+}
+
+test("QEMU 10.0: avail-switchover-bandwidth follows the link's rate and the relay's backlog, then is restored", async () => {
+  await withMigratingGuest("10.0", async (pair, tool) => {
+    assert.equal((await parameters(pair.src.monitor))["avail-switchover-bandwidth"], 0, "QEMU's default");
+    const link: LinkState = { bytesPerSecond: undefined, backlogBytes: 0 };
+    const guard = await SwitchoverGuard.start({ qmp: tool, link: () => link });
+    assert.equal(guard.mode, "avail-switchover-bandwidth");
+    await sleep(400);
+    assert.equal(
+      (await parameters(pair.src.monitor))["avail-switchover-bandwidth"],
+      0,
+      "no link-bound window yet: QEMU decides on its own",
+    );
+    link.bytesPerSecond = 50_000_000;
+    await until(
+      () => parameters(pair.src.monitor),
+      (p) => p["avail-switchover-bandwidth"] === 50_000_000,
+      "the link's rate with no backlog",
+    );
+    // A backlog as large as what QEMU still has to send halves the rate QEMU may count on.
+    const remaining = (await pair.src.monitor.execute("query-migrate")).ram?.remaining ?? 0;
+    assert.ok(remaining > 0, "QEMU reports remaining bytes");
+    link.backlogBytes = remaining;
+    const scaled = await until(
+      () => parameters(pair.src.monitor),
+      (p) => (p["avail-switchover-bandwidth"] ?? 0) < 40_000_000,
+      "the rate scaled down by the backlog",
+    );
+    const given = scaled["avail-switchover-bandwidth"] ?? 0;
+    assert.ok(given >= 20_000_000 && given <= 30_000_000, `about half of 50 MB/s, got ${given}`);
+    const report = await guard.stop();
+    assert.equal(report.linkBytesPerSecond, 50_000_000);
+    assert.ok((report.lowestGivenBytesPerSecond ?? 0) <= 30_000_000);
+    assert.ok(report.updates >= 2);
+    assert.equal(report.errors, 0);
+    assert.equal((await parameters(pair.src.monitor))["avail-switchover-bandwidth"], 0, "restored");
+  });
+});
+
+test("QEMU 7.2: downtime-limit scaled by link rate / QEMU's rate while active, follows the operator, restored", async () => {
+  await withMigratingGuest("7.2", async (pair, tool) => {
+    assert.equal((await parameters(pair.src.monitor))["avail-switchover-bandwidth"], undefined, "7.2 has none");
+    // QEMU writes at about MAX_BANDWIDTH; a link a quarter as fast means a quarter of the limit.
+    const guard = await SwitchoverGuard.start({
+      qmp: tool,
+      link: () => ({ bytesPerSecond: MAX_BANDWIDTH / 4, backlogBytes: 0 }),
+    });
+    assert.equal(guard.mode, "downtime-limit");
+    const lowered = await until(
+      () => parameters(pair.src.monitor),
+      (p) => (p["downtime-limit"] ?? 300) < 300,
+      "downtime-limit lowered",
+    );
+    const limit = lowered["downtime-limit"] ?? 0;
+    assert.ok(limit >= 30 && limit <= 150, `about 300 / 4 ms, got ${limit}`);
+    // The operator sets another limit meanwhile: the guard scales that one, and restores it.
+    await pair.src.monitor.execute("migrate-set-parameters", { "downtime-limit": 1000 });
+    await until(
+      () => parameters(pair.src.monitor),
+      (p) => (p["downtime-limit"] ?? 0) >= 100 && (p["downtime-limit"] ?? 0) <= 500,
+      "the operator's 1000 ms scaled",
+    );
+    const report = await guard.stop();
+    assert.equal(report.mode, "downtime-limit");
+    assert.ok((report.lowestDowntimeLimitMs ?? 300) < 300);
+    assert.equal((await parameters(pair.src.monitor))["downtime-limit"], 1000, "the operator's limit restored");
+  });
+});
