@@ -241,7 +241,7 @@ export function renderSwitchover(g: SwitchoverGuardReport): string {
   const mb = (bytesPerSecond: number) => `${(bytesPerSecond / 1e6).toFixed(1)} MB/s`;
   const told =
     g.mode === "avail-switchover-bandwidth"
-      ? `avail-switchover-bandwidth set ${g.updates} times, lowest ${mb(g.lowestGivenBytesPerSecond ?? 0)} (backlog counted)`
+      ? `avail-switchover-bandwidth set ${g.updates} times, lowest ${mb(g.lowestGivenBytesPerSecond ?? 0)} (relay read-ahead ${mb(g.readAheadBytes).replace(" MB/s", " MB")} deducted)`
       : `downtime-limit lowered ${g.updates} times, to ${g.lowestDowntimeLimitMs ?? "-"} ms at least`;
   return `switchover guard: link measured at ${mb(g.linkBytesPerSecond)}; ${told}${g.errors > 0 ? `; ${g.errors} QMP errors` : ""}`;
 }

@@ -21,13 +21,16 @@ export const DROPPABLE_WITHOUT_RECEIVER: readonly Category[] = ["free"];
 export const DROPPABLE_WITH_RECEIVER: readonly Category[] = ["free", "cache"];
 
 /**
- * How far the relay may read ahead of the link while the switchover guard accounts for its backlog. The source
- * QEMU emits pruned stretches (free pages) slower than the link would carry their replacement, and dense
- * stretches faster: with room to read ahead, the link keeps draining the dense bytes while QEMU walks the free
- * ones, instead of idling (about 0.5 s per 100 MB of free pages at QEMU's 150-380 MB/s here). 64 MiB is half a
- * second of a 1 Gbit/s link. Without the guard the relay keeps its default bound (Relay rule 5).
+ * How far the relay may read ahead of the link while the switchover guard bounds the switchover with it
+ * (switchover-guard.ts: half the bytes the link carries within the downtime limit, at most this). The source QEMU
+ * emits pruned stretches (free pages) slower than the link would carry their replacement, and dense stretches
+ * faster: with room to read ahead, the link keeps draining dense bytes while QEMU walks free ones, instead of
+ * idling (about 0.5 s per 100 MB of free pages at QEMU's 150-380 MB/s here). Until the link is measured, the
+ * relay's default bound (Relay rule 5).
  */
 export const GUARDED_READ_AHEAD_BYTES = 64 * 1024 * 1024;
+/** The relay's bound never drops below this (a slow link): one socket read's worth, Node's high-water mark. */
+const MIN_READ_AHEAD_BYTES = 64 * 1024;
 
 export interface SendOptions {
   listen: { host: string; port: number };
@@ -133,7 +136,6 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
           }
         : {}),
       ...(options.capturePath ? { capturePath: options.capturePath } : {}),
-      ...(guardQmp ? { maxBufferedBytes: GUARDED_READ_AHEAD_BYTES } : {}),
       log,
     });
   } catch (error) {
@@ -147,10 +149,13 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
     try {
       guard = await SwitchoverGuard.start({
         qmp: guardQmp,
-        link: () => {
-          const drain = started.upstreamDrain();
-          meter.sample(performance.now(), drain);
-          return { bytesPerSecond: meter.bytesPerSecond, backlogBytes: drain.queuedBytes };
+        linkRate: () => {
+          meter.sample(performance.now(), started.upstreamDrain());
+          return meter.bytesPerSecond;
+        },
+        readAhead: {
+          maxBytes: GUARDED_READ_AHEAD_BYTES,
+          set: (bytes) => started.setMaxBufferedBytes(Math.max(MIN_READ_AHEAD_BYTES, bytes)),
         },
         log,
       });

@@ -9,17 +9,18 @@
  * carries them (QEMU measured 150-380 MB/s here against a 1 Gbit/s link). So QEMU stops the guest with far more
  * left than the link can carry within the limit, and the guest's pause grows by the difference.
  *
- * The guard tells QEMU the link's real rate, measured by the relay (link-rate.ts), scaled down by the relay's own
- * backlog: bytes the relay still holds for the link are downtime too if the guest stops now, and QEMU's pending
- * estimate (query-migrate `ram.remaining`) does not count them. So QEMU gets
- *   rate × remaining / (remaining + backlog),
- * which makes its test `remaining / rate' ≤ limit` the same as `(remaining + backlog) / rate ≤ limit`:
- * - QEMU ≥ 8.2: migration parameter `avail-switchover-bandwidth` (bytes/s; qapi/migration.json, "Since 8.2":
- *   used only for the switchover decision, not a limit).
+ * The guard gives QEMU the link's real rate r, measured by the relay (link-rate.ts), less the bytes the relay may
+ * hold for the link when the guest stops: they are downtime too, and QEMU does not know of them. The relay's
+ * backlog changes far faster than QEMU re-reads its parameters (every 100 ms) and the guard samples (every
+ * 100 ms): a QEMU emitting 380 MB/s fills tens of MB between two updates. So the guard does not chase the backlog;
+ * it bounds it. With the operator's downtime-limit L, the relay may read ahead C = min(max, r·L·½) (the guard
+ * sets that bound through `onReadAhead`), and QEMU may count on r − C/L:
+ * - QEMU ≥ 8.2: migration parameter `avail-switchover-bandwidth` = r − C/L (bytes/s; qapi/migration.json, "Since
+ *   8.2": used only for the switchover decision, not a limit). QEMU's test `remaining ≤ avail × L` then reads
+ *   `remaining + C ≤ r × L`: the pause stays within L however full the relay is.
  * - Older QEMU (7.2): the threshold can only be moved through `downtime-limit`, so while the migration is active
- *   the guard sets it to operatorLimit × linkRate / QEMU's measured rate (query-migrate `ram.mbps`), never above
- *   the operator's limit, at least 1 ms. A `downtime-limit` someone else sets meanwhile becomes the new
- *   operator's limit.
+ *   the guard sets it to L × (r − C/L) / QEMU's measured rate (query-migrate `ram.mbps`), never above the
+ *   operator's limit, at least 1 ms. A `downtime-limit` someone else sets meanwhile becomes the new operator's limit.
  * Both are put back as they were when the guard stops (the source keeps running if the migration fails).
  */
 import type { QmpClient } from "../qemu/qmp.ts";
@@ -28,6 +29,10 @@ import type { QmpClient } from "../qemu/qmp.ts";
 export const GUARD_INTERVAL_MS = 100;
 /** A new link estimate is passed on only if it differs this much from the one QEMU has (fewer QMP calls). */
 const RATE_CHANGE = 0.1;
+/** The share of the downtime budget (r·L) the relay may hold as read-ahead; the rest is QEMU's. */
+export const READ_AHEAD_SHARE = 0.5;
+/** avail-switchover-bandwidth 0 means "estimate it yourself" (qapi/migration.json): the least "hold on" is 1. */
+const MIN_AVAIL_BYTES_PER_SECOND = 1;
 
 export type GuardMode = "avail-switchover-bandwidth" | "downtime-limit";
 
@@ -35,22 +40,16 @@ export interface SwitchoverGuardReport {
   mode: GuardMode;
   /** The link's measured rate (bytes/s), or null if no link-bound window was ever seen. */
   linkBytesPerSecond: number | null;
-  /** The lowest rate given to QEMU (backlog included), bytes/s; null if none was given. */
+  /** The lowest rate given to QEMU (read-ahead deducted), bytes/s; null if none was given. */
   lowestGivenBytesPerSecond: number | null;
   /** How many times QEMU's parameters were set. */
   updates: number;
+  /** The relay's last read-ahead bound (bytes). */
+  readAheadBytes: number;
   /** downtime-limit mode: the lowest limit set (ms), null if never lowered. */
   lowestDowntimeLimitMs: number | null;
   /** QMP calls that failed (the guard keeps going; the source QEMU decides as it would without it). */
   errors: number;
-}
-
-/** What the relay knows of the link now. */
-export interface LinkState {
-  /** Measured capacity (link-rate.ts), undefined until known. */
-  bytesPerSecond: number | undefined;
-  /** Bytes the relay holds for the link, not yet handed to the kernel. */
-  backlogBytes: number;
 }
 
 interface MigrationParameters {
@@ -65,6 +64,7 @@ export class SwitchoverGuard {
   private givenRate: number | undefined;
   private lowestGiven: number | undefined;
   private lastLinkRate: number | undefined;
+  private readAheadBytes = 0;
   private updates = 0;
   private operatorLimit: number;
   private setLimit: number | undefined;
@@ -75,19 +75,22 @@ export class SwitchoverGuard {
     private readonly qmp: QmpClient,
     readonly mode: GuardMode,
     private readonly original: MigrationParameters,
-    private readonly link: () => LinkState,
+    private readonly linkRate: () => number | undefined,
     private readonly log: (line: string) => void,
+    private readonly readAhead: { maxBytes: number; set: (bytes: number) => void } | undefined,
   ) {
     this.operatorLimit = original["downtime-limit"] ?? 300;
   }
 
   /**
-   * Starts guarding the QEMU behind `qmp` (the source). `link` is called every {@link GUARD_INTERVAL_MS}; while
-   * its rate is unknown QEMU decides on its own.
+   * Starts guarding the QEMU behind `qmp` (the source). `linkRate` (bytes/s) is called every
+   * {@link GUARD_INTERVAL_MS}; while it is unknown QEMU decides on its own.
    */
   static async start(options: {
     qmp: QmpClient;
-    link: () => LinkState;
+    linkRate: () => number | undefined;
+    /** The relay's read-ahead: what it may hold for the link (bytes), at most `maxBytes`. Without it, none. */
+    readAhead?: { maxBytes: number; set: (bytes: number) => void };
     log?: (line: string) => void;
   }): Promise<SwitchoverGuard> {
     const parameters = (await options.qmp.executeUntyped("query-migrate-parameters")) as MigrationParameters;
@@ -99,8 +102,9 @@ export class SwitchoverGuard {
       options.qmp,
       mode,
       parameters,
-      options.link,
+      options.linkRate,
       options.log ?? (() => undefined),
+      options.readAhead,
     );
     guard.timer = setInterval(() => {
       if (guard.busy) return; // a slow QMP answer: skip this round rather than queue behind it
@@ -114,16 +118,25 @@ export class SwitchoverGuard {
   }
 
   private async tick(): Promise<void> {
-    const { bytesPerSecond, backlogBytes } = this.link();
+    const bytesPerSecond = this.linkRate();
     if (bytesPerSecond === undefined) return;
     this.lastLinkRate = bytesPerSecond;
     try {
+      const current = ((await this.qmp.executeUntyped("query-migrate-parameters")) as MigrationParameters)[
+        "downtime-limit"
+      ];
+      if (current !== undefined && current !== this.setLimit) this.operatorLimit = current;
+      const limitSeconds = this.operatorLimit / 1000;
+      const readAheadBytes = this.readAhead
+        ? Math.floor(Math.min(this.readAhead.maxBytes, bytesPerSecond * limitSeconds * READ_AHEAD_SHARE))
+        : 0;
+      this.readAhead?.set(readAheadBytes);
+      this.readAheadBytes = readAheadBytes;
       const info = await this.qmp.execute("query-migrate");
       if (info.status !== "active") return;
-      const remaining = info.ram?.remaining ?? 0;
-      const rate = remaining > 0 ? (bytesPerSecond * remaining) / (remaining + backlogBytes) : bytesPerSecond;
+      const rate = bytesPerSecond - readAheadBytes / limitSeconds;
       if (this.mode === "avail-switchover-bandwidth") await this.tickAvail(rate);
-      else await this.tickDowntime(rate, ((info.ram?.mbps ?? 0) * 1e6) / 8);
+      else await this.tickDowntime(rate, current, ((info.ram?.mbps ?? 0) * 1e6) / 8);
     } catch (error) {
       this.errors++;
       if (this.errors === 1)
@@ -134,7 +147,7 @@ export class SwitchoverGuard {
   private async tickAvail(rate: number): Promise<void> {
     if (this.givenRate !== undefined && Math.abs(rate - this.givenRate) <= RATE_CHANGE * this.givenRate)
       return;
-    const bytesPerSecond = Math.max(1, Math.round(rate));
+    const bytesPerSecond = Math.max(MIN_AVAIL_BYTES_PER_SECOND, Math.round(rate));
     await this.qmp.execute("migrate-set-parameters", { "avail-switchover-bandwidth": bytesPerSecond });
     if (this.givenRate === undefined)
       this.log(`switchover guard: link drains ${(bytesPerSecond / 1e6).toFixed(1)} MB/s; told QEMU`);
@@ -147,13 +160,12 @@ export class SwitchoverGuard {
     if (rate < (this.lowestGiven ?? Number.POSITIVE_INFINITY)) this.lowestGiven = rate;
   }
 
-  private async tickDowntime(rate: number, qemuRate: number): Promise<void> {
-    const current = ((await this.qmp.executeUntyped("query-migrate-parameters")) as MigrationParameters)[
-      "downtime-limit"
-    ];
-    if (current !== undefined && current !== this.setLimit) this.operatorLimit = current;
-    const want =
-      qemuRate > rate ? Math.max(1, Math.floor((this.operatorLimit * rate) / qemuRate)) : this.operatorLimit;
+  private async tickDowntime(rate: number, current: number | undefined, qemuRate: number): Promise<void> {
+    if (!(qemuRate > 0)) return;
+    const want = Math.min(
+      this.operatorLimit,
+      Math.max(1, Math.floor((this.operatorLimit * rate) / qemuRate)),
+    );
     if (want === current) return;
     await this.qmp.execute("migrate-set-parameters", { "downtime-limit": want });
     this.setLimit = want;
@@ -183,6 +195,7 @@ export class SwitchoverGuard {
       linkBytesPerSecond: this.lastLinkRate ?? null,
       lowestGivenBytesPerSecond: this.lowestGiven ?? null,
       updates: this.updates,
+      readAheadBytes: this.readAheadBytes,
       lowestDowntimeLimitMs: this.lowestLimit ?? null,
       errors: this.errors,
     };

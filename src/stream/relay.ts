@@ -471,7 +471,7 @@ export class Relay {
 
   readonly #server: Server;
   readonly #options: RelayOptions;
-  readonly #maxBufferedBytes: number;
+  #maxBufferedBytes: number;
   readonly #log: (line: string) => void;
   readonly #channels: Channel[] = [];
   readonly #errors: string[] = [];
@@ -534,6 +534,13 @@ export class Relay {
     return { bufferedBytes, peakDirectionBytes: this.#peakBuffered };
   }
 
+  /** Changes the bound of rule 5 for every channel from now on (a reader paused under the old one resumes on
+   *  'drain' as before). */
+  setMaxBufferedBytes(bytes: number): void {
+    if (!(bytes > 0)) throw new RangeError(`maxBufferedBytes must be positive, not ${bytes}`);
+    this.#maxBufferedBytes = bytes;
+  }
+
   /** Upstream bytes so far, summed over channels (see {@link UpstreamDrain}): lets a caller measure the link. */
   upstreamDrain(): UpstreamDrain {
     const total = { sentBytes: 0, queuedBytes: 0 };
@@ -577,9 +584,12 @@ export class Relay {
       });
       this.#capture = capture;
     }
+    const relay = this;
     const context: ChannelContext = {
       to: this.#options.to,
-      maxBufferedBytes: this.#maxBufferedBytes,
+      get maxBufferedBytes() {
+        return relay.#maxBufferedBytes;
+      },
       log: this.#log,
       refuse: () => this.#connectFailed,
       connectFailed: () => {

@@ -1,7 +1,8 @@
 /**
  * The switchover guard against real QEMUs, during a real (slow) migration of a booted guest to `exec:cat`:
- * - QEMU 10.0: `avail-switchover-bandwidth` becomes the link's rate, scaled by remaining / (remaining + backlog)
- *   with the remaining bytes QEMU itself reports, and goes back to 0 when the guard stops.
+ * - QEMU 10.0: `avail-switchover-bandwidth` becomes the link's rate, less the relay's read-ahead per downtime
+ *   limit (the read-ahead bound the guard hands the relay: half what the link carries within the limit, capped),
+ *   follows a changed downtime-limit, and goes back to 0 when the guard stops.
  * - QEMU 7.2 (no such parameter): `downtime-limit` is lowered to limit × link rate / QEMU's measured rate while
  *   the migration is active, follows a limit the operator sets meanwhile, and is put back when the guard stops.
  * The migration is cancelled afterwards; the source keeps running and passes `verify`.
@@ -11,7 +12,6 @@ import { test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
 import { LabPair } from "../../src/lab/lab-vm.ts";
 import { workload } from "../../src/lab/workloads.ts";
-import type { LinkState } from "../../src/migrate/switchover-guard.ts";
 import { SwitchoverGuard } from "../../src/migrate/switchover-guard.ts";
 import type { QemuVersion } from "../../src/qemu/binaries.ts";
 import { QmpClient } from "../../src/qemu/qmp.ts";
@@ -66,11 +66,16 @@ async function withMigratingGuest(
   }
 }
 
-test("QEMU 10.0: avail-switchover-bandwidth follows the link's rate and the relay's backlog, then is restored", async () => {
+test("QEMU 10.0: avail-switchover-bandwidth is the link's rate less the relay's read-ahead, then is restored", async () => {
   await withMigratingGuest("10.0", async (pair, tool) => {
     assert.equal((await parameters(pair.src.monitor))["avail-switchover-bandwidth"], 0, "QEMU's default");
-    const link: LinkState = { bytesPerSecond: undefined, backlogBytes: 0 };
-    const guard = await SwitchoverGuard.start({ qmp: tool, link: () => link });
+    let rate: number | undefined;
+    const readAheads: number[] = [];
+    const guard = await SwitchoverGuard.start({
+      qmp: tool,
+      linkRate: () => rate,
+      readAhead: { maxBytes: 64 << 20, set: (bytes) => readAheads.push(bytes) },
+    });
     assert.equal(guard.mode, "avail-switchover-bandwidth");
     await sleep(400);
     assert.equal(
@@ -78,39 +83,49 @@ test("QEMU 10.0: avail-switchover-bandwidth follows the link's rate and the rela
       0,
       "no link-bound window yet: QEMU decides on its own",
     );
-    link.bytesPerSecond = 50_000_000;
+    assert.deepEqual(readAheads, [], "and the relay keeps its default bound");
+    // 50 MB/s and QEMU's default 300 ms: the link carries 15 MB within the limit; half is the relay's.
+    rate = 50_000_000;
     await until(
       () => parameters(pair.src.monitor),
-      (p) => p["avail-switchover-bandwidth"] === 50_000_000,
-      "the link's rate with no backlog",
+      (p) => p["avail-switchover-bandwidth"] === 25_000_000,
+      "50 MB/s less 7.5 MB / 0.3 s",
     );
-    // A backlog as large as what QEMU still has to send halves the rate QEMU may count on.
-    const remaining = (await pair.src.monitor.execute("query-migrate")).ram?.remaining ?? 0;
-    assert.ok(remaining > 0, "QEMU reports remaining bytes");
-    link.backlogBytes = remaining;
-    const scaled = await until(
+    assert.equal(readAheads.at(-1), 7_500_000);
+    // A longer limit: more read-ahead, until the cap; QEMU's share is the rest.
+    await pair.src.monitor.execute("migrate-set-parameters", { "downtime-limit": 3000 });
+    await until(
       () => parameters(pair.src.monitor),
-      (p) => (p["avail-switchover-bandwidth"] ?? 0) < 40_000_000,
-      "the rate scaled down by the backlog",
+      (p) => p["avail-switchover-bandwidth"] === 50_000_000 - Math.floor((64 << 20) / 3),
+      "the read-ahead capped at 64 MiB",
     );
-    const given = scaled["avail-switchover-bandwidth"] ?? 0;
-    assert.ok(given >= 20_000_000 && given <= 30_000_000, `about half of 50 MB/s, got ${given}`);
+    assert.equal(readAheads.at(-1), 64 << 20);
     const report = await guard.stop();
     assert.equal(report.linkBytesPerSecond, 50_000_000);
-    assert.ok((report.lowestGivenBytesPerSecond ?? 0) <= 30_000_000);
+    assert.equal(report.lowestGivenBytesPerSecond, 25_000_000);
+    assert.equal(report.readAheadBytes, 64 << 20);
     assert.ok(report.updates >= 2);
     assert.equal(report.errors, 0);
     assert.equal((await parameters(pair.src.monitor))["avail-switchover-bandwidth"], 0, "restored");
+    assert.equal(
+      (await parameters(pair.src.monitor))["downtime-limit"],
+      3000,
+      "the operator's limit untouched",
+    );
   });
 });
 
 test("QEMU 7.2: downtime-limit scaled by link rate / QEMU's rate while active, follows the operator, restored", async () => {
   await withMigratingGuest("7.2", async (pair, tool) => {
-    assert.equal((await parameters(pair.src.monitor))["avail-switchover-bandwidth"], undefined, "7.2 has none");
+    assert.equal(
+      (await parameters(pair.src.monitor))["avail-switchover-bandwidth"],
+      undefined,
+      "7.2 has none",
+    );
     // QEMU writes at about MAX_BANDWIDTH; a link a quarter as fast means a quarter of the limit.
     const guard = await SwitchoverGuard.start({
       qmp: tool,
-      link: () => ({ bytesPerSecond: MAX_BANDWIDTH / 4, backlogBytes: 0 }),
+      linkRate: () => MAX_BANDWIDTH / 4,
     });
     assert.equal(guard.mode, "downtime-limit");
     const lowered = await until(
@@ -130,6 +145,10 @@ test("QEMU 7.2: downtime-limit scaled by link rate / QEMU's rate while active, f
     const report = await guard.stop();
     assert.equal(report.mode, "downtime-limit");
     assert.ok((report.lowestDowntimeLimitMs ?? 300) < 300);
-    assert.equal((await parameters(pair.src.monitor))["downtime-limit"], 1000, "the operator's limit restored");
+    assert.equal(
+      (await parameters(pair.src.monitor))["downtime-limit"],
+      1000,
+      "the operator's limit restored",
+    );
   });
 });
