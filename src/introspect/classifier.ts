@@ -283,6 +283,12 @@ export const BUDDY_SPAN = 2 ** MAX_BUDDY_ORDER;
  * buddy block is seen together with its block's head; each window's struct pages are read once. Returns the
  * category per requested PFN (in the order given); PFNs whose struct pages cannot be read are "unknown".
  */
+/**
+ * classifyPfns' read buffer, reused across calls (it runs for every batch of page records during a migration;
+ * a fresh zeroed buffer per batch was a tenth of the relay's allocations). Only read within one synchronous call.
+ */
+let structPageScratch = Buffer.allocUnsafe(0);
+
 export function classifyPfns(
   classifier: PageClassifier,
   source: StructPageSource,
@@ -292,7 +298,6 @@ export function classifyPfns(
   const out = new Uint8Array(pfns.length);
   const order = pfns.map((_, i) => i).sort((a, b) => (pfns[a] ?? 0) - (pfns[b] ?? 0));
   let k = 0;
-  let buffer = Buffer.alloc(0);
   while (k < order.length) {
     const first = pfns[order[k] ?? 0] ?? 0;
     if (first >= maxPfn || first < 0) {
@@ -315,8 +320,9 @@ export function classifyPfns(
     // last requested PFN (a head's first tail holds its order); classify only the requested PFNs.
     const last = pfns[order[j - 1] ?? 0] ?? start;
     const count = Math.min(maxPfn, last + 2) - start;
-    if (buffer.length < count * STRUCT_PAGE_SIZE) buffer = Buffer.alloc(count * STRUCT_PAGE_SIZE);
-    const pages = buffer.subarray(0, count * STRUCT_PAGE_SIZE);
+    if (structPageScratch.length < count * STRUCT_PAGE_SIZE)
+      structPageScratch = Buffer.allocUnsafe(count * STRUCT_PAGE_SIZE);
+    const pages = structPageScratch.subarray(0, count * STRUCT_PAGE_SIZE);
     const readable = source.read(start, count, pages);
     for (let i = k; i < j; i++) {
       const index = order[i] ?? 0;

@@ -49,6 +49,14 @@ export interface DiskIndexOptions {
   maxCandidatesPerFingerprint?: number;
   /** Bytes read per chunk while building (default 8 MiB). */
   chunkBytes?: number;
+  /**
+   * "on-lookup" only: when the page's fingerprint has exactly one candidate, return it without reading the block
+   * (default false). For a caller whose receiver verifies every reference anyway (vmprune receive reads the block
+   * and checks its SHA-256, and NACKs a mismatch): reading it here too would only save a NACK on a fingerprint
+   * collision, at one 4 KiB read per cache page on the sender's busiest path. Several candidates are still told
+   * apart by reading them.
+   */
+  trustLoneCandidate?: boolean;
   onProgress?: (bytesRead: number, sizeBytes: number) => void;
 }
 
@@ -85,6 +93,8 @@ export interface DiskIndexLookupStats {
   blockReads: number;
   /** Candidate reads that failed or came back short (image shrank): treated as no match. */
   readFailures: number;
+  /** Hits returned without reading the block (trustLoneCandidate): the receiver confirms them. */
+  unreadHits: number;
 }
 
 const DEFAULT_MAX_ENTRIES = 2 ** 23;
@@ -120,6 +130,7 @@ export class DiskIndex {
     strongHashes: 0,
     blockReads: 0,
     readFailures: 0,
+    unreadHits: 0,
   };
   readonly fingerprint: FingerprintMode;
   readonly strongHashes: StrongHashMode;
@@ -139,6 +150,7 @@ export class DiskIndex {
   private readonly scratch = Buffer.alloc(PAGE_SIZE_BYTES);
   private readonly maxEntries: number;
   private readonly maxCandidates: number;
+  private readonly trustLoneCandidate: boolean;
   private handle: FileHandle | null;
 
   private constructor(
@@ -155,6 +167,7 @@ export class DiskIndex {
     this.hashes = new Uint8Array(this.strongHashes === "at-build" ? INITIAL_ENTRIES * REF_HASH_BYTES : 0);
     this.maxEntries = options.maxEntries ?? DEFAULT_MAX_ENTRIES;
     this.maxCandidates = options.maxCandidatesPerFingerprint ?? DEFAULT_MAX_CANDIDATES;
+    this.trustLoneCandidate = options.trustLoneCandidate ?? false;
     if (!Number.isInteger(this.maxCandidates) || this.maxCandidates < 1)
       throw new RangeError(
         `maxCandidatesPerFingerprint must be a positive integer, not ${this.maxCandidates}`,
@@ -241,6 +254,16 @@ export class DiskIndex {
       key = sampledFingerprint(page, 0, this.key);
     }
     const mask = this.slots.length - 1;
+    if (this.trustLoneCandidate && this.strongHashes === "on-lookup") {
+      const lone = this.loneCandidate(key, mask);
+      if (lone !== null) {
+        stats.candidatesChecked++;
+        stats.hits++;
+        stats.unreadHits++;
+        stats.strongHashes++;
+        return { block: lone, hash: strongHash(page) };
+      }
+    }
     let candidates = 0;
     for (let slot = key.lo & mask; ; slot = (slot + 1) & mask) {
       const stored = this.slots[slot] ?? 0;
@@ -269,6 +292,19 @@ export class DiskIndex {
     }
     if (candidates === 0) stats.missesWithoutCandidate++;
     return null;
+  }
+
+  /** The block of the only entry with this fingerprint, or null (none, or several). */
+  private loneCandidate(key: Key64, mask: number): number | null {
+    let found: number | null = null;
+    for (let slot = key.lo & mask; ; slot = (slot + 1) & mask) {
+      const stored = this.slots[slot] ?? 0;
+      if (stored === 0) return found;
+      const entry = stored - 1;
+      if (this.keyLo[entry] !== key.lo || this.keyHi[entry] !== key.hi) continue;
+      if (found !== null) return null;
+      found = this.blocks[entry] ?? 0;
+    }
   }
 
   /** Closes the image (lookups in "on-lookup" mode need it open). Idempotent. */

@@ -264,3 +264,39 @@ test("bounds: candidates per fingerprint are capped, the entry bound fails the b
     return true;
   });
 });
+
+test("trustLoneCandidate: a lone candidate comes back unread (the receiver verifies), several are read", async (t) => {
+  const dir = await tempDir(t);
+  const image = randomBytes(8 * PAGE);
+  // Block 5 shares block 4's sampled words and differs elsewhere: two candidates for that fingerprint.
+  const twin = pageOf(image, 4);
+  randomBytes(16).copy(twin, unsampledOffset());
+  twin.copy(image, 5 * PAGE);
+  const path = join(dir, "disk.raw");
+  await writeFile(path, image);
+  const trusting = await DiskIndex.build(path, { alignmentBytes: 4096, trustLoneCandidate: true });
+  t.after(() => trusting.close());
+  const reading = await DiskIndex.build(path, { alignmentBytes: 4096 });
+  t.after(() => reading.close());
+
+  const found = trusting.lookup(pageOf(image, 1));
+  assert.equal(found?.block, 1);
+  assert.deepEqual(found?.hash, strongHash(pageOf(image, 1)), "the REF hash is the page's");
+  assert.equal(trusting.lookupStats.blockReads, 0, "no read for a lone candidate");
+  assert.equal(trusting.lookupStats.unreadHits, 1);
+
+  // A page whose sampled words match block 2 but whose other bytes differ (the guest's copy changed, or a
+  // collision): trusted unread, with the page's own hash, which the block will not match at the receiver.
+  const changed = pageOf(image, 2);
+  randomBytes(16).copy(changed, unsampledOffset());
+  const trusted = trusting.lookup(changed);
+  assert.equal(trusted?.block, 2);
+  assert.notDeepEqual(trusted?.hash, strongHash(pageOf(image, 2)), "the receiver's check will fail: NACK");
+  assert.equal(reading.lookup(changed), null, "reading the block rejects it");
+
+  // Two candidates: told apart by reading, as without the option.
+  assert.equal(trusting.lookup(pageOf(image, 5))?.block, 5);
+  assert.equal(trusting.lookup(pageOf(image, 4))?.block, 4);
+  assert.ok(trusting.lookupStats.blockReads >= 2, `${trusting.lookupStats.blockReads} reads`);
+  assert.equal(trusting.lookupStats.unreadHits, 2);
+});
