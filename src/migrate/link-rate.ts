@@ -12,11 +12,14 @@ export const DEFAULT_RATE_WINDOW_MS = 500;
 export class LinkRateMeter {
   private run: { atMs: number; sentBytes: number }[] = [];
   private best: number | undefined;
+  private lastReceived: { atMs: number; bytes: number } | undefined;
+  private bestInflow: number | undefined;
 
   constructor(private readonly windowMs = DEFAULT_RATE_WINDOW_MS) {}
 
   /** One observation of the relay's upstream (`atMs` from a monotonic clock, e.g. performance.now()). */
   sample(atMs: number, drain: UpstreamDrain): void {
+    this.sampleInflow(atMs, drain.receivedBytes);
     if (drain.queuedBytes === 0) {
       this.run = [];
       return;
@@ -34,5 +37,18 @@ export class LinkRateMeter {
   /** Bytes per second, or undefined until one whole window was link-bound. */
   get bytesPerSecond(): number | undefined {
     return this.best;
+  }
+
+  /** The fastest the source sent the relay bytes between two samples (bytes/s), undefined before two samples. */
+  get inflowPeakBytesPerSecond(): number | undefined {
+    return this.bestInflow;
+  }
+
+  private sampleInflow(atMs: number, bytes: number): void {
+    const last = this.lastReceived;
+    this.lastReceived = { atMs, bytes };
+    if (!last || atMs <= last.atMs) return;
+    const rate = ((bytes - last.bytes) * 1000) / (atMs - last.atMs);
+    if (this.bestInflow === undefined || rate > this.bestInflow) this.bestInflow = rate;
   }
 }

@@ -21,12 +21,12 @@ export const DROPPABLE_WITHOUT_RECEIVER: readonly Category[] = ["free"];
 export const DROPPABLE_WITH_RECEIVER: readonly Category[] = ["free", "cache"];
 
 /**
- * How far the relay may read ahead of the link while the switchover guard bounds the switchover with it
- * (switchover-guard.ts: half the bytes the link carries within the downtime limit, at most this). The source QEMU
- * emits pruned stretches (free pages) slower than the link would carry their replacement, and dense stretches
- * faster: with room to read ahead, the link keeps draining dense bytes while QEMU walks free ones, instead of
- * idling (about 0.5 s per 100 MB of free pages at QEMU's 150-380 MB/s here). Until the link is measured, the
- * relay's default bound (Relay rule 5).
+ * How far the relay may read ahead of the link while the switchover guard keeps QEMU from switching over
+ * (switchover-guard.ts: this far from the end; near it, half of what the link carries within the downtime limit).
+ * The source QEMU emits pruned stretches (free and cache pages) slower than the link would carry their
+ * replacement, and dense stretches faster: with room to read ahead, the link keeps draining dense bytes while QEMU
+ * walks pruned ones, instead of idling (about 0.5 s per 100 MB of free pages at QEMU's 150-380 MB/s here). Until
+ * the link is measured, the relay's default bound (Relay rule 5).
  */
 export const GUARDED_READ_AHEAD_BYTES = 64 * 1024 * 1024;
 /** The relay's bound never drops below this (a slow link): one socket read's worth, Node's high-water mark. */
@@ -150,9 +150,12 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
     try {
       guard = await SwitchoverGuard.start({
         qmp: guardQmp,
-        linkRate: () => {
+        link: () => {
           meter.sample(performance.now(), started.upstreamDrain());
-          return meter.bytesPerSecond;
+          return {
+            bytesPerSecond: meter.bytesPerSecond,
+            inflowPeakBytesPerSecond: meter.inflowPeakBytesPerSecond,
+          };
         },
         readAhead: {
           maxBytes: GUARDED_READ_AHEAD_BYTES,

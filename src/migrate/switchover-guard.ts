@@ -12,9 +12,14 @@
  * The guard gives QEMU the link's real rate r, measured by the relay (link-rate.ts), less the bytes the relay may
  * hold for the link when the guest stops: they are downtime too, and QEMU does not know of them. The relay's
  * backlog changes far faster than QEMU re-reads its parameters (every 100 ms) and the guard samples (every
- * 100 ms): a QEMU emitting 380 MB/s fills tens of MB between two updates. So the guard does not chase the backlog;
- * it bounds it. With the operator's downtime-limit L, the relay may read ahead C = min(max, r·L·½) (the guard
- * sets that bound through `onReadAhead`), and QEMU may count on r − C/L:
+ * 100 ms): a QEMU emitting 380 MB/s fills tens of MB between two updates. So the guard does not chase the
+ * backlog; it bounds it, in two phases, by what QEMU still has to send (query-migrate `ram.remaining`, R), with
+ * the operator's downtime-limit L:
+ * - far from the end (R > r·L + the fastest the source ever fed the relay × 0.3 s, so QEMU cannot reach its
+ *   switchover point before the guard's next word takes effect): the relay may read up to `readAhead.maxBytes`
+ *   ahead, and QEMU is told not to switch yet (it would not anyway: R is far above any threshold);
+ * - near the end: the relay may hold C = min(max, r·L·½) (a reader paused over its bound resumes only once the
+ *   socket drained, so the backlog falls below C before QEMU moves on), and QEMU may count on r − C/L:
  * - QEMU ≥ 8.2: migration parameter `avail-switchover-bandwidth` = r − C/L (bytes/s; qapi/migration.json, "Since
  *   8.2": used only for the switchover decision, not a limit). QEMU's test `remaining ≤ avail × L` then reads
  *   `remaining + C ≤ r × L`: the pause stays within L however full the relay is.
@@ -31,6 +36,11 @@ export const GUARD_INTERVAL_MS = 100;
 const RATE_CHANGE = 0.1;
 /** The share of the downtime budget (r·L) the relay may hold as read-ahead; the rest is QEMU's. */
 export const READ_AHEAD_SHARE = 0.5;
+/**
+ * How far ahead of QEMU the guard must decide: QEMU re-reads avail-switchover-bandwidth every 100 ms
+ * (migration_update_counters, BUFFER_DELAY), the guard ticks every 100 ms, plus QMP round trips.
+ */
+const FAR_HORIZON_SECONDS = 0.3;
 /** avail-switchover-bandwidth 0 means "estimate it yourself" (qapi/migration.json): the least "hold on" is 1. */
 const MIN_AVAIL_BYTES_PER_SECOND = 1;
 
@@ -44,12 +54,22 @@ export interface SwitchoverGuardReport {
   lowestGivenBytesPerSecond: number | null;
   /** How many times QEMU's parameters were set. */
   updates: number;
-  /** The relay's last read-ahead bound (bytes). */
+  /** The relay's last read-ahead bound (bytes): the one near the end. */
   readAheadBytes: number;
+  /** The largest read-ahead bound set (far from the end). */
+  peakReadAheadBytes: number;
   /** downtime-limit mode: the lowest limit set (ms), null if never lowered. */
   lowestDowntimeLimitMs: number | null;
   /** QMP calls that failed (the guard keeps going; the source QEMU decides as it would without it). */
   errors: number;
+}
+
+/** What the relay measured (link-rate.ts). */
+export interface LinkMeasure {
+  /** The link's rate (bytes/s), undefined until a whole window was link-bound. */
+  bytesPerSecond: number | undefined;
+  /** The fastest the source fed the relay (bytes/s), undefined before two samples. */
+  inflowPeakBytesPerSecond: number | undefined;
 }
 
 interface MigrationParameters {
@@ -65,6 +85,7 @@ export class SwitchoverGuard {
   private lowestGiven: number | undefined;
   private lastLinkRate: number | undefined;
   private readAheadBytes = 0;
+  private peakReadAheadBytes = 0;
   private updates = 0;
   private operatorLimit: number;
   private setLimit: number | undefined;
@@ -75,7 +96,7 @@ export class SwitchoverGuard {
     private readonly qmp: QmpClient,
     readonly mode: GuardMode,
     private readonly original: MigrationParameters,
-    private readonly linkRate: () => number | undefined,
+    private readonly link: () => LinkMeasure,
     private readonly log: (line: string) => void,
     private readonly readAhead: { maxBytes: number; set: (bytes: number) => void } | undefined,
   ) {
@@ -83,12 +104,12 @@ export class SwitchoverGuard {
   }
 
   /**
-   * Starts guarding the QEMU behind `qmp` (the source). `linkRate` (bytes/s) is called every
-   * {@link GUARD_INTERVAL_MS}; while it is unknown QEMU decides on its own.
+   * Starts guarding the QEMU behind `qmp` (the source). `link` is called every {@link GUARD_INTERVAL_MS}; while
+   * the link's rate is unknown QEMU decides on its own.
    */
   static async start(options: {
     qmp: QmpClient;
-    linkRate: () => number | undefined;
+    link: () => LinkMeasure;
     /** The relay's read-ahead: what it may hold for the link (bytes), at most `maxBytes`. Without it, none. */
     readAhead?: { maxBytes: number; set: (bytes: number) => void };
     log?: (line: string) => void;
@@ -102,7 +123,7 @@ export class SwitchoverGuard {
       options.qmp,
       mode,
       parameters,
-      options.linkRate,
+      options.link,
       options.log ?? (() => undefined),
       options.readAhead,
     );
@@ -118,7 +139,7 @@ export class SwitchoverGuard {
   }
 
   private async tick(): Promise<void> {
-    const bytesPerSecond = this.linkRate();
+    const { bytesPerSecond, inflowPeakBytesPerSecond } = this.link();
     if (bytesPerSecond === undefined) return;
     this.lastLinkRate = bytesPerSecond;
     try {
@@ -126,15 +147,23 @@ export class SwitchoverGuard {
         "downtime-limit"
       ];
       if (current !== undefined && current !== this.setLimit) this.operatorLimit = current;
-      const limitSeconds = this.operatorLimit / 1000;
-      const readAheadBytes = this.readAhead
-        ? Math.floor(Math.min(this.readAhead.maxBytes, bytesPerSecond * limitSeconds * READ_AHEAD_SHARE))
-        : 0;
-      this.readAhead?.set(readAheadBytes);
-      this.readAheadBytes = readAheadBytes;
       const info = await this.qmp.execute("query-migrate");
       if (info.status !== "active") return;
-      const rate = bytesPerSecond - readAheadBytes / limitSeconds;
+      const limitSeconds = this.operatorLimit / 1000;
+      const budgetBytes = bytesPerSecond * limitSeconds;
+      const far =
+        this.readAhead !== undefined &&
+        inflowPeakBytesPerSecond !== undefined &&
+        (info.ram?.remaining ?? 0) > budgetBytes + inflowPeakBytesPerSecond * FAR_HORIZON_SECONDS;
+      const readAheadBytes = !this.readAhead
+        ? 0
+        : far
+          ? this.readAhead.maxBytes
+          : Math.floor(Math.min(this.readAhead.maxBytes, budgetBytes * READ_AHEAD_SHARE));
+      this.readAhead?.set(readAheadBytes);
+      this.readAheadBytes = readAheadBytes;
+      if (readAheadBytes > this.peakReadAheadBytes) this.peakReadAheadBytes = readAheadBytes;
+      const rate = far ? MIN_AVAIL_BYTES_PER_SECOND : bytesPerSecond - readAheadBytes / limitSeconds;
       if (this.mode === "avail-switchover-bandwidth") await this.tickAvail(rate);
       else await this.tickDowntime(rate, current, ((info.ram?.mbps ?? 0) * 1e6) / 8);
     } catch (error) {
@@ -196,6 +225,7 @@ export class SwitchoverGuard {
       lowestGivenBytesPerSecond: this.lowestGiven ?? null,
       updates: this.updates,
       readAheadBytes: this.readAheadBytes,
+      peakReadAheadBytes: this.peakReadAheadBytes,
       lowestDowntimeLimitMs: this.lowestLimit ?? null,
       errors: this.errors,
     };

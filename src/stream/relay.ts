@@ -127,10 +127,14 @@ export interface RelayReport {
 
 export type ChannelKind = ChannelReport["kind"];
 
-/** Towards the destination, all channels: what the kernel took, and what still waits in the relay's buffers. */
+/**
+ * Towards the destination, all channels: what the kernel took, and what still waits in the relay's buffers; and
+ * what the source has sent the relay so far.
+ */
 export interface UpstreamDrain {
   sentBytes: number;
   queuedBytes: number;
+  receivedBytes: number;
 }
 
 /** The first 4 bytes of a multifd channel (`MultiFDInit_t.magic`, §5.1). */
@@ -311,8 +315,9 @@ class Channel {
   /** Upstream bytes handed to the kernel so far, and bytes still queued in user space (waiting for the link). */
   upstreamDrain(): UpstreamDrain {
     const up = this.#upstream;
-    if (!up) return { sentBytes: 0, queuedBytes: 0 };
-    return { sentBytes: up.bytesWritten - up.writableLength, queuedBytes: up.writableLength };
+    const receivedBytes = this.bytesFromSource;
+    if (!up) return { sentBytes: 0, queuedBytes: 0, receivedBytes };
+    return { sentBytes: up.bytesWritten - up.writableLength, queuedBytes: up.writableLength, receivedBytes };
   }
 
   report(): ChannelReport {
@@ -543,11 +548,12 @@ export class Relay {
 
   /** Upstream bytes so far, summed over channels (see {@link UpstreamDrain}): lets a caller measure the link. */
   upstreamDrain(): UpstreamDrain {
-    const total = { sentBytes: 0, queuedBytes: 0 };
+    const total = { sentBytes: 0, queuedBytes: 0, receivedBytes: 0 };
     for (const channel of this.#channels) {
       const d = channel.upstreamDrain();
       total.sentBytes += d.sentBytes;
       total.queuedBytes += d.queuedBytes;
+      total.receivedBytes += d.receivedBytes;
     }
     return total;
   }

@@ -1,8 +1,9 @@
 /**
  * The switchover guard against real QEMUs, during a real (slow) migration of a booted guest to `exec:cat`:
- * - QEMU 10.0: `avail-switchover-bandwidth` becomes the link's rate, less the relay's read-ahead per downtime
- *   limit (the read-ahead bound the guard hands the relay: half what the link carries within the limit, capped),
- *   follows a changed downtime-limit, and goes back to 0 when the guard stops.
+ * - QEMU 10.0: far from the end (QEMU has more left than the link carries within the limit plus what the source
+ *   can feed in 0.3 s) the relay may read far ahead and QEMU is held (avail-switchover-bandwidth 1); near it,
+ *   `avail-switchover-bandwidth` is the link's rate less the relay's read-ahead per downtime limit (half what
+ *   the link carries within the limit, capped), follows a changed downtime-limit, and goes back to 0 at the end.
  * - QEMU 7.2 (no such parameter): `downtime-limit` is lowered to limit × link rate / QEMU's measured rate while
  *   the migration is active, follows a limit the operator sets meanwhile, and is put back when the guard stops.
  * The migration is cancelled afterwards; the source keeps running and passes `verify`.
@@ -66,14 +67,15 @@ async function withMigratingGuest(
   }
 }
 
-test("QEMU 10.0: avail-switchover-bandwidth is the link's rate less the relay's read-ahead, then is restored", async () => {
+test("QEMU 10.0: held far from the end; near it, avail-switchover-bandwidth is the link rate less the read-ahead; restored", async () => {
   await withMigratingGuest("10.0", async (pair, tool) => {
     assert.equal((await parameters(pair.src.monitor))["avail-switchover-bandwidth"], 0, "QEMU's default");
     let rate: number | undefined;
+    let inflow: number | undefined;
     const readAheads: number[] = [];
     const guard = await SwitchoverGuard.start({
       qmp: tool,
-      linkRate: () => rate,
+      link: () => ({ bytesPerSecond: rate, inflowPeakBytesPerSecond: inflow }),
       readAhead: { maxBytes: 64 << 20, set: (bytes) => readAheads.push(bytes) },
     });
     assert.equal(guard.mode, "avail-switchover-bandwidth");
@@ -84,7 +86,18 @@ test("QEMU 10.0: avail-switchover-bandwidth is the link's rate less the relay's 
       "no link-bound window yet: QEMU decides on its own",
     );
     assert.deepEqual(readAheads, [], "and the relay keeps its default bound");
-    // 50 MB/s and QEMU's default 300 ms: the link carries 15 MB within the limit; half is the relay's.
+    // Far from the end: a 1 MB/s link carries 0.3 MB within 300 ms, and QEMU has far more left.
+    rate = 1_000_000;
+    inflow = 0;
+    await until(
+      () => parameters(pair.src.monitor),
+      (p) => p["avail-switchover-bandwidth"] === 1,
+      "QEMU held while it has far more left than the link carries within the limit",
+    );
+    assert.equal(readAheads.at(-1), 64 << 20, "the relay reads far ahead");
+    // Near the end (the source could feed the relay everything left within the horizon): 50 MB/s and QEMU's
+    // default 300 ms: the link carries 15 MB within the limit; half is the relay's.
+    inflow = 1e15;
     rate = 50_000_000;
     await until(
       () => parameters(pair.src.monitor),
@@ -102,8 +115,9 @@ test("QEMU 10.0: avail-switchover-bandwidth is the link's rate less the relay's 
     assert.equal(readAheads.at(-1), 64 << 20);
     const report = await guard.stop();
     assert.equal(report.linkBytesPerSecond, 50_000_000);
-    assert.equal(report.lowestGivenBytesPerSecond, 25_000_000);
+    assert.equal(report.lowestGivenBytesPerSecond, 1, "the hold");
     assert.equal(report.readAheadBytes, 64 << 20);
+    assert.equal(report.peakReadAheadBytes, 64 << 20);
     assert.ok(report.updates >= 2);
     assert.equal(report.errors, 0);
     assert.equal((await parameters(pair.src.monitor))["avail-switchover-bandwidth"], 0, "restored");
@@ -125,7 +139,7 @@ test("QEMU 7.2: downtime-limit scaled by link rate / QEMU's rate while active, f
     // QEMU writes at about MAX_BANDWIDTH; a link a quarter as fast means a quarter of the limit.
     const guard = await SwitchoverGuard.start({
       qmp: tool,
-      linkRate: () => MAX_BANDWIDTH / 4,
+      link: () => ({ bytesPerSecond: MAX_BANDWIDTH / 4, inflowPeakBytesPerSecond: undefined }),
     });
     assert.equal(guard.mode, "downtime-limit");
     const lowered = await until(

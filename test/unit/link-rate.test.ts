@@ -19,7 +19,7 @@ function feed(
   for (let i = 0; i < steps; i++) {
     atMs += stepMs;
     sent += bytesPerStep;
-    meter.sample(atMs, { sentBytes: sent, queuedBytes: queued });
+    meter.sample(atMs, { sentBytes: sent, queuedBytes: queued, receivedBytes: 0 });
   }
   return { atMs, sent };
 }
@@ -57,4 +57,14 @@ test("the estimate is the fastest link-bound window, and a slower later one does
   assert.ok(Math.abs((meter.bytesPerSecond ?? 0) - 120_000_000) < 1);
   feed(meter, at, 10, 100, 3_000_000, 1 << 20);
   assert.ok(Math.abs((meter.bytesPerSecond ?? 0) - 120_000_000) < 1, "kept the fastest");
+});
+
+test("inflow peak: the fastest the source fed the relay between two samples, backlog or not", () => {
+  const meter = new LinkRateMeter(500);
+  assert.equal(meter.inflowPeakBytesPerSecond, undefined);
+  meter.sample(0, { sentBytes: 0, queuedBytes: 0, receivedBytes: 0 });
+  assert.equal(meter.inflowPeakBytesPerSecond, undefined, "one sample is no rate");
+  meter.sample(100, { sentBytes: 0, queuedBytes: 0, receivedBytes: 38_000_000 });
+  meter.sample(200, { sentBytes: 0, queuedBytes: 1, receivedBytes: 40_000_000 });
+  assert.equal(meter.inflowPeakBytesPerSecond, 380_000_000);
 });
