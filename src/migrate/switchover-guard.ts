@@ -32,7 +32,7 @@ import type { QmpClient } from "../qemu/qmp.ts";
 
 /** How often the guard samples the link and, when needed, corrects QEMU (QEMU re-estimates every 100 ms). */
 export const GUARD_INTERVAL_MS = 100;
-/** A new link estimate is passed on only if it differs this much from the one QEMU has (fewer QMP calls). */
+/** A higher rate is passed on only if it is this much above the one QEMU has (fewer QMP calls). */
 const RATE_CHANGE = 0.1;
 /** The share of the downtime budget (r·L) the relay may hold as read-ahead; the rest is QEMU's. */
 export const READ_AHEAD_SHARE = 0.5;
@@ -141,6 +141,8 @@ export class SwitchoverGuard {
   private async tick(): Promise<void> {
     const { bytesPerSecond, inflowPeakBytesPerSecond } = this.link();
     if (bytesPerSecond === undefined) return;
+    if (this.lastLinkRate === undefined)
+      this.log(`switchover guard: the link drains ${(bytesPerSecond / 1e6).toFixed(1)} MB/s`);
     this.lastLinkRate = bytesPerSecond;
     try {
       const current = ((await this.qmp.executeUntyped("query-migrate-parameters")) as MigrationParameters)[
@@ -174,12 +176,11 @@ export class SwitchoverGuard {
   }
 
   private async tickAvail(rate: number): Promise<void> {
-    if (this.givenRate !== undefined && Math.abs(rate - this.givenRate) <= RATE_CHANGE * this.givenRate)
-      return;
+    // A lower rate is passed on at once (QEMU must not count on more than is true); a higher one past RATE_CHANGE.
+    const given = this.givenRate;
+    if (given !== undefined && rate >= given && rate <= given * (1 + RATE_CHANGE)) return;
     const bytesPerSecond = Math.max(MIN_AVAIL_BYTES_PER_SECOND, Math.round(rate));
     await this.qmp.execute("migrate-set-parameters", { "avail-switchover-bandwidth": bytesPerSecond });
-    if (this.givenRate === undefined)
-      this.log(`switchover guard: link drains ${(bytesPerSecond / 1e6).toFixed(1)} MB/s; told QEMU`);
     this.given(bytesPerSecond);
   }
 
