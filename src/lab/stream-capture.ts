@@ -5,7 +5,7 @@
  * capture. Returns QEMU's own counters for the migration, which the stream's records must match.
  */
 import { stat } from "node:fs/promises";
-import { type MigrationResult, runMigration } from "../qemu/migration.ts";
+import { type MigrationOptions, type MigrationResult, runMigration } from "../qemu/migration.ts";
 import type { Vm } from "../qemu/vm.ts";
 
 export interface CaptureOptions {
@@ -13,6 +13,8 @@ export interface CaptureOptions {
   parameters?: Record<string, unknown>;
   /** At least this many pre-copy passes (see MigrationOptions.minPasses). */
   minPasses?: number;
+  /** With minPasses: hold until this holds too (see MigrationOptions.holdUntil). */
+  holdUntil?: MigrationOptions["holdUntil"];
   /** Resume the VM after the capture (default true). */
   resume?: boolean;
 }
@@ -35,6 +37,7 @@ export async function captureStream(
     ...(options.capabilities ? { capabilities: options.capabilities } : {}),
     ...(options.parameters ? { parameters: options.parameters } : {}),
     ...(options.minPasses ? { minPasses: options.minPasses } : {}),
+    ...(options.holdUntil ? { holdUntil: options.holdUntil } : {}),
   });
   // Undo the capabilities so the next capture starts from QEMU's defaults.
   if (options.capabilities) {

@@ -20,6 +20,11 @@ export interface MigrationOptions {
    * so QEMU cannot switch over while the guest dirties memory; then it becomes `downtime-limit` (default 300).
    */
   minPasses?: number;
+  /**
+   * With minPasses: keep holding after the passes until this says so (e.g. until the XBZRLE cache had hits), so a
+   * test does not depend on how fast passes with little to send go by. Up to `timeoutMs` like the rest.
+   */
+  holdUntil?: (info: MigrationInfo) => boolean;
   /** Called with every query-migrate answer while it runs. */
   onProgress?: (info: MigrationInfo) => void;
   pollMs?: number;
@@ -105,7 +110,8 @@ export async function runMigration(
   while (Date.now() < deadline) {
     info = await src.execute("query-migrate");
     options.onProgress?.(info);
-    if (holding && (info.ram?.["dirty-sync-count"] ?? 0) >= (options.minPasses ?? 0)) {
+    const passesDone = (info.ram?.["dirty-sync-count"] ?? 0) >= (options.minPasses ?? 0);
+    if (holding && passesDone && (options.holdUntil?.(info) ?? true)) {
       holding = false;
       await src.execute("migrate-set-parameters", { "downtime-limit": downtimeLimit });
     }

@@ -3,7 +3,8 @@
  * mixed workload (page cache, mapped files, dirty files, anon, tmpfs, freed non-zero memory) dumps
  * /proc/kpageflags to its spare disk with O_DIRECT and is paused right after; its RAM file is then classified
  * from outside. At least 99.5% of PFNs and 99.9% of free PFNs must agree, every category must occur, the buddy
- * pages must equal the kernel's own NR_FREE_PAGES (read from the zones) exactly and MemFree closely, and
+ * pages must equal the kernel's own NR_FREE_PAGES (read from the zones) up to that counter's per-CPU lag (a few
+ * pages; usually exactly) and MemFree closely, and
  * `vmprune inspect --qmp` (on the VM's second monitor) must report the same as the library and write the same PFN map.
  */
 import assert from "node:assert/strict";
@@ -27,6 +28,8 @@ import { guestMeminfo, runMixedWorkload, workload } from "../../src/lab/workload
 import { QmpClient } from "../../src/qemu/qmp.ts";
 
 const execFileAsync = promisify(execFile);
+/** The most NR_FREE_PAGES can lag the buddy lists in these guests (1 vCPU, zones DMA and DMA32; see below). */
+const NR_FREE_PAGES_DRIFT = 6 + 2;
 
 for (const [kernel, cpu, levels] of [
   ["6.1", undefined, 4],
@@ -68,7 +71,14 @@ for (const [kernel, cpu, levels] of [
     assert.equal(g.report.pfns, dump.pfns);
     assert.ok(a.ratio >= 0.995, `${(100 * a.ratio).toFixed(3)}% of PFNs agree`);
     assert.ok(a.freeRatio >= 0.999, `${(100 * a.freeRatio).toFixed(3)}% of free PFNs agree`);
-    assert.equal(buddy, counter, "buddy pages = the kernel's NR_FREE_PAGES");
+    // NR_FREE_PAGES is folded from per-CPU deltas only once one passes the zone's stat threshold (mm/vmstat.c,
+    // __mod_zone_page_state; calculate_normal_threshold: 2 × fls(cpus) × (1 + fls(zone MiB / 128)), at most 125),
+    // so the counter may lag the buddy lists by up to that per zone and CPU: for the 1-vCPU 512 MiB guest
+    // 2 × 1 × (1 + fls(3)) = 6 in DMA32 (~496 MiB) and 2 × 1 × (1 + 0) = 2 in DMA. It usually is exact.
+    assert.ok(
+      Math.abs(buddy - counter) <= NR_FREE_PAGES_DRIFT,
+      `buddy pages ${buddy} = the kernel's NR_FREE_PAGES ${counter}, up to its per-CPU drift`,
+    );
     // MemFree was read a moment before the dump; pages move between the per-CPU lists and the buddy lists.
     assert.ok(
       Math.abs(buddy - memFreeKiB / 4) <= 0.02 * buddy + perCpu,
