@@ -24,8 +24,11 @@
  *   8.2": used only for the switchover decision, not a limit). QEMU's test `remaining ≤ avail × L` then reads
  *   `remaining + C ≤ r × L`: the pause stays within L however full the relay is.
  * - Older QEMU (7.2): the threshold can only be moved through `downtime-limit`, so while the migration is active
- *   the guard sets it to L × (r − C/L) / QEMU's measured rate (query-migrate `ram.mbps`), never above the
- *   operator's limit, at least 1 ms. A `downtime-limit` someone else sets meanwhile becomes the new operator's limit.
+ *   the guard sets it to L × (r − C/L) / QEMU's rate, never above the operator's limit, at least 1 ms. QEMU's rate
+ *   is the fastest it has been (query-migrate `ram.mbps` of its last window, or the peak the relay was fed): it
+ *   jumps between dense and free stretches faster than the guard can follow, and a limit computed from a slow
+ *   window would let a fast one overshoot. A `downtime-limit` someone else sets meanwhile becomes the new
+ *   operator's limit.
  * Both are put back as they were when the guard stops (the source keeps running if the migration fails).
  */
 import type { QmpClient } from "../qemu/qmp.ts";
@@ -167,7 +170,12 @@ export class SwitchoverGuard {
       if (readAheadBytes > this.peakReadAheadBytes) this.peakReadAheadBytes = readAheadBytes;
       const rate = far ? MIN_AVAIL_BYTES_PER_SECOND : bytesPerSecond - readAheadBytes / limitSeconds;
       if (this.mode === "avail-switchover-bandwidth") await this.tickAvail(rate);
-      else await this.tickDowntime(rate, current, ((info.ram?.mbps ?? 0) * 1e6) / 8);
+      else {
+        // QEMU re-estimates its rate every 100 ms, and through free stretches it jumps: scale by the fastest it
+        // has been (its last window's mbps, or the fastest the relay was fed), so a jump cannot outgrow the limit.
+        const qemuRate = Math.max(((info.ram?.mbps ?? 0) * 1e6) / 8, inflowPeakBytesPerSecond ?? 0);
+        await this.tickDowntime(rate, current, qemuRate);
+      }
     } catch (error) {
       this.errors++;
       if (this.errors === 1)
