@@ -59,7 +59,7 @@ import { classifyGuest } from "../src/introspect/inspect.ts";
 import { openLiveVmMemory } from "../src/introspect/live-vm.ts";
 import { guestBalloon } from "../src/lab/balloon.ts";
 import { ensureGuestImage } from "../src/lab/guest-image.ts";
-import { isKernelId, type KernelId } from "../src/lab/kernels.ts";
+import type { KernelId } from "../src/lab/kernels.ts";
 import { LabPair } from "../src/lab/lab-vm.ts";
 import { sweepStaleNamespaces } from "../src/lab/netns.ts";
 import { SendProcess } from "../src/lab/send-process.ts";
@@ -69,6 +69,7 @@ import {
   type RateMeasurement,
   runInNamespace,
   ShapedLink,
+  SRC_IFNAME,
   txBytesOf,
 } from "../src/lab/shaped-link.ts";
 import {
@@ -78,7 +79,7 @@ import {
   type MixedWorkloadSizes,
   runMixedWorkload,
 } from "../src/lab/workloads.ts";
-import { ensureQemu, isQemuVersion, type QemuVersion } from "../src/qemu/binaries.ts";
+import { ensureQemu, type QemuVersion } from "../src/qemu/binaries.ts";
 import {
   guestPause,
   type MigrationResult,
@@ -88,6 +89,7 @@ import {
 } from "../src/qemu/migration.ts";
 import { QmpClient } from "../src/qemu/qmp.ts";
 import { sweepStaleRuns } from "../src/qemu/vm.ts";
+import { LAB_OPTIONS, labTarget, median } from "./common.ts";
 import { migrateThroughInProcessSend } from "./send-run.ts";
 
 const MEMORY_MIB = 512;
@@ -325,7 +327,7 @@ export async function idealBytes(
 function startLinkTrace(): {
   stop(startMs: number, pause: { stoppedAtMs: number; resumedAtMs: number }): string;
 } {
-  const path = "/sys/class/net/vmp-src/statistics/tx_bytes";
+  const path = `/sys/class/net/${SRC_IFNAME}/statistics/tx_bytes`;
   const samples: [number, number][] = [];
   const tcp = () => {
     const snmp = readFileSync("/proc/net/snmp", "utf8")
@@ -406,12 +408,6 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
   } finally {
     await pair.stop();
   }
-}
-
-function median(values: number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  const mid = sorted.length >> 1;
-  return sorted.length % 2 === 1 ? (sorted[mid] ?? 0) : ((sorted[mid - 1] ?? 0) + (sorted[mid] ?? 0)) / 2;
 }
 
 type Verdict = "met" | "not met" | "-";
@@ -640,9 +636,7 @@ async function main(argv: string[]): Promise<void> {
   const { values } = parseArgs({
     args: argv,
     options: {
-      kernel: { type: "string", default: "6.1" },
-      qemu: { type: "string", default: "10.0" },
-      runs: { type: "string", default: "3" },
+      ...LAB_OPTIONS,
       "rate-mbit": { type: "string", default: "1000" },
       workload: { type: "string", default: "mixed" },
       rows: { type: "string" },
@@ -654,15 +648,12 @@ async function main(argv: string[]): Promise<void> {
   const unknownRow = rowNames?.find((name) => !ROWS.some((r) => r.name === name));
   if (unknownRow !== undefined)
     throw new Error(`unknown row ${unknownRow}: rows are ${ROWS.map((r) => r.name).join(", ")} (${usage})`);
-  const runs = Number(values.runs);
-  if (!isKernelId(values.kernel)) throw new Error(`unknown kernel ${values.kernel} (${usage})`);
-  if (!isQemuVersion(values.qemu)) throw new Error(`unknown QEMU ${values.qemu} (${usage})`);
-  if (!Number.isInteger(runs) || runs < 1) throw new Error(`--runs needs a positive integer (${usage})`);
+  const { kernel, qemu, runs } = labTarget(values, usage);
   const rateMbit = Number(values["rate-mbit"]);
   if (!(rateMbit > 0)) throw new Error(`--rate-mbit needs a positive number (${usage})`);
   const described = process.env[LINK_ENV];
   if (!described) {
-    process.exitCode = await outer(argv, values.kernel, values.qemu, rateMbit);
+    process.exitCode = await outer(argv, kernel, qemu, rateMbit);
     return;
   }
   const link = JSON.parse(described) as LinkDescription;
@@ -670,8 +661,8 @@ async function main(argv: string[]): Promise<void> {
     throw new Error(`${LINK_ENV} is set but this process is not in ${link.srcNetns}: do not set it by hand`);
   sweepStaleRuns();
   const result = await benchLink({
-    kernel: values.kernel,
-    qemu: values.qemu,
+    kernel,
+    qemu,
     runs,
     link,
     workload: values.workload,

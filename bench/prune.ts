@@ -27,12 +27,13 @@
 import { pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 import { guestBalloon } from "../src/lab/balloon.ts";
-import { isKernelId, type KernelId } from "../src/lab/kernels.ts";
+import type { KernelId } from "../src/lab/kernels.ts";
 import { LabPair } from "../src/lab/lab-vm.ts";
 import { guestMeminfo, runMixedWorkload } from "../src/lab/workloads.ts";
-import { isQemuVersion, type QemuVersion } from "../src/qemu/binaries.ts";
+import type { QemuVersion } from "../src/qemu/binaries.ts";
 import { type MigrationResult, prepareIncoming } from "../src/qemu/migration.ts";
 import { sweepStaleRuns } from "../src/qemu/vm.ts";
+import { LAB_OPTIONS, labTarget, median } from "./common.ts";
 import { migrateThroughInProcessSend } from "./send-run.ts";
 
 export const ROWS = ["plain", "free-page-hint", "vmprune --drop free"] as const;
@@ -70,12 +71,6 @@ export interface PruneBenchResult {
 const MEMORY_MIB = 512;
 const HOST = "127.0.0.1";
 const log = (line: string) => process.stderr.write(`${line}\n`);
-
-function median(values: number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  const mid = sorted.length >> 1;
-  return sorted.length % 2 === 1 ? (sorted[mid] ?? 0) : ((sorted[mid - 1] ?? 0) + (sorted[mid] ?? 0)) / 2;
-}
 
 function figuresOf(result: MigrationResult, wireBytes: number, freePages: number): RunFigures {
   return {
@@ -211,19 +206,11 @@ async function main(argv: string[]): Promise<void> {
   const usage = "usage: bench/prune.ts [--kernel 6.1|6.12] [--qemu 7.2|10.0] [--runs 3] [--json]";
   const { values } = parseArgs({
     args: argv,
-    options: {
-      kernel: { type: "string", default: "6.1" },
-      qemu: { type: "string", default: "10.0" },
-      runs: { type: "string", default: "3" },
-      json: { type: "boolean", default: false },
-    },
+    options: { ...LAB_OPTIONS, json: { type: "boolean", default: false } },
   });
-  const runs = Number(values.runs);
-  if (!isKernelId(values.kernel)) throw new Error(`unknown kernel ${values.kernel} (${usage})`);
-  if (!isQemuVersion(values.qemu)) throw new Error(`unknown QEMU ${values.qemu} (${usage})`);
-  if (!Number.isInteger(runs) || runs < 1) throw new Error(`--runs needs a positive integer (${usage})`);
+  const target = labTarget(values, usage);
   sweepStaleRuns();
-  const result = await benchPrune({ kernel: values.kernel, qemu: values.qemu, runs });
+  const result = await benchPrune(target);
   process.stdout.write(values.json ? `${JSON.stringify(result, null, 2)}\n` : `${formatTable(result)}\n`);
 }
 
