@@ -151,6 +151,8 @@ export class DiskIndex {
   private readonly maxEntries: number;
   private readonly maxCandidates: number;
   private readonly trustLoneCandidate: boolean;
+  /** lookup's scratch: the entries sharing the page's fingerprint. */
+  private candidates = new Uint32Array(DEFAULT_MAX_CANDIDATES);
   private handle: FileHandle | null;
 
   private constructor(
@@ -253,24 +255,20 @@ export class DiskIndex {
     } else {
       key = sampledFingerprint(page, 0, this.key);
     }
-    const mask = this.slots.length - 1;
-    if (this.trustLoneCandidate && this.strongHashes === "on-lookup") {
-      const lone = this.loneCandidate(key, mask);
-      if (lone !== null) {
-        stats.candidatesChecked++;
-        stats.hits++;
-        stats.unreadHits++;
-        stats.strongHashes++;
-        return { block: lone, hash: strongHash(page) };
-      }
+    const count = this.matchingEntries(key);
+    if (count === 0) {
+      stats.missesWithoutCandidate++;
+      return null;
     }
-    let candidates = 0;
-    for (let slot = key.lo & mask; ; slot = (slot + 1) & mask) {
-      const stored = this.slots[slot] ?? 0;
-      if (stored === 0) break;
-      const entry = stored - 1;
-      if (this.keyLo[entry] !== key.lo || this.keyHi[entry] !== key.hi) continue;
-      candidates++;
+    if (count === 1 && this.trustLoneCandidate && this.strongHashes === "on-lookup") {
+      stats.candidatesChecked++;
+      stats.hits++;
+      stats.unreadHits++;
+      stats.strongHashes++;
+      return { block: this.blocks[this.candidates[0] ?? 0] ?? 0, hash: strongHash(page) };
+    }
+    for (let i = 0; i < count; i++) {
+      const entry = this.candidates[i] ?? 0;
       stats.candidatesChecked++;
       const block = this.blocks[entry] ?? 0;
       if (this.strongHashes === "at-build") {
@@ -290,20 +288,24 @@ export class DiskIndex {
       }
       stats.falseCandidates++;
     }
-    if (candidates === 0) stats.missesWithoutCandidate++;
     return null;
   }
 
-  /** The block of the only entry with this fingerprint, or null (none, or several). */
-  private loneCandidate(key: Key64, mask: number): number | null {
-    let found: number | null = null;
+  /** Puts the entries whose fingerprint is `key` into `candidates` (in probe order); returns how many. */
+  private matchingEntries(key: Key64): number {
+    const mask = this.slots.length - 1;
+    let count = 0;
     for (let slot = key.lo & mask; ; slot = (slot + 1) & mask) {
       const stored = this.slots[slot] ?? 0;
-      if (stored === 0) return found;
+      if (stored === 0) return count;
       const entry = stored - 1;
       if (this.keyLo[entry] !== key.lo || this.keyHi[entry] !== key.hi) continue;
-      if (found !== null) return null;
-      found = this.blocks[entry] ?? 0;
+      if (count === this.candidates.length) {
+        const grown = new Uint32Array(count * 2);
+        grown.set(this.candidates);
+        this.candidates = grown;
+      }
+      this.candidates[count++] = entry;
     }
   }
 
