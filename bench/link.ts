@@ -323,7 +323,10 @@ export async function idealBytes(
   }
 }
 
-/** Samples the src veth's tx counter every 50 ms (sysfs of this namespace) for a timeline of the link's use. */
+/**
+ * Samples the src veth's tx counter every 50 ms (sysfs of this namespace) for a timeline of the link's use, and
+ * this namespace's TCP retransmission counters before and after (a stalled link: loss, or nothing to send?).
+ */
 function startLinkTrace(): {
   stop(startMs: number, pause: { stoppedAtMs: number; resumedAtMs: number }): string;
 } {
@@ -388,6 +391,7 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
     const dst = pair.dst;
     if (!dst) throw new Error("no destination after the migration");
     const pause = await guestPause(pair.src.monitor, dst.monitor, startedAtMs);
+    const pauseMs = pause.resumedAtMs - pause.stoppedAtMs;
     if (trace) log(trace.stop(startedAtMs, pause));
     const verified = await LabPair.verify(dst);
     if (!/^OK/m.test(verified))
@@ -398,8 +402,8 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
       streamBytes,
       totalTimeMs: result.info["total-time"] ?? Math.round(result.wallMs),
       downtimeMs: result.info.downtime ?? 0,
-      guestPauseMs: pause.pauseMs,
-      toResumeMs: (result.info["total-time"] ?? result.wallMs) - (result.info.downtime ?? 0) + pause.pauseMs,
+      guestPauseMs: pauseMs,
+      toResumeMs: (result.info["total-time"] ?? result.wallMs) - (result.info.downtime ?? 0) + pauseMs,
       idealBytes: ideal.ideal,
       idealFreeOnlyBytes: ideal.freeOnly,
       freePages,
