@@ -17,12 +17,14 @@
  * the operator's downtime-limit L:
  * - far from the end (R > r·L + the fastest the source ever fed the relay × 0.3 s, so QEMU cannot reach its
  *   switchover point before the guard's next word takes effect): the relay may read up to `readAhead.maxBytes`
- *   ahead, and QEMU is told not to switch yet (it would not anyway: R is far above any threshold);
+ *   ahead, and QEMU is told not to switch yet (it would not anyway: R is far above any threshold; the hold
+ *   keeps a threshold of a few bytes, never 0, see HOLD_AVAIL_BYTES_PER_SECOND);
  * - near the end: the relay may hold C = min(max, r·L·½) (a reader paused over its bound resumes only once the
  *   socket drained, so the backlog falls below C before QEMU moves on), and QEMU may count on r − C/L:
- * - QEMU ≥ 8.2: migration parameter `avail-switchover-bandwidth` = r − C/L (bytes/s; qapi/migration.json, "Since
- *   8.2": used only for the switchover decision, not a limit). QEMU's test `remaining ≤ avail × L` then reads
- *   `remaining + C ≤ r × L`: the pause stays within L however full the relay is.
+ * - QEMU ≥ 8.2: migration parameter `avail-switchover-bandwidth` = min(r − C/L, q) (bytes/s; qapi/migration.json,
+ *   "Since 8.2": used only for the switchover decision, not a limit), q being QEMU's own rate in its last window.
+ *   QEMU's test `remaining ≤ avail × L` then reads `remaining + C ≤ r × L` and `remaining ≤ q × L`: the pause
+ *   stays within L however full the relay is, and however slowly the source itself writes.
  * - Older QEMU (7.2): the threshold can only be moved through `downtime-limit`, so while the migration is active
  *   the guard sets it to L × (r − C/L) / QEMU's rate, never above the operator's limit, at least 1 ms. QEMU's rate
  *   is the fastest it has been (query-migrate `ram.mbps` of its last window, or the peak the relay was fed): it
@@ -44,8 +46,16 @@ export const READ_AHEAD_SHARE = 0.5;
  * (migration_update_counters, BUFFER_DELAY), the guard ticks every 100 ms, plus QMP round trips.
  */
 const FAR_HORIZON_SECONDS = 0.3;
-/** avail-switchover-bandwidth 0 means "estimate it yourself" (qapi/migration.json): the least "hold on" is 1. */
-const MIN_AVAIL_BYTES_PER_SECOND = 1;
+/**
+ * The "hold on" rate: the least avail-switchover-bandwidth that still leaves QEMU a non-zero switchover threshold.
+ * 0 means "estimate it yourself" (qapi/migration.json). QEMU 10.0 computes threshold = avail / 1000 (integer
+ * division, bytes per ms) × downtime-limit (migration/migration.c migration_update_counters), so anything below
+ * 1000 B/s gives a threshold of 0, and migration_iteration_run then completes on `!pending_size` alone: at the end
+ * of every pass the estimate (the dirty bitmap, not yet re-synced) is 0, so QEMU would stop the guest with all
+ * that was dirtied during the pass still unsent. At 1000 B/s the threshold is downtime-limit bytes (at least 1),
+ * below one page: QEMU re-syncs the bitmap at each pass end and goes on unless nothing at all is dirty.
+ */
+export const HOLD_AVAIL_BYTES_PER_SECOND = 1000;
 
 export type GuardMode = "avail-switchover-bandwidth" | "downtime-limit";
 
@@ -168,9 +178,14 @@ export class SwitchoverGuard {
       this.readAhead?.set(readAheadBytes);
       this.readAheadBytes = readAheadBytes;
       if (readAheadBytes > this.peakReadAheadBytes) this.peakReadAheadBytes = readAheadBytes;
-      const rate = far ? MIN_AVAIL_BYTES_PER_SECOND : bytesPerSecond - readAheadBytes / limitSeconds;
-      if (this.mode === "avail-switchover-bandwidth") await this.tickAvail(rate);
-      else {
+      const rate = far ? HOLD_AVAIL_BYTES_PER_SECOND : bytesPerSecond - readAheadBytes / limitSeconds;
+      if (this.mode === "avail-switchover-bandwidth") {
+        // The source may also be slower than the link (a busy host, a loopback "link"): then QEMU's own rate
+        // (its last window) is the true one, and a higher avail would let it stop the guest with more left than
+        // it can write within the limit.
+        const qemuRate = ((info.ram?.mbps ?? 0) * 1e6) / 8;
+        await this.tickAvail(qemuRate > 0 ? Math.min(rate, qemuRate) : rate);
+      } else {
         // QEMU re-estimates its rate every 100 ms, and through free stretches it jumps: scale by the fastest it
         // has been (its last window's mbps, or the fastest the relay was fed), so a jump cannot outgrow the limit.
         const qemuRate = Math.max(((info.ram?.mbps ?? 0) * 1e6) / 8, inflowPeakBytesPerSecond ?? 0);
@@ -187,7 +202,7 @@ export class SwitchoverGuard {
     // A lower rate is passed on at once (QEMU must not count on more than is true); a higher one past RATE_CHANGE.
     const given = this.givenRate;
     if (given !== undefined && rate >= given && rate <= given * (1 + RATE_CHANGE)) return;
-    const bytesPerSecond = Math.max(MIN_AVAIL_BYTES_PER_SECOND, Math.round(rate));
+    const bytesPerSecond = Math.max(HOLD_AVAIL_BYTES_PER_SECOND, Math.round(rate));
     await this.qmp.execute("migrate-set-parameters", { "avail-switchover-bandwidth": bytesPerSecond });
     this.given(bytesPerSecond);
   }
