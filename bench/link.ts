@@ -355,7 +355,7 @@ function startLinkTrace(): {
       sample();
       const first = samples[0]?.[1] ?? 0;
       const parts = samples.map(([t, b]) => `${t - startMs}:${((b - first) / 1e6).toFixed(0)}`);
-      return `  tcp before: ${tcpBefore}; after: ${tcp()}\n  trace (ms:MB) stop@${pause.stoppedAtMs - startMs} resume@${pause.resumedAtMs - startMs} ${parts.join(" ")}`;
+      return `  tcp before: ${tcpBefore}; after: ${tcp()}\n  trace from ${startMs} (ms:MB) stop@${pause.stoppedAtMs - startMs} resume@${pause.resumedAtMs - startMs} ${parts.join(" ")}`;
     },
   };
 }

@@ -38,6 +38,9 @@ export async function migrateThroughInProcessSend(
       guest: { qmp: { client: toolQmp, path: pair.src.toolQmpPath } },
       ...(options.link ? { link: options.link } : {}),
       ...(options.disk ? { disk: options.disk } : {}),
+      ...(process.env.VMPRUNE_BENCH_TRACE
+        ? { log: (line: string) => process.stderr.write(`  send @${Date.now()}: ${line}\n`) }
+        : {}),
     });
     try {
       const result = await runMigration(pair.src.monitor, `tcp:${options.listenHost}:${send.address.port}`, {

@@ -2,7 +2,9 @@
  * The rewriting main-channel processor of `vmprune send --drop free`: parses what the source QEMU sends, and for
  * the PAGE records of each chunk asks a {@link PageJudge} what those pages are *now* (after the records arrived:
  * invariant 1). A page the guest kernel holds free goes on as a ZERO record for the same block and offset (same
- * CONTINUE state); every other record is re-encoded byte for byte (invariant 2). Why that is safe: QEMU clears a
+ * CONTINUE state); every other record goes on as the very bytes QEMU sent (invariant 2): the processor keeps the
+ * input chunks until their records are decided and forwards views of them, so it neither re-encodes nor copies
+ * what it does not change. Why that is safe: QEMU clears a
  * page's dirty bit before it reads the page for a record, so a page that is free when the relay looks has no
  * content the guest can rely on, and any later allocation writes to it, which QEMU catches and sends again.
  *
@@ -23,6 +25,11 @@ import { encodePageHeader, encodeRecord, pageToZero } from "../stream/writer.ts"
 import type { PageJudge, PageRef } from "./page-judge.ts";
 
 type PageRecord = Extract<RamRecord, { type: "page" }>;
+
+/** A PAGE record's length on the wire: be64 address and flags, the counted idstr unless CONTINUE, the page. */
+function pageRecordBytes(page: PageRecord): number {
+  return 8 + (page.header.idstr === null ? 0 : 1 + page.header.idstr.length) + page.data.length;
+}
 
 /** What a REF frame adds beyond the page header it carries (link/protocol.ts). */
 const REF_OVERHEAD_BYTES = FRAME_HEADER_BYTES + REF_FIXED_BYTES;
@@ -72,8 +79,18 @@ export interface PruneReport {
   judgeMs: number;
 }
 
+/** One input chunk held until every record in it has been decided, and where it starts in the stream. */
+interface HeldChunk {
+  start: number;
+  bytes: Buffer;
+}
+
 export class PruningProcessor implements MainChannelProcessor {
   private readonly parser = new StreamParser({ onError: "passthrough" });
+  /** Input not yet forwarded, in stream order; `forwarded` is the stream offset everything before went out. */
+  private held: HeldChunk[] = [];
+  private received = 0;
+  private forwarded = 0;
   private readonly summary = new StreamSummary({ sha256: false });
   private readonly drop: Set<number>;
   private readonly counts = new Array<number>(CATEGORY_NAMES.length).fill(0);
@@ -106,11 +123,15 @@ export class PruningProcessor implements MainChannelProcessor {
   /** For a receiver: bytes and references, in stream order. */
   pushSegments(chunk: Buffer, refs = true): Segment[] {
     this.summary.chunk(chunk);
-    return this.emit(this.parser.push(chunk), refs);
+    if (chunk.length > 0) this.held.push({ start: this.received, bytes: chunk });
+    this.received += chunk.length;
+    // Bytes past parser.offset belong to a record still incomplete: they wait for its decision.
+    return this.emit(this.parser.push(chunk), refs, this.parser.offset);
   }
 
   endSegments(refs = true): Segment[] {
-    return this.emit(this.parser.end(), refs);
+    // The stream ended: whatever is left (a truncated record included) goes on as it came.
+    return this.emit(this.parser.end(), refs, this.received);
   }
 
   private plain(segments: Segment[]): Buffer[] {
@@ -119,23 +140,47 @@ export class PruningProcessor implements MainChannelProcessor {
     return out.length > 1 ? [Buffer.concat(out)] : out;
   }
 
-  private emit(records: StreamRecord[], refs: boolean): Segment[] {
+  /**
+   * The segments for this batch of records: the input as it came up to `upTo` (the end of the last complete
+   * record), with each decided PAGE record replaced by its ZERO record or its reference.
+   */
+  private emit(records: StreamRecord[], refs: boolean, upTo: number): Segment[] {
     for (const r of records) this.summary.record(r);
     const decisions = this.decide(records, refs);
     const out: Segment[] = [];
     let bytes: Buffer[] = [];
-    for (const r of records) {
-      const decision = decisions?.get(r);
-      if (decision && decision !== "zero") {
+    if (decisions)
+      for (const [record, decision] of decisions) {
+        const page = record as PageRecord;
+        this.forward(page.offset, bytes);
+        this.forwarded = page.offset + pageRecordBytes(page);
+        if (decision === "zero") {
+          bytes.push(...encodeRecord(pageToZero(page)));
+          continue;
+        }
         if (bytes.length > 0) out.push({ kind: "bytes", buffers: bytes });
         bytes = [];
         out.push(decision);
-        continue;
       }
-      bytes.push(...encodeRecord(decision === "zero" ? pageToZero(r as PageRecord) : r));
-    }
+    this.forward(upTo, bytes);
     if (bytes.length > 0) out.push({ kind: "bytes", buffers: bytes });
     return out;
+  }
+
+  /** Appends views of the held input from `forwarded` up to `end` to `into`, and lets go of what is behind. */
+  private forward(end: number, into: Buffer[]): void {
+    let drop = 0;
+    for (const chunk of this.held) {
+      const chunkEnd = chunk.start + chunk.bytes.length;
+      if (chunk.start >= end) break;
+      if (chunkEnd > this.forwarded)
+        into.push(
+          chunk.bytes.subarray(Math.max(0, this.forwarded - chunk.start), Math.min(end, chunkEnd) - chunk.start),
+        );
+      if (chunkEnd <= end) drop++;
+    }
+    if (drop > 0) this.held = this.held.slice(drop);
+    if (end > this.forwarded) this.forwarded = end;
   }
 
   /** What becomes of this batch's PAGE records: a ZERO record, a reference, or (absent) unchanged. */

@@ -11,7 +11,7 @@
  * reference and a corrupted guest, so it must be collision resistant against a guest that chooses its page
  * contents; truncating to 16 bytes would save 16 bytes per 4096-byte page (0.4%) and is not worth an argument.
  */
-import { createHash } from "node:crypto";
+import { hash } from "node:crypto";
 
 export const REF_HASH_ALGORITHM = "sha256";
 /** SHA-256 digest length (FIPS 180-4). */
@@ -74,9 +74,8 @@ export function sampledWordsZero(buf: Buffer, offset: number): boolean {
 
 /** SHA-256 of the 4096 bytes at `offset` of `buf`. */
 export function strongHash(buf: Buffer, offset = 0, length = 4096): Buffer {
-  return createHash(REF_HASH_ALGORITHM)
-    .update(buf.subarray(offset, offset + length))
-    .digest();
+  // One-shot crypto.hash (Node >= 20.12): no Hash object per page (3.0 vs 3.6 us per 4 KiB here).
+  return hash(REF_HASH_ALGORITHM, buf.subarray(offset, offset + length), "buffer");
 }
 
 /** The strong hash used as an index key (its first 8 bytes): the "no sampling" variant. */

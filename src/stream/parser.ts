@@ -82,7 +82,7 @@ export class StreamParser {
   private ramSectionId: number | null = null;
   private currentSectionId = 0;
   private lastBlock: RamBlockEntry | null = null;
-  private pageBits = DEFAULT_TARGET_PAGE_BITS;
+  private pageBytes = 2 ** DEFAULT_TARGET_PAGE_BITS;
   private ignoreShared = false;
   private advisedHugePages = false;
 
@@ -90,8 +90,9 @@ export class StreamParser {
     this.onError = options.onError ?? "throw";
   }
 
+  /** The target page size (2^target-page-bits), kept as a field: it is read for every RAM record. */
   get pageSize(): number {
-    return 2 ** this.pageBits;
+    return this.pageBytes;
   }
 
   get passingThrough(): boolean {
@@ -336,7 +337,7 @@ export class StreamParser {
     this.machineType = machineType;
     this.anyRecordAfterHeader = true;
     for (const s of subsections) {
-      if (s.name === CONFIG_SUBSECTIONS.TARGET_PAGE_BITS) this.pageBits = s.bits;
+      if (s.name === CONFIG_SUBSECTIONS.TARGET_PAGE_BITS) this.pageBytes = 2 ** s.bits;
       if (s.name === CONFIG_SUBSECTIONS.CAPABILITIES)
         this.ignoreShared = s.capabilities.includes("x-ignore-shared");
     }
