@@ -15,6 +15,8 @@ export interface SendRun {
   /** Bytes the relay wrote towards the destination, all connections. */
   wireBytes: number;
   prunedPages: number;
+  /** startSend: the disk index and the guest's introspection, before the source's `migrate`. */
+  prepMs: number;
 }
 
 export async function migrateThroughInProcessSend(
@@ -31,6 +33,7 @@ export async function migrateThroughInProcessSend(
 ): Promise<SendRun> {
   const toolQmp = await QmpClient.connect(pair.src.toolQmpPath);
   try {
+    const prepStarted = performance.now();
     const send = await startSend({
       listen: { host: options.listenHost, port: 0 },
       to: options.to,
@@ -42,6 +45,7 @@ export async function migrateThroughInProcessSend(
         ? { log: (line: string) => process.stderr.write(`  send @${Date.now()}: ${line}\n`) }
         : {}),
     });
+    const prepMs = performance.now() - prepStarted;
     try {
       const result = await runMigration(pair.src.monitor, `tcp:${options.listenHost}:${send.address.port}`, {
         ...(options.parameters ? { parameters: options.parameters } : {}),
@@ -53,7 +57,7 @@ export async function migrateThroughInProcessSend(
       if (prune?.mode !== "prune")
         throw new Error(`vmprune send did not prune: ${prune?.degraded ?? "no pruning report"}`);
       const wireBytes = report.relay.channels.reduce((sum, c) => sum + c.bytesToDestination, 0);
-      return { result, wireBytes, prunedPages: prune.pages.pruned };
+      return { result, wireBytes, prunedPages: prune.pages.pruned, prepMs };
     } finally {
       await send.relay.close();
     }
