@@ -175,7 +175,10 @@ export class PruningProcessor implements MainChannelProcessor {
       if (chunk.start >= end) break;
       if (chunkEnd > this.forwarded)
         into.push(
-          chunk.bytes.subarray(Math.max(0, this.forwarded - chunk.start), Math.min(end, chunkEnd) - chunk.start),
+          chunk.bytes.subarray(
+            Math.max(0, this.forwarded - chunk.start),
+            Math.min(end, chunkEnd) - chunk.start,
+          ),
         );
       if (chunkEnd <= end) drop++;
     }
