@@ -36,6 +36,14 @@ export interface MigrationResult {
   /** Wall time from `migrate` to the end state seen here. */
   wallMs: number;
   uri: string;
+  /**
+   * With minPasses: QEMU switched over while still held (downtime-limit 1 ms), i.e. before the passes or
+   * `holdUntil` were done. It does when its threshold, bandwidth of its last 100 ms window × 1 ms, rounds to 0
+   * bytes (a window that sent almost nothing): then a pass end with its dirty estimate at 0 completes the
+   * migration without re-syncing the bitmap (QEMU 7.2 migration_iteration_run / ram_save_pending; 10.0 the
+   * same through `!pending_size`).
+   */
+  endedWhileHeld: boolean;
 }
 
 /** Default parameters for loopback lab migrations: QEMU's default bandwidth cap (128 MiB/s) would dominate. */
@@ -118,6 +126,9 @@ export async function runMigration(
     if (info.status && END_STATES.has(info.status)) break;
     await sleep(options.pollMs ?? 100);
   }
+  const endedWhileHeld = holding && info.status === "completed";
+  if (endedWhileHeld)
+    await src.execute("migrate-set-parameters", { "downtime-limit": downtimeLimit }).catch(() => undefined);
   const wallMs = performance.now() - started;
   if (info.status !== "completed") {
     if (!info.status || !END_STATES.has(info.status))
@@ -127,7 +138,7 @@ export async function runMigration(
       info,
     );
   }
-  return { status: info.status, info, wallMs, uri: connectUri };
+  return { status: info.status, info, wallMs, uri: connectUri, endedWhileHeld };
 }
 
 /**
