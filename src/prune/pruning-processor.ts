@@ -4,9 +4,9 @@
  * invariant 1). A page the guest kernel holds free goes on as a ZERO record for the same block and offset (same
  * CONTINUE state); every other record goes on as the very bytes QEMU sent (invariant 2): the processor keeps the
  * input chunks until their records are decided and forwards views of them, so it neither re-encodes nor copies
- * what it does not change. Why that is safe: QEMU clears a
- * page's dirty bit before it reads the page for a record, so a page that is free when the relay looks has no
- * content the guest can rely on, and any later allocation writes to it, which QEMU catches and sends again.
+ * what it does not change. Why dropping is safe: QEMU clears a page's dirty bit before it reads the page for a
+ * record, so a page that is free when the relay looks has no content the guest can rely on, and any later
+ * allocation writes to it, which QEMU catches and sends again.
  *
  * Degrading (invariant 4): a judge that could not be opened, or fails mid-way, turns the processor into a
  * passthrough for the rest of the stream, with the reason in the report; records already pruned were free when
