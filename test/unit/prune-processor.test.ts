@@ -97,15 +97,34 @@ function tableJudge(free: Set<number>, failOnCall?: number): PageJudge & { calls
   };
 }
 
-function run(processor: PruningProcessor, input: Buffer, chunk: (i: number) => number): Buffer {
-  const out: Buffer[] = [];
+/** Feeds `input` to `push` in chunks of `chunk(i)` bytes (at least 1). */
+function feed(input: Buffer, chunk: (i: number) => number, push: (bytes: Buffer) => void): void {
   for (let at = 0, i = 0; at < input.length; i++) {
     const n = Math.max(1, chunk(i));
-    out.push(...processor.push(input.subarray(at, at + n)));
+    push(input.subarray(at, at + n));
     at += n;
   }
+}
+
+function run(processor: PruningProcessor, input: Buffer, chunk: (i: number) => number): Buffer {
+  const out: Buffer[] = [];
+  feed(input, chunk, (bytes) => out.push(...processor.push(bytes)));
   out.push(...processor.end());
   return Buffer.concat(out);
+}
+
+/** The chunkings every rewrite must survive: whole, a byte at a time, a page and a bit, pseudo-random sizes. */
+function chunkings(length: number, seed: number): ((i: number) => number)[] {
+  let state = seed;
+  return [
+    () => length,
+    () => 1,
+    () => 4096 + 9,
+    () => {
+      state = (state * 48271) % 2147483647;
+      return state % 9000;
+    },
+  ];
 }
 
 function records(buf: Buffer): StreamRecord[] {
@@ -116,16 +135,7 @@ function records(buf: Buffer): StreamRecord[] {
 test("free PAGE records become ZERO records (same block, offset, CONTINUE); the rest is unchanged, for any chunking", () => {
   const input = stream(8);
   const free = new Set([0, 3, 7]);
-  let seed = 1;
-  for (const chunk of [
-    () => input.length,
-    () => 1,
-    () => 4096 + 9,
-    () => {
-      seed = (seed * 48271) % 2147483647;
-      return seed % 9000;
-    },
-  ]) {
+  for (const chunk of chunkings(input.length, 1)) {
     const p = new PruningProcessor(tableJudge(free), { drop: ["free"] });
     const output = run(p, input, chunk);
     const before = records(input);
@@ -225,17 +235,8 @@ test("references: with a receiver, cache pages found on the disk become REF segm
       return block === undefined ? null : { block, hash: Buffer.alloc(32, block) };
     },
   };
-  let seed = 7;
-  const chunkings: ((i: number) => number)[] = [
-    () => input.length,
-    () => 1,
-    () => 4096 + 9,
-    () => {
-      seed = (seed * 48271) % 2147483647;
-      return seed % 9000;
-    },
-  ];
-  for (const chunk of chunkings) {
+  const ways = chunkings(input.length, 7);
+  for (const chunk of ways) {
     const p = new PruningProcessor(judge, { drop: ["free", "cache"], cacheIndex });
     const rebuilt: Buffer[] = [];
     const inputViews = new Set<ArrayBufferLike>();
@@ -253,15 +254,11 @@ test("references: with a receiver, cache pages found on the disk become REF segm
         rebuilt.push(s.pageHeader, Buffer.alloc(4096, s.block - 99));
       }
     };
-    for (let at = 0, i = 0; at < input.length; i++) {
-      const n = Math.max(1, chunk(i));
-      take(p.pushSegments(input.subarray(at, at + n)));
-      at += n;
-    }
+    feed(input, chunk, (bytes) => take(p.pushSegments(bytes)));
     take(p.endSegments());
     assert.deepEqual(refs, [101, 105, 111], "a reference for each cache page on the disk, in stream order");
     assert.ok(Buffer.concat(rebuilt).equals(input), "rebuilt, the stream is the input byte for byte");
-    if (chunk === chunkings[0])
+    if (chunk === ways[0])
       assert.deepEqual([...inputViews], [input.buffer], "forwarded as views of the input, not copies");
     const r = p.report();
     assert.equal(r.refs, 3);
