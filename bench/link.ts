@@ -85,12 +85,13 @@ import {
   type MigrationResult,
   prepareIncoming,
   runMigration,
+  tcpAddress,
   waitDestinationState,
 } from "../src/qemu/migration.ts";
 import { QmpClient } from "../src/qemu/qmp.ts";
 import { sweepStaleRuns } from "../src/qemu/vm.ts";
 import { LAB_OPTIONS, labTarget, median } from "./common.ts";
-import { migrateThroughInProcessSend } from "./send-run.ts";
+import { migrateThroughInProcessSend, type SendRun } from "./send-run.ts";
 
 const MEMORY_MIB = 512;
 /** The guests this benchmark can migrate: the issue's mixed guest, and the page-cache-heavy one of the tests. */
@@ -201,6 +202,11 @@ async function migrateMultifd(ctx: RowContext): Promise<{ streamBytes: number; r
   );
 }
 
+/** A vmprune row's figures: what the relay wrote towards the destination is its stream. */
+function rowFigures(run: SendRun): Awaited<ReturnType<RowMigrator>> {
+  return { streamBytes: run.wireBytes, prunedPages: run.prunedPages, prepMs: run.prepMs, result: run.result };
+}
+
 /**
  * Source QEMU → vmprune send --drop free (startSend in this process, listening on the src namespace's
  * loopback, judging pages through the source's tool QMP socket) → the link → destination QEMU.
@@ -208,14 +214,13 @@ async function migrateMultifd(ctx: RowContext): Promise<{ streamBytes: number; r
 async function migrateVmpruneFree(ctx: RowContext): ReturnType<RowMigrator> {
   const dst = await ctx.pair.startDestination();
   const dstUri = await prepareIncoming(dst.monitor, { incomingUri: `tcp:${ctx.link.dstIp}:0` });
-  const port = Number(dstUri.slice(dstUri.lastIndexOf(":") + 1));
   const run = await migrateThroughInProcessSend(ctx.pair, dst, {
     listenHost: "127.0.0.1",
-    to: { host: ctx.link.dstIp, port },
+    to: { host: ctx.link.dstIp, port: tcpAddress(dstUri).port },
     drop: ["free"],
     parameters: { "max-bandwidth": MAX_BANDWIDTH },
   });
-  return { streamBytes: run.wireBytes, prunedPages: run.prunedPages, prepMs: run.prepMs, result: run.result };
+  return rowFigures(run);
 }
 
 /**
@@ -226,7 +231,7 @@ async function migrateVmpruneFree(ctx: RowContext): ReturnType<RowMigrator> {
 async function migrateVmpruneFreeCache(ctx: RowContext): ReturnType<RowMigrator> {
   const dst = await ctx.pair.startDestination();
   const dstUri = await prepareIncoming(dst.monitor, { incomingUri: "tcp:127.0.0.1:0" });
-  const port = Number(dstUri.slice(dstUri.lastIndexOf(":") + 1));
+  const { port } = tcpAddress(dstUri);
   const disk = join(ctx.pair.diskDir, "data.img");
   const keyPath = join(ctx.pair.diskDir, "link.key");
   const psk = randomBytes(32);
@@ -251,12 +256,7 @@ async function migrateVmpruneFreeCache(ctx: RowContext): ReturnType<RowMigrator>
     log(
       `  receive: ${received.stdout.length > 0 ? JSON.stringify((JSON.parse(received.stdout) as { refs: unknown }).refs) : received.stderr.slice(-300)}`,
     );
-    return {
-      streamBytes: run.wireBytes,
-      prunedPages: run.prunedPages,
-      prepMs: run.prepMs,
-      result: run.result,
-    };
+    return rowFigures(run);
   } finally {
     await receive.stop();
   }

@@ -31,7 +31,7 @@ import type { KernelId } from "../src/lab/kernels.ts";
 import { LabPair } from "../src/lab/lab-vm.ts";
 import { guestMeminfo, runMixedWorkload } from "../src/lab/workloads.ts";
 import type { QemuVersion } from "../src/qemu/binaries.ts";
-import { type MigrationResult, prepareIncoming } from "../src/qemu/migration.ts";
+import { type MigrationResult, prepareIncoming, tcpAddress } from "../src/qemu/migration.ts";
 import { sweepStaleRuns } from "../src/qemu/vm.ts";
 import { LAB_OPTIONS, labTarget, median } from "./common.ts";
 import { migrateThroughInProcessSend } from "./send-run.ts";
@@ -86,10 +86,9 @@ function figuresOf(result: MigrationResult, wireBytes: number, freePages: number
 async function migrateThroughSend(pair: LabPair, freePages: number): Promise<RunFigures> {
   const dst = await pair.startDestination();
   const dstUri = await prepareIncoming(dst.monitor, { incomingUri: `tcp:${HOST}:0` });
-  const port = Number(dstUri.slice(dstUri.lastIndexOf(":") + 1));
   const run = await migrateThroughInProcessSend(pair, dst, {
     listenHost: HOST,
-    to: { host: HOST, port },
+    to: tcpAddress(dstUri),
     drop: ["free"],
   });
   return { ...figuresOf(run.result, run.wireBytes, freePages), prunedPages: run.prunedPages };

@@ -267,8 +267,7 @@ program
         throw error;
       }
       // Without the switchover guard the monitor is only needed to set up: free it for the operator at once.
-      const guarding = opts.switchoverGuard && opts.drop !== undefined && qmp !== undefined;
-      if (guarding)
+      if (send.switchoverGuarded)
         log(
           `holding ${opts.qmp} for the switchover guard until the migration ends (--no-switchover-guard frees it)`,
         );
@@ -284,7 +283,7 @@ program
       process.once("SIGINT", stop);
       process.once("SIGTERM", stop);
       const result = await send.done;
-      qmp?.close();
+      if (send.switchoverGuarded) qmp?.close();
       process.stdout.write(opts.json ? `${JSON.stringify(result, null, 2)}\n` : renderSendReport(result));
       if (result.relay.error) process.exitCode = 1;
     },

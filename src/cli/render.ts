@@ -242,10 +242,10 @@ export function renderReceiveReport(r: ReceiveReport): string {
 export function renderSwitchover(g: SwitchoverGuardReport): string {
   if (g.linkBytesPerSecond === null)
     return "switchover guard: no link-bound stretch measured; QEMU decided on its own estimate";
-  const mb = (bytesPerSecond: number) => `${(bytesPerSecond / 1e6).toFixed(1)} MB/s`;
+  const mb = (bytes: number) => `${(bytes / 1e6).toFixed(1)} MB`;
   const told =
     g.mode === "avail-switchover-bandwidth"
-      ? `avail-switchover-bandwidth set ${g.updates} times, lowest ${mb(g.lowestGivenBytesPerSecond ?? 0)} (relay read-ahead ${mb(g.readAheadBytes).replace(" MB/s", " MB")} deducted)`
+      ? `avail-switchover-bandwidth set ${g.updates} times, lowest ${mb(g.lowestGivenBytesPerSecond ?? 0)}/s (relay read-ahead ${mb(g.readAheadBytes)} deducted)`
       : `downtime-limit lowered ${g.updates} times, to ${g.lowestDowntimeLimitMs ?? "-"} ms at least`;
-  return `switchover guard: link measured at ${mb(g.linkBytesPerSecond)}; ${told}${g.errors > 0 ? `; ${g.errors} QMP errors` : ""}`;
+  return `switchover guard: link measured at ${mb(g.linkBytesPerSecond)}/s; ${told}${g.errors > 0 ? `; ${g.errors} QMP errors` : ""}`;
 }

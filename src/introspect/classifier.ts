@@ -278,17 +278,17 @@ export function countCategories(categories: Uint8Array): Record<Category, number
 export const BUDDY_SPAN = 2 ** MAX_BUDDY_ORDER;
 
 /**
- * Classifies a set of PFNs (e.g. the pages of a batch of migration records) with as few struct-page reads as
- * possible: PFNs are grouped into windows aligned to the largest buddy block, so that a free page inside a
- * buddy block is seen together with its block's head; each window's struct pages are read once. Returns the
- * category per requested PFN (in the order given); PFNs whose struct pages cannot be read are "unknown".
- */
-/**
  * classifyPfns' read buffer, reused across calls (it runs for every batch of page records during a migration;
  * a fresh zeroed buffer per batch was a tenth of the relay's allocations). Only read within one synchronous call.
  */
 let structPageScratch = Buffer.allocUnsafe(0);
 
+/**
+ * Classifies a set of PFNs (e.g. the pages of a batch of migration records) with as few struct-page reads as
+ * possible: PFNs are grouped into windows aligned to the largest buddy block, so that a free page inside a
+ * buddy block is seen together with its block's head; each window's struct pages are read once. Returns the
+ * category per requested PFN (in the order given); PFNs whose struct pages cannot be read are "unknown".
+ */
 export function classifyPfns(
   classifier: PageClassifier,
   source: StructPageSource,

@@ -46,7 +46,6 @@ export async function migrateThroughLink(
   const psk = randomBytes(32);
   const dst = await pair.startDestination({ paused: true });
   const dstUri = await prepareIncoming(dst.monitor, { incomingUri: "tcp:127.0.0.1:0" });
-
   const reader = await BlockReader.open(options.receiveDisk ?? disk, { alignmentBytes: REF_SECTOR_BYTES });
   const receive = await startReceive({
     listen: { host: "127.0.0.1", port: 0 },

@@ -70,6 +70,8 @@ export interface RunningSend {
   done: Promise<SendReport>;
   /** Pruning so far (for progress), null before the main channel or without --drop. */
   pruneSoFar(): PruneReport | null;
+  /** The switchover guard runs: it uses `guest.qmp` until `done` settles. */
+  switchoverGuarded: boolean;
 }
 
 export async function startSend(options: SendOptions): Promise<RunningSend> {
@@ -181,5 +183,11 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
       switchover,
     };
   });
-  return { relay, address: relay.address, done, pruneSoFar: () => pruner?.report() ?? null };
+  return {
+    relay,
+    address: relay.address,
+    done,
+    pruneSoFar: () => pruner?.report() ?? null,
+    switchoverGuarded: guard !== undefined,
+  };
 }
