@@ -1,12 +1,13 @@
-/** Human-readable tables for the CLI. */
+/** Human-readable reports for the CLI (tables laid out by report/table.ts). */
 
 import type { InspectReport } from "../introspect/inspect.ts";
-import type { DemoResult, DemoRun } from "../lab/demo.ts";
+import { DEMO_RUNS, type DemoResult, type DemoRun } from "../lab/demo.ts";
 import type { ReceiveReport } from "../migrate/link-receive.ts";
 import type { MigrateProgress, MigrateReport } from "../migrate/migrate.ts";
 import type { SendReport } from "../migrate/send.ts";
 import type { SwitchoverGuardReport } from "../migrate/switchover-guard.ts";
 import type { PruneReport } from "../prune/pruning-processor.ts";
+import { REPORT_WIDTH, table, wrap } from "../report/table.ts";
 import type { RelayReport } from "../stream/relay.ts";
 import type { StreamSummaryJson } from "../stream/summary.ts";
 
@@ -21,46 +22,60 @@ export function formatBytes(bytes: number): string {
   return `${value.toFixed(unit === 0 ? 0 : 1)} ${units[unit]}`;
 }
 
-export function table(header: string[], rows: string[][]): string {
-  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
-  const line = (cells: string[]) =>
-    cells.map((c, i) => (i === 0 ? c.padEnd(widths[i] ?? 0) : c.padStart(widths[i] ?? 0))).join("  ");
-  return [line(header), widths.map((w) => "-".repeat(w)).join("  "), ...rows.map(line)].join("\n");
-}
-
+/**
+ * `vmprune demo`: the guest, then one column per migration (short names, explained below the table) with its
+ * share of the baseline beside it; units sit in the row names so that the cells are bare, right-aligned numbers.
+ * Laid out for REPORT_WIDTH columns.
+ */
 export function renderDemo(result: DemoResult): string {
+  const fit = (text: string) => wrap(text, REPORT_WIDTH);
   const head = [
-    `guest: ${result.memoryMiB} MiB, kernel ${result.kernel}, QEMU ${result.qemu}, ${result.accel}, booted in ${(result.bootMs / 1000).toFixed(1)} s`,
-    `guest before migration: MemFree ${formatBytes(result.guestMemFreeKiB * 1024)}, Cached ${formatBytes(result.guestCachedKiB * 1024)}`,
+    ...fit(
+      `guest: ${result.memoryMiB} MiB, kernel ${result.kernel}, ${result.accel}, booted in ${(result.bootMs / 1000).toFixed(1)} s`,
+    ),
+    ...fit(`QEMU ${result.qemu}`),
+    ...fit(
+      `guest before migration: MemFree ${formatBytes(result.guestMemFreeKiB * 1024)}, Cached ${formatBytes(result.guestCachedKiB * 1024)}`,
+    ),
     "",
   ];
   const [base, ...others] = result.runs;
   if (!base) return `${head.join("\n")}no migration ran\n`;
   const ratio = (a: number, b: number) => (b > 0 ? `${((100 * a) / b).toFixed(0)}%` : "-");
+  const mib = (bytes: number) => (bytes / 2 ** 20).toFixed(1);
+  const verified = (r: DemoRun) => r.verify.startsWith("OK");
   const metrics: [string, (r: DemoRun) => string, ((r: DemoRun) => number) | null][] = [
     ["status", (r) => r.status, null],
-    ["total time", (r) => `${(r.totalTimeMs / 1000).toFixed(2)} s`, (r) => r.totalTimeMs],
-    ["downtime", (r) => `${r.downtimeMs} ms`, (r) => r.downtimeMs],
-    ["bytes on the wire", (r) => formatBytes(r.wireBytes), (r) => r.wireBytes],
-    ["bytes from QEMU", (r) => formatBytes(r.sourceBytes), null],
-    ["PAGE records from QEMU", (r) => String(r.pageRecords), null],
-    ["ZERO records from QEMU", (r) => String(r.zeroRecords), null],
+    ["total time (s)", (r) => (r.totalTimeMs / 1000).toFixed(2), (r) => r.totalTimeMs],
+    ["downtime (ms)", (r) => String(r.downtimeMs), (r) => r.downtimeMs],
+    ["on the wire (MiB)", (r) => mib(r.wireBytes), (r) => r.wireBytes],
+    ["from QEMU (MiB)", (r) => mib(r.sourceBytes), null],
+    ["PAGE records", (r) => String(r.pageRecords), null],
+    ["ZERO records", (r) => String(r.zeroRecords), null],
     ["pages dropped", (r) => String(r.droppedPages), null],
-    ["  of which cache pages rebuilt from disk", (r) => String(r.references), null],
+    ["  cache, from disk", (r) => String(r.references), null],
     ["pre-copy passes", (r) => String(r.iterations), null],
-    ["guest verify", (r) => (r.verify.startsWith("OK") ? "OK" : r.verify), null],
+    ["guest verify", (r) => (verified(r) ? "OK" : "FAILED"), null],
   ];
   const rows = metrics.map(([name, show, value]) => [
     name,
     show(base),
     ...others.flatMap((o) => [show(o), value ? ratio(value(o), value(base)) : ""]),
   ]);
-  const header = ["", base.label, ...others.flatMap((o) => [o.label, "vs baseline"])];
-  const footer =
-    "loopback: no network limits these migrations, so their times measure this host's CPU (vmprune's relay and " +
-    "receive share it with both QEMUs), not what fewer bytes save on a real link; for that, `npm run bench:link` " +
-    "migrates the same guest over a 1 Gbit/s link between two network namespaces.";
-  return `${head.join("\n")}${table(header, rows)}\n\n${footer}\n`;
+  const header = ["", shortLabel(base), ...others.flatMap((o) => [shortLabel(o), "vs base"])];
+  const notes = [
+    `Columns: ${result.runs.map((r) => `${shortLabel(r)} = ${r.label}`).join(", ")}; vs base: the figure as a share of the baseline's. "cache, from disk": dropped cache pages that receive rebuilt from the shared disk.`,
+    ...result.runs.filter((r) => !verified(r)).map((r) => `${shortLabel(r)}: guest verify: ${r.verify}`),
+    "Loopback: no network limits these migrations, so their times measure this host's CPU (vmprune's relay and " +
+      "receive share it with both QEMUs), not what fewer bytes save on a real link; for that, `npm run bench:link` " +
+      "migrates the same guest over a 1 Gbit/s link between two network namespaces.",
+  ];
+  return `${head.join("\n")}${table(header, rows)}\n\n${notes.flatMap(fit).join("\n")}\n`;
+}
+
+/** A run's column name: the demo's short name for it, or its whole label for a run the demo does not know. */
+function shortLabel(run: DemoRun): string {
+  return DEMO_RUNS.find((r) => r.label === run.label)?.short ?? run.label;
 }
 
 /** `vmprune stream inspect`: a human summary of a migration stream. */

@@ -4,12 +4,23 @@
  */
 
 import { join } from "node:path";
+import type { Category } from "../introspect/classifier.ts";
 import { type MigrateReport, migrate } from "../migrate/migrate.ts";
 import type { QemuVersion } from "../qemu/binaries.ts";
 import { LOOPBACK_PARAMETERS } from "../qemu/migration.ts";
 import type { KernelId } from "./kernels.ts";
 import { LabPair } from "./lab-vm.ts";
 import { guestMeminfo, MIXED_512M, runMixedWorkload, workload } from "./workloads.ts";
+
+/**
+ * The demo's migrations, in order: the label its report and JSON carry, the short name its table column gets
+ * (the labels are too wide for a column), and what it drops.
+ */
+export const DEMO_RUNS = [
+  { label: "baseline (vmprune migrate --baseline)", short: "baseline", drop: [] },
+  { label: "pruned (vmprune migrate --drop free)", short: "free", drop: ["free"] },
+  { label: "pruned (--drop free,cache, with receive)", short: "free+cache", drop: ["free", "cache"] },
+] as const satisfies readonly { label: string; short: string; drop: readonly Category[] }[];
 
 export interface DemoOptions {
   kernel: KernelId;
@@ -84,11 +95,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
     for (const line of await runMixedWorkload(pair.src.agent)) log(`  guest: ${line}`);
     const meminfo = await guestMeminfo(pair.src.agent);
     const runs: DemoRun[] = [];
-    for (const [label, drop] of [
-      ["baseline (vmprune migrate --baseline)", []],
-      ["pruned (vmprune migrate --drop free)", ["free"]],
-      ["pruned (--drop free,cache, with receive)", ["free", "cache"]],
-    ] as const) {
+    for (const { label, drop } of DEMO_RUNS) {
       if (runs.length > 0) {
         // The guest now runs where the last migration left it: a pruned one left its free pages zeroed (QEMU then
         // sends them as zero pages anyway). Churn again so that every run starts with old data in free memory.
