@@ -13,7 +13,9 @@ import { openLiveVmMemory } from "../src/introspect/live-vm.ts";
 import { dataFilePaths } from "../src/lab/data-disk.ts";
 import { LabPair } from "../src/lab/lab-vm.ts";
 import { workload } from "../src/lab/workloads.ts";
+import { requireSetup } from "./common.ts";
 
+requireSetup("bench:classify", { guests: ["6.1"], qemu: ["10.0"] });
 const args = process.argv.slice(2);
 const memoryMiB = Number(args[args.indexOf("--memory") + 1] || 4096) || 4096;
 const json = args.includes("--json");

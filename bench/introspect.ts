@@ -7,7 +7,10 @@ import { closeSync, openSync, unlinkSync, writeSync } from "node:fs";
 import { AddressSpace } from "../src/introspect/address-space.ts";
 import { openGuestKernel, openRawSnapshot } from "../src/introspect/kernel.ts";
 import { buildSyntheticKernel } from "../src/introspect/synthetic-guest.ts";
+import { requireSetup } from "./common.ts";
 
+// A synthetic guest in /dev/shm: nothing of the lab is needed, only the npm packages (bench/preflight.mjs).
+requireSetup("bench:introspect", {});
 const sizeMiB = Number(process.argv[2] ?? 512);
 const path = `/dev/shm/vmprune-bench-introspect-${process.pid}`;
 const head = Buffer.alloc(32 * 1024 * 1024);

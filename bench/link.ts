@@ -96,7 +96,7 @@ import {
 import { QmpClient } from "../src/qemu/qmp.ts";
 import { sweepStaleRuns } from "../src/qemu/vm.ts";
 import { REPORT_WIDTH, table, wrap } from "../src/report/table.ts";
-import { LAB_OPTIONS, labTarget, median } from "./common.ts";
+import { LAB_OPTIONS, labTarget, median, requireSetup } from "./common.ts";
 import { migrateThroughInProcessSend, type SendRun } from "./send-run.ts";
 
 const MEMORY_MIB = 512;
@@ -741,6 +741,7 @@ async function main(argv: string[]): Promise<void> {
   const { kernel, qemu, runs } = labTarget(values, usage);
   const rateMbit = Number(values["rate-mbit"]);
   if (!(rateMbit > 0)) throw new Error(`--rate-mbit needs a positive number (${usage})`);
+  requireSetup("bench:link", { guests: [kernel], qemu: [qemu], commands: ["ip", "tc"], root: true });
   const described = process.env[LINK_ENV];
   if (!described) {
     process.exitCode = await outer(argv, kernel, qemu, rateMbit);

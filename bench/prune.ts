@@ -33,7 +33,7 @@ import { guestMeminfo, runMixedWorkload } from "../src/lab/workloads.ts";
 import type { QemuVersion } from "../src/qemu/binaries.ts";
 import { type MigrationResult, prepareIncoming, tcpAddress } from "../src/qemu/migration.ts";
 import { sweepStaleRuns } from "../src/qemu/vm.ts";
-import { LAB_OPTIONS, labTarget, median } from "./common.ts";
+import { LAB_OPTIONS, labTarget, median, requireSetup } from "./common.ts";
 import { migrateThroughInProcessSend } from "./send-run.ts";
 
 export const ROWS = ["plain", "free-page-hint", "vmprune --drop free"] as const;
@@ -208,6 +208,7 @@ async function main(argv: string[]): Promise<void> {
     options: { ...LAB_OPTIONS, json: { type: "boolean", default: false } },
   });
   const target = labTarget(values, usage);
+  requireSetup("bench:prune", { guests: [target.kernel], qemu: [target.qemu] });
   sweepStaleRuns();
   const result = await benchPrune(target);
   process.stdout.write(values.json ? `${JSON.stringify(result, null, 2)}\n` : `${formatTable(result)}\n`);

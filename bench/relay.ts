@@ -31,6 +31,7 @@ import { runMixedWorkload } from "../src/lab/workloads.ts";
 import { RUN_ROOT } from "../src/qemu/vm.ts";
 import { CountingProcessor } from "../src/stream/counting-processor.ts";
 import { type MainChannelProcessor, Relay } from "../src/stream/relay.ts";
+import { requireSetup } from "./common.ts";
 
 const HOST = "127.0.0.1";
 const SOCAT = "/usr/bin/socat";
@@ -312,8 +313,14 @@ async function main(argv: string[]): Promise<void> {
         `unknown argument: ${arg} (usage: bench/relay.ts [--stream FILE | --constant [--bytes 2G]] [--runs 3] [--json])`,
       );
   }
+  // Without --stream or --constant it first captures a lab guest's stream (captureLabStream).
+  const capture = !streamPath && !constant;
+  requireSetup("bench:relay", {
+    commands: ["socat"],
+    ...(capture ? { guests: ["6.1"], qemu: ["7.2"] } : {}),
+  });
   let captured: { dir: string } | undefined;
-  if (!streamPath && !constant) {
+  if (capture) {
     captured = { dir: join(RUN_ROOT, `${process.pid}-bench-relay`) };
     streamPath = await captureLabStream(captured.dir);
   }

@@ -17,6 +17,7 @@ import { run } from "../src/lab/exec.ts";
 import { ensureGuestImage } from "../src/lab/guest-image.ts";
 import { DiskIndex, type DiskIndexOptions } from "../src/storage/disk-index.ts";
 import { PAGE_SIZE_BYTES } from "../src/storage/image-format.ts";
+import { requireSetup } from "./common.ts";
 
 const MIB = 1024 * 1024;
 const syntheticMiB = Number(process.argv[2] ?? 1024);
@@ -227,6 +228,7 @@ async function alignmentEffect(image: string, pages: Buffer[]): Promise<string> 
   return parts.join("; ");
 }
 
+requireSetup("bench:storage", { guests: ["6.1"] });
 const misses = Array.from({ length: LOOKUPS }, () => randomBytes(PAGE_SIZE_BYTES));
 const { dataDisk, programs } = await ensureGuestImage("6.1");
 const labPages = await labFilePages(programs.vmwork);
