@@ -13,6 +13,7 @@ import { openLiveVmMemory } from "../src/introspect/live-vm.ts";
 import { dataFilePaths } from "../src/lab/data-disk.ts";
 import { LabPair } from "../src/lab/lab-vm.ts";
 import { workload } from "../src/lab/workloads.ts";
+import { reportJson } from "../src/report/version.ts";
 import { requireSetup } from "./common.ts";
 
 requireSetup("bench:classify", { guests: ["6.1"], qemu: ["10.0"] });
@@ -66,7 +67,7 @@ try {
       batch256Us: Number(batchUs.toFixed(1)),
       candidates: candidates.length,
     };
-    if (json) process.stdout.write(`${JSON.stringify(result, null, 2)}\n`);
+    if (json) process.stdout.write(reportJson(result));
     else
       process.stdout.write(
         `${memoryMiB} MiB guest, ${pfns} PFNs: open ${result.openMs} ms; classify all ${result.classifyMs} ms ` +

@@ -96,6 +96,7 @@ import {
 import { QmpClient } from "../src/qemu/qmp.ts";
 import { sweepStaleRuns } from "../src/qemu/vm.ts";
 import { REPORT_WIDTH, table, wrap } from "../src/report/table.ts";
+import { reportJson } from "../src/report/version.ts";
 import { LAB_OPTIONS, labTarget, median, requireSetup } from "./common.ts";
 import { migrateThroughInProcessSend, type SendRun } from "./send-run.ts";
 
@@ -759,7 +760,7 @@ async function main(argv: string[]): Promise<void> {
     workload: values.workload,
     ...(rowNames ? { rows: rowNames } : {}),
   });
-  process.stdout.write(values.json ? `${JSON.stringify(result, null, 2)}\n` : `${formatTable(result)}\n`);
+  process.stdout.write(values.json ? reportJson(result) : `${formatTable(result)}\n`);
 }
 
 if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {

@@ -33,6 +33,7 @@ import { guestMeminfo, runMixedWorkload } from "../src/lab/workloads.ts";
 import type { QemuVersion } from "../src/qemu/binaries.ts";
 import { type MigrationResult, prepareIncoming, tcpAddress } from "../src/qemu/migration.ts";
 import { sweepStaleRuns } from "../src/qemu/vm.ts";
+import { reportJson } from "../src/report/version.ts";
 import { LAB_OPTIONS, labTarget, median, requireSetup } from "./common.ts";
 import { migrateThroughInProcessSend } from "./send-run.ts";
 
@@ -211,7 +212,7 @@ async function main(argv: string[]): Promise<void> {
   requireSetup("bench:prune", { guests: [target.kernel], qemu: [target.qemu] });
   sweepStaleRuns();
   const result = await benchPrune(target);
-  process.stdout.write(values.json ? `${JSON.stringify(result, null, 2)}\n` : `${formatTable(result)}\n`);
+  process.stdout.write(values.json ? reportJson(result) : `${formatTable(result)}\n`);
 }
 
 if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {

@@ -29,6 +29,7 @@ import { LabPair } from "../src/lab/lab-vm.ts";
 import { captureStream } from "../src/lab/stream-capture.ts";
 import { runMixedWorkload } from "../src/lab/workloads.ts";
 import { RUN_ROOT } from "../src/qemu/vm.ts";
+import { reportJson } from "../src/report/version.ts";
 import { CountingProcessor } from "../src/stream/counting-processor.ts";
 import { type MainChannelProcessor, Relay } from "../src/stream/relay.ts";
 import { requireSetup } from "./common.ts";
@@ -330,7 +331,7 @@ async function main(argv: string[]): Promise<void> {
       ...(runs ? { runs } : {}),
       ...(streamPath ? { streamPath } : {}),
     });
-    process.stdout.write(json ? `${JSON.stringify(result, null, 2)}\n` : `${formatTable(result)}\n`);
+    process.stdout.write(json ? reportJson(result) : `${formatTable(result)}\n`);
   } finally {
     if (captured) rmSync(captured.dir, { recursive: true, force: true });
   }

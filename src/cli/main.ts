@@ -18,6 +18,7 @@ import { startSend } from "../migrate/send.ts";
 import { ensureQemu, isQemuVersion, QEMU_VERSIONS, type QemuVersion } from "../qemu/binaries.ts";
 import { QmpClient } from "../qemu/qmp.ts";
 import { sweepStaleRuns } from "../qemu/vm.ts";
+import { reportJson, vmpruneVersion } from "../report/version.ts";
 import { BlockReader } from "../storage/block-reader.ts";
 import { StreamError } from "../stream/errors.ts";
 import { rewriteStream } from "../stream/rewrite.ts";
@@ -48,9 +49,9 @@ function positiveInt(value: string): number {
   return n;
 }
 
-const program = new Command("vmprune").description(
-  "Faster live migration of QEMU/KVM VMs by pruning dispensable guest memory",
-);
+const program = new Command("vmprune")
+  .description("Faster live migration of QEMU/KVM VMs by pruning dispensable guest memory")
+  .version(vmpruneVersion(), "-V, --version", "print vmprune's version (package.json's)");
 
 const lab = program.command("lab").description("the test lab: guest images and QEMU builds");
 lab
@@ -80,7 +81,7 @@ program
   .action(async (opts: { kernel: KernelId; qemu: QemuVersion; memory: number; json?: boolean }) => {
     sweepStaleRuns();
     const result = await runDemo({ kernel: opts.kernel, qemu: opts.qemu, memoryMiB: opts.memory, log });
-    process.stdout.write(opts.json ? `${JSON.stringify(result, null, 2)}\n` : renderDemo(result));
+    process.stdout.write(opts.json ? reportJson(result) : renderDemo(result));
   });
 
 const stream = program.command("stream").description("QEMU migration streams: inspect and re-encode");
@@ -96,7 +97,7 @@ stream
   .option("--json", "print the summary as JSON")
   .action(async (file: string, opts: { json?: boolean }) => {
     const summary = await summarizeStream(input(file));
-    process.stdout.write(opts.json ? `${JSON.stringify(summary, null, 2)}\n` : renderStreamSummary(summary));
+    process.stdout.write(opts.json ? reportJson(summary) : renderStreamSummary(summary));
     if (summary.error) process.exitCode = 2;
   });
 
@@ -165,9 +166,7 @@ program
         try {
           const result = classifyGuest(memory, { inferPcpFree: opts.inferPcp ?? false });
           if (opts.pfnMap) await writeFile(opts.pfnMap, result.categories);
-          process.stdout.write(
-            opts.json ? `${JSON.stringify(result.report, null, 2)}\n` : renderInspectReport(result.report),
-          );
+          process.stdout.write(opts.json ? reportJson(result.report) : renderInspectReport(result.report));
         } finally {
           memory.close();
         }
@@ -284,7 +283,7 @@ program
       process.once("SIGTERM", stop);
       const result = await send.done;
       if (send.switchoverGuarded) qmp?.close();
-      process.stdout.write(opts.json ? `${JSON.stringify(result, null, 2)}\n` : renderSendReport(result));
+      process.stdout.write(opts.json ? reportJson(result) : renderSendReport(result));
       if (result.relay.error) process.exitCode = 1;
     },
   );
@@ -348,7 +347,7 @@ program
         },
       });
       if (tty) process.stderr.write("\n");
-      process.stdout.write(opts.json ? `${JSON.stringify(report, null, 2)}\n` : renderMigrateReport(report));
+      process.stdout.write(opts.json ? reportJson(report) : renderMigrateReport(report));
       if (report.error || report.status !== "completed") process.exitCode = 1;
     },
   );
@@ -389,9 +388,7 @@ program
       process.once("SIGTERM", stop);
       const report = await receive.done;
       disk?.close();
-      process.stdout.write(
-        opts.json ? `${JSON.stringify(report, null, 2)}\n` : `${renderReceiveReport(report)}`,
-      );
+      process.stdout.write(opts.json ? reportJson(report) : renderReceiveReport(report));
       if (report.relay.error) process.exitCode = 1;
     },
   );
