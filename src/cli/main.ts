@@ -206,7 +206,10 @@ program
     positiveInt,
   )
   .option("--guest-memory <file>", "the guest's RAM file (offset = guest-physical address), instead of --qmp")
-  .option("--ram-block <name>", "with --guest-memory: the RAMBlock the file holds", "ram0")
+  .option(
+    "--ram-block <name>",
+    "with --guest-memory: the RAMBlock the file holds (default: the one block of the file's size in the stream's block list)",
+  )
   .option("--dry-run", "judge and count the pages, but forward every record unchanged")
   .addOption(new Option("--classify-once", "TEST ONLY: classify once at the start (unsafe)").hideHelp())
   .option(
@@ -230,7 +233,7 @@ program
       qmp?: string;
       pid?: number;
       guestMemory?: string;
-      ramBlock: string;
+      ramBlock?: string;
       dryRun?: boolean;
       classifyOnce?: boolean;
       capture?: string;
@@ -252,7 +255,15 @@ program
             ...(qmp && opts.qmp
               ? { qmp: { client: qmp, path: opts.qmp, ...(opts.pid ? { pid: opts.pid } : {}) } }
               : {}),
-            ...(opts.guestMemory ? { guestMemory: { path: opts.guestMemory, ramBlock: opts.ramBlock } } : {}),
+            ...(opts.guestMemory
+              ? {
+                  guestMemory: {
+                    path: opts.guestMemory,
+                    ...(opts.ramBlock ? { ramBlock: opts.ramBlock } : {}),
+                    chooseBlockHint: "--ram-block NAME",
+                  },
+                }
+              : {}),
             classifyOnce: opts.classifyOnce ?? false,
           },
           ...(opts.capture ? { capturePath: opts.capture } : {}),

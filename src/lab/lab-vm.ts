@@ -32,6 +32,8 @@ export interface LabVmOptions {
   extraArgs?: string[];
   /** A second RAM block (pc-dimm) of this many MiB. */
   dimmMiB?: number;
+  /** The guest RAM's memory-backend id, i.e. its RAMBlock's name in the stream (VmConfig.ramBackendId). */
+  ramBackendId?: string;
   bootTimeoutMs?: number;
   /** A virtio-balloon device on source and destination (see VmConfig.balloon). */
   balloon?: "free-page-hint";
@@ -84,6 +86,7 @@ export class LabPair {
       disks: { data: join(diskDir, "data.img"), spare: join(diskDir, "spare.img") },
       ...(options.extraArgs ? { extraArgs: options.extraArgs } : {}),
       ...(options.dimmMiB ? { dimmMiB: options.dimmMiB } : {}),
+      ...(options.ramBackendId ? { ramBackendId: options.ramBackendId } : {}),
       ...(options.balloon ? { balloon: options.balloon } : {}),
       ...(options.netns?.[role] ? { netns: options.netns[role] } : {}),
     };

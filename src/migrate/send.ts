@@ -173,10 +173,13 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
     const switchover = (await guard?.stop()) ?? null;
     opened?.close();
     await index?.close();
+    const prune = pruner?.report() ?? null;
+    // Said once, at the end: a large share of unknown pages means part of guest RAM was out of the judge's sight.
+    if (prune?.unknownWarning) log(`vmprune send: ${prune.unknownWarning}`);
     return {
       relay: report,
       stream: pruner?.stream() ?? counter?.report() ?? null,
-      prune: pruner?.report() ?? null,
+      prune,
       diskIndex: index
         ? { entries: index.entries, alignmentBytes: index.alignmentBytes, buildMs: Math.round(indexBuildMs) }
         : null,

@@ -8,12 +8,15 @@
  * record, so a page that is free when the relay looks has no content the guest can rely on, and any later
  * allocation writes to it, which QEMU catches and sends again.
  *
- * Degrading (invariant 4): a judge that could not be opened, or fails mid-way, turns the processor into a
- * passthrough for the rest of the stream, with the reason in the report; records already pruned were free when
- * judged. XBZRLE (invariant 3): QEMU's deltas are against what it believes the destination holds; a delta for a
- * page the relay zeroed would corrupt it. So pruning refuses xbzrle (checked before the migration by the CLI);
- * should a delta arrive anyway, the processor passes everything through if it has pruned nothing yet, and
- * otherwise fails the migration (the relay resets both sides, the source keeps running: invariant 5).
+ * Degrading (invariant 4): a judge that could not be opened, refuses the stream's RAM block list (it cannot tell
+ * where the blocks sit in guest memory; the list comes before any page record), or fails mid-way, turns the
+ * processor into a passthrough for the rest of the stream, with the reason in the report; records already
+ * pruned were free when judged. Pages the judge could not place or read stay as they are ("unknown"); when they
+ * are more than 1% of those judged, the report says how many and why. XBZRLE (invariant 3): QEMU's deltas are
+ * against what it believes the destination holds; a delta for a page the relay zeroed would corrupt it. So
+ * pruning refuses xbzrle (checked before the migration by the CLI); should a delta arrive anyway, the processor
+ * passes everything through if it has pruned nothing yet, and otherwise fails the migration (the relay resets
+ * both sides, the source keeps running: invariant 5).
  */
 import { CATEGORY, CATEGORY_NAMES, type Category } from "../introspect/classifier.ts";
 import { FRAME_HEADER_BYTES, REF_FIXED_BYTES } from "../link/protocol.ts";
@@ -22,7 +25,7 @@ import type { RamRecord, StreamRecord } from "../stream/records.ts";
 import type { MainChannelProcessor } from "../stream/relay.ts";
 import { StreamSummary, type StreamSummaryJson } from "../stream/summary.ts";
 import { encodePageHeader, encodeRecord, pageToZero } from "../stream/writer.ts";
-import type { PageJudge, PageRef } from "./page-judge.ts";
+import type { PageJudge, PageRef, RamBlock } from "./page-judge.ts";
 
 type PageRecord = Extract<RamRecord, { type: "page" }>;
 
@@ -30,6 +33,12 @@ type PageRecord = Extract<RamRecord, { type: "page" }>;
 function pageRecordBytes(page: PageRecord): number {
   return 8 + (page.header.idstr === null ? 0 : 1 + page.header.idstr.length) + page.data.length;
 }
+
+/**
+ * Above this share of judged pages "unknown", the report warns: a few ROM and firmware pages are unknown in every
+ * migration, a larger share means the judge cannot see part of guest RAM (a wrong layout, unreadable memmap).
+ */
+const UNKNOWN_WARNING_SHARE = 0.01;
 
 /** What a REF frame adds beyond the page header it carries (link/protocol.ts). */
 const REF_OVERHEAD_BYTES = FRAME_HEADER_BYTES + REF_FIXED_BYTES;
@@ -77,6 +86,8 @@ export interface PruneReport {
   /** Judge calls, and the time spent in them (reading struct pages and classifying). */
   batches: number;
   judgeMs: number;
+  /** Set when more than 1% of the judged pages were "unknown" (never pruned): how many, and why. */
+  unknownWarning: string | null;
 }
 
 /** One input chunk held until every record in it has been decided, and where it starts in the stream. */
@@ -196,6 +207,8 @@ export class PruningProcessor implements MainChannelProcessor {
       if (r.kind !== "ram") continue;
       if (r.type === "page") pages.push(r);
       else if (r.type === "xbzrle") this.onXbzrle();
+      // The block list comes first in the stream, so a batch's pages are judged after the judge learnt it.
+      else if (r.type === "memSize") this.onRamBlocks(r.blocks);
     }
     if (pages.length === 0) return null;
     this.seen += pages.length;
@@ -250,6 +263,18 @@ export class PruningProcessor implements MainChannelProcessor {
     return decisions.size > 0 ? decisions : null;
   }
 
+  private onRamBlocks(blocks: readonly RamBlock[]): void {
+    const judge = this.judgeOrReason;
+    if (this.degraded !== null || typeof judge === "string" || !judge.onRamBlocks) return;
+    let refused: string | null;
+    try {
+      refused = judge.onRamBlocks(blocks);
+    } catch (error) {
+      refused = `the guest's RAM layout could not be matched to the stream's RAM blocks: ${error instanceof Error ? error.message : String(error)}`;
+    }
+    if (refused !== null) this.degrade(refused);
+  }
+
   private onXbzrle(): void {
     if (this.degraded !== null || this.options.dryRun) return;
     if (this.pruned > 0)
@@ -267,8 +292,13 @@ export class PruningProcessor implements MainChannelProcessor {
   }
 
   report(): PruneReport {
+    // Pruning that stopped before judging anything (a refused block list, an early XBZRLE delta) was a passthrough.
     const mode =
-      typeof this.judgeOrReason === "string" ? "passthrough" : this.options.dryRun ? "dry-run" : "prune";
+      typeof this.judgeOrReason === "string" || (this.degraded !== null && this.batches === 0)
+        ? "passthrough"
+        : this.options.dryRun
+          ? "dry-run"
+          : "prune";
     return {
       mode,
       drop: [...this.options.drop],
@@ -287,7 +317,22 @@ export class PruningProcessor implements MainChannelProcessor {
       cacheMisses: this.cacheMisses,
       batches: this.batches,
       judgeMs: Math.round(this.judgeMs),
+      unknownWarning: this.unknownWarning(),
     };
+  }
+
+  /** "N of M judged pages (x%) were unknown: why", when more than 1% were. */
+  private unknownWarning(): string | null {
+    const judged = this.counts.reduce((a, b) => a + b, 0);
+    const unknown = this.counts[CATEGORY.unknown] ?? 0;
+    if (judged === 0 || unknown <= judged * UNKNOWN_WARNING_SHARE) return null;
+    const judge = this.judgeOrReason;
+    const causes = typeof judge === "string" ? undefined : judge.unknownCauses?.();
+    const why =
+      causes && causes.length > 0
+        ? causes.map((c) => `${c.pages} ${c.cause}`).join("; ")
+        : "the judge gives no cause";
+    return `${unknown} of ${judged} judged pages (${((100 * unknown) / judged).toFixed(1)}%) were unknown and not pruned: ${why}`;
   }
 
   /** What the source sent (records by type, as parsed before rewriting). */

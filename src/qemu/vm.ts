@@ -39,6 +39,11 @@ export interface VmConfig {
   cpu?: string;
   /** Machine type; default "q35" (QEMU resolves it to its own versioned q35). */
   machine?: string;
+  /**
+   * The id of the guest RAM's memory backend, which is also its RAMBlock's idstr in the migration stream (page
+   * records name it); default "ram0". Source and destination must agree.
+   */
+  ramBackendId?: string;
   /** Raw disk images: `data` is the ext4 data disk, `spare` a raw scratch disk (kpageflags dumps). */
   disks: { data?: string; spare?: string };
   /**
@@ -106,13 +111,14 @@ export function qemuArgs(
   files: { ramPath: string; qmpPath: string; agentPath: string; consolePath: string },
 ): string[] {
   const ramSize = `${config.memoryMiB}M`;
+  const ramId = config.ramBackendId ?? "ram0";
   const cpu = config.cpu ?? defaultCpu(config);
   const args = [
     ...config.qemu.firmwareDirs.flatMap((d) => ["-L", d]),
     "-name",
     config.name,
     "-machine",
-    `${config.machine ?? "q35"},accel=${config.accel},memory-backend=ram0`,
+    `${config.machine ?? "q35"},accel=${config.accel},memory-backend=${ramId}`,
     "-cpu",
     cpu,
     "-smp",
@@ -120,7 +126,7 @@ export function qemuArgs(
     "-m",
     config.dimmMiB ? `${ramSize},slots=1,maxmem=${config.memoryMiB + config.dimmMiB}M` : ramSize,
     "-object",
-    `memory-backend-file,id=ram0,size=${ramSize},mem-path=${files.ramPath},share=on`,
+    `memory-backend-file,id=${ramId},size=${ramSize},mem-path=${files.ramPath},share=on`,
     ...(config.dimmMiB
       ? [
           "-object",
