@@ -194,7 +194,7 @@ export function renderInspectReport(r: InspectReport): string {
     `${((100 * n) / total).toFixed(1)}%`,
   ]);
   return `${[
-    `Linux ${r.kernel.release}, ${r.kernel.pagingLevels}-level paging, profile ${r.kernel.profile}; ${r.pfns} PFNs`,
+    `Linux ${r.kernel.release}, ${r.kernel.pagingLevels}-level paging; ${r.pfns} PFNs; free pruning ${r.layout.free.on ? "on" : `off (${r.layout.free.reason})`}, cache pruning ${r.layout.cache.on ? "on" : `off (${r.layout.cache.reason})`}; types: ${r.layout.btf}`,
     table(["category", "pages", "bytes", "share"], rows),
     `opened in ${r.timings.openMs.toFixed(0)} ms, classified in ${r.timings.classifyMs.toFixed(0)} ms`,
   ].join("\n")}\n`;

@@ -17,7 +17,7 @@
  * applies to every page of the compound. Guest memory is untrusted: orders are bounded and checked for
  * alignment, tail pointers that lead nowhere give "unknown", and nothing here allocates per guest value.
  */
-import type { KernelProfile, PageFlag } from "./kernel-profiles.ts";
+import { type KernelLayout, PAGE_MAPPING_ANON, type PageFlag } from "./kernel-layout.ts";
 
 /** Category codes, also the byte values of `vmprune inspect --pfn-map`. */
 export const CATEGORY = {
@@ -35,21 +35,18 @@ export const CATEGORY_NAMES = Object.keys(CATEGORY) as Category[];
 /** Attribute bits per PFN. */
 export const ATTR = { dirty: 1, mapped: 2, private: 4, writeback: 8, pcpInferred: 16, buddy: 32 } as const;
 
-/** Struct page fields (OFFSET(page.*) from VMCOREINFO; the profile checks these values). */
-const OFF = { flags: 0, compoundHead: 8, mapping: 24, private: 40, mapcount: 48, refcount: 52 } as const;
-export const STRUCT_PAGE_SIZE = 64;
-
-/** The largest buddy order any supported kernel has (LENGTH(zone.free_area) = 11 → orders 0..10). */
-const MAX_BUDDY_ORDER = 10;
 /** The largest compound order accepted (1 GiB hugetlb pages: order 18). */
 const MAX_COMPOUND_ORDER = 18;
+const MASK64 = (1n << 64n) - 1n;
 
 /** Where struct pages are read from: the guest's memmap through the introspected address space. */
 export interface StructPageSource {
-  /** Reads the struct pages of PFNs [pfn, pfn+count) into `into` (64 bytes each); false if unreadable. */
+  /** Reads the struct pages of PFNs [pfn, pfn+count) into `into` (SIZE(page) bytes each); false if unreadable. */
   read(pfn: number, count: number, into: Buffer): boolean;
   /** The PFN whose struct page is at this kernel virtual address (a tail's compound_head), or null. */
   pfnOfStructPage(address: bigint): number | null;
+  /** Kernel virtual address of the struct page of `pfn` (to apply a 7.1+ compound_info mask), or null. */
+  structPageAddress(pfn: number): bigint | null;
 }
 
 export interface ClassifyOptions {
@@ -72,16 +69,39 @@ interface HeadVerdict {
 
 export class PageClassifier {
   private readonly bit: Record<PageFlag, number>;
-  private readonly scratch = Buffer.alloc(2 * STRUCT_PAGE_SIZE);
+  private readonly scratch: Buffer;
+  /** SIZE(page): the stride of every struct page buffer. */
+  readonly size: number;
+  private readonly off: KernelLayout["offsets"];
+  private readonly maxBuddyOrder: number;
+  /** PFNs a buddy block can span (2^max order): a batch window starts at a multiple of it. */
+  readonly buddySpan: number;
+  /** log2(SIZE(page)) if it is a power of two, for the 7.1+ compound_info mask form; else -1. */
+  private readonly sizeShift: number;
+  private readonly cacheOn: boolean;
+  /** Folio mapcount fields that lie within page[0..1] (the pair read for a head). */
+  private readonly folioMapcounts: KernelLayout["folioMapcounts"];
 
   constructor(
-    readonly profile: KernelProfile,
+    readonly layout: KernelLayout,
     private readonly source: StructPageSource,
     private readonly options: ClassifyOptions = {},
   ) {
+    if (!layout.capabilities.free.on)
+      throw new RangeError(
+        `cannot classify pages of Linux ${layout.release}: ${layout.capabilities.free.reason}`,
+      );
     const bit = {} as Record<PageFlag, number>;
-    for (const [name, n] of Object.entries(profile.flags)) bit[name as PageFlag] = 2 ** n;
+    for (const [name, n] of Object.entries(layout.flags)) bit[name as PageFlag] = 2 ** n;
     this.bit = bit;
+    this.size = layout.structPageSize;
+    this.off = layout.offsets;
+    this.scratch = Buffer.alloc(2 * this.size);
+    this.maxBuddyOrder = layout.maxBuddyOrder;
+    this.buddySpan = 2 ** layout.maxBuddyOrder;
+    this.sizeShift = (this.size & (this.size - 1)) === 0 ? Math.log2(this.size) : -1;
+    this.cacheOn = layout.capabilities.cache.on;
+    this.folioMapcounts = layout.folioMapcounts.filter((m) => m.offset + 4 <= 2 * this.size);
   }
 
   private has(flagsLo: number, flag: PageFlag): boolean {
@@ -98,7 +118,7 @@ export class PageClassifier {
     const attributes = new Uint8Array(count);
     let i = 0;
     while (i < count) {
-      const at = i * STRUCT_PAGE_SIZE;
+      const at = i * this.size;
       const verdict = this.verdictAt(firstPfn + i, pages, at, firstPfn, count);
       const end = Math.min(count, i + Math.max(1, verdict.pages));
       categories.fill(verdict.category, i, end);
@@ -111,7 +131,7 @@ export class PageClassifier {
   /**
    * The category and attributes of one PFN of a range read into `pages` (as classifyRange would give it), without
    * classifying the rest of the range: for batches of page records. The range must start at a multiple of
-   * BUDDY_SPAN (or at the PFN itself), so that a buddy block holding the PFN has its head in the range: a page
+   * buddySpan (or at the PFN itself), so that a buddy block holding the PFN has its head in the range: a page
    * inside a free block is found by looking for a buddy head of a large enough order at each aligned position
    * below it (as the kernel's page_is_buddy walk does).
    */
@@ -123,18 +143,18 @@ export class PageClassifier {
   ): { category: number; attributes: number } {
     // Only a page that looks like the tail of a free block can be inside one: skip the search for all others.
     const maybeBuddyTail = this.mayBeInsideFreeBlock(pfn, firstPfn, pages);
-    for (let order = 1; maybeBuddyTail && order <= MAX_BUDDY_ORDER; order++) {
+    for (let order = 1; maybeBuddyTail && order <= this.maxBuddyOrder; order++) {
       const head = pfn - (pfn % 2 ** order);
       if (head === pfn) continue;
       if (head < firstPfn) break;
-      const at = (head - firstPfn) * STRUCT_PAGE_SIZE;
-      if (this.profile.pageType(pages.readUInt32LE(at + OFF.mapcount)) !== "buddy") continue;
-      const privateLo = pages.readUInt32LE(at + OFF.private);
-      const privateHi = pages.readUInt32LE(at + OFF.private + 4);
-      if (privateHi === 0 && privateLo >= order && privateLo <= MAX_BUDDY_ORDER)
+      const at = (head - firstPfn) * this.size;
+      if (this.layout.pageType(pages.readUInt32LE(at + this.off.mapcount)) !== "buddy") continue;
+      const privateLo = pages.readUInt32LE(at + this.off.private);
+      const privateHi = pages.readUInt32LE(at + this.off.private + 4);
+      if (privateHi === 0 && privateLo >= order && privateLo <= this.maxBuddyOrder)
         return { category: CATEGORY.free, attributes: ATTR.buddy };
     }
-    const verdict = this.verdictAt(pfn, pages, (pfn - firstPfn) * STRUCT_PAGE_SIZE, firstPfn, count);
+    const verdict = this.verdictAt(pfn, pages, (pfn - firstPfn) * this.size, firstPfn, count);
     return { category: verdict.category, attributes: verdict.attributes };
   }
 
@@ -143,23 +163,23 @@ export class PageClassifier {
    * no references, no page type, no mapping. Only such a page needs the search for a buddy head below it.
    */
   mayBeInsideFreeBlock(pfn: number, firstPfn: number, pages: Buffer): boolean {
-    const at = (pfn - firstPfn) * STRUCT_PAGE_SIZE;
+    const at = (pfn - firstPfn) * this.size;
+    const off = this.off;
     return (
-      (pages.readUInt32LE(at + OFF.flags) & this.profile.flagsMask) === 0 &&
-      pages.readInt32LE(at + OFF.refcount) === 0 &&
-      pages.readInt32LE(at + OFF.mapcount) === -1 &&
-      pages.readUInt32LE(at + OFF.mapping) === 0 &&
-      pages.readUInt32LE(at + OFF.mapping + 4) === 0
+      (pages.readUInt32LE(at + off.flags) & this.layout.flagsMask) === 0 &&
+      pages.readInt32LE(at + off.refcount) === 0 &&
+      pages.readInt32LE(at + off.mapcount) === -1 &&
+      pages.readUInt32LE(at + off.mapping) === 0 &&
+      pages.readUInt32LE(at + off.mapping + 4) === 0
     );
   }
 
   /** The verdict for the page at `pfn` (struct page at `at` in `pages`), covering it and maybe pages after it. */
   private verdictAt(pfn: number, pages: Buffer, at: number, firstPfn: number, count: number): HeadVerdict {
-    const flagsLo = pages.readUInt32LE(at + OFF.flags);
-    if ((pages.readUInt32LE(at + OFF.compoundHead) & 1) === 1 && !this.has(flagsLo, "head")) {
-      const compoundHead = pages.readBigUInt64LE(at + OFF.compoundHead);
+    const flagsLo = pages.readUInt32LE(at + this.off.flags);
+    if ((pages.readUInt32LE(at + this.off.tail) & 1) === 1 && !this.has(flagsLo, "head")) {
       // A tail: classify by its head; the verdict covers the tail and the rest of the compound.
-      const headPfn = this.source.pfnOfStructPage(compoundHead - 1n);
+      const headPfn = this.headOfTail(pfn, pages.readBigUInt64LE(at + this.off.tail));
       if (headPfn === null || headPfn >= pfn || pfn - headPfn > 2 ** MAX_COMPOUND_ORDER)
         return { category: CATEGORY.unknown, attributes: 0, pages: 1 };
       const head = this.readHeadPair(headPfn, pages, firstPfn, count);
@@ -170,7 +190,7 @@ export class PageClassifier {
       return { ...verdict, pages: remaining };
     }
     // A small page or a head: the first tail (page[1]) is in `pages` unless the head is the last of the range.
-    if (this.has(flagsLo, "head") && at + 2 * STRUCT_PAGE_SIZE > pages.length) {
+    if (this.has(flagsLo, "head") && at + 2 * this.size > pages.length) {
       const pair = this.readHeadPair(pfn, pages, firstPfn, count);
       if (!pair) return { category: CATEGORY.unknown, attributes: 0, pages: 1 };
       return this.headVerdict(pfn, pair.buf, pair.at);
@@ -178,45 +198,63 @@ export class PageClassifier {
     return this.headVerdict(pfn, pages, at);
   }
 
+  /**
+   * The head PFN a tail's compound_head/compound_info names: head address | 1 (every version), or on 7.1+ with
+   * HVO a mask GENMASK(63, order + log2(SIZE(page))) | 1 to apply to the tail's own address (page-flags.h@7.2).
+   * A value whose bits above bit 0 are ones from bit 63 down, then zeros, cannot be a head address (no
+   * vmemmap lies there), so the two forms never collide.
+   */
+  private headOfTail(pfn: number, info: bigint): number | null {
+    const value = info & ~1n & MASK64;
+    if (this.layout.tailEncoding === "pointer-or-mask" && this.sizeShift > 0) {
+      const low = (~value & MASK64) + 1n; // 2^shift for a GENMASK(63, shift)
+      if ((low & (low - 1n)) === 0n && low > 1n << BigInt(this.sizeShift)) {
+        const self = this.source.structPageAddress(pfn);
+        return self === null ? null : this.source.pfnOfStructPage(self & value);
+      }
+    }
+    return this.source.pfnOfStructPage(value);
+  }
+
   /** The struct pages of a head and its first tail: from the batch if it holds both, else from the source. */
   private readHeadPair(headPfn: number, pages: Buffer, firstPfn: number, count: number) {
     if (headPfn >= firstPfn && headPfn + 1 < firstPfn + count)
-      return { buf: pages, at: (headPfn - firstPfn) * STRUCT_PAGE_SIZE };
+      return { buf: pages, at: (headPfn - firstPfn) * this.size };
     return this.source.read(headPfn, 2, this.scratch) ? { buf: this.scratch, at: 0 } : null;
   }
 
   /** Verdict for a small page or a compound head (with page[1] right after it in `buf`). */
   private headVerdict(pfn: number, buf: Buffer, at: number): HeadVerdict {
-    const p = this.profile;
-    const flagsLo = buf.readUInt32LE(at + OFF.flags);
-    const mappingLo = buf.readUInt32LE(at + OFF.mapping);
-    const mappingHi = buf.readUInt32LE(at + OFF.mapping + 4);
-    const privateLo = buf.readUInt32LE(at + OFF.private);
-    const privateHi = buf.readUInt32LE(at + OFF.private + 4);
-    const mapcountWord = buf.readUInt32LE(at + OFF.mapcount);
-    const refcount = buf.readInt32LE(at + OFF.refcount);
+    const p = this.layout;
+    const off = this.off;
+    const flagsLo = buf.readUInt32LE(at + off.flags);
+    const mappingLo = buf.readUInt32LE(at + off.mapping);
+    const mappingHi = buf.readUInt32LE(at + off.mapping + 4);
+    const privateLo = buf.readUInt32LE(at + off.private);
+    const privateHi = buf.readUInt32LE(at + off.private + 4);
+    const mapcountWord = buf.readUInt32LE(at + off.mapcount);
+    const refcount = buf.readInt32LE(at + off.refcount);
     const type = p.pageType(mapcountWord);
     const isHead = this.has(flagsLo, "head");
 
     let pages = 1;
-    if (isHead) {
-      const order = p.compoundOrder(buf, at + STRUCT_PAGE_SIZE);
+    if (isHead && p.compoundOrderOffset !== null && p.compoundOrderOffset < 2 * this.size) {
+      const order = buf[at + p.compoundOrderOffset] ?? 0;
       if (order >= 1 && order <= MAX_COMPOUND_ORDER && pfn % 2 ** order === 0) pages = 2 ** order;
     }
     const verdict = (category: number, attributes = 0): HeadVerdict => ({ category, attributes, pages });
 
     if (type === "buddy") {
       // The buddy order lives in page->private (set_buddy_order, mm/page_alloc.c).
-      const order = privateHi === 0 && privateLo <= MAX_BUDDY_ORDER ? privateLo : -1;
+      const order = privateHi === 0 && privateLo <= this.maxBuddyOrder ? privateLo : -1;
       if (order < 0 || pfn % 2 ** order !== 0) return { category: CATEGORY.unknown, attributes: 0, pages: 1 };
       return { category: CATEGORY.free, attributes: ATTR.buddy, pages: 2 ** order };
     }
     if (type === "offline" || type === "unaccepted") return verdict(CATEGORY.free);
-    if (type === "slab" || type === "table" || type === "guard" || type === "zsmalloc")
-      return verdict(CATEGORY.kernel);
+    if (type === "slab" || type === "other") return verdict(CATEGORY.kernel);
     if (this.has(flagsLo, "slab")) return verdict(CATEGORY.kernel);
-    const hugetlb = isHead && p.isHugetlb(buf, at, buf, at + STRUCT_PAGE_SIZE);
-    if (hugetlb || type === "hugetlb") return verdict(refcount === 0 ? CATEGORY.free : CATEGORY.anonymous);
+    if (type === "hugetlb" || (isHead && this.isHugetlbHead(buf, at)))
+      return verdict(refcount === 0 ? CATEGORY.free : CATEGORY.anonymous);
     if (this.has(flagsLo, "reserved")) return verdict(CATEGORY.kernel);
 
     const mapped = this.isMapped(buf, at, mapcountWord, isHead && pages > 1);
@@ -227,10 +265,13 @@ export class PageClassifier {
 
     const mappingLow = mappingLo & 3;
     const hasMapping = mappingLo !== 0 || mappingHi !== 0;
-    if (hasMapping && (mappingLow & 1) === 1) return verdict(CATEGORY.anonymous, attributes); // anon, KSM
+    if (hasMapping && (mappingLow & PAGE_MAPPING_ANON) === PAGE_MAPPING_ANON)
+      return verdict(CATEGORY.anonymous, attributes); // anon, KSM
     if (hasMapping && mappingLow === 0) {
       if (this.has(flagsLo, "swapbacked")) return verdict(CATEGORY.shmem, attributes);
+      // Without the flags that tell a clean page (no BTF), no file page is called droppable.
       const droppable =
+        this.cacheOn &&
         this.has(flagsLo, "uptodate") &&
         !this.has(flagsLo, "dirty") &&
         !this.has(flagsLo, "writeback") &&
@@ -251,16 +292,24 @@ export class PageClassifier {
     return verdict(CATEGORY.kernel, attributes);
   }
 
+  /** Whether a compound head (page[1] right after it in `buf`) is a hugetlb folio, by the layout's test. */
+  private isHugetlbHead(buf: Buffer, at: number): boolean {
+    const h = this.layout.hugetlb;
+    if (h.kind === "dtor") return h.offset < 2 * this.size && buf[at + h.offset] === h.value;
+    if (h.kind === "tail-flag")
+      return h.bit < 32 && ((buf.readUInt32LE(at + this.size + this.off.flags) >>> h.bit) & 1) === 1;
+    return false;
+  }
+
   /**
-   * Mapped into a process: a small page's `_mapcount` >= 0; a compound's own or its entire (PMD) mapcount,
-   * page[1] +20 on 6.1 (compound_mapcount) and 6.12 (_entire_mapcount), or 6.12's _large_mapcount at +16.
+   * Mapped into a process: a small page's `_mapcount` >= 0; a large folio's own or entire mapcount, at the
+   * offsets the layout found in BTF (compound_mapcount, _entire_mapcount, _large_mapcount, ...).
    */
   private isMapped(buf: Buffer, at: number, mapcountWord: number, compound: boolean): boolean {
     if ((mapcountWord | 0) >= 0) return true;
     if (!compound) return false;
-    const tail = at + STRUCT_PAGE_SIZE;
-    if (buf.readInt32LE(tail + 20) >= 0) return true;
-    return this.profile.name === "linux-6.12" && buf.readInt32LE(tail + 16) >= 0;
+    for (const m of this.folioMapcounts) if (buf.readInt32LE(at + m.offset) > m.base) return true;
+    return false;
   }
 }
 
@@ -273,9 +322,6 @@ export function countCategories(categories: Uint8Array): Record<Category, number
     number
   >;
 }
-
-/** PFNs a buddy block can span (2^MAX_BUDDY_ORDER): a batch window starts at a multiple of it. */
-export const BUDDY_SPAN = 2 ** MAX_BUDDY_ORDER;
 
 /**
  * classifyPfns' read buffer, reused across calls (it runs for every batch of page records during a migration;
@@ -296,6 +342,8 @@ export function classifyPfns(
   maxPfn: number,
 ): Uint8Array {
   const out = new Uint8Array(pfns.length);
+  const span = classifier.buddySpan;
+  const size = classifier.size;
   const order = pfns.map((_, i) => i).sort((a, b) => (pfns[a] ?? 0) - (pfns[b] ?? 0));
   let k = 0;
   while (k < order.length) {
@@ -307,22 +355,21 @@ export function classifyPfns(
       k++;
       continue;
     }
-    const start = first - (first % BUDDY_SPAN);
+    const start = first - (first % span);
     // Extend the window over following PFNs while they stay within a few spans (keeps reads contiguous).
-    let end = Math.min(maxPfn, start + BUDDY_SPAN);
+    let end = Math.min(maxPfn, start + span);
     let j = k;
-    while (j < order.length && (pfns[order[j] ?? 0] ?? 0) < Math.min(maxPfn, end + BUDDY_SPAN * 3)) {
+    while (j < order.length && (pfns[order[j] ?? 0] ?? 0) < Math.min(maxPfn, end + span * 3)) {
       const pfn = pfns[order[j] ?? 0] ?? 0;
-      if (pfn >= end) end = Math.min(maxPfn, pfn - (pfn % BUDDY_SPAN) + BUDDY_SPAN);
+      if (pfn >= end) end = Math.min(maxPfn, pfn - (pfn % span) + span);
       j++;
     }
     // Read from the window's aligned start (where a buddy block holding these PFNs has its head) to just past the
     // last requested PFN (a head's first tail holds its order); classify only the requested PFNs.
     const last = pfns[order[j - 1] ?? 0] ?? start;
     const count = Math.min(maxPfn, last + 2) - start;
-    if (structPageScratch.length < count * STRUCT_PAGE_SIZE)
-      structPageScratch = Buffer.allocUnsafe(count * STRUCT_PAGE_SIZE);
-    const pages = structPageScratch.subarray(0, count * STRUCT_PAGE_SIZE);
+    if (structPageScratch.length < count * size) structPageScratch = Buffer.allocUnsafe(count * size);
+    const pages = structPageScratch.subarray(0, count * size);
     const readable = source.read(start, count, pages);
     for (let i = k; i < j; i++) {
       const index = order[i] ?? 0;

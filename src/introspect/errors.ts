@@ -29,7 +29,15 @@ export type IntrospectErrorCode =
   /** mem_section pointers or contents that cannot be right. */
   | "bad-mem-section"
   /** A PFN without a present section (no struct page). */
-  | "no-struct-page";
+  | "no-struct-page"
+  /** The kernel does not say a fact free pruning needs (kernel-layout.ts). */
+  | "unsupported-kernel"
+  /** BTF bytes that do not parse, or that disagree with VMCOREINFO. */
+  | "bad-btf"
+  /** kallsyms tables that do not decode, or whose addresses disagree with VMCOREINFO. */
+  | "bad-kallsyms"
+  /** A self-check of the classification against the kernel's own counters failed. */
+  | "self-check-failed";
 
 export class IntrospectError extends Error {
   override readonly name: string = "IntrospectError";
@@ -76,6 +84,14 @@ export class VmcoreinfoError extends IntrospectError {
 /** mem_section (the sparse memory model's section table) is unusable, or a PFN has no struct page. */
 export class MemSectionError extends IntrospectError {
   override readonly name = "MemSectionError";
+}
+
+/** The kernel does not say what classification needs: pruning is off, the migration runs as a passthrough. */
+export class UnsupportedKernelError extends IntrospectError {
+  override readonly name = "UnsupportedKernelError";
+  constructor(message: string) {
+    super("unsupported-kernel", message);
+  }
 }
 
 export function hex(value: number | bigint): string {

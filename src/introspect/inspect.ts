@@ -1,7 +1,8 @@
 /**
- * Classifies every page frame of a guest: open the running kernel from guest memory (kernel.ts), pick the
- * page-layout profile its VMCOREINFO matches (kernel-profiles.ts), then read the memmap section by section and
- * classify (classifier.ts). What `vmprune inspect` prints, and what the pruning relay builds on.
+ * Classifies every page frame of a guest: open the running kernel from guest memory (kernel.ts), read its BTF
+ * (kernel-types.ts), resolve its struct page layout from VMCOREINFO and BTF (kernel-layout.ts), then read the
+ * memmap section by section and classify (classifier.ts). What `vmprune inspect` prints, and what the pruning
+ * relay builds on.
  */
 import {
   CATEGORY_NAMES,
@@ -10,16 +11,27 @@ import {
   countCategories,
   PageClassifier,
 } from "./classifier.ts";
+import { UnsupportedKernelError } from "./errors.ts";
 import type { GuestMemory } from "./guest-memory.ts";
 import { type GuestKernel, openGuestKernel } from "./kernel.ts";
-import { type KernelProfile, selectProfile } from "./kernel-profiles.ts";
+import { type Capability, type Fact, type KernelLayout, resolveKernelLayout } from "./kernel-layout.ts";
+import { openKernelTypes } from "./kernel-types.ts";
 
 const PAGE_SIZE = 4096;
 /** PFNs classified per read of the memmap (2 MiB of struct pages). */
 const CHUNK_PFNS = 32768;
 
+export interface LayoutReport {
+  /** Where the kernel's types came from ("BTF at ... (kallsyms)"), or why there are none. */
+  btf: string;
+  free: Capability;
+  cache: Capability;
+  facts: Fact[];
+}
+
 export interface InspectReport {
-  kernel: { release: string; pagingLevels: number; profile: string };
+  kernel: { release: string; pagingLevels: number };
+  layout: LayoutReport;
   pfns: number;
   pages: Record<Category, number>;
   timings: { openMs: number; classifyMs: number };
@@ -31,24 +43,45 @@ export interface GuestClassification {
   categories: Uint8Array;
   attributes: Uint8Array;
   kernel: GuestKernel;
-  profile: KernelProfile;
+  layout: KernelLayout;
 }
 
-/** Opens the guest kernel and its profile: the part that is done once per migration. */
-export function openClassifier(
-  memory: GuestMemory,
-  options: ClassifyOptions = {},
-): { kernel: GuestKernel; profile: KernelProfile; classifier: PageClassifier; openMs: number } {
+export interface OpenedClassifier {
+  kernel: GuestKernel;
+  layout: KernelLayout;
+  /** Where the types came from, or why there are none. */
+  btf: string;
+  classifier: PageClassifier;
+  openMs: number;
+}
+
+/**
+ * Opens the guest kernel, its BTF and its layout: the part that is done once per migration. Throws an
+ * IntrospectError (UnsupportedKernelError when the kernel does not say what free pruning needs).
+ */
+export function openClassifier(memory: GuestMemory, options: ClassifyOptions = {}): OpenedClassifier {
   const started = performance.now();
   const kernel = openGuestKernel(memory);
-  const profile = selectProfile(kernel.release, kernel.info.numbers());
-  const classifier = new PageClassifier(profile, kernel.memmap, options);
-  return { kernel, profile, classifier, openMs: performance.now() - started };
+  const types = openKernelTypes(kernel);
+  const layout = resolveKernelLayout(kernel.info, types.types, types.reason);
+  if (!layout.capabilities.free.on)
+    throw new UnsupportedKernelError(
+      `Linux ${kernel.release}: ${layout.capabilities.free.reason}, so its pages cannot be classified`,
+    );
+  const classifier = new PageClassifier(layout, kernel.memmap, options);
+  const btf = types.types ? types.types.origin : types.reason;
+  return { kernel, layout, btf, classifier, openMs: performance.now() - started };
+}
+
+export function layoutReport(opened: Pick<OpenedClassifier, "layout" | "btf">): LayoutReport {
+  const { layout } = opened;
+  return { btf: opened.btf, ...layout.capabilities, facts: layout.facts };
 }
 
 /** Classifies every PFN below the end of guest RAM. */
 export function classifyGuest(memory: GuestMemory, options: ClassifyOptions = {}): GuestClassification {
-  const { kernel, profile, classifier, openMs } = openClassifier(memory, options);
+  const opened = openClassifier(memory, options);
+  const { kernel, layout, classifier, openMs } = opened;
   const started = performance.now();
   const pfns = Math.ceil(memory.end / PAGE_SIZE);
   const categories = new Uint8Array(pfns);
@@ -68,7 +101,8 @@ export function classifyGuest(memory: GuestMemory, options: ClassifyOptions = {}
   const classifyMs = performance.now() - started;
   return {
     report: {
-      kernel: { release: kernel.release, pagingLevels: kernel.pagingLevels, profile: profile.name },
+      kernel: { release: kernel.release, pagingLevels: kernel.pagingLevels },
+      layout: layoutReport(opened),
       pfns,
       pages: countCategories(categories),
       timings: { openMs, classifyMs },
@@ -76,7 +110,7 @@ export function classifyGuest(memory: GuestMemory, options: ClassifyOptions = {}
     categories,
     attributes,
     kernel,
-    profile,
+    layout,
   };
 }
 

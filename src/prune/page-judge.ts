@@ -14,6 +14,7 @@ import {
 } from "../introspect/classifier.ts";
 import type { GuestMemory, RamMapping } from "../introspect/guest-memory.ts";
 import { classifyGuest, openClassifier } from "../introspect/inspect.ts";
+import { describeCapabilities } from "../introspect/kernel-layout.ts";
 import type { RamBlockEntry } from "../stream/records.ts";
 
 /** x86-64 target page size: QEMU's TARGET_PAGE_BITS (12) and the guest's PAGE_SHIFT agree. */
@@ -174,7 +175,7 @@ export class IntrospectionJudge extends FrameJudge {
     this.classifier = opened.classifier;
     this.memmap = opened.kernel.memmap;
     this.maxPfn = Math.ceil(memory.end / PAGE_SIZE);
-    this.description = `Linux ${opened.kernel.release} (${opened.profile.name}), opened in ${opened.openMs.toFixed(0)} ms`;
+    this.description = `Linux ${opened.kernel.release} (${describeCapabilities(opened.layout)}; types: ${opened.btf}), opened in ${opened.openMs.toFixed(0)} ms`;
   }
 
   readPage(page: PageRef): Buffer {

@@ -16,7 +16,7 @@ import {
   openProcessMemory,
   type RamMapping,
 } from "../../src/introspect/kernel.ts";
-import { PROFILES } from "../../src/introspect/kernel-profiles.ts";
+import { openClassifier } from "../../src/introspect/inspect.ts";
 import type { KernelId } from "../../src/lab/kernels.ts";
 import { LabPair } from "../../src/lab/lab-vm.ts";
 import { workload } from "../../src/lab/workloads.ts";
@@ -79,8 +79,7 @@ for (const [kernelId, cpu, levels] of [
     assert.equal(openGuestKernel(memory, { cr3 }).rootPa, k.rootPa);
 
     // struct pages: every present PFN readable, in 2 MiB windows.
-    const profile = PROFILES.find((p) => p.release.test(k.release));
-    assert.ok(profile, `a profile for ${k.release}`);
+    const pageLayout = openClassifier(memory).layout;
     const memmap = k.memmap;
     assert.ok(memmap.vmemmapBase !== null && memmap.vmemmapBase >= 0xff00000000000000n);
     const window = Buffer.alloc(32768 * 64);
@@ -97,7 +96,8 @@ for (const [kernelId, cpu, levels] of [
     // The kernel image is PG_reserved; the VMCOREINFO pages are in use (not buddy-free).
     const one = Buffer.alloc(64);
     assert.ok(memmap.read(Math.floor(k.stextPa / 4096), 1, one));
-    const reservedBit = profile.flags.reserved ?? -1;
+    const reservedBit = pageLayout.flags.reserved ?? -1;
+    assert.ok(reservedBit >= 0, "PG_reserved from the guest's BTF");
     assert.ok(
       (one.readUInt32LE(0) >>> reservedBit) & 1,
       `_stext's page is PG_reserved (flags ${one.readUInt32LE(0).toString(16)})`,

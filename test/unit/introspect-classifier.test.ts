@@ -1,8 +1,8 @@
 /**
- * The page classifier on synthetic memmaps laid out as Debian's 6.1 and 6.12 kernels lay out struct page: each
- * category, compound pages classified by their head (also when the head is outside the batch), buddy blocks
- * covering their whole order, the per-CPU inference switch, garbage giving "unknown", and profile selection
- * refusing kernels and layouts it does not know.
+ * The page classifier on synthetic memmaps laid out as Debian's 6.1 and 6.12 kernels lay out struct page (their
+ * layouts resolved from the captured VMCOREINFO and the BTF facts of test/support/kernel-facts.ts): each category,
+ * compound pages classified by their head (also when the head is outside the batch), buddy blocks covering
+ * their whole order, the per-CPU inference switch, and garbage giving "unknown".
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
@@ -12,14 +12,23 @@ import {
   classifyPfns,
   countCategories,
   PageClassifier,
-  STRUCT_PAGE_SIZE,
   type StructPageSource,
 } from "../../src/introspect/classifier.ts";
-import { PROFILES, selectProfile, UnsupportedKernelError } from "../../src/introspect/kernel-profiles.ts";
+import { resolveKernelLayout } from "../../src/introspect/kernel-layout.ts";
+import { VmcoreInfo } from "../../src/introspect/vmcoreinfo.ts";
+import {
+  editVmcoreinfo,
+  RELEASE_61,
+  RELEASE_612,
+  TYPES_61,
+  TYPES_612,
+  vmcoreinfoText,
+} from "../support/kernel-facts.ts";
 
 const VMEMMAP = 0xffffea0000000000n;
-const [P61, P612] = PROFILES;
-if (!P61 || !P612) throw new Error("profiles missing");
+const STRUCT_PAGE_SIZE = 64;
+const P61 = resolveKernelLayout(VmcoreInfo.parse(vmcoreinfoText(RELEASE_61)), TYPES_61);
+const P612 = resolveKernelLayout(VmcoreInfo.parse(vmcoreinfoText(RELEASE_612)), TYPES_612);
 
 class Memmap implements StructPageSource {
   readonly buf: Buffer;
@@ -51,6 +60,9 @@ class Memmap implements StructPageSource {
     if (pfn < 0 || pfn + count > this.pfns) return false;
     this.buf.copy(into, 0, pfn * STRUCT_PAGE_SIZE, (pfn + count) * STRUCT_PAGE_SIZE);
     return true;
+  }
+  structPageAddress(pfn: number): bigint | null {
+    return pfn >= 0 && pfn < this.pfns ? VMEMMAP + BigInt(pfn) * 64n : null;
   }
   pfnOfStructPage(address: bigint): number | null {
     const offset = address - VMEMMAP;
@@ -175,23 +187,6 @@ test("garbage struct pages give unknown or bounded verdicts, never a crash or a 
   assert.equal(c.categories.length, 64);
 });
 
-test("profile selection: by release, checked against VMCOREINFO; unknown kernels and layouts are refused", () => {
-  const numbers61 = new Map(Object.entries(P61.expect));
-  assert.equal(selectProfile("6.1.0-56-cloud-amd64", numbers61).name, "linux-6.1");
-  assert.equal(
-    selectProfile("6.12.95+deb12-cloud-amd64", new Map(Object.entries(P612.expect))).name,
-    "linux-6.12",
-  );
-  assert.throws(() => selectProfile("5.10.0-30-amd64", numbers61), UnsupportedKernelError);
-  assert.throws(
-    () => selectProfile("6.1.0-56-cloud-amd64", new Map([...numbers61, ["NUMBER(PG_lru)", 5]])),
-    /NUMBER\(PG_lru\)=5, profile linux-6.1 expects 4/,
-  );
-  const missing = new Map(numbers61);
-  missing.delete("SIZE(page)");
-  assert.throws(() => selectProfile("6.1.0-56-cloud-amd64", missing), /SIZE\(page\)=\(missing\)/);
-});
-
 test("classifyPfns: scattered PFNs (a batch of page records) get the same verdicts as a full pass", () => {
   const m = new Memmap(8192);
   layout61(m);
@@ -237,4 +232,252 @@ test("classifyPfns: PFNs beyond guest RAM (ROM mapped high) or negative are unkn
       CATEGORY.unknown,
     ],
   );
+});
+
+// ---------------------------------------------------------------------------------------------------------
+// The layout resolver: the 6.1 and 6.12 profiles vmprune used to carry are reproduced as regression fixtures;
+// versions Debian does not package are built from the documented facts (doc §2-§5).
+
+test("layout: 6.1 and 6.12 resolve to the former per-version profiles, each fact with its source", () => {
+  assert.deepEqual(P61.flags, {
+    locked: 0,
+    referenced: 1,
+    uptodate: 2,
+    dirty: 3,
+    lru: 4,
+    active: 5,
+    slab: 9,
+    swapcache: 10,
+    reserved: 12,
+    private: 13,
+    private2: 14,
+    writeback: 15,
+    head: 16,
+    swapbacked: 19,
+    unevictable: 20,
+    mlocked: 21,
+  });
+  assert.equal(P61.flagsMask, 0xffffff);
+  assert.equal(P61.scheme, "bit-clear");
+  assert.equal(P61.compoundOrderOffset, 64 + 17);
+  assert.deepEqual(P61.hugetlb, { kind: "dtor", offset: 64 + 16, value: 2 });
+  assert.deepEqual(P612.flags, {
+    locked: 0,
+    writeback: 1,
+    referenced: 2,
+    uptodate: 3,
+    dirty: 4,
+    lru: 5,
+    head: 6,
+    active: 8,
+    swapcache: 10,
+    reserved: 13,
+    private: 14,
+    private2: 15,
+    swapbacked: 17,
+    unevictable: 18,
+    mlocked: 19,
+    hwpoison: 20,
+  });
+  assert.equal(P612.flagsMask, 0x1fffff);
+  assert.equal(P612.scheme, "top-byte");
+  assert.equal(P612.compoundOrderOffset, 64);
+  assert.deepEqual(P612.hugetlb, { kind: "type" });
+  for (const l of [P61, P612]) {
+    assert.deepEqual(l.offsets, { flags: 0, tail: 8, mapping: 24, private: 40, mapcount: 48, refcount: 52 });
+    assert.equal(l.maxBuddyOrder, 10);
+    assert.ok(l.capabilities.free.on && l.capabilities.cache.on);
+  }
+  const source = (l: typeof P61, name: string) => l.facts.find((f) => f.name === name)?.source;
+  assert.equal(source(P612, "bit PG_lru"), "VMCOREINFO NUMBER(PG_lru)");
+  assert.equal(source(P612, "bit PG_dirty"), "BTF enum pageflags PG_dirty");
+  assert.equal(source(P612, "bit PG_head"), "VMCOREINFO NUMBER(PG_head_mask)");
+  assert.equal(source(P61, "OFFSET(page.mapping)"), "VMCOREINFO OFFSET(page.mapping)");
+  assert.deepEqual(
+    P612.folioMapcounts.map((m) => m.name),
+    ["_entire_mapcount", "_large_mapcount"],
+  );
+});
+
+test("layout: without BTF free pruning stays on from VMCOREINFO alone, cache pruning is off with the reason", () => {
+  const l = resolveKernelLayout(VmcoreInfo.parse(vmcoreinfoText(RELEASE_612)), null, "BTF unreadable");
+  assert.ok(l.capabilities.free.on);
+  assert.equal(l.capabilities.cache.on, false);
+  assert.match(l.capabilities.cache.reason, /BTF unreadable: nothing says PG_uptodate .*PG_dirty/);
+  assert.equal(l.flags.dirty, undefined, "no guessed flag");
+  assert.equal(l.flags.lru, 5);
+  // The mask reaches the highest flag known (PG_hwpoison 20) without __NR_PAGEFLAGS.
+  assert.equal(l.flagsMask, 0x1fffff);
+  // A clean, unmapped file page is not called cache without the flags that prove it clean.
+  const m = new Memmap(4);
+  m.set(1, { flags: bits(3, 5), mapping: FILE, refcount: 1 });
+  assert.equal(new PageClassifier(l, m).classifyRange(0, 4, m.range(0, 4)).categories[1], CATEGORY.inode);
+});
+
+test("layout: a kernel that does not say SIZE(page) or its buddy value cannot be classified (free off, reason)", () => {
+  for (const key of ["SIZE(page)", "NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)", "LENGTH(zone.free_area)"]) {
+    const l = resolveKernelLayout(editVmcoreinfo(vmcoreinfoText(RELEASE_612), { [key]: null }), null);
+    assert.equal(l.capabilities.free.on, false, key);
+    assert.match(l.capabilities.free.reason, new RegExp(key.replace(/[()]/g, "\\$&")));
+    assert.throws(() => new PageClassifier(l, new Memmap(1)), /cannot classify/);
+  }
+  // BTF fills in what VMCOREINFO lacks.
+  const filled = resolveKernelLayout(
+    editVmcoreinfo(vmcoreinfoText(RELEASE_612), { "SIZE(page)": null }),
+    TYPES_612,
+  );
+  assert.ok(filled.capabilities.free.on);
+  assert.equal(filled.facts.find((f) => f.name === "SIZE(page)")?.source, "BTF sizeof(struct page)");
+});
+
+/** A compound page at `head` of `order` whose tails name the head the pointer way. */
+function compound(m: Memmap, head: number, order: number, f: Parameters<Memmap["set"]>[1]): void {
+  m.set(head, f);
+  for (let p = head + 1; p < head + 2 ** order; p++) m.set(p, { head: (VMEMMAP + BigInt(head) * 64n) | 1n });
+}
+
+test("layouts Debian does not package (6.3-6.5, 6.6-6.8, 6.9, 6.10, 6.11): order, hugetlb and page types", () => {
+  const text61 = vmcoreinfoText(RELEASE_61);
+  const noOrder = { "OFFSET(page.compound_order)": null, "OFFSET(page.compound_dtor)": null };
+  const cases = [
+    {
+      name: "6.3-6.5: folio._folio_order, folio._folio_dtor",
+      info: editVmcoreinfo(text61, {
+        ...noOrder,
+        "OFFSET(folio._folio_order)": "81",
+        "OFFSET(folio._folio_dtor)": "80",
+      }),
+      order: (m: Memmap, head: number, o: number) => {
+        m.buf[head * 64 + 81] = o;
+      },
+      hugetlb: (m: Memmap, head: number) => {
+        m.buf[head * 64 + 80] = 2;
+      },
+      buddy: -129,
+    },
+    {
+      name: "6.6-6.8: order in page[1].flags, PG_hugetlb in page[1].flags",
+      info: editVmcoreinfo(text61, {
+        ...noOrder,
+        "NUMBER(HUGETLB_PAGE_DTOR)": null,
+        "NUMBER(PG_hugetlb)": "8",
+      }),
+      order: (m: Memmap, head: number, o: number) => {
+        m.buf[(head + 1) * 64] = o;
+      },
+      hugetlb: (m: Memmap, head: number) => {
+        // PG_hugetlb = PG_active, bit 8 in 6.6's order: above the order byte (page-flags.h@v6.6).
+        const at = (head + 1) * 64 + 1;
+        m.buf[at] = (m.buf[at] ?? 0) | 1;
+      },
+      buddy: -129,
+    },
+    {
+      name: "6.9: hugetlb a cleared-bit page type",
+      info: editVmcoreinfo(text61, {
+        ...noOrder,
+        "NUMBER(HUGETLB_PAGE_DTOR)": null,
+        "NUMBER(PAGE_HUGETLB_MAPCOUNT_VALUE)": String(~0x800),
+      }),
+      order: (m: Memmap, head: number, o: number) => {
+        m.buf[(head + 1) * 64] = o;
+      },
+      hugetlb: (m: Memmap, head: number) => m.buf.writeInt32LE(~0x800, head * 64 + 48),
+      buddy: -129,
+    },
+    {
+      name: "6.11: PAGE_TYPE_BASE 0x80000000, low 16 bits the owner's",
+      info: editVmcoreinfo(text61, {
+        ...noOrder,
+        "NUMBER(HUGETLB_PAGE_DTOR)": null,
+        "NUMBER(PG_slab)": null,
+        "NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)": String(~0x40000000),
+        "NUMBER(PAGE_OFFLINE_MAPCOUNT_VALUE)": String(~0x20000000),
+        "NUMBER(PAGE_HUGETLB_MAPCOUNT_VALUE)": String(~0x04000000),
+        "NUMBER(PAGE_SLAB_MAPCOUNT_VALUE)": String(~0x02000000),
+      }),
+      order: (m: Memmap, head: number, o: number) => {
+        m.buf[(head + 1) * 64] = o;
+      },
+      hugetlb: (m: Memmap, head: number) => m.buf.writeInt32LE(~0x04000000, head * 64 + 48),
+      buddy: ~0x40000000,
+    },
+  ];
+  for (const c of cases) {
+    const l = resolveKernelLayout(c.info, null);
+    assert.ok(l.capabilities.free.on, `${c.name}: ${l.capabilities.free.reason}`);
+    const m = new Memmap(64);
+    m.set(0, { mapcount: c.buddy, private: 3 }); // free block of order 3
+    for (let p = 1; p < 8; p++) m.set(p, { mapcount: -1 });
+    compound(m, 8, 3, { flags: bits(16, 19, 4, 2), mapping: ANON, refcount: 8 }); // anon THP-like, order 3
+    c.order(m, 8, 3);
+    compound(m, 16, 2, { flags: bits(16), refcount: 0 }); // a free hugetlb folio of order 2
+    c.order(m, 16, 2);
+    c.hugetlb(m, 16);
+    compound(m, 24, 2, { flags: bits(16), refcount: 1 }); // in use
+    c.order(m, 24, 2);
+    c.hugetlb(m, 24);
+    const got = new PageClassifier(l, m).classifyRange(0, 32, m.range(0, 32)).categories;
+    assert.ok(
+      got.subarray(0, 8).every((x) => x === CATEGORY.free),
+      `${c.name}: buddy block`,
+    );
+    assert.ok(
+      got.subarray(8, 16).every((x) => x === CATEGORY.anonymous),
+      `${c.name}: compound by its order`,
+    );
+    assert.ok(
+      got.subarray(16, 20).every((x) => x === CATEGORY.free),
+      `${c.name}: free hugetlb`,
+    );
+    assert.ok(
+      got.subarray(20, 24).every((x) => x === CATEGORY.kernel),
+      `${c.name}: after it`,
+    );
+    assert.ok(
+      got.subarray(24, 28).every((x) => x === CATEGORY.anonymous),
+      `${c.name}: hugetlb in use`,
+    );
+  }
+  // 6.11: an owner's low 16 bits do not hide the type; an unnamed type is kernel memory, never free.
+  const c611 = cases[3];
+  assert.ok(c611);
+  const l611 = resolveKernelLayout(c611.info, null);
+  assert.equal(l611.scheme, "bit-clear-16");
+  assert.equal(l611.pageType(~0x40000000 & ~0x1234), "buddy");
+  assert.equal(l611.pageType(~0x10000000), "other", "a page table (PG_table) is not exported");
+  assert.equal(l611.pageType(-1), null);
+  assert.equal(l611.pageType(-5), null, "mapcount underflow");
+});
+
+test("7.1+: compound_info names the head by pointer or, with HVO, by a mask of the tail's own address", () => {
+  const info = editVmcoreinfo(vmcoreinfoText(RELEASE_612), {
+    "OFFSET(page.compound_head)": null,
+    "OFFSET(page.compound_info)": "8",
+  });
+  const l = resolveKernelLayout(info, null);
+  assert.equal(l.tailEncoding, "pointer-or-mask");
+  const m = new Memmap(64);
+  // Order-3 anon folio at 16 with mask tails: GENMASK(63, 3 + 6) | 1.
+  m.set(16, { flags: bits(6, 17), mapping: ANON, refcount: 8 });
+  const mask = ((1n << 64n) - 1n) ^ ((1n << 9n) - 1n);
+  for (let p = 17; p < 24; p++) m.set(p, { head: mask | 1n });
+  m.buf[17 * 64] = 3;
+  // Order-2 anon folio at 32 with pointer tails (7.1+ without HVO).
+  compound(m, 32, 2, { flags: bits(6, 17), mapping: ANON, refcount: 4 });
+  m.buf[33 * 64] = 2;
+  const got = new PageClassifier(l, m).classifyRange(0, 64, m.range(0, 64)).categories;
+  assert.ok(
+    got.subarray(16, 24).every((x) => x === CATEGORY.anonymous),
+    "mask tails resolve to their head",
+  );
+  assert.ok(
+    got.subarray(32, 36).every((x) => x === CATEGORY.anonymous),
+    "pointer tails too",
+  );
+  // Reading the mask as a pointer ("pointer - 1") would make every tail unknown: the 6.12 layout shows it.
+  const fromTail = new PageClassifier(l, m).classifyRange(20, 4, m.range(20, 4)).categories;
+  assert.ok(fromTail.every((x) => x === CATEGORY.anonymous), "a batch starting at a mask tail");
+  const asPointer = new PageClassifier(P612, m).classifyRange(20, 4, m.range(20, 4)).categories;
+  assert.ok(asPointer.every((x) => x === CATEGORY.unknown));
 });
