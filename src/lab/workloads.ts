@@ -25,6 +25,9 @@ export const workload = {
   dirty: (ratePerSecond: Size, size: Size = "64M", mode: "dense" | "sparse" = "dense") =>
     `vmwork dirty ${ratePerSecond} ${size}${mode === "sparse" ? " sparse" : ""}`,
   kpageflags: (device = `/dev/disk/by-serial/${DISK_SERIAL.spare}`) => `vmwork kpageflags ${q(device)}`,
+  /** The dump in the background, the dumper kept alive `holdSeconds` after it (see dumpKpageflagsAndPause). */
+  kpageflagsHeld: (holdSeconds: number, device = `/dev/disk/by-serial/${DISK_SERIAL.spare}`) =>
+    `setsid vmwork kpageflags ${q(device)} ${holdSeconds} >/dev/null 2>&1 < /dev/null &`,
   verify: () => "vmwork verify",
   stop: () => "vmwork stop",
   status: () => "vmwork status",

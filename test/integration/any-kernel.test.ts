@@ -24,9 +24,10 @@ import { openRawSnapshot } from "../../src/introspect/guest-memory.ts";
 import { classifyGuest } from "../../src/introspect/inspect.ts";
 import { kernelFreePages } from "../../src/introspect/zone-stats.ts";
 import type { KernelId } from "../../src/lab/kernels.ts";
+import { dumpKpageflagsAndPause } from "../../src/lab/kpageflags-snapshot.ts";
 import { LabPair } from "../../src/lab/lab-vm.ts";
 import { migrateThroughPruningSend } from "../../src/lab/prune-oracle.ts";
-import { runMixedWorkload, workload } from "../../src/lab/workloads.ts";
+import { runMixedWorkload } from "../../src/lab/workloads.ts";
 
 /** NR_FREE_PAGES may lag the buddy lists by the zones' per-CPU thresholds (introspect-classify.test.ts). */
 const NR_FREE_PAGES_DRIFT = 8;
@@ -41,8 +42,7 @@ for (const kernel of KERNELS) {
     await runMixedWorkload(agent);
     const release = (await agent.run("uname -r")).trim();
     await agent.run("sleep 2");
-    await agent.run(workload.kpageflags(), 120_000);
-    await pair.src.monitor.execute("stop");
+    await dumpKpageflagsAndPause(pair);
 
     const memory = openRawSnapshot(pair.src.ramPath);
     t.after(() => memory.close());

@@ -479,7 +479,7 @@ static uint64_t copy_proc_direct(const char *path, int fd, uint64_t off, uint64_
 }
 
 static int cmd_kpageflags(int argc, char **argv) {
-    if (argc != 1) die("usage: vmwork kpageflags DEV");
+    if (argc != 1 && argc != 2) die("usage: vmwork kpageflags DEV [HOLD_SECONDS]");
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     uint8_t *buf;
@@ -498,6 +498,10 @@ static int cmd_kpageflags(int argc, char **argv) {
     if (pwrite(fd, buf, PAGE, 0) != (ssize_t)PAGE) die("write header: %s", strerror(errno));
     if (fsync(fd) != 0 || close(fd) != 0) die("sync %s: %s", argv[0], strerror(errno));
     printf("kpageflags pfns=%" PRIu64 " bytes=%" PRIu64 "\n", pfns, counts_off + pfns * 8);
+    fflush(stdout);
+    /* HOLD_SECONDS: stay alive after the dump, so that a host watching the disk for the header pauses the guest
+     * before this process exits and frees its kernel stack and page tables (pages the dump saw in use). */
+    if (argc == 2) sleep((unsigned)strtoul(argv[1], NULL, 10));
     return 0;
 }
 
