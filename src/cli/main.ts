@@ -9,7 +9,7 @@ import { classifyGuest } from "../introspect/inspect.ts";
 import { describeSources, openLiveVmMemory } from "../introspect/live-vm.ts";
 import { runDemo } from "../lab/demo.ts";
 import { ensureGuestImage } from "../lab/guest-image.ts";
-import { isKernelId, KERNEL_IDS, type KernelId } from "../lab/kernels.ts";
+import { ALL_KERNEL_IDS, isKernelId, KERNEL_IDS, type KernelId } from "../lab/kernels.ts";
 import { MIN_PSK_BYTES } from "../link/handshake.ts";
 import { startReceive } from "../migrate/link-receive.ts";
 import { REF_SECTOR_BYTES } from "../migrate/link-send.ts";
@@ -36,8 +36,11 @@ import {
 const log = (line: string) => process.stderr.write(`${line}\n`);
 
 function kernelOption(value: string): KernelId {
-  if (!isKernelId(value)) throw new InvalidArgumentError(`one of ${KERNEL_IDS.join(", ")}`);
+  if (!isKernelId(value)) throw new InvalidArgumentError(`one of ${ALL_KERNEL_IDS.join(", ")}`);
   return value;
+}
+function kernelListOption(value: string): KernelId[] {
+  return value.split(",").map((id) => kernelOption(id.trim()));
 }
 function qemuOption(value: string): QemuVersion {
   if (!isQemuVersion(value)) throw new InvalidArgumentError(`one of ${QEMU_VERSIONS.join(", ")}`);
@@ -59,11 +62,19 @@ lab
   .description(
     "download and build the guest kernels, images and QEMU 10.0 (cached; rebuilt when inputs change)",
   )
-  .action(async () => {
+  .addOption(
+    new Option(
+      "--kernel <ids>",
+      `guest kernels to build, comma-separated (default ${KERNEL_IDS.join(",")}; others are built on first boot)`,
+    ).argParser(kernelListOption),
+  )
+  .option("--all-kernels", `build every guest kernel: ${ALL_KERNEL_IDS.join(", ")}`)
+  .action(async (opts: { kernel?: KernelId[]; allKernels?: boolean }) => {
     const t0 = performance.now();
-    for (const kernel of KERNEL_IDS) {
+    for (const kernel of opts.allKernels ? ALL_KERNEL_IDS : (opts.kernel ?? KERNEL_IDS)) {
       const image = await ensureGuestImage(kernel);
-      log(`kernel ${kernel}: ${image.kernel.packageName} ${image.kernel.packageVersion}`);
+      const replaced = image.kernel.replaces ? ` (${image.kernel.replaces} is gone from the archive)` : "";
+      log(`kernel ${kernel}: ${image.kernel.packageName} ${image.kernel.packageVersion}${replaced}`);
     }
     for (const version of QEMU_VERSIONS) log(`QEMU ${version}: ${(await ensureQemu(version)).fullVersion}`);
     log(`lab ready in ${((performance.now() - t0) / 1000).toFixed(1)} s`);

@@ -1,10 +1,9 @@
 /** Everything needed to boot the lab guest with one kernel: kernel, initramfs, data disk; cached by inputs. */
 import { join } from "node:path";
-import { labApt } from "./apt.ts";
 import { cachedBuild } from "./cache.ts";
 import { buildDataDisk, DATA_DISK_LAYOUT } from "./data-disk.ts";
 import { ensureGuestPrograms, type GuestPrograms } from "./guest-programs.ts";
-import { buildInitramfs, GUEST_DRIVERS, initScript } from "./initramfs.ts";
+import { buildInitramfs, guestDrivers, initScript } from "./initramfs.ts";
 import { ensureKernel, type GuestKernel, type KernelId } from "./kernels.ts";
 import { labDir } from "./paths.ts";
 
@@ -20,10 +19,11 @@ export interface GuestImage {
 
 export const GUEST_CMDLINE = "console=ttyS0 panic=-1 loglevel=4";
 
+/** The guest image for `kernelId`, built on first use (the kernel downloaded too) and cached. */
 export async function ensureGuestImage(kernelId: KernelId): Promise<GuestImage> {
   const root = labDir();
-  const apt = await labApt();
-  const kernel = await ensureKernel(apt, join(root, "kernels"), kernelId);
+  const kernel = await ensureKernel(join(root, "kernels"), kernelId);
+  const drivers = await guestDrivers(kernel);
   const programs = await ensureGuestPrograms(root);
   const { dir: disk } = await cachedBuild(
     join(root, "data-disk"),
@@ -35,10 +35,11 @@ export async function ensureGuestImage(kernelId: KernelId): Promise<GuestImage> 
     version: kernel.packageVersion,
     programs: programs.digest,
     init: initScript(),
-    GUEST_DRIVERS,
+    // Named as before the flavours came: the cloud kernels' list is still GUEST_DRIVERS, so their key holds.
+    GUEST_DRIVERS: drivers,
   };
   const { dir } = await cachedBuild(join(root, "images", kernelId), inputs, (tmp) =>
-    buildInitramfs(kernel, programs, join(tmp, "initrd.cpio")),
+    buildInitramfs(kernel, programs, join(tmp, "initrd.cpio"), drivers),
   );
   return {
     kernel,

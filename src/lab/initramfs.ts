@@ -1,16 +1,48 @@
 /**
- * The guest's initramfs: busybox-static, the kernel modules the guest needs (closure from modules.dep), the
- * command agent and workload tool, and an init that mounts the data disk and runs the agent on ttyS1.
+ * The guest's initramfs: busybox-static, the kernel modules the guest needs (closure from modules.dep and
+ * modules.softdep, decompressed), the command agent and workload tool, and an init that mounts the data disk
+ * and runs the agent on ttyS1.
  */
+import { existsSync } from "node:fs";
 import { chmod, copyFile, mkdir, readFile, writeFile } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { run, runBuffer } from "./exec.ts";
 import type { GuestPrograms } from "./guest-programs.ts";
 import type { GuestKernel } from "./kernels.ts";
-import { moduleLoadOrder, parseModulesBuiltin, parseModulesDep } from "./modules.ts";
+import {
+  moduleLoadOrder,
+  parseModulesAlias,
+  parseModulesBuiltin,
+  parseModulesDep,
+  parseModulesSoftdep,
+} from "./modules.ts";
 
-/** Drivers the guest needs beyond what the cloud kernels build in (ext4 and the 8250 UART are built in). */
+/**
+ * Drivers the guest needs beyond what the cloud kernels build in (ext4 and the 8250 UART are built in). Built-in
+ * ones are skipped, so 6.12's and 6.18's built-in virtio_pci and virtio_console cost nothing.
+ */
 export const GUEST_DRIVERS = ["virtio_pci", "virtio_blk", "virtio_console", "virtio_balloon"] as const;
+
+/**
+ * Drivers the cloud kernels build in but Debian's generic and rt kernels ship as modules (their configs:
+ * CONFIG_EXT4_FS=m): ext4 for the data disk. The 8250 UART (CONFIG_SERIAL_8250=y), devtmpfs and tmpfs are
+ * built into every Debian flavour.
+ */
+export const FLAVOUR_DRIVERS = ["ext4"] as const;
+
+async function readModulesFile(kernel: GuestKernel, name: string): Promise<string> {
+  const path = join(kernel.modulesDir, name);
+  return existsSync(path) ? readFile(path, "utf8") : "";
+}
+
+/**
+ * The drivers the initramfs loads for `kernel`: GUEST_DRIVERS, and those of FLAVOUR_DRIVERS it has as modules.
+ * For the cloud kernels that is GUEST_DRIVERS alone, the list their cached images were keyed by.
+ */
+export async function guestDrivers(kernel: GuestKernel): Promise<string[]> {
+  const builtin = parseModulesBuiltin(await readModulesFile(kernel, "modules.builtin"));
+  return [...GUEST_DRIVERS, ...FLAVOUR_DRIVERS.filter((d) => !builtin.has(d))];
+}
 
 /** busybox-static's binary (Debian package busybox-static). */
 export const BUSYBOX = "/bin/busybox";
@@ -48,6 +80,7 @@ export async function buildInitramfs(
   kernel: GuestKernel,
   programs: GuestPrograms,
   outPath: string,
+  drivers: readonly string[] = GUEST_DRIVERS,
 ): Promise<void> {
   const stage = `${outPath}.stage`;
   await run("rm", ["-rf", stage]);
@@ -62,7 +95,12 @@ export async function buildInitramfs(
 
   const dep = parseModulesDep(await readFile(join(kernel.modulesDir, "modules.dep"), "utf8"));
   const builtin = parseModulesBuiltin(await readFile(join(kernel.modulesDir, "modules.builtin"), "utf8"));
-  const order = moduleLoadOrder(GUEST_DRIVERS, dep, builtin);
+  // Soft dependencies matter for 5.10's ext4: it finds crc32c (for metadata_csum, which the data disk has)
+  // through the crypto API, and with no modprobe in the guest nothing would load crc32c_generic for it.
+  const order = moduleLoadOrder(drivers, dep, builtin, {
+    softdeps: parseModulesSoftdep(await readModulesFile(kernel, "modules.softdep")),
+    aliases: parseModulesAlias(await readModulesFile(kernel, "modules.alias")),
+  });
   const loadOrder: string[] = [];
   for (const path of order) {
     // busybox insmod cannot read compressed modules: store them plain.
