@@ -33,6 +33,7 @@ import { guestMeminfo, runMixedWorkload } from "../src/lab/workloads.ts";
 import type { QemuVersion } from "../src/qemu/binaries.ts";
 import { type MigrationResult, prepareIncoming, tcpAddress } from "../src/qemu/migration.ts";
 import { sweepStaleRuns } from "../src/qemu/vm.ts";
+import { REPORT_WIDTH, table, wrap } from "../src/report/table.ts";
 import { reportJson } from "../src/report/version.ts";
 import { LAB_OPTIONS, labTarget, median, requireSetup } from "./common.ts";
 import { migrateThroughInProcessSend } from "./send-run.ts";
@@ -182,24 +183,29 @@ export async function benchPrune(options: {
   };
 }
 
+/** One line per row, figures right-aligned with their units in the header (report/table.ts); bytes in MiB. */
 export function formatTable(result: PruneBenchResult): string {
   const mib = (bytes: number) => (bytes / (1 << 20)).toFixed(1);
-  const header = [
+  const whole = (x: number | undefined) => (x === undefined ? "-" : String(Math.round(x)));
+  const title =
     `${result.memoryMiB} MiB guest, mixed workload, kernel ${result.kernel}, QEMU ${result.qemu} (${result.accel}), ` +
-      `medians of ${result.runs} runs per row`,
-    `${"row".padEnd(20)} ${"wire bytes".padStart(12)} ${"wire MiB".padStart(9)} ${"vs plain".padStart(8)} ` +
-      `${"ram.transferred".padStart(15)} ${"total ms".padStart(9)} ${"downtime ms".padStart(11)} ` +
-      `${"free pages".padStart(10)} ${"pruned pages".padStart(12)}`,
-  ];
-  const lines = result.rows.map(
-    ({ row, median: m, wireRatioToPlain }) =>
-      `${row.padEnd(20)} ${String(Math.round(m.wireBytes)).padStart(12)} ${mib(m.wireBytes).padStart(9)} ` +
-      `${wireRatioToPlain.toFixed(3).padStart(8)} ${String(Math.round(m.ramTransferredBytes)).padStart(15)} ` +
-      `${String(Math.round(m.totalTimeMs)).padStart(9)} ${String(Math.round(m.downtimeMs)).padStart(11)} ` +
-      `${String(Math.round(m.freePages)).padStart(10)} ${(m.prunedPages === undefined ? "-" : String(Math.round(m.prunedPages))).padStart(12)}`,
-  );
-  const target = `target vmprune wire bytes <= free-page-hint: ${result.vmpruneAtMostFreePageHint ? "met" : "NOT met"}`;
-  return [...header, ...lines, target].join("\n");
+    `medians of ${result.runs} runs per row`;
+  const rows = result.rows.map(({ row, median: m, wireRatioToPlain }) => [
+    row,
+    mib(m.wireBytes),
+    wireRatioToPlain.toFixed(3),
+    mib(m.ramTransferredBytes),
+    (m.totalTimeMs / 1000).toFixed(2),
+    whole(m.downtimeMs),
+    whole(m.freePages),
+    whole(m.prunedPages),
+  ]);
+  return [
+    ...wrap(title, REPORT_WIDTH),
+    table(["row", "wire MiB", "/ plain", "QEMU MiB", "total s", "down ms", "free pages", "pruned"], rows),
+    "wire: what reached the destination QEMU; QEMU: its ram.transferred (for vmprune, before pruning).",
+    `target vmprune wire bytes <= free-page-hint: ${result.vmpruneAtMostFreePageHint ? "met" : "NOT met"}`,
+  ].join("\n");
 }
 
 async function main(argv: string[]): Promise<void> {

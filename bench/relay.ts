@@ -29,6 +29,7 @@ import { LabPair } from "../src/lab/lab-vm.ts";
 import { captureStream } from "../src/lab/stream-capture.ts";
 import { runMixedWorkload } from "../src/lab/workloads.ts";
 import { RUN_ROOT } from "../src/qemu/vm.ts";
+import { table } from "../src/report/table.ts";
 import { reportJson } from "../src/report/version.ts";
 import { CountingProcessor } from "../src/stream/counting-processor.ts";
 import { type MainChannelProcessor, Relay } from "../src/stream/relay.ts";
@@ -293,7 +294,7 @@ function formatTable(result: BenchResult): string {
       : []),
   ];
   const header = `${(result.bytes / 1024 ** 3).toFixed(2)} GiB per run, best of ${result.runs}`;
-  return [header, ...rows.map(([name, value]) => `${name.padEnd(18)} ${value.padStart(12)}`)].join("\n");
+  return [header, table(["", ""], rows)].join("\n");
 }
 
 async function main(argv: string[]): Promise<void> {

@@ -15,6 +15,7 @@ import { basename, join } from "node:path";
 import { DATA_DISK_LAYOUT, dataFilePaths } from "../src/lab/data-disk.ts";
 import { run } from "../src/lab/exec.ts";
 import { ensureGuestImage } from "../src/lab/guest-image.ts";
+import { REPORT_WIDTH, table, wrap } from "../src/report/table.ts";
 import { DiskIndex, type DiskIndexOptions } from "../src/storage/disk-index.ts";
 import { PAGE_SIZE_BYTES } from "../src/storage/image-format.ts";
 import { requireSetup } from "./common.ts";
@@ -127,32 +128,42 @@ async function measure(
   return rows;
 }
 
+/** One column per variant (their figures are too many for one line each within REPORT_WIDTH), then a summary. */
 function print(title: string, sizeBytes: number, rows: Row[]): void {
   console.log(`\n== ${title}`);
   const mbps = (ms: number) => sizeBytes / MIB / (ms / 1000);
+  const figures: [string, (r: Row) => string][] = [
+    ["build (ms)", (r) => r.buildMs.toFixed(0)],
+    ["build (MiB/s)", (r) => mbps(r.buildMs).toFixed(0)],
+    ["SHA-256 at build", (r) => String(r.buildHashes)],
+    ["entries", (r) => String(r.entries)],
+    ["bytes per entry", (r) => r.bytesPerEntry.toFixed(1)],
+    ["hits/s", (r) => r.hitsPerS.toFixed(0)],
+    ["misses/s", (r) => r.missesPerS.toFixed(0)],
+    ["SHA-256 per hit", (r) => r.hashesPerHit.toFixed(2)],
+    ["SHA-256 per miss", (r) => r.hashesPerMiss.toFixed(2)],
+    ["reads per hit", (r) => r.readsPerHit.toFixed(2)],
+    ["false cand./lookup", (r) => r.falseCandidatesPerLookup.toFixed(4)],
+    ["hit rate (%)", (r) => (r.hitRate * 100).toFixed(2)],
+  ];
   console.log(
-    "variant        build ms   MiB/s  SHA-256 at build  entries  B/entry  hits/s     misses/s   SHA/hit SHA/miss reads/hit false cand./lookup  hit rate",
+    table(
+      ["", ...rows.map((r) => r.variant)],
+      figures.map(([name, show]) => [name, ...rows.map(show)]),
+    ),
   );
-  for (const r of rows)
-    console.log(
-      `${r.variant.padEnd(14)} ${r.buildMs.toFixed(0).padStart(8)} ${mbps(r.buildMs).toFixed(0).padStart(7)} ` +
-        `${String(r.buildHashes).padStart(17)} ${String(r.entries).padStart(8)} ${r.bytesPerEntry.toFixed(1).padStart(8)} ` +
-        `${r.hitsPerS.toFixed(0).padStart(10)} ${r.missesPerS.toFixed(0).padStart(10)} ` +
-        `${r.hashesPerHit.toFixed(2).padStart(8)} ${r.hashesPerMiss.toFixed(2).padStart(8)} ${r.readsPerHit.toFixed(2).padStart(9)} ` +
-        `${r.falseCandidatesPerLookup.toFixed(4).padStart(18)} ${(r.hitRate * 100).toFixed(2).padStart(8)}%`,
-    );
   const lazy = rows.find((r) => r.variant === "sampled+lazy");
   const eager = rows.find((r) => r.variant === "sampled+eager");
   const none = rows.find((r) => r.variant === "unsampled");
   if (!lazy || !eager || !none) return;
-  console.log(
+  const summary =
     `sampling saves: build ${none.buildHashes} -> ${lazy.buildHashes} SHA-256 (all of them), build time ` +
-      `x${(none.buildMs / lazy.buildMs).toFixed(2)} faster (lazy) / x${(none.buildMs / eager.buildMs).toFixed(2)} (eager); ` +
-      `per miss ${none.hashesPerMiss.toFixed(2)} -> ${lazy.hashesPerMiss.toFixed(2)} SHA-256, misses/s ` +
-      `x${(lazy.missesPerS / none.missesPerS).toFixed(1)} (lazy) / x${(eager.missesPerS / none.missesPerS).toFixed(1)} (eager); ` +
-      `hits/s x${(lazy.hitsPerS / none.hitsPerS).toFixed(2)} (lazy, one 4 KiB read per hit) / ` +
-      `x${(eager.hitsPerS / none.hitsPerS).toFixed(2)} (eager)`,
-  );
+    `x${(none.buildMs / lazy.buildMs).toFixed(2)} faster (lazy) / x${(none.buildMs / eager.buildMs).toFixed(2)} (eager); ` +
+    `per miss ${none.hashesPerMiss.toFixed(2)} -> ${lazy.hashesPerMiss.toFixed(2)} SHA-256, misses/s ` +
+    `x${(lazy.missesPerS / none.missesPerS).toFixed(1)} (lazy) / x${(eager.missesPerS / none.missesPerS).toFixed(1)} (eager); ` +
+    `hits/s x${(lazy.hitsPerS / none.hitsPerS).toFixed(2)} (lazy, one 4 KiB read per hit) / ` +
+    `x${(eager.hitsPerS / none.hitsPerS).toFixed(2)} (eager)`;
+  console.log(wrap(summary, REPORT_WIDTH).join("\n"));
 }
 
 /** Pages of the lab's data files (what the guest's page cache holds after reading them). */
