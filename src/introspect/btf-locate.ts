@@ -17,19 +17,21 @@
  * back — the text/rodata and rodata/data gaps, initmem — is unmapped only with PTI, and otherwise stays mapped
  * while the buddy allocator hands those pages to anyone, as it does the pages between _end and the 2 MiB
  * boundary. So a page counts as image only when it is mapped linearly (VA - __START_KERNEL_map + phys_base) and
- * its struct page carries the same low flag bits as `_stext`'s (PG_reserved and nothing else: memblock reserved
- * the image, and freeing a page clears PG_reserved, mm/page_alloc.c free_reserved_page()). The walk stops after
- * 16 MiB without an image page, at 128 MiB, or at the end of the kernel image area (KERNEL_IMAGE_SIZE).
+ * its struct page has every low flag bit `_stext`'s page has: PG_reserved (memblock reserved the image, and
+ * freeing a page clears it, mm/page_alloc.c free_reserved_page()). More bits are fine: the vDSO pages in rodata
+ * are also PG_referenced and mapped by processes. Seen on Debian 6.1: text, rodata, data, bss and brk come out
+ * as image; the text/rodata and rodata/data gaps, initmem, the unused `.bss..decrypted` tail and the brk pages
+ * past _brk_end (reused by slab) do not. The walk stops after 16 MiB without an image page, at 128 MiB, or at
+ * the end of the kernel image area (KERNEL_IMAGE_SIZE).
  */
 import type { AddressSpace } from "./address-space.ts";
 import { kernelImagePa, START_KERNEL_MAP } from "./address-space.ts";
-import { hex, IntrospectError, type IntrospectErrorCode, TranslationError } from "./errors.ts";
+import { hex, IntrospectError } from "./errors.ts";
 import { hasKallsyms, type Kallsyms, KallsymsError, openKallsyms } from "./kallsyms.ts";
 import type { MemMap } from "./memmap.ts";
 import type { VmcoreInfo } from "./vmcoreinfo.ts";
 
 const PAGE = 4096;
-const MASK64 = (1n << 64n) - 1n;
 /** `struct btf_header` (include/uapi/linux/btf.h): 24 bytes, magic 0xeB9F, version 1. */
 export const BTF_HEADER_BYTES = 24;
 const BTF_MAGIC = 0xeb9f;
@@ -48,9 +50,8 @@ const IMAGE_MAX_GAP_BYTES = 16 * 1024 * 1024;
  */
 const DEFAULT_KERNEL_IMAGE_SIZE = 1024 * 1024 * 1024;
 /**
- * Page-flag bits compared with `_stext`'s page: every PG_* bit an image page could differ in sits below bit 24
- * in all versions read (PG_reserved is bit 10-12, include/linux/page-flags.h 5.10-6.18); zone, node and
- * section fields sit at the top of the word.
+ * Page-flag bits taken from `_stext`'s page: the PG_* bits sit below bit 24 in all versions read (PG_reserved
+ * is bit 10-12, include/linux/page-flags.h 5.10-6.18); zone, node and section fields sit at the top of the word.
  */
 const IMAGE_FLAG_MASK = 0xffffff;
 /** Bytes per positional read while scanning (an image read is then ~15 reads). */
@@ -70,22 +71,14 @@ export type BtfLocateFailure =
   /** The kernel image could not be delimited. */
   | "no-image";
 
-const FAILURE_CODE: Record<BtfLocateFailure, IntrospectErrorCode> = {
-  "no-symbols": "bad-vmcoreinfo",
-  "bad-range": "unvalidated-vmcoreinfo",
-  unreadable: "not-mapped",
-  "bad-header": "unvalidated-vmcoreinfo",
-  "not-found": "unvalidated-vmcoreinfo",
-  "no-image": "not-mapped",
-};
-
 export class BtfLocateError extends IntrospectError {
   override readonly name = "BtfLocateError";
   constructor(
     readonly reason: BtfLocateFailure,
     message: string,
   ) {
-    super(FAILURE_CODE[reason], `BTF: ${message}`);
+    // One code for callers that only switch on IntrospectError codes; `reason` says which failure it was.
+    super("bad-btf", `BTF: ${message}`);
   }
 }
 
@@ -120,7 +113,7 @@ export interface KernelImageRange {
   bytes: number;
   /** Whether struct pages were consulted (false without a memmap: runs are then only "mapped linearly"). */
   pageCheck: boolean;
-  /** Flags word (masked) of `_stext`'s page that image pages matched. */
+  /** Low flag bits of `_stext`'s page (PG_reserved); every image page has them all. */
   referenceFlags: number | null;
   elapsedMs: number;
 }
@@ -150,20 +143,16 @@ export function kernelImageRange(kernel: ImageSource, options: KernelImageOption
   const maxGap = BigInt(options.maxGapBytes ?? IMAGE_MAX_GAP_BYTES);
   const limit = start + cap < areaEnd ? start + cap : areaEnd;
 
-  // 1. Pages mapped linearly (the image's own mapping), skipping unmapped tables whole.
+  // 1. Pages mapped linearly (the image's own mapping), from the page tables read a table page at a time.
   const linear: ImageRun[] = [];
+  const tables = new PageTables(as, info.smeMask);
   let va = start;
   let lastMapped = start;
   while (va < limit && va - lastMapped <= maxGap) {
-    const size = as.pageSize(va);
-    if (size === 0) {
-      va = skipUnmapped(as, va);
-      continue;
-    }
-    const pa = as.translate(va);
-    const step = BigInt(size) - (va & BigInt(size - 1));
-    const n = Number(step < limit - va ? step : limit - va);
-    if (BigInt(pa) === kernelImagePa(va, physBase)) {
+    const leaf = tables.leaf(va);
+    const step = leaf.size - Number(va & BigInt(leaf.size - 1));
+    const n = Math.min(step, Number(limit - va));
+    if (leaf.pa >= 0 && BigInt(leaf.pa) === kernelImagePa(va, physBase)) {
       const prev = linear.at(-1);
       if (prev && prev.va + BigInt(prev.length) === va) prev.length += n;
       else linear.push({ va, length: n });
@@ -187,6 +176,12 @@ export function kernelImageRange(kernel: ImageSource, options: KernelImageOption
     if (!memmap.read(pfnOf(start), 1, one))
       throw new BtfLocateError("no-image", `no struct page for _stext's frame ${hex(pfnOf(start))}`);
     referenceFlags = one.readUInt32LE(flagsAt) & IMAGE_FLAG_MASK;
+    // The image is always PG_reserved; a page without any flag cannot tell image from freed pages.
+    if (referenceFlags === 0)
+      throw new BtfLocateError(
+        "no-image",
+        `_stext's struct page (frame ${hex(pfnOf(start))}) has no page flags`,
+      );
     runs = filterImagePages(linear, memmap, pfnOf, flagsAt, referenceFlags);
     // A gap of more than maxGap inside what stayed ends the image there.
     const kept: ImageRun[] = [];
@@ -211,17 +206,58 @@ export function kernelImageRange(kernel: ImageSource, options: KernelImageOption
   };
 }
 
-/** The next address after the unmapped table that `va` falls in (4 KiB, 2 MiB, 1 GiB... by the failed level). */
-function skipUnmapped(as: AddressSpace, va: bigint): bigint {
-  let level = 1;
-  try {
-    as.translate(va);
-  } catch (error) {
-    if (!(error instanceof TranslationError)) throw error;
-    if (error.code === "not-mapped") level = Math.max(1, error.level);
+/**
+ * The x86-64 page tables of `as` for enumerating a range: each table page is read once (4 KiB) and kept, so
+ * walking the ~10k pages of an image costs a few dozen reads instead of four per page (AddressSpace.translate).
+ * Same entry rules as address-space.ts (present bit 0, PSE bit 7 at PUD/PMD, address bits 12..51 minus the SME
+ * bit); anything unexpected reads as unmapped, since these mappings only select pages to read, and the reads
+ * themselves go through AddressSpace.
+ */
+class PageTables {
+  private readonly pages = new Map<number, Buffer>();
+  private readonly smeLo: number;
+  private readonly smeHi: number;
+
+  constructor(
+    private readonly as: AddressSpace,
+    smeMask: bigint,
+  ) {
+    this.smeLo = Number(smeMask & 0xffffffffn);
+    this.smeHi = Number((smeMask >> 32n) & 0xffffffffn);
   }
-  const span = BigInt(PAGE) << BigInt(9 * (level - 1));
-  return ((va & ~(span - 1n)) + span) & MASK64;
+
+  private table(pa: number): Buffer | undefined {
+    let page = this.pages.get(pa);
+    if (page) return page;
+    if (!this.as.memory.contains(pa, PAGE)) return undefined;
+    page = this.as.memory.read(pa, PAGE);
+    this.pages.set(pa, page);
+    return page;
+  }
+
+  /** The leaf mapping `va`: its page's PA for `va`'s page start and size, or pa -1 and the unmapped span. */
+  leaf(va: bigint): { pa: number; size: number } {
+    let table = this.as.rootPa;
+    for (let level: number = this.as.levels; level >= 1; level--) {
+      const span = PAGE * 2 ** (9 * (level - 1));
+      const page = this.table(table);
+      if (!page) return { pa: -1, size: span };
+      const at = Number((va >> BigInt(12 + 9 * (level - 1))) & 511n) * 8;
+      const lo = page.readUInt32LE(at);
+      const hi = page.readUInt32LE(at + 4);
+      if ((lo & 1) === 0) return { pa: -1, size: span };
+      const addr = (hi & 0xfffff & ~this.smeHi) * 2 ** 32 + ((lo & 0xfffff000 & ~this.smeLo) >>> 0);
+      if (level === 1) return { pa: addr, size: PAGE };
+      if (lo & 0x80) {
+        if (level > 3) return { pa: -1, size: span };
+        // A large page: the PA of va's 4 KiB page within it, and the rest of the large page as the size.
+        const within = Number(va & BigInt(span - 1)) & ~(PAGE - 1);
+        return { pa: addr - (addr % span) + within, size: span };
+      }
+      table = addr;
+    }
+    return { pa: -1, size: PAGE };
+  }
 }
 
 function filterImagePages(
@@ -248,8 +284,7 @@ function filterImagePages(
       // A frame without a readable struct page is not image (the image's frames always have one).
       if (!memmap.read(pfnOf(va0), n, buf)) continue;
       for (let i = 0; i < n; i++)
-        if ((buf.readUInt32LE(i * size + flagsAt) & IMAGE_FLAG_MASK) === reference)
-          keep(va0 + BigInt(i * PAGE));
+        if ((buf.readUInt32LE(i * size + flagsAt) & reference) === reference) keep(va0 + BigInt(i * PAGE));
     }
   }
   return out;

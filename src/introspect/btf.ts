@@ -360,19 +360,20 @@ function isModifier(kind: number): boolean {
 /** Host byte order: the type section is read through an Int32Array, which uses it. */
 const HOST_IS_LITTLE_ENDIAN = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
 
-/** Name lookups cached: more than any caller's fixed set of names, and a bound all the same. */
-const NAME_CACHE_LIMIT = 4096;
-
 export class Btf {
   /** Highest type id: ids 1..typeCount are types, 0 is void. */
   readonly typeCount: number;
   /** Bytes the blob occupies from its start (header + sections); a longer input buffer had trailing bytes. */
   readonly byteLength: number;
 
-  /** Name -> ids with that name, in id order. */
-  private readonly idCache = new Map<string, number[]>();
-  /** Enumerator name -> first enum (in id order) that has it, or 0. */
-  private readonly enumCache = new Map<string, number>();
+  /**
+   * Names -> ids, built on the first lookup by name: one table for functions (about half of a kernel's names,
+   * and never needed for a layout), one for every other kind.
+   */
+  private typeNames: NameTable | undefined;
+  private funcNames: NameTable | undefined;
+  /** Enumerator names -> enumerators, built on the first lookup across all enums. */
+  private enumeratorNames: { table: NameTable; owner: Int32Array } | undefined;
 
   private constructor(
     readonly header: BtfHeader,
@@ -672,46 +673,29 @@ export class Btf {
 
   // ---- names ----
 
-  /**
-   * Every string-section offset at which `name` can be read: each place `name` NUL occurs, found by a native
-   * substring search. A name offset may point into the middle of a longer string (the suffix is then the name),
-   * and those places are found too.
-   */
-  private nameOffsets(name: string): number[] {
-    if (name === "" || name.includes("\0") || !isLatin1(name)) return [];
-    const needle = Buffer.from(`${name}\0`, "latin1");
-    const found: number[] = [];
-    for (let at = this.strs.indexOf(needle, 1); at >= 0; at = this.strs.indexOf(needle, at + 1))
-      found.push(at);
-    return found;
-  }
-
-  /**
-   * All ids named `name`, in id order: one scan of the name-offset array per name (about a millisecond for a
-   * distro kernel), cached. Decoding all 125k names of a distro kernel into a map up front costs more than the
-   * whole parse, for the dozen names a caller asks.
-   */
-  private idsNamed(name: string): number[] {
-    const cached = this.idCache.get(name);
-    if (cached) return cached;
-    const ids = idsWithNameOffsets(this.nameOffs, this.nameOffsets(name));
-    if (this.idCache.size >= NAME_CACHE_LIMIT) this.idCache.clear();
-    this.idCache.set(name, ids);
-    return ids;
+  /** All ids named `name`, in id order: of kinds other than FUNC, of FUNC only, or of any kind. */
+  private idsNamed(name: string, which: "types" | "funcs" | "all" = "types"): number[] {
+    const bytes = nameBytes(name);
+    if (bytes === undefined) return [];
+    if (which === "funcs") {
+      this.funcNames ??= new NameTable(this.strs, this.nameOffs, this.typeCount, this.kinds, true);
+      return this.funcNames.find(bytes);
+    }
+    this.typeNames ??= new NameTable(this.strs, this.nameOffs, this.typeCount, this.kinds, false);
+    const ids = this.typeNames.find(bytes);
+    if (which === "types") return ids;
+    return [...ids, ...this.idsNamed(name, "funcs")].sort((a, b) => a - b);
   }
 
   /** All ids named `name`, in id order, optionally of one kind. */
   findTypeIds(name: string, kind?: BtfKindName): number[] {
-    const ids = this.idsNamed(name);
-    return kind === undefined ? [...ids] : ids.filter((id) => KIND_NAMES[this.kindOf(id)] === kind);
+    const ids = this.idsNamed(name, kind === undefined ? "all" : kind === "func" ? "funcs" : "types");
+    return kind === undefined ? ids : ids.filter((id) => KIND_NAMES[this.kindOf(id)] === kind);
   }
 
   /** The first id named `name` (of `kind`, if given), or undefined. */
   findTypeId(name: string, kind?: BtfKindName): number | undefined {
-    for (const id of this.idsNamed(name)) {
-      if (kind === undefined || KIND_NAMES[this.kindOf(id)] === kind) return id;
-    }
-    return undefined;
+    return this.findTypeIds(name, kind)[0];
   }
 
   /**
@@ -901,54 +885,146 @@ export class Btf {
 
   /** The first enum (in id order) with an enumerator called `enumerator`. */
   private enumHolding(enumerator: string): number | undefined {
-    let found = this.enumCache.get(enumerator);
-    if (found === undefined) {
-      found = 0;
-      const offsets = this.nameOffsets(enumerator);
-      if (offsets.length > 0) {
-        const wanted = new Set(offsets);
-        for (let id = 1; id <= this.typeCount && found === 0; id++) {
-          const kind = this.kindOf(id);
-          if (kind !== KIND_ENUM && kind !== KIND_ENUM64) continue;
-          const stride = kind === KIND_ENUM ? ENUM_WORDS : ENUM64_WORDS;
-          const data = this.rec(id) + TYPE_WORDS;
-          const end = data + this.vlenOf(id) * stride;
-          for (let e = data; e < end; e += stride) {
-            if (wanted.has(this.words[e] as number)) {
-              found = id;
-              break;
-            }
-          }
-        }
-      }
-      if (this.enumCache.size >= NAME_CACHE_LIMIT) this.enumCache.clear();
-      this.enumCache.set(enumerator, found);
-    }
-    return found === 0 ? undefined : found;
+    const bytes = nameBytes(enumerator);
+    if (bytes === undefined) return undefined;
+    if (!this.enumeratorNames) this.enumeratorNames = this.buildEnumeratorNames();
+    const first = this.enumeratorNames.table.find(bytes)[0];
+    return first === undefined ? undefined : this.enumeratorNames.owner[first];
+  }
+
+  /** Every enumerator of every enum, numbered from 1 in id order, with the enum that owns it. */
+  private buildEnumeratorNames(): { table: NameTable; owner: Int32Array } {
+    const { offs, owner, count } = collectEnumerators(this.words, this.recs, this.kinds);
+    return { table: new NameTable(this.strs, offs, count), owner };
   }
 }
 
 /**
- * Ids (in id order) whose name offset is one of `offsets` (ascending). Its own function, so that V8 optimizes
- * the loop once for every name rather than on each call of a method whose code after the loop never ran.
+ * Name offsets of all enumerators, numbered from 1 in id order, and the enum owning each. A function of typed
+ * arrays rather than a method, so V8 optimizes its loops once (see walkTypes).
  */
-function idsWithNameOffsets(nameOffs: Int32Array, offsets: readonly number[]): number[] {
-  const ids: number[] = [];
-  if (offsets.length === 0) return ids;
-  const wanted = new Set(offsets);
-  const first = offsets[0] as number;
-  const last = offsets[offsets.length - 1] as number;
-  for (let id = 1; id < nameOffs.length; id++) {
-    const off = nameOffs[id] as number;
-    if (off >= first && off <= last && wanted.has(off)) ids.push(id);
+function collectEnumerators(
+  words: Int32Array,
+  recs: Uint32Array,
+  kinds: Uint8Array,
+): { offs: Int32Array; owner: Int32Array; count: number } {
+  // Enums are a few thousand of a kernel's 125k types: find them with the native indexOf, not a JS loop.
+  const enums: number[] = [];
+  for (const wanted of [KIND_ENUM, KIND_ENUM64]) {
+    for (let id = kinds.indexOf(wanted, 1); id > 0; id = kinds.indexOf(wanted, id + 1)) enums.push(id);
   }
-  return ids;
+  enums.sort((a, b) => a - b);
+  let total = 0;
+  for (const id of enums) total += (words[(recs[id] as number) + 1] as number) & INFO_VLEN_MASK;
+  // Bounded by the bytes present: every enumerator took at least 8 bytes of the type section.
+  const offs = new Int32Array(total + 1);
+  const owner = new Int32Array(total + 1);
+  let n = 0;
+  for (const id of enums) {
+    const stride = kinds[id] === KIND_ENUM ? ENUM_WORDS : ENUM64_WORDS;
+    const w = recs[id] as number;
+    const data = w + TYPE_WORDS;
+    const end = data + ((words[w + 1] as number) & INFO_VLEN_MASK) * stride;
+    for (let e = data; e < end; e += stride) {
+      n++;
+      offs[n] = words[e] as number;
+      owner[n] = id;
+    }
+  }
+  return { offs, owner, count: n };
 }
 
-/** Whether every character of `s` is one byte in latin1 (the names were decoded that way). */
-function isLatin1(s: string): boolean {
-  for (let i = 0; i < s.length; i++) if (s.charCodeAt(i) > 0xff) return false;
-  return true;
+/** FNV-1a (32-bit) offset basis and prime. */
+const FNV_BASIS = 0x811c9dc5;
+const FNV_PRIME = 0x01000193;
+
+/**
+ * Names to items (types, or enumerators) whose name offsets point at those names, built without decoding a
+ * string: each name is hashed in place in the string section into an open-addressing table of item numbers.
+ * Decoding the 125k names of a distro kernel into a Map costs more than parsing; hashing their bytes costs a
+ * fraction of it. Items go in ascending, and linear probing puts a later item further along, so the items of
+ * one name come out in ascending order.
+ */
+class NameTable {
+  private readonly slots: Int32Array;
+  private readonly mask: number;
+
+  constructor(
+    private readonly strs: Buffer,
+    /** Name offset of items 1..count (0: anonymous, not indexed); parse checked each is inside `strs`. */
+    private readonly offs: Int32Array,
+    count: number,
+    /** With kinds: index only FUNC items (`funcs`) or only the others. */
+    kinds?: Uint8Array,
+    funcs = false,
+  ) {
+    // At most half full, so every probe sequence reaches an empty slot.
+    let size = 16;
+    while (size < count * 2) size *= 2;
+    this.slots = new Int32Array(size);
+    this.mask = size - 1;
+    fillNameSlots(this.slots, this.mask, strs, offs, count, kinds, funcs);
+  }
+
+  /** Items named `name` (its latin1 bytes), in ascending order. */
+  find(name: Buffer): number[] {
+    const found: number[] = [];
+    let slot = hashBytes(name, 0, name.length) & this.mask;
+    for (let item = this.slots[slot] as number; item !== 0; item = this.slots[slot] as number) {
+      const off = this.offs[item] as number;
+      if (
+        this.strs[off + name.length] === 0 &&
+        this.strs.compare(name, 0, name.length, off, off + name.length) === 0
+      ) {
+        found.push(item);
+      }
+      slot = (slot + 1) & this.mask;
+    }
+    return found;
+  }
+}
+
+/**
+ * The table-filling loop, outside the class so V8 optimizes it on its own (see walkTypes). Each name is hashed
+ * up to its NUL right here rather than through indexOf: a native call per name costs more than the bytes.
+ */
+function fillNameSlots(
+  slots: Int32Array,
+  mask: number,
+  strs: Uint8Array,
+  offs: Int32Array,
+  count: number,
+  kinds: Uint8Array | undefined,
+  funcs: boolean,
+): void {
+  for (let item = 1; item <= count; item++) {
+    const off = offs[item] as number;
+    if (off === 0 || (kinds !== undefined && (kinds[item] === KIND_FUNC) !== funcs)) continue;
+    // The string section ends with a NUL (checked at parse), so every name ends inside it.
+    let h = FNV_BASIS;
+    for (let i = off; strs[i] !== 0 && i < strs.length; i++)
+      h = Math.imul(h ^ (strs[i] as number), FNV_PRIME);
+    let slot = (h >>> 0) & mask;
+    while (slots[slot] !== 0) slot = (slot + 1) & mask;
+    slots[slot] = item;
+  }
+}
+
+function hashBytes(bytes: Uint8Array, start: number, end: number): number {
+  let h = FNV_BASIS;
+  for (let i = start; i < end; i++) h = Math.imul(h ^ (bytes[i] as number), FNV_PRIME);
+  return h >>> 0;
+}
+
+/** A name's bytes as the string section holds them, or undefined if no name in it can be equal to it. */
+function nameBytes(name: string): Buffer | undefined {
+  if (name === "") return undefined;
+  for (let i = 0; i < name.length; i++) {
+    const c = name.charCodeAt(i);
+    // Names were decoded as latin1 and end at the first NUL.
+    if (c === 0 || c > 0xff) return undefined;
+  }
+  return Buffer.from(name, "latin1");
 }
 
 // ---- parse steps ----

@@ -13,8 +13,15 @@ import {
 } from "./classifier.ts";
 import { UnsupportedKernelError } from "./errors.ts";
 import type { GuestMemory } from "./guest-memory.ts";
+import type { Kallsyms } from "./kallsyms.ts";
 import { type GuestKernel, openGuestKernel } from "./kernel.ts";
-import { type Capability, type Fact, type KernelLayout, resolveKernelLayout } from "./kernel-layout.ts";
+import {
+  type Capability,
+  type Fact,
+  type KernelLayout,
+  type KernelTypes,
+  resolveKernelLayout,
+} from "./kernel-layout.ts";
 import { openKernelTypes } from "./kernel-types.ts";
 
 const PAGE_SIZE = 4096;
@@ -49,6 +56,10 @@ export interface GuestClassification {
 export interface OpenedClassifier {
   kernel: GuestKernel;
   layout: KernelLayout;
+  /** The kernel's accepted BTF, or null. */
+  types: KernelTypes | null;
+  /** Its decoded symbol table, when VMCOREINFO exports one (6.0+). */
+  kallsyms: Kallsyms | null;
   /** Where the types came from, or why there are none. */
   btf: string;
   classifier: PageClassifier;
@@ -70,7 +81,15 @@ export function openClassifier(memory: GuestMemory, options: ClassifyOptions = {
     );
   const classifier = new PageClassifier(layout, kernel.memmap, options);
   const btf = types.types ? types.types.origin : types.reason;
-  return { kernel, layout, btf, classifier, openMs: performance.now() - started };
+  return {
+    kernel,
+    layout,
+    types: types.types,
+    kallsyms: types.kallsyms,
+    btf,
+    classifier,
+    openMs: performance.now() - started,
+  };
 }
 
 export function layoutReport(opened: Pick<OpenedClassifier, "layout" | "btf">): LayoutReport {
@@ -78,12 +97,9 @@ export function layoutReport(opened: Pick<OpenedClassifier, "layout" | "btf">): 
   return { btf: opened.btf, ...layout.capabilities, facts: layout.facts };
 }
 
-/** Classifies every PFN below the end of guest RAM. */
-export function classifyGuest(memory: GuestMemory, options: ClassifyOptions = {}): GuestClassification {
-  const opened = openClassifier(memory, options);
-  const { kernel, layout, classifier, openMs } = opened;
-  const started = performance.now();
-  const pfns = Math.ceil(memory.end / PAGE_SIZE);
+/** Classifies every present PFN below `pfns` (PFNs without a readable struct page stay unknown). */
+export function classifyPresent(opened: Pick<OpenedClassifier, "kernel" | "classifier">, pfns: number) {
+  const { kernel, classifier } = opened;
   const categories = new Uint8Array(pfns);
   const attributes = new Uint8Array(pfns);
   const buffer = Buffer.alloc(CHUNK_PFNS * kernel.memmap.structPageSize);
@@ -98,6 +114,16 @@ export function classifyGuest(memory: GuestMemory, options: ClassifyOptions = {}
       attributes.set(result.attributes, pfn);
     }
   }
+  return { firstPfn: 0, categories, attributes };
+}
+
+/** Classifies every PFN below the end of guest RAM. */
+export function classifyGuest(memory: GuestMemory, options: ClassifyOptions = {}): GuestClassification {
+  const opened = openClassifier(memory, options);
+  const { kernel, layout, openMs } = opened;
+  const started = performance.now();
+  const pfns = Math.ceil(memory.end / PAGE_SIZE);
+  const { categories, attributes } = classifyPresent(opened, pfns);
   const classifyMs = performance.now() - started;
   return {
     report: {

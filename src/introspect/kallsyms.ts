@@ -30,7 +30,7 @@
  */
 import type { AddressSpace } from "./address-space.ts";
 import { START_KERNEL_MAP } from "./address-space.ts";
-import { hex, IntrospectError, type IntrospectErrorCode } from "./errors.ts";
+import { hex, IntrospectError } from "./errors.ts";
 import type { VmcoreInfo } from "./vmcoreinfo.ts";
 
 const MASK64 = (1n << 64n) - 1n;
@@ -65,25 +65,14 @@ export type KallsymsFailure =
   /** More than one encoding agrees (cannot happen with real tables: refused rather than guessed). */
   | "ambiguous";
 
-/**
- * errors.ts has no kallsyms codes; each failure maps to the nearest existing one, and `reason` says exactly
- * what went wrong.
- */
-const FAILURE_CODE: Record<KallsymsFailure, IntrospectErrorCode> = {
-  absent: "bad-vmcoreinfo",
-  unreadable: "not-mapped",
-  malformed: "unvalidated-vmcoreinfo",
-  mismatch: "unvalidated-vmcoreinfo",
-  ambiguous: "unvalidated-vmcoreinfo",
-};
-
 export class KallsymsError extends IntrospectError {
   override readonly name = "KallsymsError";
   constructor(
     readonly reason: KallsymsFailure,
     message: string,
   ) {
-    super(FAILURE_CODE[reason], `kallsyms: ${message}`);
+    // One code for callers that only switch on IntrospectError codes; `reason` says which failure it was.
+    super("bad-kallsyms", `kallsyms: ${message}`);
   }
 }
 

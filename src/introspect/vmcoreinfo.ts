@@ -339,16 +339,23 @@ export function validateVmcoreinfo(memory: GuestMemory, info: VmcoreInfo): Valid
       `init_top_pgt ${hex(top)} maps to ${hex(rootSelf)}, not to itself at ${hex(rootPa)}`,
     );
   const uts = info.symbol("SYMBOL(init_uts_ns)");
-  const nameOffset = info.has("OFFSET(uts_namespace.name)")
-    ? BigInt(info.bounded("OFFSET(uts_namespace.name)", 0, 4096))
-    : 0n;
-  const release = check("reading init_uts_ns", () =>
-    as.readCString((uts + nameOffset + UTS_RELEASE_OFFSET) & ((1n << 64n) - 1n), UTS_FIELD_BYTES),
-  );
-  if (release !== info.osRelease)
-    throw new VmcoreinfoError(
-      "unvalidated-vmcoreinfo",
-      `init_uts_ns release is "${release.slice(0, 64)}", VMCOREINFO says "${info.osRelease}" (a stale copy?)`,
+  // Where `name` sits in struct uts_namespace: VMCOREINFO says so from 5.11; before, a `struct kref` (4 bytes)
+  // came first (include/linux/utsname.h@v5.10), and 5.11 moved `name` to the front. Without the key both
+  // places are tried, and the one holding the release wins.
+  const nameOffsets = info.has("OFFSET(uts_namespace.name)")
+    ? [BigInt(info.bounded("OFFSET(uts_namespace.name)", 0, 4096))]
+    : [0n, 4n];
+  const seen: string[] = [];
+  for (const nameOffset of nameOffsets) {
+    const release = check("reading init_uts_ns", () =>
+      as.readCString((uts + nameOffset + UTS_RELEASE_OFFSET) & ((1n << 64n) - 1n), UTS_FIELD_BYTES),
     );
-  return { info, addressSpace: as, rootPa, stextPa };
+    if (release === info.osRelease) return { info, addressSpace: as, rootPa, stextPa };
+    seen.push(`"${release.slice(0, 64)}" at +${nameOffset}`);
+  }
+  throw new VmcoreinfoError(
+    "unvalidated-vmcoreinfo",
+    `init_uts_ns holds release ${seen.join(", ")}, VMCOREINFO says "${info.osRelease}": this VMCOREINFO belongs to ` +
+      "another kernel (a stale copy of an earlier boot) or struct uts_namespace has a layout vmprune does not know",
+  );
 }

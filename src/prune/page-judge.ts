@@ -13,8 +13,9 @@ import {
   type StructPageSource,
 } from "../introspect/classifier.ts";
 import type { GuestMemory, RamMapping } from "../introspect/guest-memory.ts";
-import { classifyGuest, openClassifier } from "../introspect/inspect.ts";
+import { classifyGuest, classifyPresent, openClassifier } from "../introspect/inspect.ts";
 import { describeCapabilities } from "../introspect/kernel-layout.ts";
+import { type SelfCheck, selfCheck } from "../introspect/self-check.ts";
 import type { RamBlockEntry } from "../stream/records.ts";
 
 /** x86-64 target page size: QEMU's TARGET_PAGE_BITS (12) and the guest's PAGE_SHIFT agree. */
@@ -59,6 +60,11 @@ export interface PageJudge {
   onRamBlocks?(blocks: readonly RamBlock[]): string | null;
   /** Why judged pages came out "unknown", counted by cause since the judge was opened (for the report). */
   unknownCauses?(): UnknownCause[];
+  /**
+   * Categories this guest's pages must not be pruned as, with the reason (a layout without the facts, a failed
+   * self-check, page poisoning): the processor still counts them, and drops none of them.
+   */
+  readonly refused?: Partial<Record<"free" | "cache", string>>;
 }
 
 /** Maps (block, offset) to guest-physical page frames; small layouts (a few entries), so a linear search. */
@@ -167,15 +173,32 @@ export class IntrospectionJudge extends FrameJudge {
   private readonly classifier: PageClassifier;
   private readonly memmap: StructPageSource;
   private readonly maxPfn: number;
+  readonly refused: Partial<Record<"free" | "cache", string>>;
+  /** The checks made before pruning (self-check.ts). */
+  readonly checks: SelfCheck[];
 
-  /** Opens the guest kernel (VMCOREINFO scan, profile); throws an IntrospectionError if it cannot. */
+  /**
+   * Opens the guest kernel (VMCOREINFO, BTF, layout) and checks it against the kernel's own counters; throws an
+   * IntrospectError if it cannot be opened. What the layout or a check rules out is in `refused`.
+   */
   constructor(memory: GuestMemory, layout: RamLayoutSource) {
     super(memory, layout);
     const opened = openClassifier(memory);
     this.classifier = opened.classifier;
     this.memmap = opened.kernel.memmap;
     this.maxPfn = Math.ceil(memory.end / PAGE_SIZE);
-    this.description = `Linux ${opened.kernel.release} (${describeCapabilities(opened.layout)}; types: ${opened.btf}), opened in ${opened.openMs.toFixed(0)} ms`;
+    const checked = selfCheck(opened, memory, () => classifyPresent(opened, this.maxPfn));
+    this.checks = checked.checks;
+    const { free, cache } = opened.layout.capabilities;
+    this.refused = {
+      ...(free.on ? {} : { free: free.reason }),
+      ...(cache.on ? {} : { cache: cache.reason }),
+      ...checked.refused,
+    };
+    const checks = checked.checks.map((c) => `${c.name} ${c.verdict}`).join(", ");
+    this.description =
+      `Linux ${opened.kernel.release} (${describeCapabilities(opened.layout)}; types: ${opened.btf}; checks: ${checks}), ` +
+      `opened in ${opened.openMs.toFixed(0)} ms, checked in ${checked.elapsedMs.toFixed(0)} ms`;
   }
 
   readPage(page: PageRef): Buffer {

@@ -88,6 +88,8 @@ export interface PruneReport {
   judgeMs: number;
   /** Set when more than 1% of the judged pages were "unknown" (never pruned): how many, and why. */
   unknownWarning: string | null;
+  /** Categories asked for that this guest's pages may not be pruned as, with the reason. */
+  refused: Partial<Record<"free" | "cache", string>>;
 }
 
 /** One input chunk held until every record in it has been decided, and where it starts in the stream. */
@@ -104,6 +106,7 @@ export class PruningProcessor implements MainChannelProcessor {
   private forwarded = 0;
   private readonly summary = new StreamSummary({ sha256: false });
   private readonly drop: Set<number>;
+  private readonly refused: Partial<Record<"free" | "cache", string>>;
   private readonly counts = new Array<number>(CATEGORY_NAMES.length).fill(0);
   private seen = 0;
   private pruned = 0;
@@ -118,7 +121,15 @@ export class PruningProcessor implements MainChannelProcessor {
     private readonly judgeOrReason: PageJudge | string,
     private readonly options: PruneOptions,
   ) {
-    this.drop = new Set(options.drop.map((c) => CATEGORY[c]));
+    this.refused = {};
+    if (typeof judgeOrReason !== "string")
+      for (const c of options.drop) {
+        const reason = c === "free" || c === "cache" ? judgeOrReason.refused?.[c] : undefined;
+        if (reason === undefined) continue;
+        this.refused[c as "free" | "cache"] = reason;
+        options.log?.(`vmprune send: not dropping ${c} pages: ${reason}`);
+      }
+    this.drop = new Set(options.drop.filter((c) => !(c in this.refused)).map((c) => CATEGORY[c]));
     this.degraded = typeof judgeOrReason === "string" ? judgeOrReason : null;
   }
 
@@ -318,6 +329,7 @@ export class PruningProcessor implements MainChannelProcessor {
       batches: this.batches,
       judgeMs: Math.round(this.judgeMs),
       unknownWarning: this.unknownWarning(),
+      refused: this.refused,
     };
   }
 

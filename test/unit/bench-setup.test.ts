@@ -50,6 +50,9 @@ test("set up: nothing to say; only what a benchmark needs counts", () => {
     "QEMU 7.2 (/usr/bin/qemu-system-x86_64)",
   ]);
   assert.equal(setupAdvice("bench:introspect", {}, probe([], [], false)), null);
+  // A kernel setup does not build is built on its first boot: only what setup installs must be there.
+  assert.deepEqual(missingSetup({ guests: ["6.18"] }, probe(BUILT, [])), []);
+  assert.deepEqual(missingSetup({ guests: ["6.18"] }, probe([], [])), ["the guest data disk"]);
 });
 
 test("set up but not root: the network namespaces need root", () => {

@@ -477,7 +477,10 @@ test("7.1+: compound_info names the head by pointer or, with HVO, by a mask of t
   );
   // Reading the mask as a pointer ("pointer - 1") would make every tail unknown: the 6.12 layout shows it.
   const fromTail = new PageClassifier(l, m).classifyRange(20, 4, m.range(20, 4)).categories;
-  assert.ok(fromTail.every((x) => x === CATEGORY.anonymous), "a batch starting at a mask tail");
+  assert.ok(
+    fromTail.every((x) => x === CATEGORY.anonymous),
+    "a batch starting at a mask tail",
+  );
   const asPointer = new PageClassifier(P612, m).classifyRange(20, 4, m.range(20, 4)).categories;
   assert.ok(asPointer.every((x) => x === CATEGORY.unknown));
 });
