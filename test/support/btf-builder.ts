@@ -86,7 +86,11 @@ export class BtfBuilder {
     return this.records.length;
   }
 
-  int(name: string, size: number, options: { bits?: number; offset?: number; encoding?: number } = {}): number {
+  int(
+    name: string,
+    size: number,
+    options: { bits?: number; offset?: number; encoding?: number } = {},
+  ): number {
     const bits = options.bits ?? size * 8;
     const word = ((options.encoding ?? 0) << 24) | ((options.offset ?? 0) << 16) | bits;
     return this.raw(this.str(name), info(KIND.INT), size, [word >>> 0]);
@@ -100,7 +104,13 @@ export class BtfBuilder {
     return this.raw(0, info(KIND.ARRAY), 0, [elemType, indexType, nelems]);
   }
 
-  private composite(kind: number, name: string, size: number, members: readonly MemberSpec[], kflag: boolean) {
+  private composite(
+    kind: number,
+    name: string,
+    size: number,
+    members: readonly MemberSpec[],
+    kflag: boolean,
+  ) {
     const words: number[] = [];
     for (const m of members) {
       const offset = kflag ? (((m.bitfieldSize ?? 0) << 24) | m.bitOffset) >>> 0 : m.bitOffset;
@@ -109,22 +119,42 @@ export class BtfBuilder {
     return this.raw(this.str(name), info(kind, members.length, kflag), size, words);
   }
 
-  struct(name: string, size: number, members: readonly MemberSpec[], options: { kflag?: boolean } = {}): number {
+  struct(
+    name: string,
+    size: number,
+    members: readonly MemberSpec[],
+    options: { kflag?: boolean } = {},
+  ): number {
     return this.composite(KIND.STRUCT, name, size, members, options.kflag ?? false);
   }
 
-  union(name: string, size: number, members: readonly MemberSpec[], options: { kflag?: boolean } = {}): number {
+  union(
+    name: string,
+    size: number,
+    members: readonly MemberSpec[],
+    options: { kflag?: boolean } = {},
+  ): number {
     return this.composite(KIND.UNION, name, size, members, options.kflag ?? false);
   }
 
   /** ENUM: values are stored as 32 bits; `signed` sets kind_flag (Linux 6.0+ meaning). */
-  enum(name: string, size: number, values: readonly [string, number][], options: { signed?: boolean } = {}): number {
+  enum(
+    name: string,
+    size: number,
+    values: readonly [string, number][],
+    options: { signed?: boolean } = {},
+  ): number {
     const words: number[] = [];
     for (const [n, v] of values) words.push(this.str(n), v >>> 0);
     return this.raw(this.str(name), info(KIND.ENUM, values.length, options.signed ?? false), size, words);
   }
 
-  enum64(name: string, size: number, values: readonly [string, bigint][], options: { signed?: boolean } = {}): number {
+  enum64(
+    name: string,
+    size: number,
+    values: readonly [string, bigint][],
+    options: { signed?: boolean } = {},
+  ): number {
     const words: number[] = [];
     for (const [n, v] of values) {
       const u = BigInt.asUintN(64, v);
