@@ -30,6 +30,8 @@ export interface LabVmOptions {
   cpu?: string;
   accel?: Accelerator;
   extraArgs?: string[];
+  /** Extra kernel command-line arguments (e.g. "page_poison=1"). */
+  kernelArgs?: string;
   /** A second RAM block (pc-dimm) of this many MiB. */
   dimmMiB?: number;
   /** The guest RAM's memory-backend id, i.e. its RAMBlock's name in the stream (VmConfig.ramBackendId). */
@@ -78,7 +80,7 @@ export class LabPair {
     return {
       name,
       qemu,
-      image,
+      image: options.kernelArgs ? { ...image, cmdline: `${image.cmdline} ${options.kernelArgs}` } : image,
       accel,
       memoryMiB: options.memoryMiB,
       vcpus: options.vcpus,
