@@ -8,8 +8,9 @@
  * Type ids count records from 1; id 0 is void.
  *
  * The blob comes from guest memory, so it is untrusted: `Btf.parse` checks everything that lookups later rely on
- * (record bounds, kinds, string offsets, type ids, acyclic modifier chains) in one pass, allocates only in
- * proportion to the bytes actually present, and throws `BtfError` naming the byte offset of the first fault.
+ * (record bounds, kinds, string offsets, type ids, acyclic modifier chains) in one pass over the records and one
+ * over the typedef/qualifier chains, allocates only in proportion to the bytes actually present, and throws
+ * `BtfError` naming the byte offset of the first fault. Names are indexed on the first lookup by name.
  * After a successful parse, lookups return `undefined` for anything that is not there and throw only `BtfError`
  * (a nesting deeper than any kernel's, or a caller asking for the byte offset of a bitfield), never anything else.
  *
@@ -30,8 +31,9 @@ const BTF_VERSION = 1;
 /** `sizeof(struct btf_header)`: magic u16, version u8, flags u8, hdr_len, type_off, type_len, str_off, str_len. */
 const HEADER_BYTES = 24;
 /**
- * A longer `hdr_len` is a newer header with more fields after ours; we read ours and skip the rest. Bounded so a
- * forged length cannot point the sections anywhere: the kernel caps it at a page (btf_parse_hdr).
+ * A longer `hdr_len` is a newer header with more fields after ours; we read ours and skip the rest (the kernel
+ * requires them zero, so a kernel whose header has more is newer than our reader). The bound is ours: real
+ * headers are 24 bytes, and a forged length is caught before it moves the sections anywhere.
  */
 const MAX_HEADER_BYTES = 4096;
 /** `BTF_MAX_TYPE`: the highest type id. */
@@ -49,8 +51,8 @@ const INFO_UNUSED_MASK = 0x60ff0000;
 /** `BTF_INT_ENCODING` bits 24-27, `BTF_INT_OFFSET` bits 16-23, `BTF_INT_BITS` bits 0-7 of the INT's u32. */
 const INT_ENCODING_SHIFT = 24;
 const INT_OFFSET_SHIFT = 16;
-/** Bits of the INT's u32 outside encoding, offset and bits; the kernel rejects them set (BTF_INT_MASK). */
-const INT_UNUSED_MASK = 0xf000ff00;
+/** Bits of the INT's u32 the kernel rejects set: those outside BTF_INT_MASK 0x0fffffff (kernel/bpf/btf.c). */
+const INT_UNUSED_MASK = 0xf0000000;
 /** `BTF_INT_SIGNED`, `BTF_INT_CHAR`, `BTF_INT_BOOL`. */
 const INT_SIGNED = 1;
 const INT_CHAR = 2;
@@ -389,7 +391,7 @@ export class Btf {
     private readonly recs: Uint32Array,
     /** Kind of each type, by id. */
     private readonly kinds: Uint8Array,
-    /** name_off of each type, by id: a compact array to scan for a name. */
+    /** name_off of each type, by id, for the name index. */
     private readonly nameOffs: Int32Array,
   ) {
     this.typeCount = recs.length - 1;
@@ -1251,9 +1253,10 @@ function nameFault(words: Int32Array, typeStart: number, w: number, id: number, 
 }
 
 /**
- * The checks the kernel makes of sized kinds (btf_int_check_meta, btf_struct_check_meta, btf_enum_check_meta):
- * an INT of 1, 2, 4, 8 or 16 bytes with no unused encoding bits and bits that fit in it; struct members inside
- * the struct and union members at offset 0; an enum of 1, 2, 4 or 8 bytes.
+ * The checks the kernel makes of sized kinds (kernel/bpf/btf.c: btf_int_check_meta, btf_struct_check_meta and
+ * the kflag member checks, btf_enum_check_meta): an INT without kind_flag or bits outside BTF_INT_MASK, whose
+ * offset + bits fit both 128 and its size, with at most one encoding flag; struct members inside the struct and
+ * union members at offset 0; an enum of 1, 2, 4 or 8 bytes.
  */
 function checkSized(words: Int32Array, typeStart: number, w: number, id: number, kind: number): void {
   const size = (words[w + 2] as number) >>> 0;
@@ -1263,13 +1266,14 @@ function checkSized(words: Int32Array, typeStart: number, w: number, id: number,
     const v = (words[data] as number) >>> 0;
     const bits = v & 0xff;
     const bitOffset = (v >>> INT_OFFSET_SHIFT) & 0xff;
-    const sizeOk = size === 1 || size === 2 || size === 4 || size === 8 || size === 16;
+    const encoding = (v >>> INT_ENCODING_SHIFT) & 0xf;
+    const kflag = (words[w + 1] as number) >>> 31 === 1;
     if (
+      kflag ||
       (v & INT_UNUSED_MASK) !== 0 ||
-      !sizeOk ||
-      bits === 0 ||
-      bits > INT_MAX_BITS ||
-      bitOffset + bits > size * 8
+      bitOffset + bits > INT_MAX_BITS ||
+      bitOffset + bits > size * 8 ||
+      (encoding !== 0 && encoding !== INT_SIGNED && encoding !== INT_CHAR && encoding !== INT_BOOL)
     ) {
       throw new BtfError(
         "bad-type",

@@ -197,7 +197,8 @@ function buildKernelLike() {
   const ulong = b.int("unsigned long", 8);
   const int = b.int("int", 4, { encoding: INT_SIGNED });
   const uint = b.int("unsigned int", 4);
-  const char = b.int("char", 1, { encoding: INT_SIGNED | INT_CHAR });
+  // One encoding flag at most: the kernel refuses SIGNED|CHAR.
+  const char = b.int("char", 1, { encoding: INT_CHAR });
   const bool = b.int("_Bool", 1, { encoding: INT_BOOL });
   const voidPtr = b.ptr(0);
   // struct list_head { struct list_head *next, *prev; }: refers forward to its pointer type.
@@ -512,7 +513,7 @@ test("synthetic: every kind decodes; names and ids look up both ways", () => {
     bool: false,
   });
   const char = btf.type(ids.char);
-  assert.equal(char?.kind === "int" && char.char && char.signed, true);
+  assert.equal(char?.kind === "int" && char.char && !char.signed, true);
   const bool = btf.type(ids.bool);
   assert.equal(bool?.kind === "int" && bool.bool, true);
   assert.deepEqual(btf.type(ids.fwd), { kind: "fwd", id: ids.fwd, name: "address_space", union: false });
@@ -720,10 +721,12 @@ test("hostile: record faults (vlen past the end, unknown kinds, bad names, bad i
   const noNul = Buffer.from(strs);
   noNul[noNul.length - 1] = 0x41;
   assert.throws(() => Btf.parse(noNul), btfError("bad-string", noNul.length - 1));
-  // Sizes the kernel refuses: a 3-byte INT, an INT wider than itself, a 3-byte enum, members outside their struct,
-  // a union member off offset 0.
+  // What the kernel refuses: INTs with two encodings, kind_flag, bits outside BTF_INT_MASK, or wider than
+  // themselves; a 3-byte enum; members outside their struct; a union member off offset 0.
   const sized: [string, (b: BtfBuilder) => void, number][] = [
-    ["int size 3", (b) => b.int("i", 3, { bits: 24 }), 36],
+    ["int with two encodings", (b) => b.int("i", 4, { encoding: INT_SIGNED | INT_CHAR }), 36],
+    ["int with kind_flag", (b) => b.raw(b.str("i"), info(KIND.INT, 0, true), 4, [32]), 36],
+    ["int bits outside BTF_INT_MASK", (b) => b.raw(b.str("i"), info(KIND.INT), 4, [0x10000020]), 36],
     ["int bits beyond size", (b) => b.int("i", 4, { bits: 16, offset: 20 }), 36],
     ["enum size 3", (b) => b.enum("e", 3, [["A", 1]]), 32],
     ["member past the end", (b) => b.struct("s", 4, [{ name: "m", type: 0, bitOffset: 64 }]), 44],
@@ -871,8 +874,30 @@ test("fuzz: mutated and random blobs parse or throw BtfError, and lookups on the
 }, (t) => {
   const { blob } = buildKernelLike();
   const random = prng(0xb7f);
+  // Edges of u32 and s32, of vlen and of the 24-bit member offset, the last type ids and one past them, and
+  // info words of real kinds, so that mutated records stay plausible often enough to reach the lookups.
+  const count = Btf.parse(blob).typeCount;
   const interesting = [
-    0, 1, 2, 3, 4, 0xff, 0xffff, 0x10000, 0x7fffffff, 0x80000000, 0xffffffff, 30, 70, 71, 72,
+    0,
+    1,
+    2,
+    3,
+    4,
+    0xff,
+    0xffff,
+    0x10000,
+    0xffffff,
+    0x1000000,
+    0x7fffffff,
+    0x80000000,
+    0xffffffff,
+    count - 1,
+    count,
+    count + 1,
+    info(KIND.STRUCT, 2),
+    info(KIND.TYPEDEF),
+    info(KIND.ENUM64, 1, true),
+    info(KIND.ARRAY),
   ];
   let parsed = 0;
   let rejected = 0;
