@@ -8,6 +8,7 @@
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
+import { openClassifier } from "../../src/introspect/inspect.ts";
 import {
   discoverQemuLayout,
   type GuestMemory,
@@ -16,7 +17,6 @@ import {
   openProcessMemory,
   type RamMapping,
 } from "../../src/introspect/kernel.ts";
-import { openClassifier } from "../../src/introspect/inspect.ts";
 import type { KernelId } from "../../src/lab/kernels.ts";
 import { LabPair } from "../../src/lab/lab-vm.ts";
 import { workload } from "../../src/lab/workloads.ts";
