@@ -1,28 +1,29 @@
 /**
- * Finds the kernel's BTF blob (the `.BTF` section, CONFIG_DEBUG_INFO_BTF) in guest memory, for btf.ts to parse
- * (../shared/docs/kernel-layouts.md §6). Two ways, each giving candidates the caller must still check against
- * VMCOREINFO before trusting one:
+ * Finds the kernel's BTF blob (the `.BTF` section, CONFIG_DEBUG_INFO_BTF) in guest memory, for btf.ts to
+ * parse (../shared/docs/kernel-layouts.md §6). Two ways, each giving candidates the caller must still check
+ * against VMCOREINFO before trusting one:
  *
  * - kallsyms (6.0+): `__start_BTF`/`__stop_BTF` (include/asm-generic/vmlinux.lds.h puts the section in the
  *   kernel image's read-only data between those two symbols), read through the kernel's high mapping.
  * - image scan (kernels whose VMCOREINFO has no kallsyms tables, e.g. Debian's 5.10): the BTF header magic
- *   `9f eb 01 00 18 00 00 00` (include/uapi/linux/btf.h: magic 0xeB9F, version 1, flags 0, hdr_len 24) searched
- *   only in the live kernel image, never in the rest of RAM: old kernel images survive reboots and kexec, and
- *   user memory can hold anything (kernel-layouts.md §5).
+ *   `9f eb 01 00 18 00 00 00` (include/uapi/linux/btf.h: magic 0xeB9F, version 1, flags 0, hdr_len 24)
+ *   searched only in the live kernel image, never in the rest of RAM: old kernel images survive reboots and
+ *   kexec, and user memory can hold anything (kernel-layouts.md §5).
  *
- * The live image (kernelImageRange): the kernel's high mapping (__START_KERNEL_map + phys_base, page_64_types.h)
- * from `SYMBOL(_stext)` (= `_text` on x86-64, arch/x86/kernel/vmlinux.lds.S) forward. At boot cleanup_highmap()
- * (arch/x86/mm/init_64.c) clears every PMD of that mapping outside [_text, roundup(_brk_end, 2 MiB)), so the
- * mapping ends near the image's end; but inside it, what free_kernel_image_pages() (arch/x86/mm/init.c) gives
- * back — the text/rodata and rodata/data gaps, initmem — is unmapped only with PTI, and otherwise stays mapped
- * while the buddy allocator hands those pages to anyone, as it does the pages between _end and the 2 MiB
- * boundary. So a page counts as image only when it is mapped linearly (VA - __START_KERNEL_map + phys_base) and
- * its struct page has every low flag bit `_stext`'s page has: PG_reserved (memblock reserved the image, and
- * freeing a page clears it, mm/page_alloc.c free_reserved_page()). More bits are fine: the vDSO pages in rodata
- * are also PG_referenced and mapped by processes. Seen on Debian 6.1: text, rodata, data, bss and brk come out
- * as image; the text/rodata and rodata/data gaps, initmem, the unused `.bss..decrypted` tail and the brk pages
- * past _brk_end (reused by slab) do not. The walk stops after 16 MiB without an image page, at 128 MiB, or at
- * the end of the kernel image area (KERNEL_IMAGE_SIZE).
+ * The live image (kernelImageRange): the kernel's high mapping (__START_KERNEL_map + phys_base,
+ * page_64_types.h) from `SYMBOL(_stext)` (= `_text` on x86-64, arch/x86/kernel/vmlinux.lds.S) forward. At
+ * boot cleanup_highmap() (arch/x86/mm/init_64.c) clears every PMD of that mapping outside [_text,
+ * roundup(_brk_end, 2 MiB)), so the mapping ends near the image's end; but inside it, what
+ * free_kernel_image_pages() (arch/x86/mm/init.c) gives back — the text/rodata and rodata/data gaps, initmem —
+ * is unmapped only with PTI, and otherwise stays mapped while the buddy allocator hands those pages to
+ * anyone, as it does the pages between _end and the 2 MiB boundary. So a page counts as image only when it is
+ * mapped linearly (VA - __START_KERNEL_map + phys_base) and its struct page has every low flag bit `_stext`'s
+ * page has: PG_reserved (memblock reserved the image, and freeing a page clears it, mm/page_alloc.c
+ * free_reserved_page()). More bits are fine: the vDSO pages in rodata are also PG_referenced and mapped by
+ * processes. Seen on Debian 6.1: text, rodata, data, bss and brk come out as image; the text/rodata and
+ * rodata/data gaps, initmem, the unused `.bss..decrypted` tail and the brk pages past _brk_end (reused by
+ * slab) do not. The walk stops after 16 MiB without an image page, at 128 MiB, or at the end of the kernel
+ * image area (KERNEL_IMAGE_SIZE).
  */
 import type { AddressSpace } from "./address-space.ts";
 import { kernelImagePa, START_KERNEL_MAP } from "./address-space.ts";
@@ -38,11 +39,11 @@ const BTF_MAGIC = 0xeb9f;
 const BTF_VERSION = 1;
 /** The first 8 bytes of every vmlinux BTF: magic, version 1, flags 0, hdr_len 24 (little-endian x86-64). */
 export const BTF_HEADER_PREFIX = Buffer.from([0x9f, 0xeb, 0x01, 0x00, 0x18, 0x00, 0x00, 0x00]);
-/** A distro vmlinux BTF is 4-7 MB (Debian 6.1: 4.36 MB, doc linux-page-introspection.md §2.4); 64 MiB bounds it. */
+/** A distro vmlinux BTF is 3.5-5 MB (lab: 5.10 3.5 MB, 6.1 4.1 MB, 6.12 4.7 MB); 64 MiB bounds it. */
 export const MAX_BTF_BYTES = 64 * 1024 * 1024;
 /** Hard cap on the image walk (a Debian image is 30-60 MiB mapped). */
 const IMAGE_CAP_BYTES = 128 * 1024 * 1024;
-/** Gaps inside the image (freed initmem, section gaps) are a few MiB; 16 MiB without an image page ends it. */
+/** Gaps in the image (freed initmem, section gaps) are a few MiB: 16 MiB without an image page ends it. */
 const IMAGE_MAX_GAP_BYTES = 16 * 1024 * 1024;
 /**
  * KERNEL_IMAGE_SIZE (arch/x86/include/asm/page_64_types.h): 1 GiB with KASLR, 512 MiB without; VMCOREINFO
@@ -51,7 +52,7 @@ const IMAGE_MAX_GAP_BYTES = 16 * 1024 * 1024;
 const DEFAULT_KERNEL_IMAGE_SIZE = 1024 * 1024 * 1024;
 /**
  * Page-flag bits taken from `_stext`'s page: the PG_* bits sit below bit 24 in all versions read (PG_reserved
- * is bit 10-12, include/linux/page-flags.h 5.10-6.18); zone, node and section fields sit at the top of the word.
+ * is bit 12 on 6.1, 13 on 6.12: include/linux/page-flags.h); zone, node and section fields sit at the top.
  */
 const IMAGE_FLAG_MASK = 0xffffff;
 /** Bytes per positional read while scanning (an image read is then ~15 reads). */
@@ -208,10 +209,10 @@ export function kernelImageRange(kernel: ImageSource, options: KernelImageOption
 
 /**
  * The x86-64 page tables of `as` for enumerating a range: each table page is read once (4 KiB) and kept, so
- * walking the ~10k pages of an image costs a few dozen reads instead of four per page (AddressSpace.translate).
- * Same entry rules as address-space.ts (present bit 0, PSE bit 7 at PUD/PMD, address bits 12..51 minus the SME
- * bit); anything unexpected reads as unmapped, since these mappings only select pages to read, and the reads
- * themselves go through AddressSpace.
+ * walking the ~10k pages of an image costs a few dozen reads instead of four per page
+ * (AddressSpace.translate). Same entry rules as address-space.ts (present bit 0, PSE bit 7 at PUD/PMD,
+ * address bits 12..51 minus the SME bit); anything unexpected reads as unmapped, since these mappings only
+ * select pages to read, and the reads themselves go through AddressSpace.
  */
 class PageTables {
   private readonly pages = new Map<number, Buffer>();

@@ -1,22 +1,22 @@
 /**
- * The guest kernel's own symbol table (kallsyms), decoded from guest memory through the tables VMCOREINFO points
- * at (`SYMBOL(kallsyms_*)`, exported since Linux 6.0: commits 5fd8fea935a10 "vmcoreinfo: include kallsyms
- * symbols" and f09bddbd86619 "vmcoreinfo: add kallsyms_num_syms symbol"; kernel/crash_core.c, from 6.9
- * kernel/vmcore_info.c). It resolves any kernel symbol without debug files: `__start_BTF`/`__stop_BTF` (the BTF
- * blob, btf-locate.ts), static keys, `vmemmap_base`.
+ * The guest kernel's own symbol table (kallsyms), decoded from guest memory through the tables VMCOREINFO
+ * points at (`SYMBOL(kallsyms_*)`, exported since Linux 6.0: commits 5fd8fea935a10 "vmcoreinfo: include
+ * kallsyms symbols" and f09bddbd86619 "vmcoreinfo: add kallsyms_num_syms symbol"; kernel/crash_core.c, from
+ * 6.9 kernel/vmcore_info.c). It resolves any kernel symbol without debug files: `__start_BTF`/`__stop_BTF`
+ * (the BTF blob, btf-locate.ts), static keys, `vmemmap_base`.
  *
  * Tables (written by scripts/kallsyms.c, read by kernel/kallsyms.c):
  * - `kallsyms_num_syms`: u32 count.
- * - `kallsyms_names`: per symbol a token count, then that many token bytes. The count is one byte, or from 6.1
- *   (73bbb94466fd3 "kallsyms: support "big" kernel symbols") a two-byte ULEB128 when bit 7 is set:
- *   `(b0 & 0x7f) | (b1 << 7)`, b1 < 0x80, count 1..0x3fff. 6.0 wrote one byte only; the two readings differ only
- *   for counts ≥ 128, so a table that decodes and checks out one way is not tried the other.
- * - `kallsyms_token_index`: 256 u16 offsets into `kallsyms_token_table` (NUL-terminated strings). A name is the
- *   concatenation of its tokens; its first character is the symbol type (nm letter).
+ * - `kallsyms_names`: per symbol a token count, then that many token bytes. The count is one byte, or from
+ *   6.1 (73bbb94466fd3 "kallsyms: support "big" kernel symbols") a two-byte ULEB128 when bit 7 is set:
+ *   `(b0 & 0x7f) | (b1 << 7)`, b1 < 0x80, count 1..0x3fff. 6.0 wrote one byte only; the two readings differ
+ *   only for counts ≥ 128, so a table that decodes and checks out one way is not tried the other.
+ * - `kallsyms_token_index`: 256 u16 offsets into `kallsyms_token_table` (NUL-terminated strings). A name is
+ *   the concatenation of its tokens; its first character is the symbol type (nm letter).
  * - Addresses, four encodings over the versions (drgn libdrgn/kallsyms.c keeps the same timeline):
  *   - absolute: `kallsyms_addresses[]` u64 (!CONFIG_KALLSYMS_BASE_RELATIVE, gone in 6.11 with 64e166099b69b);
- *   - absolute-percpu (CONFIG_KALLSYMS_ABSOLUTE_PERCPU, x86-64 SMP up to 6.14; removed in 6.15 by 01157ddc58dc2):
- *     s32 `kallsyms_offsets[i]` ≥ 0 is the address itself (per-CPU symbols near 0), < 0 is
+ *   - absolute-percpu (CONFIG_KALLSYMS_ABSOLUTE_PERCPU, x86-64 SMP up to 6.14; removed in 6.15 by
+ *     01157ddc58dc2): s32 `kallsyms_offsets[i]` ≥ 0 is the address itself (per-CPU symbols near 0), < 0 is
  *     `kallsyms_relative_base - 1 - offset`;
  *   - relative-base (6.15-6.19 on x86-64): `kallsyms_relative_base + (u32)offset`;
  *   - place-relative (7.0+, a081b5789255d "kallsyms: Get rid of kallsyms relative base"; no relative base in
@@ -26,7 +26,8 @@
  * addresses agree with every symbol VMCOREINFO also names (`_stext` at least, `init_uts_ns`, `init_top_pgt`,
  * the `mem_section` pointer, the printk ring buffer) and that keeps the table sorted by address (the kernel's
  * own binary search in get_symbol_pos() relies on that order) is taken; none or more than one is a
- * KallsymsError. Everything is read through the guest's page tables with bounds on every size the guest gives.
+ * KallsymsError. Everything is read through the guest's page tables with bounds on every size the guest
+ * gives.
  */
 import type { AddressSpace } from "./address-space.ts";
 import { START_KERNEL_MAP } from "./address-space.ts";
@@ -39,8 +40,9 @@ export const MAX_KALLSYMS = 1 << 22;
 /** Token count of one name: scripts/kallsyms.c (6.1+) refuses lengths above 0x3FFF. */
 const MAX_NAME_TOKENS = 0x3fff;
 /**
- * KSYM_NAME_LEN (include/linux/kallsyms.h): 512 since 6.1 ("kallsyms: increase maximum kernel symbol length to
- * 512", for Rust), 128 before; it counts the NUL, and the type letter comes on top: at most 512 characters.
+ * KSYM_NAME_LEN (include/linux/kallsyms.h): 512 since 6.1 ("kallsyms: increase maximum kernel symbol length
+ * to 512", for Rust), 128 before; it counts the NUL, and the type letter comes on top: at most 512
+ * characters.
  */
 const KSYM_NAME_LEN = 512;
 /** `kallsyms_token_index` has one u16 per byte value (scripts/kallsyms.c write_src, 256 tokens). */
@@ -94,20 +96,26 @@ export interface KallsymsCheck {
 
 /**
  * Symbols VMCOREINFO names that kallsyms also holds, with how their values relate. SYMBOL(x) prints `&x`
- * (include/linux/crash_core.h VMCOREINFO_SYMBOL); SYMBOL_ARRAY(x) prints the value of `x`, which for
- * `mem_section` with SPARSEMEM_EXTREME is a pointer stored at the symbol (without EXTREME it is the array).
- * `swapper_pg_dir` and `node_online_map` are macros on x86-64 (no kallsyms entry) and are left out; so are
- * keys whose form is not certain across versions.
+ * (include/linux/crash_core.h VMCOREINFO_SYMBOL); SYMBOL_ARRAY(x) prints the value of `x`: for `mem_section`
+ * with SPARSEMEM_EXTREME a pointer stored at the symbol (without EXTREME the array's address), for `vmemmap`
+ * (6.9+) the value of x86-64's `vmemmap_base` (arch/x86/include/asm/pgtable_64_types.h VMEMMAP_START). Left
+ * out: `swapper_pg_dir` and `node_online_map`, macros on x86-64 (no kallsyms entry of that name). Each pair
+ * was compared on Debian 6.1 and 6.12 guests. `_stext` must be there; the others count where both have them.
  */
-const CHECKS: readonly { symbol: string; key: string; required: boolean; pointer: boolean }[] = [
-  { symbol: "_stext", key: "SYMBOL(_stext)", required: true, pointer: false },
-  { symbol: "init_uts_ns", key: "SYMBOL(init_uts_ns)", required: false, pointer: false },
-  // arch/x86/kernel/crash_core_64.c: VMCOREINFO_SYMBOL(init_top_pgt).
-  { symbol: "init_top_pgt", key: "SYMBOL(init_top_pgt)", required: false, pointer: false },
-  { symbol: "mem_section", key: "SYMBOL(mem_section)", required: false, pointer: true },
-  // kernel/printk/printk.c log_buf_vmcoreinfo_setup: VMCOREINFO_SYMBOL(prb), (printk_rb_static) since 5.10.
-  { symbol: "prb", key: "SYMBOL(prb)", required: false, pointer: false },
-  { symbol: "printk_rb_static", key: "SYMBOL(printk_rb_static)", required: false, pointer: false },
+const CHECKS: readonly { symbol: string; key: string; pointer: boolean }[] = [
+  { symbol: "_stext", key: "SYMBOL(_stext)", pointer: false },
+  { symbol: "init_uts_ns", key: "SYMBOL(init_uts_ns)", pointer: false },
+  // arch/x86/kernel/crash_core_64.c: VMCOREINFO_SYMBOL(init_top_pgt), VMCOREINFO_SYMBOL(node_data).
+  { symbol: "init_top_pgt", key: "SYMBOL(init_top_pgt)", pointer: false },
+  { symbol: "node_data", key: "SYMBOL(node_data)", pointer: false },
+  { symbol: "mem_section", key: "SYMBOL(mem_section)", pointer: true },
+  { symbol: "vmemmap_base", key: "SYMBOL(vmemmap)", pointer: true },
+  // kernel/printk/printk.c log_buf_vmcoreinfo_setup (the lockless ring buffer's keys, 5.10+).
+  { symbol: "prb", key: "SYMBOL(prb)", pointer: false },
+  { symbol: "printk_rb_static", key: "SYMBOL(printk_rb_static)", pointer: false },
+  { symbol: "clear_seq", key: "SYMBOL(clear_seq)", pointer: false },
+  // mm/vmalloc.c's list, exported until 6.9 replaced it with NUMBER(VMALLOC_START).
+  { symbol: "vmap_area_list", key: "SYMBOL(vmap_area_list)", pointer: false },
 ];
 
 export interface OpenKallsymsOptions {
@@ -116,20 +124,21 @@ export interface OpenKallsymsOptions {
 }
 
 /**
- * Decoded names: one byte buffer "\nname0\nname1\n…\n" (Latin-1) and the start of each name, so decoding makes
- * no string per symbol (per-symbol strings and their Map cost ~4x the decode itself). A lookup is a native
- * Buffer.indexOf of "\nname\n" (names never hold "\n": tokens with control characters are refused); after
- * LOOKUPS_BEFORE_INDEX lookups a name → indices Map is built once.
+ * Decoded names: one byte buffer "\nname0\nname1\n…\n" (Latin-1), the start of each name and its FNV-1a hash,
+ * so decoding makes no string per symbol (per-symbol strings and a Map of them cost ~4x the decode itself). A
+ * lookup compares the query's hash with every symbol's (~0.2 ms for 150k) and the bytes of the few that
+ * match; after LOOKUPS_BEFORE_INDEX lookups a hash → indices Map is built once.
  */
 class SymbolNames {
   private lookups = 0;
-  private index: Map<string, number[]> | undefined;
+  private index: Map<number, number[]> | undefined;
 
   constructor(
     private readonly joined: Buffer,
     /** count + 1 offsets: name i is joined[starts[i], starts[i+1] - 1). */
     private readonly starts: Uint32Array,
     readonly types: Uint8Array,
+    private readonly hashes: Uint32Array,
   ) {}
 
   get count(): number {
@@ -142,39 +151,35 @@ class SymbolNames {
 
   /** Indices of every symbol called `name`, in table order. */
   indices(name: string): number[] {
-    if (name.length === 0 || name.includes("\n")) return [];
-    if (this.index) return this.index.get(name) ?? [];
-    if (++this.lookups > LOOKUPS_BEFORE_INDEX) {
+    const wanted = Buffer.from(name, "latin1");
+    // A character outside Latin-1 (or a separator) is in no kernel name.
+    if (wanted.length === 0 || wanted.toString("latin1") !== name || wanted.includes(0x0a)) return [];
+    const hash = fnv1a(wanted);
+    let candidates: number[];
+    if (this.index) candidates = this.index.get(hash) ?? [];
+    else if (++this.lookups > LOOKUPS_BEFORE_INDEX) {
       this.index = new Map();
       for (let i = 0; i < this.count; i++) {
-        const n = this.name(i);
-        const list = this.index.get(n);
+        const h = this.hashes[i] as number;
+        const list = this.index.get(h);
         if (list) list.push(i);
-        else this.index.set(n, [i]);
+        else this.index.set(h, [i]);
       }
-      return this.index.get(name) ?? [];
+      candidates = this.index.get(hash) ?? [];
+    } else {
+      candidates = [];
+      const hashes = this.hashes;
+      for (let i = 0; i < hashes.length; i++) if (hashes[i] === hash) candidates.push(i);
     }
-    const needle = Buffer.from(`\n${name}\n`, "latin1");
-    const out: number[] = [];
-    for (let at = this.joined.indexOf(needle); at >= 0; at = this.joined.indexOf(needle, at + 1))
-      out.push(this.indexOfStart(at + 1));
-    return out;
-  }
-
-  /** The symbol whose name starts at `offset` of `joined` (binary search; starts are increasing). */
-  private indexOfStart(offset: number): number {
-    let lo = 0;
-    let hi = this.count - 1;
-    while (lo < hi) {
-      const mid = (lo + hi + 1) >>> 1;
-      if ((this.starts[mid] as number) <= offset) lo = mid;
-      else hi = mid - 1;
-    }
-    return lo;
+    return candidates.filter((i) => {
+      const start = this.starts[i] as number;
+      const end = (this.starts[i + 1] as number) - 1;
+      return end - start === wanted.length && this.joined.compare(wanted, 0, wanted.length, start, end) === 0;
+    });
   }
 }
 
-/** Lookups by scanning before a Map of every name pays off (a scan of ~1.5 MB takes ~0.1 ms). */
+/** Lookups by scanning the hashes before a Map of them pays off. */
 const LOOKUPS_BEFORE_INDEX = 64;
 
 /** The decoded symbol table of the running kernel. Immutable. */
@@ -374,7 +379,8 @@ function readTokens(as: AddressSpace, indexVa: bigint, tableVa: bigint): Tokens 
         `token ${i} at kallsyms_token_table+${at} does not end (NUL) within the ${table.length} bytes of the ${bounded ? "table (it ends where kallsyms_token_index starts)" : "mapped table"}`,
       );
     start[i] = at;
-    // Symbol names are printable; a control character (our "\n" separator among them) makes the token unusable.
+    // Symbol names are printable; a control character (our "\n" separator among them) makes the token
+    // unusable.
     length[i] = table.subarray(at, end).some((c) => c < 0x20 || c === 0x7f) ? -1 : end - at;
   }
   return { data: table, start, length };
@@ -416,32 +422,21 @@ interface Decoded {
 }
 
 /**
- * One pass over `count` names: token counts (1- or 2-byte), token expansion into one byte buffer, type letter
- * (the first character, kernel/kallsyms.c kallsyms_expand_symbol skips it), then one Latin-1 string.
+ * Decodes `count` names in two passes: the first walks the token counts (1 or 2 bytes) to bound and fetch the
+ * stream, the second expands tokens into one byte buffer, takes the first character as the type letter
+ * (kernel/kallsyms.c kallsyms_expand_symbol skips it) and hashes each name for lookups.
  */
 function decodeNames(stream: NamesStream, tokens: Tokens, count: number, long: boolean): Decoded {
-  const { data, start: tStart, length: tLength } = tokens;
-  const types = new Uint8Array(count);
-  const starts = new Uint32Array(count + 1);
-  // Room for one more name: at most KSYM_NAME_LEN characters plus a token that overshoots and the separator.
-  const room = 2 * KSYM_NAME_LEN + 2;
-  let out = Buffer.allocUnsafe(Math.max(count * 24, 4096));
-  out[0] = 0x0a;
-  let o = 1;
-  let sawLong = false;
-  let pos = 0;
   if (!stream.ensure(Math.min(count * 2, MAX_NAMES_BYTES)) && stream.bytes.length === 0)
     throw new KallsymsError("unreadable", `kallsyms_names at ${hex(stream.va)} is not mapped`);
-  let bytes = stream.bytes;
+  let sawLong = false;
+  let pos = 0;
   for (let i = 0; i < count; i++) {
-    if (pos + 2 > bytes.length) {
-      // The last name may end exactly at the end of the mapping: ask for one byte when two are not there.
-      if (!stream.ensure(pos + 2) && !stream.ensure(pos + 1)) throw namesOverrun(i, count, pos, stream);
-      bytes = stream.bytes;
-    }
-    let len = bytes[pos++] as number;
+    if (pos + 2 > stream.bytes.length && !stream.ensure(pos + 2) && !stream.ensure(pos + 1))
+      throw namesOverrun(i, count, pos + 1, stream);
+    let len = stream.bytes[pos++] as number;
     if (long && len & 0x80) {
-      const high = bytes[pos++];
+      const high = stream.bytes[pos++];
       if (high === undefined || high & 0x80)
         throw new KallsymsError(
           "malformed",
@@ -452,20 +447,39 @@ function decodeNames(stream: NamesStream, tokens: Tokens, count: number, long: b
     }
     if (len === 0 || len > MAX_NAME_TOKENS)
       throw new KallsymsError("malformed", `symbol ${i}: token count ${len} at kallsyms_names+${pos - 1}`);
-    if (pos + len > bytes.length) {
-      if (!stream.ensure(pos + len)) throw namesOverrun(i, count, pos + len, stream);
-      bytes = stream.bytes;
-    }
+    pos += len;
+    if (pos > stream.bytes.length && !stream.ensure(pos)) throw namesOverrun(i, count, pos, stream);
+  }
+  return { names: expandNames(stream.bytes, tokens, count, long), sawLong };
+}
+
+/** The second pass: all bytes are there and every count is valid (decodeNames checked them). */
+function expandNames(bytes: Uint8Array, tokens: Tokens, count: number, long: boolean): SymbolNames {
+  const { data, start: tStart, length: tLength } = tokens;
+  const types = new Uint8Array(count);
+  const starts = new Uint32Array(count + 1);
+  const hashes = new Uint32Array(count);
+  // Room for one more name: at most KSYM_NAME_LEN characters plus a token that overshoots and the separator.
+  const room = 2 * KSYM_NAME_LEN + 2;
+  let out = new Uint8Array(Math.max(count * 24, 4096));
+  out[0] = 0x0a;
+  let o = 1;
+  let pos = 0;
+  for (let i = 0; i < count; i++) {
+    let len = bytes[pos++] as number;
+    if (long && len & 0x80) len = (len & 0x7f) | ((bytes[pos++] as number) << 7);
     if (o + room > out.length) {
-      const bigger = Buffer.allocUnsafe(out.length * 2);
-      out.copy(bigger, 0, 0, o);
+      const bigger = new Uint8Array(out.length * 2);
+      bigger.set(out.subarray(0, o));
       out = bigger;
     }
     const nameStart = o;
     let typed = false;
     let chars = 0;
-    for (let j = 0; j < len; j++) {
-      const t = bytes[pos + j] as number;
+    let hash = FNV_OFFSET;
+    const end = pos + len;
+    for (let j = pos; j < end; j++) {
+      const t = bytes[j] as number;
       const tl = tLength[t] as number;
       if (tl < 0)
         throw new KallsymsError("malformed", `symbol ${i} uses token ${t}, which holds a control character`);
@@ -475,28 +489,40 @@ function decodeNames(stream: NamesStream, tokens: Tokens, count: number, long: b
         types[i] = data[k++] as number;
         typed = true;
       }
-      while (k < kEnd) out[o++] = data[k++] as number;
+      while (k < kEnd) {
+        const c = data[k++] as number;
+        out[o++] = c;
+        hash = Math.imul(hash ^ c, FNV_PRIME);
+      }
       chars += tl;
       if (chars > KSYM_NAME_LEN) break;
     }
-    pos += len;
     if (chars < 2 || chars > KSYM_NAME_LEN) {
       // Count the rest only for the message (it is not copied).
-      let total = chars;
-      if (chars > KSYM_NAME_LEN) {
-        total = 0;
-        for (let j = 0; j < len; j++) total += Math.max(0, tLength[bytes[pos - len + j] as number] as number);
-      }
+      let total = 0;
+      for (let j = pos; j < end; j++) total += Math.max(0, tLength[bytes[j] as number] as number);
       throw new KallsymsError(
         "malformed",
         `symbol ${i} expands to ${total} characters (type letter + name, 2..${KSYM_NAME_LEN})`,
       );
     }
+    pos = end;
     starts[i] = nameStart;
+    hashes[i] = hash >>> 0;
     out[o++] = 0x0a;
   }
   starts[count] = o;
-  return { names: new SymbolNames(out.subarray(0, o), starts, types), sawLong };
+  return new SymbolNames(Buffer.from(out.buffer, 0, o), starts, types, hashes);
+}
+
+/** FNV-1a, 32 bits: offset basis and prime of the reference (http://www.isthe.com/chongo/tech/comp/fnv/). */
+const FNV_OFFSET = 0x811c9dc5;
+const FNV_PRIME = 0x01000193;
+
+function fnv1a(bytes: Uint8Array): number {
+  let hash = FNV_OFFSET;
+  for (const c of bytes) hash = Math.imul(hash ^ c, FNV_PRIME);
+  return hash >>> 0;
 }
 
 function namesOverrun(i: number, count: number, end: number, stream: NamesStream): KallsymsError {
@@ -591,8 +617,8 @@ function firstUnsorted(count: number, at: (i: number) => bigint): number {
 }
 
 /**
- * The one encoding under which every checkable VMCOREINFO symbol agrees and the table is sorted. Mismatches of
- * every candidate are reported, so a refusal says what was compared.
+ * The one encoding under which every checkable VMCOREINFO symbol agrees and the table is sorted. Mismatches
+ * of every candidate are reported, so a refusal says what was compared.
  */
 function chooseEncoding(
   as: AddressSpace,
