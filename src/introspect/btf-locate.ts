@@ -161,7 +161,7 @@ export function kernelImageRange(kernel: ImageSource, options: KernelImageOption
     }
     va += BigInt(n);
   }
-  if (linear.length === 0)
+  if (linear[0]?.va !== start)
     throw new BtfLocateError("no-image", `_stext ${hex(stext)} is not mapped at __pa_symbol(_stext)`);
 
   // 2. Keep the pages whose struct page looks like _stext's (freed image pages do not).

@@ -124,37 +124,52 @@ export interface OpenKallsymsOptions {
 }
 
 /**
- * Decoded names: one byte buffer "\nname0\nname1\n…\n" (Latin-1), the start of each name and its FNV-1a hash,
- * so decoding makes no string per symbol (per-symbol strings and a Map of them cost ~4x the decode itself). A
- * lookup compares the query's hash with every symbol's (~0.2 ms for 150k) and the bytes of the few that
- * match; after LOOKUPS_BEFORE_INDEX lookups a hash → indices Map is built once.
+ * Decoded names, kept compressed: for each symbol where its tokens start in `kallsyms_names`, its type letter
+ * and a hash of its name. The hash is polynomial (h·B^len + token), so it is built from per-token values with
+ * no work per character, and no string is made per symbol (per-symbol strings and a Map of them cost ~4x the
+ * rest of the decode). A lookup hashes the query, compares it with every symbol's hash (~0.2 ms for 200k)
+ * and expands only the few that match; after LOOKUPS_BEFORE_INDEX lookups a hash → indices Map is built once.
  */
 class SymbolNames {
   private lookups = 0;
   private index: Map<number, number[]> | undefined;
 
   constructor(
-    private readonly joined: Buffer,
-    /** count + 1 offsets: name i is joined[starts[i], starts[i+1] - 1). */
-    private readonly starts: Uint32Array,
+    private readonly stream: Uint8Array,
+    /** Where each symbol's token bytes start in `stream`, and how many there are. */
+    private readonly at: Uint32Array,
+    private readonly tokenCounts: Uint16Array,
     readonly types: Uint8Array,
     private readonly hashes: Uint32Array,
+    private readonly tokens: Tokens,
   ) {}
 
   get count(): number {
     return this.types.length;
   }
 
+  /** The name of symbol i (without its type letter), expanded from its tokens. */
   name(i: number): string {
-    return this.joined.toString("latin1", this.starts[i], (this.starts[i + 1] ?? 1) - 1);
+    const { data, start, length } = this.tokens;
+    const from = this.at[i] as number;
+    const end = from + (this.tokenCounts[i] as number);
+    let out = "";
+    for (let j = from; j < end; j++) {
+      const t = this.stream[j] as number;
+      const k = start[t] as number;
+      out += Buffer.from(data.buffer, data.byteOffset + k, length[t] as number).toString("latin1");
+    }
+    return out.slice(1);
   }
 
   /** Indices of every symbol called `name`, in table order. */
   indices(name: string): number[] {
     const wanted = Buffer.from(name, "latin1");
-    // A character outside Latin-1 (or a separator) is in no kernel name.
-    if (wanted.length === 0 || wanted.toString("latin1") !== name || wanted.includes(0x0a)) return [];
-    const hash = fnv1a(wanted);
+    // A character outside Latin-1 is in no kernel name.
+    if (wanted.length === 0 || wanted.toString("latin1") !== name) return [];
+    let hash = 0;
+    for (const c of wanted) hash = (Math.imul(hash, HASH_BASE) + c) | 0;
+    hash >>>= 0;
     let candidates: number[];
     if (this.index) candidates = this.index.get(hash) ?? [];
     else if (++this.lookups > LOOKUPS_BEFORE_INDEX) {
@@ -171,16 +186,14 @@ class SymbolNames {
       const hashes = this.hashes;
       for (let i = 0; i < hashes.length; i++) if (hashes[i] === hash) candidates.push(i);
     }
-    return candidates.filter((i) => {
-      const start = this.starts[i] as number;
-      const end = (this.starts[i + 1] as number) - 1;
-      return end - start === wanted.length && this.joined.compare(wanted, 0, wanted.length, start, end) === 0;
-    });
+    return candidates.filter((i) => this.name(i) === name);
   }
 }
 
 /** Lookups by scanning the hashes before a Map of them pays off. */
 const LOOKUPS_BEFORE_INDEX = 64;
+/** Base of the polynomial name hash (FNV's 32-bit prime: odd, with well-spread bits). */
+const HASH_BASE = 0x01000193;
 
 /** The decoded symbol table of the running kernel. Immutable. */
 export class Kallsyms {
@@ -351,6 +364,12 @@ interface Tokens {
   data: Uint8Array;
   start: Int32Array;
   length: Int32Array;
+  /** Polynomial hash of each token, and HASH_BASE^length (to append a token to a hash). */
+  hash: Int32Array;
+  power: Int32Array;
+  /** The same for the token without its first character (the first token of a name: the type letter). */
+  tailHash: Int32Array;
+  tailPower: Int32Array;
 }
 
 /**
@@ -383,7 +402,29 @@ function readTokens(as: AddressSpace, indexVa: bigint, tableVa: bigint): Tokens 
     // unusable.
     length[i] = table.subarray(at, end).some((c) => c < 0x20 || c === 0x7f) ? -1 : end - at;
   }
-  return { data: table, start, length };
+  const hash = new Int32Array(TOKENS);
+  const power = new Int32Array(TOKENS);
+  const tailHash = new Int32Array(TOKENS);
+  const tailPower = new Int32Array(TOKENS);
+  for (let i = 0; i < TOKENS; i++) {
+    let h = 0;
+    let p = 1;
+    const from = start[i] as number;
+    const end = from + Math.max(0, length[i] as number);
+    for (let k = end - 1; k >= from; k--) {
+      // Built from the end: h = Σ c_k·B^(end-1-k); the tail (from + 1) is the same sum without the first
+      // term.
+      if (k === from) {
+        tailHash[i] = h;
+        tailPower[i] = p;
+      }
+      h = (h + Math.imul(table[k] as number, p)) | 0;
+      p = Math.imul(p, HASH_BASE);
+    }
+    hash[i] = h;
+    power[i] = p;
+  }
+  return { data: table, start, length, hash, power, tailHash, tailPower };
 }
 
 /** `kallsyms_names`, read on demand in growing positional reads, never beyond MAX_NAMES_BYTES. */
@@ -422,21 +463,29 @@ interface Decoded {
 }
 
 /**
- * Decodes `count` names in two passes: the first walks the token counts (1 or 2 bytes) to bound and fetch the
- * stream, the second expands tokens into one byte buffer, takes the first character as the type letter
- * (kernel/kallsyms.c kallsyms_expand_symbol skips it) and hashes each name for lookups.
+ * One pass over `count` names: the token count (1 or 2 bytes), then per token its length and hash; the first
+ * character is the type letter (kernel/kallsyms.c kallsyms_expand_symbol skips it). Nothing is expanded here.
  */
 function decodeNames(stream: NamesStream, tokens: Tokens, count: number, long: boolean): Decoded {
   if (!stream.ensure(Math.min(count * 2, MAX_NAMES_BYTES)) && stream.bytes.length === 0)
     throw new KallsymsError("unreadable", `kallsyms_names at ${hex(stream.va)} is not mapped`);
+  const { length: tLength, hash: tHash, power: tPower, tailHash, tailPower, data, start: tStart } = tokens;
+  const types = new Uint8Array(count);
+  const hashes = new Uint32Array(count);
+  const at = new Uint32Array(count);
+  const tokenCounts = new Uint16Array(count);
+  let bytes: Uint8Array = stream.bytes;
   let sawLong = false;
   let pos = 0;
   for (let i = 0; i < count; i++) {
-    if (pos + 2 > stream.bytes.length && !stream.ensure(pos + 2) && !stream.ensure(pos + 1))
-      throw namesOverrun(i, count, pos + 1, stream);
-    let len = stream.bytes[pos++] as number;
+    if (pos + 2 > bytes.length) {
+      // The last name may end exactly at the end of the mapping: ask for one byte when two are not there.
+      if (!stream.ensure(pos + 2) && !stream.ensure(pos + 1)) throw namesOverrun(i, count, pos + 1, stream);
+      bytes = stream.bytes;
+    }
+    let len = bytes[pos++] as number;
     if (long && len & 0x80) {
-      const high = stream.bytes[pos++];
+      const high = bytes[pos++];
       if (high === undefined || high & 0x80)
         throw new KallsymsError(
           "malformed",
@@ -447,82 +496,38 @@ function decodeNames(stream: NamesStream, tokens: Tokens, count: number, long: b
     }
     if (len === 0 || len > MAX_NAME_TOKENS)
       throw new KallsymsError("malformed", `symbol ${i}: token count ${len} at kallsyms_names+${pos - 1}`);
-    pos += len;
-    if (pos > stream.bytes.length && !stream.ensure(pos)) throw namesOverrun(i, count, pos, stream);
-  }
-  return { names: expandNames(stream.bytes, tokens, count, long), sawLong };
-}
-
-/** The second pass: all bytes are there and every count is valid (decodeNames checked them). */
-function expandNames(bytes: Uint8Array, tokens: Tokens, count: number, long: boolean): SymbolNames {
-  const { data, start: tStart, length: tLength } = tokens;
-  const types = new Uint8Array(count);
-  const starts = new Uint32Array(count + 1);
-  const hashes = new Uint32Array(count);
-  // Room for one more name: at most KSYM_NAME_LEN characters plus a token that overshoots and the separator.
-  const room = 2 * KSYM_NAME_LEN + 2;
-  let out = new Uint8Array(Math.max(count * 24, 4096));
-  out[0] = 0x0a;
-  let o = 1;
-  let pos = 0;
-  for (let i = 0; i < count; i++) {
-    let len = bytes[pos++] as number;
-    if (long && len & 0x80) len = (len & 0x7f) | ((bytes[pos++] as number) << 7);
-    if (o + room > out.length) {
-      const bigger = new Uint8Array(out.length * 2);
-      bigger.set(out.subarray(0, o));
-      out = bigger;
+    const end = pos + len;
+    if (end > bytes.length) {
+      if (!stream.ensure(end)) throw namesOverrun(i, count, end, stream);
+      bytes = stream.bytes;
     }
-    const nameStart = o;
     let typed = false;
     let chars = 0;
-    let hash = FNV_OFFSET;
-    const end = pos + len;
+    let h = 0;
     for (let j = pos; j < end; j++) {
       const t = bytes[j] as number;
       const tl = tLength[t] as number;
       if (tl < 0)
         throw new KallsymsError("malformed", `symbol ${i} uses token ${t}, which holds a control character`);
-      let k = tStart[t] as number;
-      const kEnd = k + tl;
-      if (!typed && k < kEnd) {
-        types[i] = data[k++] as number;
+      chars += tl;
+      if (typed) h = (Math.imul(h, tPower[t] as number) + (tHash[t] as number)) | 0;
+      else if (tl > 0) {
+        types[i] = data[tStart[t] as number] as number;
+        h = (Math.imul(h, tailPower[t] as number) + (tailHash[t] as number)) | 0;
         typed = true;
       }
-      while (k < kEnd) {
-        const c = data[k++] as number;
-        out[o++] = c;
-        hash = Math.imul(hash ^ c, FNV_PRIME);
-      }
-      chars += tl;
-      if (chars > KSYM_NAME_LEN) break;
     }
-    if (chars < 2 || chars > KSYM_NAME_LEN) {
-      // Count the rest only for the message (it is not copied).
-      let total = 0;
-      for (let j = pos; j < end; j++) total += Math.max(0, tLength[bytes[j] as number] as number);
+    if (chars < 2 || chars > KSYM_NAME_LEN)
       throw new KallsymsError(
         "malformed",
-        `symbol ${i} expands to ${total} characters (type letter + name, 2..${KSYM_NAME_LEN})`,
+        `symbol ${i} expands to ${chars} characters (type letter + name, 2..${KSYM_NAME_LEN})`,
       );
-    }
+    at[i] = pos;
+    tokenCounts[i] = len;
+    hashes[i] = h >>> 0;
     pos = end;
-    starts[i] = nameStart;
-    hashes[i] = hash >>> 0;
-    out[o++] = 0x0a;
   }
-  starts[count] = o;
-  return new SymbolNames(Buffer.from(out.buffer, 0, o), starts, types, hashes);
-}
-
-/** FNV-1a, 32 bits: offset basis and prime of the reference (http://www.isthe.com/chongo/tech/comp/fnv/). */
-const FNV_OFFSET = 0x811c9dc5;
-const FNV_PRIME = 0x01000193;
-
-function fnv1a(bytes: Uint8Array): number {
-  let hash = FNV_OFFSET;
-  for (const c of bytes) hash = Math.imul(hash ^ c, FNV_PRIME);
-  return hash >>> 0;
+  return { names: new SymbolNames(stream.bytes, at, tokenCounts, types, hashes, tokens), sawLong };
 }
 
 function namesOverrun(i: number, count: number, end: number, stream: NamesStream): KallsymsError {
