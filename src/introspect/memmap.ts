@@ -7,10 +7,13 @@
  *   `LENGTH(mem_section)` = NR_SECTION_ROOTS root pointers; each non-NULL root is one page of
  *   `PAGE_SIZE / SIZE(mem_section)` `struct mem_section` (include/linux/mmzone.h).
  * - `section_mem_map` (at `OFFSET(mem_section.section_mem_map)`): bit 0 SECTION_MARKED_PRESENT, bit 1
- *   SECTION_HAS_MEM_MAP, the low 5 bits flags (SECTION_MAP_LAST_BIT, makedumpfile.h uses 1<<5 for every
- *   version); the rest is `mem_map - section_start_pfn` (mm/sparse.c sparse_encode_mem_map), so
- *   struct page of `pfn` is at `coded + pfn * SIZE(page)`. With SPARSEMEM_VMEMMAP `coded` is vmemmap_base for
- *   every section.
+ *   SECTION_HAS_MEM_MAP, bit 2 SECTION_IS_ONLINE (4.13+), more flags above them as kernels added some
+ *   (SECTION_MAP_LAST_BIT grew from 5 to 6 and more); the rest is `mem_map - section_start_pfn` (mm/sparse.c
+ *   sparse_encode_mem_map), so struct page of `pfn` is at `coded + pfn * SIZE(page)`. With SPARSEMEM_VMEMMAP
+ *   `coded` is vmemmap_base for every section.
+ * - Only online sections are read: an offline section's struct pages are stale (memory being added or
+ *   removed), so its PFNs have no struct page here and are never judged. Memory onlined later is picked up
+ *   by refresh().
  * - Untrusted: only sections below the end of guest RAM are looked at (the table cannot make this allocate more
  *   than one entry per 128 MiB of RAM), every pointer is translated with checks, and each section's memmap
  *   must map.
@@ -25,10 +28,16 @@ import type { VmcoreInfo } from "./vmcoreinfo.ts";
 
 const PAGE_SIZE = 4096;
 const PAGE_SHIFT = 12;
-/** SECTION_MARKED_PRESENT, SECTION_HAS_MEM_MAP (include/linux/mmzone.h); flag bits below 1<<5 (makedumpfile.h). */
+/** SECTION_MARKED_PRESENT, SECTION_HAS_MEM_MAP, SECTION_IS_ONLINE (include/linux/mmzone.h, 4.13-7.x). */
 const SECTION_MARKED_PRESENT = 1n;
 const SECTION_HAS_MEM_MAP = 2n;
-const SECTION_MAP_MASK = ~0x1fn & ((1n << 64n) - 1n);
+const SECTION_IS_ONLINE = 4n;
+/**
+ * The flag bits below the coded pointer. The coded value is aligned to the smaller alignment of mem_map (page
+ * aligned) and section_nr_to_pfn() * SIZE(page) (include/linux/mmzone.h, the comment above
+ * SECTION_MARKED_PRESENT), so on x86-64 its low 12 bits are flags whatever SECTION_MAP_LAST_BIT is.
+ */
+const SECTION_MAP_MASK = ~0xfffn & ((1n << 64n) - 1n);
 const MASK64 = (1n << 64n) - 1n;
 
 export interface MemSectionLayout {
@@ -86,10 +95,11 @@ export interface PfnRange {
 export class MemMap implements StructPageSource {
   readonly pfnsPerSection: number;
   /** Per section number below the end of RAM: `coded` (see header), 0n if the section has no memmap. */
-  private readonly coded: BigUint64Array;
-  /** The common `coded` value (vmemmap_base) if every present section has the same, else null. */
-  readonly vmemmapBase: bigint | null;
-  readonly presentSections: number;
+  private coded: BigUint64Array;
+  private common: bigint | null = null;
+  private present = 0;
+  /** Times refresh() found sections come online or go away. */
+  refreshes = 0;
   readonly structPageSize: number;
   private readonly sizeBig: bigint;
   private readonly pagePair: Buffer;
@@ -98,12 +108,28 @@ export class MemMap implements StructPageSource {
     readonly addressSpace: AddressSpace,
     readonly layout: MemSectionLayout,
     coded: BigUint64Array,
+    private readonly info: VmcoreInfo,
+    private readonly ramEnd: number,
   ) {
     this.pfnsPerSection = 2 ** (layout.sectionSizeBits - PAGE_SHIFT);
     this.coded = coded;
     this.structPageSize = layout.structPageSize;
     this.sizeBig = BigInt(layout.structPageSize);
     this.pagePair = Buffer.alloc(layout.structPageSize);
+    this.adopt(coded);
+  }
+
+  /** The common `coded` value (vmemmap_base) if every present section has the same, else null. */
+  get vmemmapBase(): bigint | null {
+    return this.common;
+  }
+
+  get presentSections(): number {
+    return this.present;
+  }
+
+  private adopt(coded: BigUint64Array): void {
+    this.coded = coded;
     let common: bigint | null = null;
     let present = 0;
     let same = true;
@@ -113,8 +139,29 @@ export class MemMap implements StructPageSource {
       if (common === null) common = c;
       else if (common !== c) same = false;
     }
-    this.presentSections = present;
-    this.vmemmapBase = same ? common : null;
+    this.present = present;
+    this.common = same ? common : null;
+  }
+
+  /**
+   * Reads mem_section again (memory onlined, hot-added or removed since the decode): true if the set of online
+   * sections changed. A table that no longer decodes leaves the current one in place.
+   */
+  refresh(): boolean {
+    let fresh: MemMap;
+    try {
+      fresh = MemMap.decode(this.addressSpace, this.info, this.ramEnd);
+    } catch (error) {
+      if (error instanceof IntrospectError) return false;
+      throw error;
+    }
+    const changed =
+      fresh.coded.length !== this.coded.length || fresh.coded.some((c, i) => c !== this.coded[i]);
+    if (changed) {
+      this.adopt(fresh.coded);
+      this.refreshes++;
+    }
+    return changed;
   }
 
   /**
@@ -155,7 +202,8 @@ export class MemMap implements StructPageSource {
         const nr = r * perRoot + i;
         if (nr >= sections) break;
         const smm = page.readBigUInt64LE(i * layout.sectionStructSize + layout.sectionMemMapOffset);
-        if ((smm & SECTION_MARKED_PRESENT) === 0n || (smm & SECTION_HAS_MEM_MAP) === 0n) continue;
+        const wanted = SECTION_MARKED_PRESENT | SECTION_HAS_MEM_MAP | SECTION_IS_ONLINE;
+        if ((smm & wanted) !== wanted) continue;
         const c = smm & SECTION_MAP_MASK;
         // The section's first struct page must be mapped: a forged pointer is caught here, not on every read.
         const first =
@@ -170,7 +218,7 @@ export class MemMap implements StructPageSource {
         coded[nr] = c;
       }
     }
-    const map = new MemMap(as, layout, coded);
+    const map = new MemMap(as, layout, coded, info, ramEnd);
     if (map.presentSections === 0)
       throw new MemSectionError(
         "bad-mem-section",

@@ -10,11 +10,11 @@ import {
   CATEGORY,
   classifyPfns,
   type PageClassifier,
-  type StructPageSource,
 } from "../introspect/classifier.ts";
 import type { GuestMemory, RamMapping } from "../introspect/guest-memory.ts";
 import { classifyGuest, classifyPresent, openClassifier } from "../introspect/inspect.ts";
 import { describeCapabilities } from "../introspect/kernel-layout.ts";
+import type { MemMap } from "../introspect/memmap.ts";
 import { type SelfCheck, selfCheck } from "../introspect/self-check.ts";
 import type { RamBlockEntry } from "../stream/records.ts";
 
@@ -171,8 +171,9 @@ export abstract class FrameJudge implements PageJudge {
 export class IntrospectionJudge extends FrameJudge {
   readonly description: string;
   private readonly classifier: PageClassifier;
-  private readonly memmap: StructPageSource;
+  private readonly memmap: MemMap;
   private readonly maxPfn: number;
+  private lastRefreshMs = 0;
   readonly refused: Partial<Record<"free" | "cache", string>>;
   /** The checks made before pruning (self-check.ts). */
   readonly checks: SelfCheck[];
@@ -208,9 +209,22 @@ export class IntrospectionJudge extends FrameJudge {
   }
 
   protected classifyFrames(pfns: readonly number[]): Uint8Array {
+    // A frame of guest RAM without an online section: memory onlined (or hot-added) since the open? Read
+    // mem_section again, at most once a second; until then such pages are unknown and pass unchanged.
+    const now = performance.now();
+    if (
+      now - this.lastRefreshMs > REFRESH_INTERVAL_MS &&
+      pfns.some((p) => p < this.maxPfn && !this.memmap.hasStructPage(p))
+    ) {
+      this.lastRefreshMs = now;
+      this.memmap.refresh();
+    }
     return classifyPfns(this.classifier, this.memmap, pfns, this.maxPfn);
   }
 }
+
+/** How often a judge may re-read mem_section when it meets frames without struct pages. */
+const REFRESH_INTERVAL_MS = 1000;
 
 /**
  * TEST ONLY: classifies the whole guest once, when created, and answers every later batch from that snapshot.

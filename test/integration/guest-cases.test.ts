@@ -4,18 +4,24 @@
  *   free page as memory corruption, so free pages are not dropped, the report says why, and the migrated guest
  *   verifies with no corruption report in its log;
  * - a guest whose BTF cannot be read (its header overwritten in guest RAM): free pruning still works from
- *   VMCOREINFO alone, cache pruning is off with the reason.
+ *   VMCOREINFO alone, cache pruning is off with the reason;
+ * - memory that is offline when the judge opens (a pc-dimm with `memhp_default_state=offline`): its stale struct
+ *   pages are never read (its pages are unknown, so they pass unchanged), and once the guest onlines it the
+ *   judge reads mem_section again and judges those pages (mostly free: memory the guest has not used yet).
  */
 import assert from "node:assert/strict";
 import { open } from "node:fs/promises";
 import { test } from "node:test";
 import { locateBtf } from "../../src/introspect/btf-locate.ts";
+import { CATEGORY } from "../../src/introspect/classifier.ts";
 import { openRawSnapshot } from "../../src/introspect/guest-memory.ts";
 import { classifyGuest } from "../../src/introspect/inspect.ts";
 import { openGuestKernel } from "../../src/introspect/kernel.ts";
 import { LabPair } from "../../src/lab/lab-vm.ts";
 import { migrateThroughPruningSend } from "../../src/lab/prune-oracle.ts";
 import { runMixedWorkload } from "../../src/lab/workloads.ts";
+import { openGuestJudge } from "../../src/migrate/guest-judge.ts";
+import { QmpClient } from "../../src/qemu/qmp.ts";
 
 test("page_poison=1 guest: free pages are not dropped, the reason is reported, the guest verifies", async (t) => {
   const pair = await LabPair.boot({
@@ -79,4 +85,53 @@ test("a guest whose BTF is unreadable: free pages pruned from VMCOREINFO alone, 
   assert.deepEqual(m.differingNotFree, []);
   await m.dst.monitor.execute("cont");
   assert.match(await LabPair.verify(m.dst), /^OK/m);
+});
+
+test("memory onlined after the judge opened is picked up; offline sections are never judged", async (t) => {
+  const pair = await LabPair.boot({
+    kernel: "7.2",
+    qemu: "10.0",
+    memoryMiB: 512,
+    dimmMiB: 256,
+    kernelArgs: "memhp_default_state=offline",
+  });
+  t.after(() => pair.stop());
+  const qmp = await QmpClient.connect(pair.src.toolQmpPath);
+  t.after(() => qmp.close());
+  const opened = await openGuestJudge({ qmp: { client: qmp, path: pair.src.toolQmpPath } });
+  t.after(() => opened.close());
+  const judge = opened.judge;
+  assert.ok(typeof judge !== "string", String(judge));
+  // 64 pages spread over the 256 MiB DIMM (RAMBlock "dimm0").
+  const pages = Array.from({ length: 64 }, (_, i) => ({
+    block: "dimm0",
+    blockOffset: i * 4 * 1024 * 1024 + 4096,
+  }));
+  const offline = judge.judge(pages);
+  assert.ok(
+    offline.every((c) => c === CATEGORY.unknown),
+    `offline memory is not judged: ${[...offline].join(",")}`,
+  );
+  const memTotal = async () =>
+    Number(/MemTotal:\s+(\d+)/.exec(await pair.src.agent.run("cat /proc/meminfo"))?.[1]);
+  const totalBefore = await memTotal();
+  await pair.src.agent.run(
+    "for f in /sys/devices/system/memory/memory*/state; do grep -q offline $f && echo online > $f; done; true",
+  );
+  const totalAfter = await memTotal();
+  assert.ok(
+    totalAfter >= totalBefore + 200 * 1024,
+    `the guest onlined the DIMM (${totalBefore} -> ${totalAfter} KiB)`,
+  );
+  await new Promise((resolve) => setTimeout(resolve, 1100));
+  const online = judge.judge(pages);
+  const free = online.filter((c) => c === CATEGORY.free).length;
+  t.diagnostic(
+    `after onlining: ${free} of ${pages.length} sampled DIMM pages free; ${[...online].join(",")}`,
+  );
+  assert.ok(
+    online.every((c) => c !== CATEGORY.unknown),
+    "every page of the onlined memory is judged",
+  );
+  assert.ok(free > pages.length / 2, "memory the guest has not used yet is free");
 });

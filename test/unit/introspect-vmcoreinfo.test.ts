@@ -202,3 +202,24 @@ test("random bytes: no VMCOREINFO, a clear error, well under a second", () => {
   assert.throws(() => openGuestKernel(memory), /no VMCOREINFO found in 64 MiB of guest RAM/);
   assert.ok(performance.now() - started < 1000);
 });
+
+test("mem_section: offline sections have no struct pages; refresh() picks up memory onlined later", () => {
+  const { buf, kernel, memory } = guest({}, 160 * MIB);
+  // Section 1 (PFNs 32768..65535): its struct pages mapped in vmemmap, its entry present with a memmap but not
+  // online (SECTION_IS_ONLINE, bit 2, clear): memory added and not onlined yet.
+  kernel.tables.map(kernel.vmemmapBase + 32768n * 64n, 0xc00000, 2 * MIB);
+  const entry1 = 0xa01000 + 32; // the root page at misc + 4 KiB, SIZE(mem_section) 32
+  buf.writeBigUInt64LE(kernel.vmemmapBase | 0x3n, entry1);
+  const k = openGuestKernel(memory);
+  assert.equal(k.memmap.hasStructPage(32768 + 5), false, "an offline section's struct pages are stale");
+  assert.equal(k.memmap.refresh(), false, "nothing changed");
+  buf.writeBigUInt64LE(kernel.vmemmapBase | 0x7n, entry1);
+  assert.equal(k.memmap.refresh(), true, "the section came online");
+  assert.equal(k.memmap.hasStructPage(32768 + 5), true);
+  assert.deepEqual(k.memmap.presentPfnRanges(), [{ startPfn: 0, count: 65536 }]);
+  // Flag bits above bit 4 (SECTION_MAP_LAST_BIT grew) do not move the decoded memmap.
+  buf.writeBigUInt64LE(kernel.vmemmapBase | 0x47n, entry1);
+  k.memmap.refresh();
+  assert.equal(k.memmap.structPageAddress(32768), kernel.vmemmapBase + 32768n * 64n);
+  assert.equal(k.memmap.vmemmapBase, kernel.vmemmapBase);
+});
