@@ -38,7 +38,7 @@ for (const [id, encoding] of KERNELS) {
     if (!kernelId) return;
     const pair = await LabPair.boot({ kernel: kernelId, qemu: "10.0", memoryMiB: 512 });
     t.after(() => pair.stop());
-    const guest = (command: string) => pair.src.agent.run(command, 60_000);
+    const guest = (command: string) => pair.src.agent.run(command, 180_000);
     const hmp = async (commandLine: string) =>
       String(await pair.src.monitor.execute("human-monitor-command", { "command-line": commandLine }));
     // Root sees real addresses only with kptr_restrict < 2; 0 shows them to everyone.
@@ -148,7 +148,8 @@ for (const [id, encoding] of KERNELS) {
           seen.get(s.name)?.includes(s.address),
           `${s.name}: guest says ${seen.get(s.name)?.map((a) => a.toString(16))}, decoded ${s.address.toString(16)}`,
         );
-      const core = Number((await guest("awk 'NF == 3' /proc/kallsyms | wc -l")).trim());
+      // Core symbols: lines without a "[module]" column (busybox awk over 150k lines timed out under TCG).
+      const core = Number((await guest("grep -c -v ']' /proc/kallsyms")).trim());
       t.diagnostic(
         `${sample.length} symbols agree with /proc/kallsyms; it lists ${core} core symbols, we decoded ${kallsymsCount}`,
       );
