@@ -3,6 +3,8 @@
  * 1 vCPU, classified without a per-kernel profile (the layout resolved from the guest's VMCOREINFO and its own
  * BTF read from guest memory) and then live-migrated through `vmprune send --drop free`. One boot per kernel
  * serves both checks:
+ * - kallsyms decoded with the encoding its version uses and the BTF located both ways, checked against the
+ *   guest's own /proc/kallsyms and /sys/kernel/btf/vmlinux (test/support/kallsyms-checks.ts);
  * - agreement with the guest's /proc/kpageflags: >= 99.5% of PFNs, free recall >= 99.9%, no page called free that
  *   the guest does not hold free, no page called cache that the guest shows dirty or under writeback; the buddy
  *   pages equal the zones' NR_FREE_PAGES up to its per-CPU lag; every layout fact has a source and BTF was
@@ -22,23 +24,34 @@ import {
 } from "../../src/introspect/ground-truth.ts";
 import { openRawSnapshot } from "../../src/introspect/guest-memory.ts";
 import { classifyGuest } from "../../src/introspect/inspect.ts";
+import type { KallsymsEncoding } from "../../src/introspect/kallsyms.ts";
 import { kernelFreePages } from "../../src/introspect/zone-stats.ts";
 import type { KernelId } from "../../src/lab/kernels.ts";
 import { dumpKpageflagsAndPause } from "../../src/lab/kpageflags-snapshot.ts";
 import { LabPair } from "../../src/lab/lab-vm.ts";
 import { migrateThroughPruningSend } from "../../src/lab/prune-oracle.ts";
 import { runMixedWorkload } from "../../src/lab/workloads.ts";
+import { checkKallsymsAndBtf, SHOW_KERNEL_ADDRESSES } from "../support/kallsyms-checks.ts";
 
 /** NR_FREE_PAGES may lag the buddy lists by the zones' per-CPU thresholds (introspect-classify.test.ts). */
 const NR_FREE_PAGES_DRIFT = 8;
 
-const KERNELS: KernelId[] = ["5.10", "6.1", "6.12", "6.16-rt", "6.18", "7.2"];
+/** Each kernel, and the kallsyms address encoding it must decode with (null: VMCOREINFO exports no kallsyms). */
+const KERNELS: [KernelId, KallsymsEncoding | null][] = [
+  ["5.10", null],
+  ["6.1", "absolute-percpu"],
+  ["6.12", "absolute-percpu"],
+  ["6.16-rt", "relative-base"],
+  ["6.18", "relative-base"],
+  ["7.2", "place-relative"],
+];
 
-for (const kernel of KERNELS) {
+for (const [kernel, encoding] of KERNELS) {
   test(`kernel ${kernel}: classified from VMCOREINFO and its own BTF, agrees with kpageflags, migrates pruned`, async (t) => {
     const pair = await LabPair.boot({ kernel, qemu: "10.0", memoryMiB: 512, vcpus: 1 });
     t.after(() => pair.stop());
     const agent = pair.src.agent;
+    await agent.run(SHOW_KERNEL_ADDRESSES);
     await runMixedWorkload(agent);
     const release = (await agent.run("uname -r")).trim();
     await agent.run("sleep 2");
@@ -81,8 +94,10 @@ for (const kernel of KERNELS) {
     const p = g.report.pages;
     assert.ok(p.free > 10_000 && p.cache > 2_000 && p.anonymous > 10_000, "free, cache and anon pages");
 
+    // kallsyms and BTF against the guest's own view; this resumes the guest.
+    await checkKallsymsAndBtf(t, pair, g.kernel, encoding);
+
     // The same guest, live-migrated through `send --drop free`.
-    await pair.src.monitor.execute("cont");
     const m = await migrateThroughPruningSend(pair);
     const prune = m.sent.report?.prune;
     t.diagnostic(

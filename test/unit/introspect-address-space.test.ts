@@ -101,13 +101,11 @@ test("cyclic and self-referencing tables: every walk ends after `levels` reads",
   // Every entry of the root points back to the root: a four-fold self-reference (the 'recursive mapping').
   for (let i = 0; i < 512; i++) buf.writeBigUInt64LE(BigInt(root) | 0x63n, root + i * 8);
   const as = new AddressSpace(memory, { rootPa: root, levels: 4 });
-  const started = performance.now();
   for (let i = 0; i < 10_000; i++) {
     const va = BigInt.asUintN(64, 0xffff800000000000n + BigInt(i) * 0x1234567000n);
     const pa = as.tryTranslate(va);
     assert.ok(pa === -1 || (pa >= root && pa < root + SIZE_4K), `walk lands on the table itself (${pa})`);
   }
-  assert.ok(performance.now() - started < 2000);
   // Two tables pointing at each other, with PSE at the PML4 (reserved there) on one entry.
   buf.fill(0, 0x101000, 0x103000);
   for (let i = 0; i < 512; i++) {
@@ -136,7 +134,6 @@ test("random bytes as page tables: only TranslationErrors or in-RAM results, bou
   const buf = randomBytes(4 * MIB);
   const memory = bufferMemory(buf);
   const as = new AddressSpace(memory, { rootPa: 0x1000, levels: 5, cacheEntries: 64 });
-  const started = performance.now();
   let mapped = 0;
   for (let i = 0; i < 20_000; i++) {
     const va = BigInt.asUintN(64, BigInt.asIntN(57, randomBytes(8).readBigUInt64LE(0)));
@@ -148,7 +145,6 @@ test("random bytes as page tables: only TranslationErrors or in-RAM results, bou
       assert.ok(error instanceof TranslationError, String(error));
     }
   }
-  assert.ok(performance.now() - started < 3000, "20k walks over random tables");
   assert.ok(mapped >= 0);
 });
 

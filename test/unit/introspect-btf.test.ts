@@ -60,8 +60,7 @@ test("host BTF: struct page, folio, zone, enum pageflags/pagetype, an anonymous 
       `first lookups ${(t2 - t1).toFixed(1)} ms = ${(t2 - t0).toFixed(1)} ms wall, ` +
       `${((cpu.user + cpu.system) / 1000).toFixed(1)} ms CPU`,
   );
-  // The target is < 300 ms; the bound here only catches gross regressions on a loaded CI machine.
-  assert.ok(t2 - t0 < 3000, `parse + first lookups took ${(t2 - t0).toFixed(0)} ms`);
+  // Speed is a benchmark figure (the target is < 300 ms), not an assertion: this only prints it.
   assert.equal(btf.byteLength, raw.length);
 
   // struct page on x86-64 (include/linux/mm_types.h; also VMCOREINFO's SIZE/OFFSET(page.*)): flags word first,

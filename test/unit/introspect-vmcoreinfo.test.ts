@@ -86,9 +86,7 @@ test("scan: thousands of forged copies are bounded by maxCandidates", () => {
   const buf = Buffer.alloc(16 * MIB);
   for (let p = 0; p < buf.length; p += SIZE_4K) buf.write(`OSRELEASE=forged-${p}\n`, p, "latin1");
   for (let p = SIZE_4K; p < buf.length; p += 2 * SIZE_4K) buf.fill(0x41, p + 20, p + SIZE_4K); // no NUL in page
-  const started = performance.now();
   const scan = scanForVmcoreinfo(bufferMemory(buf), { maxCandidates: 8 });
-  assert.ok(performance.now() - started < 1000);
   assert.equal(scan.candidates.length, 8);
   assert.ok(scan.truncated);
   assert.throws(
@@ -196,11 +194,9 @@ test("mem_section pointers anywhere: typed errors, bounded", () => {
   assert.throws(() => openGuestKernel(h.memory), MemSectionError);
 });
 
-test("random bytes: no VMCOREINFO, a clear error, well under a second", () => {
+test("random bytes: no VMCOREINFO, a clear error", () => {
   const memory = bufferMemory(randomBytes(64 * MIB));
-  const started = performance.now();
   assert.throws(() => openGuestKernel(memory), /no VMCOREINFO found in 64 MiB of guest RAM/);
-  assert.ok(performance.now() - started < 1000);
 });
 
 test("mem_section: offline sections have no struct pages; refresh() picks up memory onlined later", () => {
