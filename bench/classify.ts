@@ -12,7 +12,7 @@ import { classifyGuest, openClassifier } from "../src/introspect/inspect.ts";
 import { openLiveVmMemory } from "../src/introspect/live-vm.ts";
 import { dataFilePaths } from "../src/lab/data-disk.ts";
 import { LabPair } from "../src/lab/lab-vm.ts";
-import { workload } from "../src/lab/workloads.ts";
+import { type Size, workload } from "../src/lab/workloads.ts";
 import { reportJson } from "../src/report/version.ts";
 import { requireSetup } from "./common.ts";
 
@@ -26,9 +26,11 @@ const pair = await LabPair.boot({ kernel: "6.1", qemu: "10.0", memoryMiB });
 try {
   log(`booted a ${memoryMiB} MiB guest in ${(pair.bootMs / 1000).toFixed(1)} s; filling memory ...`);
   const agent = pair.src.agent;
-  await agent.run(workload.churn("1G", 1), 600_000);
+  // Sized for the default 4 GiB (1 GiB freed non-zero, 512 MiB anon), scaled down for smaller guests.
+  const part = (share: number): Size => `${Math.floor(memoryMiB * share)}M`;
+  await agent.run(workload.churn(part(1 / 4), 1), 600_000);
   await agent.run(workload.fillCache(dataFilePaths()), 300_000);
-  await agent.run(workload.anon("512M"), 300_000);
+  await agent.run(workload.anon(part(1 / 8)), 300_000);
   await pair.src.monitor.execute("stop");
   const { memory } = await openLiveVmMemory(pair.src.monitor, pair.src.qmpPath, pair.src.pid);
   try {
