@@ -6,11 +6,7 @@
  * for a RAM file alone, from the block list at the head of the stream (the processor hands it over before the
  * first page record).
  */
-import {
-  CATEGORY,
-  classifyPfns,
-  type PageClassifier,
-} from "../introspect/classifier.ts";
+import { CATEGORY, classifyPfns, type PageClassifier } from "../introspect/classifier.ts";
 import type { GuestMemory, RamMapping } from "../introspect/guest-memory.ts";
 import { classifyGuest, classifyPresent, openClassifier } from "../introspect/inspect.ts";
 import { describeCapabilities } from "../introspect/kernel-layout.ts";
