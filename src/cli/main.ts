@@ -24,6 +24,15 @@ import { StreamError } from "../stream/errors.ts";
 import { rewriteStream } from "../stream/rewrite.ts";
 import { summarizeStream } from "../stream/summary.ts";
 import {
+  type Endpoint,
+  EndpointError,
+  formatEndpoint,
+  isUnixEndpoint,
+  parseEndpoint,
+} from "../transport/endpoint.ts";
+import { parseSocketMode, parseSocketOwner } from "../transport/owner.ts";
+import type { UnixSocketOptions } from "../transport/socket.ts";
+import {
   renderDemo,
   renderInspectReport,
   renderMigrateProgress,
@@ -188,23 +197,59 @@ program
     },
   );
 
-/** "HOST:PORT" or "[V6]:PORT". */
-function hostPort(value: string): { host: string; port: number } {
-  const m = /^(?:\[([^\]]+)\]|([^:]+)):(\d+)$/.exec(value);
-  const port = Number(m?.[3]);
-  const host = m?.[1] ?? m?.[2];
-  if (!host || !Number.isInteger(port) || port < 0 || port > 65535)
-    throw new InvalidArgumentError("HOST:PORT, e.g. 127.0.0.1:4444");
-  return { host, port };
+/** Turns a transport error into commander's, so that it is reported with the option it belongs to. */
+function cliArgument<T>(parse: (value: string) => T): (value: string) => T {
+  return (value) => {
+    try {
+      return parse(value);
+    } catch (error) {
+      if (error instanceof EndpointError) throw new InvalidArgumentError(error.message);
+      throw error;
+    }
+  };
+}
+
+/** "HOST:PORT", "[V6]:PORT" or "unix:/PATH". */
+const endpointArgument = cliArgument(parseEndpoint);
+
+const SOCKET_MODE_HELP = "with a unix-socket --listen: the socket file's mode, octal (e.g. 0660)";
+const SOCKET_OWNER_HELP =
+  "with a unix-socket --listen: the socket file's owner, USER[:GROUP] or :GROUP (names or ids; needs root to give away)";
+
+/** --socket-mode/--socket-owner, checked against --listen: they mean something for a unix socket only. */
+function unixSocketOptions(opts: {
+  listen: Endpoint;
+  socketMode?: number;
+  socketOwner?: { uid?: number; gid?: number };
+}): UnixSocketOptions | undefined {
+  if (opts.socketMode === undefined && opts.socketOwner === undefined) return undefined;
+  if (!isUnixEndpoint(opts.listen))
+    throw new Error(
+      `--socket-mode and --socket-owner apply to a unix-socket --listen (unix:/PATH), not to ${formatEndpoint(opts.listen)}`,
+    );
+  return {
+    ...(opts.socketMode !== undefined ? { mode: opts.socketMode } : {}),
+    ...(opts.socketOwner ? { owner: opts.socketOwner } : {}),
+  };
 }
 
 program
   .command("send")
   .description(
-    "relay one live migration: the source QEMU migrates to tcp:LISTEN, vmprune forwards it to the destination's -incoming address, dropping what --drop names",
+    "relay one live migration: the source QEMU migrates to tcp:LISTEN (or unix:PATH), vmprune forwards it to the destination's -incoming address, dropping what --drop names",
   )
-  .requiredOption("--listen <host:port>", "where the source QEMU connects (port 0: any free port)", hostPort)
-  .requiredOption("--to <host:port>", "the destination QEMU's -incoming address", hostPort)
+  .requiredOption(
+    "--listen <address>",
+    "where the source QEMU connects: HOST:PORT (port 0: any free port), [IPV6]:PORT or unix:/PATH",
+    endpointArgument,
+  )
+  .requiredOption(
+    "--to <address>",
+    "the destination QEMU's -incoming address (or vmprune receive's): HOST:PORT, [IPV6]:PORT or unix:/PATH",
+    endpointArgument,
+  )
+  .option("--socket-mode <mode>", SOCKET_MODE_HELP, cliArgument(parseSocketMode))
+  .option("--socket-owner <user[:group]>", SOCKET_OWNER_HELP, cliArgument(parseSocketOwner))
   .option(
     "--drop <categories>",
     "page categories to drop (comma-separated; without a receiver: free)",
@@ -238,8 +283,10 @@ program
   .action(
     async (opts: {
       switchoverGuard: boolean;
-      listen: { host: string; port: number };
-      to: { host: string; port: number };
+      listen: Endpoint;
+      to: Endpoint;
+      socketMode?: number;
+      socketOwner?: { uid?: number; gid?: number };
       drop?: Category[];
       qmp?: string;
       pid?: number;
@@ -254,12 +301,14 @@ program
     }) => {
       if (opts.drop && !opts.qmp && !opts.guestMemory)
         throw new Error("--drop needs a way to read guest memory: --qmp SOCKET or --guest-memory FILE");
+      const unixSocket = unixSocketOptions(opts);
       const qmp = opts.qmp ? await QmpClient.connect(opts.qmp) : undefined;
       let send: Awaited<ReturnType<typeof startSend>>;
       try {
         send = await startSend({
           listen: opts.listen,
           to: opts.to,
+          ...(unixSocket ? { unixSocket } : {}),
           ...(opts.drop ? { drop: opts.drop } : {}),
           dryRun: opts.dryRun ?? false,
           guest: {
@@ -293,12 +342,11 @@ program
           `holding ${opts.qmp} for the switchover guard until the migration ends (--no-switchover-guard frees it)`,
         );
       else qmp?.close();
-      const { host, port } = send.address;
       const mode = opts.drop
         ? `dropping ${opts.drop.join(",")}${opts.dryRun ? " (dry run)" : ""}`
         : "passthrough";
       log(
-        `vmprune send: listening on ${host}:${port}, relaying to ${opts.to.host}:${opts.to.port} (${mode})`,
+        `vmprune send: listening on ${formatEndpoint(send.endpoint)}, relaying to ${formatEndpoint(opts.to)} (${mode})`,
       );
       const stop = () => void send.relay.close();
       process.once("SIGINT", stop);
@@ -379,31 +427,45 @@ program
   .description(
     "the destination side of vmprune's link: accept vmprune send, rebuild referenced pages from the shared disk, feed the destination QEMU",
   )
-  .requiredOption("--listen <host:port>", "where vmprune send connects (port 0: any free port)", hostPort)
-  .requiredOption("--to <host:port>", "the destination QEMU's -incoming address", hostPort)
+  .requiredOption(
+    "--listen <address>",
+    "where vmprune send connects: HOST:PORT (port 0: any free port), [IPV6]:PORT or unix:/PATH",
+    endpointArgument,
+  )
+  .requiredOption(
+    "--to <address>",
+    "the destination QEMU's -incoming address: HOST:PORT, [IPV6]:PORT or unix:/PATH",
+    endpointArgument,
+  )
+  .option("--socket-mode <mode>", SOCKET_MODE_HELP, cliArgument(parseSocketMode))
+  .option("--socket-owner <user[:group]>", SOCKET_OWNER_HELP, cliArgument(parseSocketOwner))
   .requiredOption("--link-key <file>", "the pre-shared key file (the same as send's, >= 16 bytes)")
   .option("--disk <image>", "the shared raw disk image (without it, every reference is answered with a NACK)")
   .option("--json", "print the report as JSON")
   .action(
     async (opts: {
-      listen: { host: string; port: number };
-      to: { host: string; port: number };
+      listen: Endpoint;
+      to: Endpoint;
+      socketMode?: number;
+      socketOwner?: { uid?: number; gid?: number };
       linkKey: string;
       disk?: string;
       json?: boolean;
     }) => {
+      const unixSocket = unixSocketOptions(opts);
       const disk = opts.disk
         ? await BlockReader.open(opts.disk, { alignmentBytes: REF_SECTOR_BYTES })
         : undefined;
       const receive = await startReceive({
         listen: opts.listen,
         to: opts.to,
+        ...(unixSocket ? { unixSocket } : {}),
         psk: await readKey(opts.linkKey),
         ...(disk ? { disk } : {}),
         log,
       });
       log(
-        `vmprune receive: listening on ${receive.address.host}:${receive.address.port}, feeding ${opts.to.host}:${opts.to.port}`,
+        `vmprune receive: listening on ${formatEndpoint(receive.endpoint)}, feeding ${formatEndpoint(opts.to)}`,
       );
       const stop = () => void receive.relay.close();
       process.once("SIGINT", stop);

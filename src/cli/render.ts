@@ -249,6 +249,11 @@ export function renderReceiveReport(r: ReceiveReport): string {
     channelTable(r.relay, ["to QEMU", "return path"]),
     `references: ${r.refs.refsResolved} rebuilt from the disk, ${r.refs.refsNacked} NACKed (${r.refs.pagesReceived} answered with the page)`,
   ];
+  const refused = r.relay.refused ?? [];
+  if (refused.length > 0)
+    lines.push(
+      `refused ${refused.length} connection${refused.length === 1 ? "" : "s"} before the handshake completed: ${refused.map((x) => `${x.peer} (${x.reason})`).join("; ")}`,
+    );
   if (r.relay.error) lines.push(`ERROR: ${r.relay.error}`);
   return `${lines.join("\n")}\n`;
 }

@@ -1,12 +1,19 @@
 /**
- * `vmprune send` as its own process, the way an operator runs it: started with --listen 127.0.0.1:0, its
- * listening address read from its log, its JSON report read from stdout when it exits. Tracked by PID, so a
- * failing or interrupted test still stops it.
+ * `vmprune send` as its own process, the way an operator runs it: started with --listen 127.0.0.1:0 (or a unix
+ * socket), its listening address read from its log, its JSON report read from stdout when it exits. Tracked by
+ * PID, so a failing or interrupted test still stops it.
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import { join } from "node:path";
 import type { SendReport } from "../migrate/send.ts";
 import { trackProcess, untrackProcess } from "../qemu/cleanup.ts";
+import {
+  type Endpoint,
+  isUnixEndpoint,
+  parseEndpoint,
+  qemuMigrationUri,
+  type TcpEndpoint,
+} from "../transport/endpoint.ts";
 import { REPO_ROOT } from "./paths.ts";
 
 export interface SendResult {
@@ -21,7 +28,8 @@ export interface SendResult {
 export class SendProcess {
   private constructor(
     private readonly child: ChildProcess,
-    readonly listen: { host: string; port: number },
+    /** Where it listens, as it logged it. */
+    readonly endpoint: Endpoint,
     readonly exited: Promise<SendResult>,
     private readonly stderrText: () => string,
   ) {}
@@ -30,9 +38,17 @@ export class SendProcess {
     return this.child.pid ?? -1;
   }
 
-  /** Where the source QEMU should migrate to. */
+  /** Its TCP listening address (it throws for a unix socket: see `endpoint`). */
+  get listen(): TcpEndpoint {
+    const endpoint = this.endpoint;
+    if (isUnixEndpoint(endpoint))
+      throw new Error(`vmprune listens on unix socket ${endpoint.path}, not on TCP`);
+    return endpoint;
+  }
+
+  /** Where the source QEMU should migrate to: tcp:HOST:PORT or unix:/PATH. */
   get uri(): string {
-    return `tcp:${this.listen.host}:${this.listen.port}`;
+    return qemuMigrationUri(this.endpoint);
   }
 
   get stderr(): string {
@@ -45,7 +61,7 @@ export class SendProcess {
     extraArgs?: string[];
     /** `vmprune receive` instead of `send` (same listen/to/--json shape; its report has another shape). */
     command?: "send" | "receive";
-    /** Where it listens (default 127.0.0.1:0). */
+    /** Where it listens (default 127.0.0.1:0); unix:/PATH for a unix socket. */
     listen?: string;
     /** Run it inside this network namespace (`ip netns exec` execs it: the PID stays the vmprune process's). */
     netns?: string;
@@ -67,11 +83,11 @@ export class SendProcess {
     child.stdout?.setEncoding("utf8").on("data", (d: string) => {
       stdout += d;
     });
-    const listening = new Promise<{ host: string; port: number }>((resolve, reject) => {
+    const listening = new Promise<Endpoint>((resolve, reject) => {
       child.stderr?.setEncoding("utf8").on("data", (d: string) => {
         stderr += d;
-        const m = /vmprune (?:send|receive): listening on ([\d.]+):(\d+)/.exec(stderr);
-        if (m?.[1] && m[2]) resolve({ host: m[1], port: Number(m[2]) });
+        const m = /vmprune (?:send|receive): listening on (unix:\S+?|[\d.]+:\d+),/.exec(stderr);
+        if (m?.[1]) resolve(parseEndpoint(m[1]));
       });
       child.once("exit", () =>
         reject(new Error(`vmprune ${command} exited before listening: ${stderr.trim()}`)),

@@ -5,7 +5,8 @@
  * rebuilt from the shared disk and checked against its SHA-256 (on any doubt: NACK, and nothing past that point
  * reaches QEMU until send's PAGE_DATA arrives). QEMU's return path goes back as RETURN frames. A link that fails
  * (ERROR, a malformed frame, send gone) resets the destination QEMU's connection, so it never runs the guest on
- * partial memory.
+ * partial memory. A peer that fails the handshake (garbage, plain QEMU bytes, a wrong key) is refused and receive
+ * goes on waiting for the real send (relay rule 9): the first comer to the port cannot end the migration's wait.
  */
 import type { Socket } from "node:net";
 import { LinkDecoder } from "../link/decoder.ts";
@@ -15,11 +16,16 @@ import { CAPABILITY, encodeBytesFrames, encodeMessage, MSG } from "../link/proto
 import { emptyReassemblerStats, type ReassemblerStats, RefReassembler } from "../link/ref-reassembler.ts";
 import type { BlockReader } from "../storage/block-reader.ts";
 import { type ChannelCodec, type CodecOutput, Relay, type RelayReport } from "../stream/relay.ts";
+import type { Endpoint, TcpEndpoint } from "../transport/endpoint.ts";
+import type { UnixSocketOptions } from "../transport/socket.ts";
 
 export interface ReceiveOptions {
-  listen: { host: string; port: number };
+  /** Where `vmprune send` connects: TCP or a unix socket (transport/endpoint.ts). */
+  listen: Endpoint;
   /** The destination QEMU's -incoming address. */
-  to: { host: string; port: number };
+  to: Endpoint;
+  /** Mode and owner of a unix-socket `listen`. */
+  unixSocket?: UnixSocketOptions;
   psk: Buffer;
   /** The shared disk, opened with 512-byte block units (REF blockNumber is in sectors). */
   disk?: BlockReader;
@@ -95,7 +101,10 @@ class LinkReceiveCodec implements ChannelCodec {
 
 export interface RunningReceive {
   relay: Relay;
-  address: { host: string; port: number };
+  /** Where it listens (TCP port 0 resolved). */
+  endpoint: Endpoint;
+  /** The TCP listening address; throws when listening on a unix socket (see `endpoint`). */
+  readonly address: TcpEndpoint;
   done: Promise<ReceiveReport>;
 }
 
@@ -104,6 +113,7 @@ export async function startReceive(options: ReceiveOptions): Promise<RunningRece
   const relay = await Relay.start({
     listen: options.listen,
     to: options.to,
+    ...(options.unixSocket ? { unixSocket: options.unixSocket } : {}),
     createChannelCodec: (index) => {
       const codec = new LinkReceiveCodec(index, options);
       codecs.push(codec);
@@ -121,5 +131,12 @@ export async function startReceive(options: ReceiveOptions): Promise<RunningRece
     }
     return { relay: report, refs };
   });
-  return { relay, address: relay.address, done };
+  return {
+    relay,
+    endpoint: relay.endpoint,
+    get address() {
+      return relay.address;
+    },
+    done,
+  };
 }

@@ -10,6 +10,8 @@ import { DiskIndex } from "../storage/disk-index.ts";
 import { CountingProcessor } from "../stream/counting-processor.ts";
 import { Relay, type RelayReport } from "../stream/relay.ts";
 import type { StreamSummaryJson } from "../stream/summary.ts";
+import type { Endpoint, TcpEndpoint } from "../transport/endpoint.ts";
+import type { UnixSocketOptions } from "../transport/socket.ts";
 import { type GuestJudgeOptions, openGuestJudge } from "./guest-judge.ts";
 import { LinkRateMeter } from "./link-rate.ts";
 import { LinkSendCodec } from "./link-send.ts";
@@ -33,8 +35,12 @@ export const GUARDED_READ_AHEAD_BYTES = 64 * 1024 * 1024;
 const MIN_READ_AHEAD_BYTES = 64 * 1024;
 
 export interface SendOptions {
-  listen: { host: string; port: number };
-  to: { host: string; port: number };
+  /** Where the source QEMU connects: TCP or a unix socket (transport/endpoint.ts). */
+  listen: Endpoint;
+  /** The destination QEMU's -incoming address, or `vmprune receive`'s. */
+  to: Endpoint;
+  /** Mode and owner of a unix-socket `listen` (the source QEMU may run as another user). */
+  unixSocket?: UnixSocketOptions;
   /** Categories to drop; empty or absent: passthrough. */
   drop?: readonly Category[];
   dryRun?: boolean;
@@ -66,7 +72,10 @@ export interface SendReport {
 
 export interface RunningSend {
   relay: Relay;
-  address: { host: string; port: number };
+  /** Where it listens (TCP port 0 resolved). */
+  endpoint: Endpoint;
+  /** The TCP listening address; throws when listening on a unix socket (see `endpoint`). */
+  readonly address: TcpEndpoint;
   done: Promise<SendReport>;
   /** Pruning so far (for progress), null before the main channel or without --drop. */
   pruneSoFar(): PruneReport | null;
@@ -115,6 +124,7 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
     relay = await Relay.start({
       listen: options.listen,
       to: options.to,
+      ...(options.unixSocket ? { unixSocket: options.unixSocket } : {}),
       createMainProcessor: () => {
         if (opened) {
           pruner = newPruner(opened.judge);
@@ -188,7 +198,10 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
   });
   return {
     relay,
-    address: relay.address,
+    endpoint: relay.endpoint,
+    get address() {
+      return relay.address;
+    },
     done,
     pruneSoFar: () => pruner?.report() ?? null,
     switchoverGuarded: guard !== undefined,

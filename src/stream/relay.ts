@@ -1,7 +1,8 @@
 /**
- * A transparent TCP relay for one QEMU live migration: the source QEMU migrates to `tcp:LISTEN`, the relay
- * forwards every connection to the destination's `-incoming` address. QEMU must not be able to tell it from a
- * direct connection. The rules, and why (sections of ../shared/docs/qemu-migration-stream.md):
+ * A transparent relay for one QEMU live migration: the source QEMU migrates to `tcp:LISTEN` (or `unix:LISTEN`),
+ * the relay forwards every connection to the destination's `-incoming` address. QEMU must not be able to tell it
+ * from a direct connection. Sockets come from ../transport/ (TCP or unix sockets, either side), so these rules
+ * hold whatever carries the bytes. The rules, and why (sections of ../shared/docs/qemu-migration-stream.md):
  *
  * 1. Accept order is connect order (§1, §10.10). QEMU 7.2 takes the first connection it accepts as the main
  *    channel and later ones as multifd (≥8.0 peeks a magic instead). So the k-th upstream connection is opened
@@ -22,17 +23,31 @@
  *    inflates the estimate and the real downtime. A reading socket is paused once a write returned false and the
  *    writer holds `maxBufferedBytes` or more (Node's high-water mark, 16 KiB, if that is larger), and resumed on
  *    'drain'. So the source feels the destination's backpressure through the relay. Sockets use TCP_NODELAY.
- * 6. One relay = one migration: after the first accepted connection, `done` resolves once every accepted
- *    connection has closed, and the relay stops listening.
+ * 6. One relay = one migration: after the first admitted connection, `done` resolves once every admitted
+ *    connection has closed and none waits for admission, and the relay stops listening.
  * 7. A failed upstream connect resets the source connection and is reported with the destination's address.
  *    Later source connections are then reset too, rather than connected: a 7.2 destination would take a
  *    multifd connection for the main channel.
  * 8. `capturePath` receives the main channel's source→destination bytes as received (before processing), with
  *    the same backpressure (a capture that falls behind pauses the source).
+ * 9. Admission: a codec's `openSource` (receive's handshake) decides whether an accepted connection joins the
+ *    migration, one connection at a time in accept order (rule 1). A refused connection is reset, takes no
+ *    channel index, is not an error of the migration (it is listed in `refused`) and does not end the relay:
+ *    otherwise whoever reached the port first (a port scanner, a misdirected QEMU) would end the wait for the real
+ *    sender, which would then find nothing listening.
  */
 import { createWriteStream, type WriteStream } from "node:fs";
-import { type AddressInfo, connect, createServer, type Server, type Socket } from "node:net";
+import type { Server, Socket } from "node:net";
 import type { Writable } from "node:stream";
+import { type Endpoint, formatEndpoint, isUnixEndpoint, type TcpEndpoint } from "../transport/endpoint.ts";
+import {
+  connect,
+  describePeer,
+  listen,
+  listeningEndpoint,
+  resetSocket,
+  type UnixSocketOptions,
+} from "../transport/socket.ts";
 
 /** Source→destination bytes of the main channel are handed to one of these. */
 export interface MainChannelProcessor {
@@ -65,7 +80,8 @@ export interface CodecOutput {
 export interface ChannelCodec {
   /**
    * Before the upstream connection is opened (e.g. authenticating the source: an unauthenticated peer must not
-   * make the relay connect to the destination QEMU). The source socket is paused when this resolves.
+   * make the relay connect to the destination QEMU). The source socket is paused when this resolves; a rejection
+   * refuses the connection (rule 9).
    */
   openSource?(source: Socket): Promise<void>;
   /** After the upstream connection is established and before any byte flows either way (e.g. a handshake). */
@@ -87,8 +103,11 @@ function processorCodec(processor: MainChannelProcessor | undefined): ChannelCod
 }
 
 export interface RelayOptions {
-  listen: { host: string; port: number }; // port 0 = ephemeral
-  to: { host: string; port: number };
+  /** TCP port 0: any free port (see {@link Relay.endpoint}). */
+  listen: Endpoint;
+  to: Endpoint;
+  /** Mode and owner of a unix-socket `listen` (transport/socket.ts). */
+  unixSocket?: UnixSocketOptions;
   /** Called once for the main channel (the first accepted connection). Default: identity (forward as is). */
   createMainProcessor?: () => MainChannelProcessor;
   /** Called once per accepted connection (index 0 = main); replaces createMainProcessor's plain relaying. */
@@ -121,6 +140,8 @@ export interface RelayReport {
   channels: ChannelReport[];
   /** Every error seen (connect failures, resets, processor or capture failures), joined with "; ". */
   error?: string;
+  /** Connections the codec refused before they joined the migration (rule 9): who, and why. Absent if none. */
+  refused?: { peer: string; reason: string }[];
   /** From the first accepted connection to the last one closing. */
   durationMs: number;
 }
@@ -145,7 +166,7 @@ export const DEFAULT_MAX_BUFFERED_BYTES = 8 * 1024 * 1024;
 
 /** What a channel needs from its relay. */
 interface ChannelContext {
-  to: { host: string; port: number };
+  to: Endpoint;
   maxBufferedBytes: number;
   log: (line: string) => void;
   /** An earlier upstream connect failed: do not connect any more (rule 7). */
@@ -186,13 +207,8 @@ function hold(reader: Socket, writer: Writable, holds: Set<Writable>): void {
   writer.on("close", release);
 }
 
-/** Tears a socket down so that the peer sees a reset, not a clean EOF. */
-function reset(socket: Socket): void {
-  if (socket.destroyed) return;
-  if (socket.connecting) socket.destroy();
-  else socket.resetAndDestroy();
-  if (!socket.destroyed) socket.destroy();
-}
+/** Tears a socket down so that the peer sees a reset (over TCP), not a clean EOF (transport/socket.ts). */
+const reset = resetSocket;
 
 /** A socket that closed after both of its directions ended normally. */
 function closedCleanly(socket: Socket): boolean {
@@ -246,19 +262,6 @@ class Channel {
   /** Opens the upstream connection; resolves once it is established or has failed (rule 1). */
   async connect(): Promise<void> {
     const source = this.#source;
-    if (this.codec.openSource && !source.destroyed) {
-      try {
-        await this.codec.openSource(source);
-      } catch (error) {
-        this.errors.push(`channel #${this.index}: ${errorText(error)}`);
-        this.ctx.log(`relay #${this.index}: refused: ${errorText(error)}`);
-        this.#end("relay: source refused");
-        this.#upstreamState = "none";
-        reset(source);
-        this.#checkClosed();
-        return;
-      }
-    }
     if (source.destroyed || this.ctx.refuse()) {
       this.#upstreamState = "none";
       if (!source.destroyed) {
@@ -268,10 +271,10 @@ class Channel {
       this.#checkClosed();
       return Promise.resolve();
     }
-    const { host, port } = this.ctx.to;
+    const to = formatEndpoint(this.ctx.to);
     return new Promise((resolve) => {
       this.#upstreamState = "connecting";
-      const upstream = connect({ host, port, allowHalfOpen: true, noDelay: true });
+      const upstream = connect(this.ctx.to, { allowHalfOpen: true, noDelay: true });
       this.#upstream = upstream;
       upstream.once("connect", () => {
         this.#upstreamState = "open";
@@ -282,10 +285,10 @@ class Channel {
         if (this.#upstreamState === "connecting") {
           resolve();
           const code = errorCode(error);
-          this.errors.push(`cannot connect to destination ${host}:${port}: ${code} (${error.message})`);
+          this.errors.push(`cannot connect to destination ${to}: ${code} (${error.message})`);
           this.#end("relay: cannot connect to destination");
           this.ctx.connectFailed();
-          this.ctx.log(`relay #${this.index}: cannot connect to ${host}:${port}: ${error.message}`);
+          this.ctx.log(`relay #${this.index}: cannot connect to ${to}: ${error.message}`);
           reset(source);
         } else this.#onError("destination", error);
       });
@@ -333,7 +336,7 @@ class Channel {
 
   #established(upstream: Socket): void {
     const source = this.#source;
-    this.ctx.log(`relay #${this.index}: connected to ${this.ctx.to.host}:${this.ctx.to.port}`);
+    this.ctx.log(`relay #${this.index}: connected to ${formatEndpoint(this.ctx.to)}`);
     if (source.destroyed) {
       upstream.destroy();
       return;
@@ -480,6 +483,10 @@ export class Relay {
   readonly #log: (line: string) => void;
   readonly #channels: Channel[] = [];
   readonly #errors: string[] = [];
+  readonly #refused: { peer: string; reason: string }[] = [];
+  /** Accepted connections not yet admitted or refused (rule 9): each waits for its turn in #connectChain. */
+  readonly #waiting = new Set<Socket>();
+  #closing = false;
   /** Settles when the last accepted channel's upstream connect has settled (rule 1). */
   #connectChain: Promise<void> = Promise.resolve();
   #connectFailed = false;
@@ -489,7 +496,7 @@ export class Relay {
   #peakBuffered = 0;
   #resolveDone!: (report: RelayReport) => void;
 
-  #address = { host: "", port: 0 };
+  #endpoint: Endpoint = { host: "", port: 0 };
 
   private constructor(server: Server, options: RelayOptions) {
     this.#server = server;
@@ -509,24 +516,29 @@ export class Relay {
   /** Listens on `options.listen`; resolves once listening. */
   static async start(options: RelayOptions): Promise<Relay> {
     // pauseOnConnect: nothing is read from a source connection before its upstream connection is established.
-    const server = createServer({ allowHalfOpen: true, pauseOnConnect: true, noDelay: true });
-    const relay = new Relay(server, options);
-    await new Promise<void>((resolve, reject) => {
-      server.once("error", reject);
-      server.listen({ host: options.listen.host, port: options.listen.port }, () => {
-        server.off("error", reject);
-        resolve();
-      });
+    const server = await listen(options.listen, {
+      allowHalfOpen: true,
+      pauseOnConnect: true,
+      noDelay: true,
+      ...options.unixSocket,
     });
-    const address = server.address() as AddressInfo;
-    relay.#address = { host: address.address, port: address.port };
-    relay.#log(`relay: listening on ${relay.address.host}:${relay.address.port}`);
+    const relay = new Relay(server, options);
+    relay.#endpoint = listeningEndpoint(server, options.listen);
+    relay.#log(`relay: listening on ${formatEndpoint(relay.endpoint)}`);
     return relay;
   }
 
-  /** The actual listening address. */
-  get address(): { host: string; port: number } {
-    return this.#address;
+  /** Where the relay actually listens (a TCP port 0 resolved). */
+  get endpoint(): Endpoint {
+    return this.#endpoint;
+  }
+
+  /** The actual TCP listening address; a relay on a unix socket has none (use {@link endpoint}). */
+  get address(): TcpEndpoint {
+    const endpoint = this.#endpoint;
+    if (isUnixEndpoint(endpoint))
+      throw new Error(`the relay listens on unix socket ${endpoint.path}, which has no TCP address`);
+    return endpoint;
   }
 
   /**
@@ -560,27 +572,71 @@ export class Relay {
 
   /** Stops listening and destroys any connections; `done` then resolves. */
   async close(): Promise<void> {
-    if (!this.#finishing) {
-      if (this.#channels.length === 0) {
-        this.#errors.push("relay closed before any connection was accepted");
-        void this.#finish();
-      } else {
-        this.#stopListening();
-        for (const channel of this.#channels) channel.abort("closed");
-      }
+    if (!this.#finishing && !this.#closing) {
+      this.#closing = true;
+      this.#stopListening();
+      for (const socket of this.#waiting) reset(socket);
+      if (this.#channels.length === 0) this.#errors.push("relay closed before any connection was accepted");
+      for (const channel of this.#channels) channel.abort("closed");
+      this.#checkFinished();
     }
     await this.done;
   }
 
   #accept(source: Socket): void {
-    if (this.#finishing) {
+    if (this.#finishing || this.#closing) {
       source.destroy();
       return;
     }
+    // Until it is a channel, an error (a reset while it waits) must not become an uncaught 'error'.
+    const onWaitingError = () => {};
+    source.on("error", onWaitingError);
+    this.#waiting.add(source);
+    this.#connectChain = this.#connectChain.then(async () => {
+      try {
+        await this.#admit(source, onWaitingError);
+      } finally {
+        this.#waiting.delete(source);
+        this.#checkFinished();
+      }
+    });
+  }
+
+  /** Rule 9 (then rule 1): runs the codec's admission, and makes an admitted connection a channel. */
+  async #admit(source: Socket, onWaitingError: () => void): Promise<void> {
+    if (this.#finishing || this.#closing || source.destroyed) {
+      source.destroy();
+      return;
+    }
+    // Every earlier connection has been admitted or refused by now: the index is the channel's place.
     const index = this.#channels.length;
-    this.#firstAcceptAt ??= performance.now();
-    this.#log(`relay #${index}: accepted ${source.remoteAddress}:${source.remotePort}`);
+    const peer = describePeer(source);
     const main = index === 0;
+    let codec: ChannelCodec = processorCodec(undefined);
+    let processorError: unknown;
+    try {
+      if (this.#options.createChannelCodec) codec = this.#options.createChannelCodec(index);
+      else if (main) codec = processorCodec(this.#options.createMainProcessor?.());
+    } catch (error) {
+      processorError = error;
+    }
+    if (processorError === undefined && codec.openSource) {
+      try {
+        await codec.openSource(source);
+      } catch (error) {
+        const reason = errorText(error);
+        this.#refused.push({ peer, reason });
+        this.#log(`relay: refused ${peer}: ${reason}`);
+        reset(source);
+        return;
+      }
+      if (this.#finishing || this.#closing || source.destroyed) {
+        source.destroy();
+        return;
+      }
+    }
+    this.#firstAcceptAt ??= performance.now();
+    this.#log(`relay #${index}: accepted ${peer}`);
     if (main && this.#options.capturePath) {
       const path = this.#options.capturePath;
       const capture = createWriteStream(path);
@@ -605,22 +661,23 @@ export class Relay {
         if (bytes > this.#peakBuffered) this.#peakBuffered = bytes;
       },
     };
-    let codec: ChannelCodec = processorCodec(undefined);
-    let processorError: unknown;
-    try {
-      if (this.#options.createChannelCodec) codec = this.#options.createChannelCodec(index);
-      else if (main) codec = processorCodec(this.#options.createMainProcessor?.());
-    } catch (error) {
-      processorError = error;
-    }
     const channel = new Channel(index, source, context, codec, main ? this.#capture : undefined);
     this.#channels.push(channel);
-    if (processorError !== undefined) channel.processorFailed(processorError);
-    this.#connectChain = this.#connectChain.then(() => channel.connect());
+    source.off("error", onWaitingError);
     void channel.closed.then(() => {
       this.#log(`relay #${index}: closed (${channel.closedBy ?? "?"})`);
-      if (this.#channels.every((c) => c.isClosed)) void this.#finish();
+      this.#checkFinished();
     });
+    // A failed processor destroys the source; connect() then only marks the channel closed.
+    if (processorError !== undefined) channel.processorFailed(processorError);
+    await channel.connect();
+  }
+
+  /** Rule 6: done once every admitted channel has closed and nothing waits for admission (or on close). */
+  #checkFinished(): void {
+    if (this.#finishing || this.#waiting.size > 0) return;
+    if (!this.#channels.every((c) => c.isClosed)) return;
+    if (this.#channels.length > 0 || this.#closing) void this.#finish();
   }
 
   #stopListening(): void {
@@ -644,6 +701,7 @@ export class Relay {
       durationMs: this.#firstAcceptAt === undefined ? 0 : performance.now() - this.#firstAcceptAt,
     };
     if (errors.length > 0) report.error = errors.join("; ");
+    if (this.#refused.length > 0) report.refused = [...this.#refused];
     this.#resolveDone(report);
   }
 }
