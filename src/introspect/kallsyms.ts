@@ -589,29 +589,19 @@ function readEncodings(as: AddressSpace, info: VmcoreInfo, count: number): Encod
     out.push({
       encoding: "relative-base",
       addressAt: (i) => (base + BigInt(offsets.readUInt32LE(i * 4))) & MASK64,
-      sorted: () => firstUnsortedNumber(count, (i) => offsets.readUInt32LE(i * 4)),
+      sorted: () => firstUnsorted(count, (i) => offsets.readUInt32LE(i * 4)),
     });
   }
   out.push({
     encoding: "place-relative",
     addressAt: (i) => (offsetsVa + BigInt(i * 4 + offsets.readInt32LE(i * 4))) & MASK64,
-    sorted: () => firstUnsortedNumber(count, (i) => i * 4 + offsets.readInt32LE(i * 4)),
+    sorted: () => firstUnsorted(count, (i) => i * 4 + offsets.readInt32LE(i * 4)),
   });
   return out;
 }
 
-/** Index of the first entry below its predecessor, or -1. */
-function firstUnsortedNumber(count: number, at: (i: number) => number): number {
-  let prev = at(0);
-  for (let i = 1; i < count; i++) {
-    const v = at(i);
-    if (v < prev) return i;
-    prev = v;
-  }
-  return -1;
-}
-
-function firstUnsorted(count: number, at: (i: number) => bigint): number {
+/** Index of the first entry below its predecessor, or -1 (offsets as numbers, addresses as bigints). */
+function firstUnsorted<T extends number | bigint>(count: number, at: (i: number) => T): number {
   let prev = at(0);
   for (let i = 1; i < count; i++) {
     const v = at(i);
