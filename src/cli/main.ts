@@ -32,6 +32,7 @@ import {
 } from "../transport/endpoint.ts";
 import { parseSocketMode, parseSocketOwner } from "../transport/owner.ts";
 import type { UnixSocketOptions } from "../transport/socket.ts";
+import type { LinkSecurity } from "../transport/tls.ts";
 import {
   renderDemo,
   renderInspectReport,
@@ -212,6 +213,14 @@ function cliArgument<T>(parse: (value: string) => T): (value: string) => T {
 /** "HOST:PORT", "[V6]:PORT" or "unix:/PATH". */
 const endpointArgument = cliArgument(parseEndpoint);
 
+const TLS_CREDS_HELP = {
+  send: "TLS 1.3 with mutual x509 certificates instead of TLS-PSK: a directory with ca-cert.pem, client-cert.pem and client-key.pem (QEMU's layout, e.g. /etc/pki/qemu); --link-key is then optional",
+  receive:
+    "TLS 1.3 with mutual x509 certificates instead of TLS-PSK: a directory with ca-cert.pem, server-cert.pem and server-key.pem (QEMU's layout, e.g. /etc/pki/qemu); --link-key is then optional",
+};
+const INSECURE_PLAINTEXT_HELP =
+  "DANGER: no TLS; guest memory crosses the network readable by anyone on the path (the link stays authenticated with --link-key)";
+
 const SOCKET_MODE_HELP = "with a unix-socket --listen: the socket file's mode, octal (e.g. 0660)";
 const SOCKET_OWNER_HELP =
   "with a unix-socket --listen: the socket file's owner, USER[:GROUP] or :GROUP (names or ids; needs root to give away)";
@@ -270,8 +279,14 @@ program
   .addOption(new Option("--classify-once", "TEST ONLY: classify once at the start (unsafe)").hideHelp())
   .option(
     "--link-key <file>",
-    "the target is `vmprune receive`, not a QEMU: the pre-shared key file (the same on both hosts, >= 16 bytes)",
+    "the target is `vmprune receive`, not a QEMU: the pre-shared key file (the same on both hosts, >= 16 bytes); the link is TLS 1.3 with this key (TLS-PSK) unless --tls-creds or --insecure-plaintext",
   )
+  .option("--tls-creds <dir>", TLS_CREDS_HELP.send)
+  .option(
+    "--tls-hostname <name>",
+    "with --tls-creds: the name (or IP) receive's certificate must carry (default: the host of --to)",
+  )
+  .option("--insecure-plaintext", INSECURE_PLAINTEXT_HELP)
   .option("--disk <image>", "the shared raw disk image, indexed to send clean cache pages as references")
   .option("--capture <file>", "also write the main channel's stream, as received, to this file")
   .option(
@@ -296,9 +311,13 @@ program
       classifyOnce?: boolean;
       capture?: string;
       linkKey?: string;
+      tlsCreds?: string;
+      tlsHostname?: string;
+      insecurePlaintext?: boolean;
       disk?: string;
       json?: boolean;
     }) => {
+      const link = await linkOptions(opts, "send");
       if (opts.drop && !opts.qmp && !opts.guestMemory)
         throw new Error("--drop needs a way to read guest memory: --qmp SOCKET or --guest-memory FILE");
       const unixSocket = unixSocketOptions(opts);
@@ -327,7 +346,7 @@ program
             classifyOnce: opts.classifyOnce ?? false,
           },
           ...(opts.capture ? { capturePath: opts.capture } : {}),
-          ...(opts.linkKey ? { link: { psk: await readKey(opts.linkKey) } } : {}),
+          ...(link ? { link } : {}),
           ...(opts.disk ? { disk: opts.disk } : {}),
           guardSwitchover: opts.switchoverGuard,
           log,
@@ -439,7 +458,12 @@ program
   )
   .option("--socket-mode <mode>", SOCKET_MODE_HELP, cliArgument(parseSocketMode))
   .option("--socket-owner <user[:group]>", SOCKET_OWNER_HELP, cliArgument(parseSocketOwner))
-  .requiredOption("--link-key <file>", "the pre-shared key file (the same as send's, >= 16 bytes)")
+  .option(
+    "--link-key <file>",
+    "the pre-shared key file (the same as send's, >= 16 bytes); the link is TLS 1.3 with this key (TLS-PSK) unless --tls-creds or --insecure-plaintext",
+  )
+  .option("--tls-creds <dir>", TLS_CREDS_HELP.receive)
+  .option("--insecure-plaintext", INSECURE_PLAINTEXT_HELP)
   .option("--disk <image>", "the shared raw disk image (without it, every reference is answered with a NACK)")
   .option("--json", "print the report as JSON")
   .action(
@@ -448,10 +472,17 @@ program
       to: Endpoint;
       socketMode?: number;
       socketOwner?: { uid?: number; gid?: number };
-      linkKey: string;
+      linkKey?: string;
+      tlsCreds?: string;
+      insecurePlaintext?: boolean;
       disk?: string;
       json?: boolean;
     }) => {
+      const link = await linkOptions(opts, "receive");
+      if (!link)
+        throw new Error(
+          "receive needs --link-key FILE (TLS-PSK) or --tls-creds DIR (x509): the link must be authenticated",
+        );
       const unixSocket = unixSocketOptions(opts);
       const disk = opts.disk
         ? await BlockReader.open(opts.disk, { alignmentBytes: REF_SECTOR_BYTES })
@@ -460,7 +491,7 @@ program
         listen: opts.listen,
         to: opts.to,
         ...(unixSocket ? { unixSocket } : {}),
-        psk: await readKey(opts.linkKey),
+        ...link,
         ...(disk ? { disk } : {}),
         log,
       });
@@ -476,6 +507,36 @@ program
       if (report.relay.error) process.exitCode = 1;
     },
   );
+
+/**
+ * --link-key, --tls-creds, --tls-hostname, --insecure-plaintext → the link's key and TLS mode, or undefined when
+ * none is given (send: the target is a plain QEMU). The default with a key file is TLS-PSK.
+ */
+async function linkOptions(
+  opts: { linkKey?: string; tlsCreds?: string; tlsHostname?: string; insecurePlaintext?: boolean },
+  command: "send" | "receive",
+): Promise<{ psk?: Buffer; security: LinkSecurity } | undefined> {
+  if (opts.insecurePlaintext && opts.tlsCreds)
+    throw new Error("--insecure-plaintext and --tls-creds contradict each other: give one");
+  if (opts.tlsHostname && !opts.tlsCreds)
+    throw new Error("--tls-hostname checks an x509 certificate: it needs --tls-creds DIR");
+  if (opts.insecurePlaintext && !opts.linkKey)
+    throw new Error(
+      "--insecure-plaintext still needs --link-key FILE: the plaintext link is authenticated by it",
+    );
+  const psk = opts.linkKey ? await readKey(opts.linkKey) : undefined;
+  if (opts.tlsCreds) {
+    const security: LinkSecurity = {
+      mode: "x509",
+      dir: opts.tlsCreds,
+      ...(command === "send" && opts.tlsHostname ? { hostname: opts.tlsHostname } : {}),
+    };
+    return { ...(psk ? { psk } : {}), security };
+  }
+  if (!psk) return undefined;
+  if (opts.insecurePlaintext) return { psk, security: { mode: "plaintext" } };
+  return { psk, security: { mode: "psk", key: psk } };
+}
 
 /** A pre-shared key file: its bytes (trailing newline included), at least 16. */
 async function readKey(path: string): Promise<Buffer> {

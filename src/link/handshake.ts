@@ -8,6 +8,7 @@
  */
 import { createHmac, randomBytes, timingSafeEqual } from "node:crypto";
 import type { Socket } from "node:net";
+import { TLSSocket } from "node:tls";
 import { decodeFrame, type Frame, LinkDecoder } from "./decoder.ts";
 import { LinkError } from "./errors.ts";
 import {
@@ -28,6 +29,24 @@ import {
 export const DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000;
 /** Shorter keys are refused: a PSK is meant to be random bytes from a key file. */
 export const MIN_PSK_BYTES = 16;
+
+/** TLS exporter label (RFC 8446 §7.5) for a handshake key bound to the TLS session ({@link handshakeKey}). */
+export const EXPORTER_LABEL = "EXPORTER-vmprune-link-handshake";
+
+/**
+ * The key the handshake's MACs use: the pre-shared key when there is one; over TLS with certificates and no key
+ * file, 32 bytes exported from the TLS session, which only its two verified endpoints can compute. The handshake
+ * then still carries the versioning and capabilities, and binds them to this TLS session.
+ */
+export function handshakeKey(psk: Buffer | undefined, socket: Socket): Buffer {
+  if (psk) return psk;
+  if (socket instanceof TLSSocket && socket.encrypted)
+    return socket.exportKeyingMaterial(32, EXPORTER_LABEL, Buffer.alloc(0));
+  throw new LinkError(
+    "bad-key",
+    "no pre-shared key, and the connection is not TLS: the link needs a key file, or TLS with certificates",
+  );
+}
 
 export interface HandshakeOptions {
   /** The pre-shared key (≥ 16 bytes), the same on both hosts. */

@@ -11,13 +11,20 @@
 import type { Socket } from "node:net";
 import { LinkDecoder } from "../link/decoder.ts";
 import { LinkError } from "../link/errors.ts";
-import { serverHandshake } from "../link/handshake.ts";
+import { handshakeKey, serverHandshake } from "../link/handshake.ts";
 import { CAPABILITY, encodeBytesFrames, encodeMessage, MSG } from "../link/protocol.ts";
 import { emptyReassemblerStats, type ReassemblerStats, RefReassembler } from "../link/ref-reassembler.ts";
 import type { BlockReader } from "../storage/block-reader.ts";
 import { type ChannelCodec, type CodecOutput, Relay, type RelayReport } from "../stream/relay.ts";
 import type { Endpoint, TcpEndpoint } from "../transport/endpoint.ts";
 import type { UnixSocketOptions } from "../transport/socket.ts";
+import {
+  describeTls,
+  type LinkSecurity,
+  linkSecurity,
+  PLAINTEXT_WARNING,
+  tlsServer,
+} from "../transport/tls.ts";
 
 export interface ReceiveOptions {
   /** Where `vmprune send` connects: TCP or a unix socket (transport/endpoint.ts). */
@@ -26,7 +33,13 @@ export interface ReceiveOptions {
   to: Endpoint;
   /** Mode and owner of a unix-socket `listen`. */
   unixSocket?: UnixSocketOptions;
-  psk: Buffer;
+  /** The link's pre-shared key; may be absent only with x509 `security` (link/handshake.ts handshakeKey). */
+  psk?: Buffer;
+  /**
+   * TLS on the link (transport/tls.ts). Default: TLS-PSK from `psk`. Plaintext only when asked for by name,
+   * since guest memory would then cross the network readable.
+   */
+  security?: LinkSecurity;
   /** The shared disk, opened with 512-byte block units (REF blockNumber is in sectors). */
   disk?: BlockReader;
   log?: (line: string) => void;
@@ -53,7 +66,7 @@ class LinkReceiveCodec implements ChannelCodec {
 
   async openSource(source: Socket): Promise<void> {
     const session = await serverHandshake(source, {
-      psk: this.options.psk,
+      psk: handshakeKey(this.options.psk, source),
       capabilities: this.options.disk ? [CAPABILITY.REF_SHA256] : [],
     });
     const disk = this.options.disk;
@@ -65,7 +78,8 @@ class LinkReceiveCodec implements ChannelCodec {
         return r.ok ? r.page : null;
       },
     });
-    this.options.log?.(`link #${this.index}: send authenticated`);
+    const tls = describeTls(source);
+    this.options.log?.(`link #${this.index}: send authenticated${tls ? ` over ${tls}` : " (plaintext)"}`);
   }
 
   fromSource(chunk: Buffer): CodecOutput {
@@ -110,7 +124,11 @@ export interface RunningReceive {
 
 export async function startReceive(options: ReceiveOptions): Promise<RunningReceive> {
   const codecs: LinkReceiveCodec[] = [];
+  const security = linkSecurity(options.security, options.psk);
+  if (security.mode === "plaintext") options.log?.(PLAINTEXT_WARNING);
+  const secureSource = tlsServer(security);
   const relay = await Relay.start({
+    ...(secureSource ? { secureSource } : {}),
     listen: options.listen,
     to: options.to,
     ...(options.unixSocket ? { unixSocket: options.unixSocket } : {}),

@@ -7,20 +7,23 @@
  * source), ERROR (abort: both sides reset, the source QEMU sees a failed migration and keeps running).
  */
 import type { Socket } from "node:net";
+import { TLSSocket } from "node:tls";
 import { LinkDecoder } from "../link/decoder.ts";
 import { LinkError } from "../link/errors.ts";
-import { clientHandshake } from "../link/handshake.ts";
+import { clientHandshake, handshakeKey } from "../link/handshake.ts";
 import { CAPABILITY, encodeBytesFrames, encodeMessage, MSG } from "../link/protocol.ts";
 import { RefLedger } from "../link/ref-ledger.ts";
 import type { PageRef } from "../prune/page-judge.ts";
 import type { PruningProcessor, Segment } from "../prune/pruning-processor.ts";
 import type { ChannelCodec, CodecOutput } from "../stream/relay.ts";
+import { describeTls } from "../transport/tls.ts";
 
 /** REF blockNumber unit: 512-byte disk sectors (link/protocol.ts stream rule 2). */
 export const REF_SECTOR_BYTES = 512;
 
 export interface LinkSendOptions {
-  psk: Buffer;
+  /** The link's pre-shared key; absent only over TLS with certificates (link/handshake.ts handshakeKey). */
+  psk?: Buffer;
   /** The main channel's processor (index 0); other channels are framed as they are. */
   processor?: PruningProcessor;
   /** Byte offset on the shared disk of an index block (DiskIndex.offsetOf). */
@@ -47,14 +50,32 @@ export class LinkSendCodec implements ChannelCodec {
 
   async open({ source, upstream }: { source: Socket; upstream: Socket }): Promise<void> {
     this.source = source;
-    const session = await clientHandshake(upstream, {
-      psk: this.options.psk,
-      capabilities: [CAPABILITY.REF_SHA256],
-    });
+    let session: Awaited<ReturnType<typeof clientHandshake>>;
+    try {
+      session = await clientHandshake(upstream, {
+        psk: handshakeKey(this.options.psk, upstream),
+        capabilities: [CAPABILITY.REF_SHA256],
+      });
+    } catch (error) {
+      // In TLS 1.3 the client's handshake is done before the server has checked the client's certificate: a
+      // receive that refuses it (another CA, expired) only hangs up, once send already speaks the link.
+      if (
+        error instanceof LinkError &&
+        error.code === "closed" &&
+        upstream instanceof TLSSocket &&
+        !this.options.psk
+      )
+        throw new LinkError(
+          "closed",
+          `${error.detail}; with certificates this usually means receive refused this side's client certificate (another CA, expired): its log says why`,
+        );
+      throw error;
+    }
     this.refsAllowed = session.capabilities.includes(CAPABILITY.REF_SHA256);
     this.ledger = new RefLedger<PageRef>(session.windowBytes);
+    const tls = describeTls(upstream);
     this.options.log?.(
-      `link #${this.index}: authenticated; ${this.refsAllowed ? "references on" : "receive takes no references"}`,
+      `link #${this.index}: authenticated${tls ? ` over ${tls}` : " (plaintext)"}; ${this.refsAllowed ? "references on" : "receive takes no references"}`,
     );
   }
 

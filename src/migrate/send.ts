@@ -12,6 +12,13 @@ import { Relay, type RelayReport } from "../stream/relay.ts";
 import type { StreamSummaryJson } from "../stream/summary.ts";
 import type { Endpoint, TcpEndpoint } from "../transport/endpoint.ts";
 import type { UnixSocketOptions } from "../transport/socket.ts";
+import {
+  type LinkSecurity,
+  linkSecurity,
+  PLAINTEXT_WARNING,
+  tlsClientOptions,
+  tlsFailureHint,
+} from "../transport/tls.ts";
 import { type GuestJudgeOptions, openGuestJudge } from "./guest-judge.ts";
 import { LinkRateMeter } from "./link-rate.ts";
 import { LinkSendCodec } from "./link-send.ts";
@@ -46,8 +53,11 @@ export interface SendOptions {
   dryRun?: boolean;
   guest?: Omit<GuestJudgeOptions, "log">;
   capturePath?: string;
-  /** The target is `vmprune receive` (not a plain QEMU): the link's pre-shared key. */
-  link?: { psk: Buffer };
+  /**
+   * The target is `vmprune receive` (not a plain QEMU): the link's pre-shared key (absent only with x509
+   * `security`) and its TLS (transport/tls.ts; default TLS-PSK from `psk`).
+   */
+  link?: { psk?: Buffer; security?: LinkSecurity };
   /** The shared disk image (raw), indexed for cache pages (with `link` and drop "cache"). */
   disk?: string;
   /**
@@ -119,6 +129,10 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
   const guardQmp = options.guardSwitchover !== false && judge ? options.guest?.qmp?.client : undefined;
   let pruner: PruningProcessor | undefined;
   let counter: CountingProcessor | undefined;
+  const link = options.link;
+  const security = link ? linkSecurity(link.security, link.psk) : undefined;
+  if (security?.mode === "plaintext") log(PLAINTEXT_WARNING);
+  const tlsOptions = security ? tlsClientOptions(security, options.to) : undefined;
   let relay: Relay;
   try {
     relay = await Relay.start({
@@ -133,12 +147,20 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
         counter = new CountingProcessor();
         return counter;
       },
-      ...(options.link
+      ...(tlsOptions && security
+        ? {
+            upstreamTls: {
+              options: tlsOptions,
+              describeFailure: (error: Error) => tlsFailureHint(error, security),
+            },
+          }
+        : {}),
+      ...(link
         ? {
             createChannelCodec: (channel: number) => {
               if (channel === 0) pruner = newPruner(opened?.judge ?? "no --drop: passthrough");
               const codec = new LinkSendCodec(channel, {
-                psk: (options.link as { psk: Buffer }).psk,
+                ...(link.psk ? { psk: link.psk } : {}),
                 ...(channel === 0 && pruner ? { processor: pruner } : {}),
                 ...(index ? { blockOffset: (block: number) => (index as DiskIndex).offsetOf(block) } : {}),
                 ...(judge?.readPage ? { readPage: judge.readPage.bind(judge) } : {}),

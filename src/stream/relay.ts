@@ -39,6 +39,7 @@
 import { createWriteStream, type WriteStream } from "node:fs";
 import type { Server, Socket } from "node:net";
 import type { Writable } from "node:stream";
+import type { ConnectionOptions } from "node:tls";
 import { type Endpoint, formatEndpoint, isUnixEndpoint, type TcpEndpoint } from "../transport/endpoint.ts";
 import {
   connect,
@@ -114,6 +115,16 @@ export interface RelayOptions {
   createChannelCodec?: (index: number) => ChannelCodec;
   /** If set, the main channel's source→destination bytes (as received, before processing) are also written to this file. */
   capturePath?: string;
+  /**
+   * Wraps each accepted connection before admission (TLS, transport/tls.ts): the codec and the channel see the
+   * returned socket. A rejection refuses the connection (rule 9), so nothing reaches the destination.
+   */
+  secureSource?: (source: Socket) => Promise<Socket>;
+  /**
+   * Connects to `to` over TLS with these options; a channel opens only once the TLS handshake has completed.
+   * `describeFailure` turns a TLS error into what the user should check.
+   */
+  upstreamTls?: { options: ConnectionOptions; describeFailure?: (error: Error) => string };
   /** Upper bound of bytes buffered per direction before the reading side is paused (default 8 MiB). */
   maxBufferedBytes?: number;
   log?: (line: string) => void;
@@ -173,6 +184,7 @@ interface ChannelContext {
   refuse: () => boolean;
   connectFailed: () => void;
   observeBuffered: (bytes: number) => void;
+  upstreamTls: RelayOptions["upstreamTls"];
 }
 
 function errorText(error: unknown): string {
@@ -274,9 +286,15 @@ class Channel {
     const to = formatEndpoint(this.ctx.to);
     return new Promise((resolve) => {
       this.#upstreamState = "connecting";
-      const upstream = connect(this.ctx.to, { allowHalfOpen: true, noDelay: true });
+      const tls = this.ctx.upstreamTls;
+      const upstream = connect(this.ctx.to, {
+        allowHalfOpen: true,
+        noDelay: true,
+        ...(tls ? { tls: tls.options } : {}),
+      });
       this.#upstream = upstream;
-      upstream.once("connect", () => {
+      // Over TLS the channel is open only once the peer is verified: a failed TLS handshake is a failed connect.
+      upstream.once(tls ? "secureConnect" : "connect", () => {
         this.#upstreamState = "open";
         resolve();
         this.#established(upstream);
@@ -285,10 +303,11 @@ class Channel {
         if (this.#upstreamState === "connecting") {
           resolve();
           const code = errorCode(error);
-          this.errors.push(`cannot connect to destination ${to}: ${code} (${error.message})`);
+          const why = tls?.describeFailure ? tls.describeFailure(error) : `${code} (${error.message})`;
+          this.errors.push(`cannot connect to destination ${to}: ${why}`);
           this.#end("relay: cannot connect to destination");
           this.ctx.connectFailed();
-          this.ctx.log(`relay #${this.index}: cannot connect to ${to}: ${error.message}`);
+          this.ctx.log(`relay #${this.index}: cannot connect to ${to}: ${why}`);
           reset(source);
         } else this.#onError("destination", error);
       });
@@ -486,6 +505,8 @@ export class Relay {
   readonly #refused: { peer: string; reason: string }[] = [];
   /** Accepted connections not yet admitted or refused (rule 9): each waits for its turn in #connectChain. */
   readonly #waiting = new Set<Socket>();
+  /** A waiting connection's secured socket (RelayOptions.secureSource), once it has one: what close() resets. */
+  readonly #secured = new Map<Socket, Socket>();
   #closing = false;
   /** Settles when the last accepted channel's upstream connect has settled (rule 1). */
   #connectChain: Promise<void> = Promise.resolve();
@@ -575,7 +596,7 @@ export class Relay {
     if (!this.#finishing && !this.#closing) {
       this.#closing = true;
       this.#stopListening();
-      for (const socket of this.#waiting) reset(socket);
+      for (const socket of this.#waiting) reset(this.#secured.get(socket) ?? socket);
       if (this.#channels.length === 0) this.#errors.push("relay closed before any connection was accepted");
       for (const channel of this.#channels) channel.abort("closed");
       this.#checkFinished();
@@ -597,6 +618,7 @@ export class Relay {
         await this.#admit(source, onWaitingError);
       } finally {
         this.#waiting.delete(source);
+        this.#secured.delete(source);
         this.#checkFinished();
       }
     });
@@ -619,6 +641,27 @@ export class Relay {
       else if (main) codec = processorCodec(this.#options.createMainProcessor?.());
     } catch (error) {
       processorError = error;
+    }
+    if (processorError === undefined && this.#options.secureSource) {
+      const raw = source;
+      try {
+        source = await this.#options.secureSource(raw);
+      } catch (error) {
+        const reason = errorText(error);
+        this.#refused.push({ peer, reason });
+        this.#log(`relay: refused ${peer}: ${reason}`);
+        reset(raw);
+        return;
+      }
+      // The secured socket is the connection from now on: its errors are what the waiting handler must swallow.
+      if (source !== raw) {
+        source.on("error", onWaitingError);
+        this.#secured.set(raw, source);
+      }
+      if (this.#finishing || this.#closing || source.destroyed) {
+        source.destroy();
+        return;
+      }
     }
     if (processorError === undefined && codec.openSource) {
       try {
@@ -660,6 +703,7 @@ export class Relay {
       observeBuffered: (bytes) => {
         if (bytes > this.#peakBuffered) this.#peakBuffered = bytes;
       },
+      upstreamTls: this.#options.upstreamTls,
     };
     const channel = new Channel(index, source, context, codec, main ? this.#capture : undefined);
     this.#channels.push(channel);

@@ -20,6 +20,7 @@ import { randomBytes } from "node:crypto";
 import { chmodSync, chownSync, lstatSync, readFileSync, renameSync, type Stats, unlinkSync } from "node:fs";
 import { createServer, connect as netConnect, type Server, type Socket } from "node:net";
 import { basename, dirname, join } from "node:path";
+import { type ConnectionOptions, connect as tlsConnect } from "node:tls";
 import { checkUnixPath, type Endpoint, EndpointError, formatEndpoint, isUnixEndpoint } from "./endpoint.ts";
 
 export interface UnixSocketOptions {
@@ -42,6 +43,8 @@ export interface ListenOptions extends UnixSocketOptions {
 export interface ConnectOptions {
   allowHalfOpen?: boolean;
   noDelay?: boolean;
+  /** Connect over TLS with these options (tls.ts): the socket is ready on 'secureConnect', not 'connect'. */
+  tls?: ConnectionOptions;
 }
 
 /** What /proc/net/unix's Flags column holds for a listening socket (__SO_ACCEPTCON, include/linux/net.h). */
@@ -245,6 +248,18 @@ export function listeningEndpoint(server: Server, requested: Endpoint): Endpoint
 /** A socket connecting to `endpoint`; listen for 'connect' and 'error' as with net.connect. */
 export function connect(endpoint: Endpoint, options: ConnectOptions = {}): Socket {
   const allowHalfOpen = options.allowHalfOpen ?? false;
+  if (options.tls) {
+    const target = isUnixEndpoint(endpoint)
+      ? { path: endpoint.path }
+      : { host: endpoint.host, port: endpoint.port, noDelay: options.noDelay ?? false };
+    // tls.connect hands allowHalfOpen to its TLSSocket (lib/_tls_wrap.js) though @types/node does not list it.
+    const halfOpen: ConnectionOptions & { allowHalfOpen: boolean } = {
+      ...options.tls,
+      ...target,
+      allowHalfOpen,
+    };
+    return tlsConnect(halfOpen);
+  }
   if (isUnixEndpoint(endpoint)) return netConnect({ path: endpoint.path, allowHalfOpen });
   return netConnect({
     host: endpoint.host,
