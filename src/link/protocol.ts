@@ -4,6 +4,11 @@
  * destination, with clean page-cache pages replaced by references to blocks of the shared disk, and QEMU's return
  * path destination → source on the same connection.
  *
+ * The connection is TLS 1.3 (TLS-PSK from the key file, or mutual x509: ../transport/tls.ts) unless plaintext was
+ * asked for by name; everything below runs inside the tunnel and only reads and writes bytes. The HMAC handshake
+ * stays: it carries the versioning and capabilities, and keeps the key file a check of its own (with
+ * certificates and no key file, its key is exported from the TLS session: link/handshake.ts handshakeKey).
+ *
  * ## Framing
  * Every message is one frame: `u8 type, be32 length, payload[length]`. `length` is at most
  * {@link MAX_PAYLOAD_BYTES} (1 MiB), and each type has its own tighter bounds, checked before any payload is
