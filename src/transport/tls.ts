@@ -117,7 +117,10 @@ export function tlsFailureHint(error: unknown, security: LinkSecurity): string {
   const code = (error as NodeJS.ErrnoException | undefined)?.code ?? "";
   const message = error instanceof Error ? error.message : String(error);
   let hint = "";
-  if (security.mode === "psk") {
+  if (/TIMEOUT/.test(code))
+    hint =
+      "the peer did not complete a TLS handshake in time: a stalled client, or one that waits to be spoken to";
+  else if (security.mode === "psk") {
     if (/BINDER|ILLEGAL_PARAMETER|DECRYPT|BAD_RECORD_MAC/.test(code))
       hint = "the two sides hold different link keys";
     else if (

@@ -462,3 +462,28 @@ test("plaintext only when both sides ask for it: it still migrates, and both war
   t.diagnostic(`send failed: ${tls.report.relay.error}`);
   assert.equal(report.relay.refused?.length, 1);
 });
+
+test("a client that never starts its TLS handshake is cut after the handshake timeout, with the reason", {
+  timeout,
+}, async (t) => {
+  const secure = tlsServer({ mode: "psk", key: randomBytes(32) }, 300);
+  assert.ok(secure);
+  const outcome: Promise<string>[] = [];
+  const server = createServer({ pauseOnConnect: true }, (raw) => {
+    outcome.push(
+      secure(raw).then(
+        () => "secured",
+        (error: unknown) => (error instanceof Error ? error.message : String(error)),
+      ),
+    );
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  t.after(() => server.close());
+  const address = server.address();
+  assert.ok(address && typeof address !== "string");
+  const silent = connect({ host: "127.0.0.1", port: address.port });
+  silent.on("error", () => {});
+  t.after(() => silent.destroy());
+  await new Promise((resolve) => silent.once("close", resolve));
+  assert.match((await outcome[0]) ?? "", /TLS handshake failed.*did not complete a TLS handshake in time/);
+});
