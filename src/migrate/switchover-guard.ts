@@ -220,6 +220,16 @@ export class SwitchoverGuard {
       Math.max(1, Math.floor((this.operatorLimit * rate) / qemuRate)),
     );
     if (want === current) return;
+    // Read-modify-write against an operator on another monitor: the limit read at the start of the tick may have
+    // been changed since (two QMP round trips ago, longer on a busy host). Check again right before writing, so
+    // that a limit the operator just set is adopted, not overwritten with one scaled from the old limit.
+    const now = ((await this.qmp.executeUntyped("query-migrate-parameters")) as MigrationParameters)[
+      "downtime-limit"
+    ];
+    if (now !== current) {
+      if (now !== undefined && now !== this.setLimit) this.operatorLimit = now;
+      return;
+    }
     await this.qmp.execute("migrate-set-parameters", { "downtime-limit": want });
     this.setLimit = want;
     this.given(rate);
