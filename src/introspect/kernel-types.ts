@@ -71,7 +71,8 @@ export function disagreements(
     compared++;
     if (actual !== expected) mismatches.push(`${key}=${expected}, BTF says ${actual}`);
   };
-  for (const [key, value] of info.numbers()) {
+  const numbers = info.numbers();
+  for (const [key, value] of numbers) {
     const m = /^(SIZE|OFFSET|LENGTH|NUMBER)\(([A-Za-z0-9_]+)(?:\.([A-Za-z0-9_.]+))?\)$/.exec(key);
     if (!m) continue;
     const [, kind, struct = "", member] = m;
@@ -81,10 +82,10 @@ export function disagreements(
     else if (kind === "NUMBER" && /^PG_[a-z_0-9]+$/.test(struct) && struct !== "PG_head_mask")
       check(key, value, types.enumValue("pageflags", struct));
   }
-  const headMask = info.numbers().get("NUMBER(PG_head_mask)");
+  const headMask = numbers.get("NUMBER(PG_head_mask)");
   const head = types.enumValue("pageflags", "PG_head");
   if (headMask !== undefined && head !== undefined) check("NUMBER(PG_head_mask)", headMask, 2 ** head);
-  const buddy = info.numbers().get("NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)");
+  const buddy = numbers.get("NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)");
   if (buddy !== undefined) {
     const word = buddy >>> 0;
     const top = types.enumValue("pagetype", "PGTY_buddy");

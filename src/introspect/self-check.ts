@@ -16,7 +16,7 @@
 import { ATTR, CATEGORY, type Classification } from "./classifier.ts";
 import type { GuestMemory } from "./guest-memory.ts";
 import type { OpenedClassifier } from "./inspect.ts";
-import { kernelFreePages } from "./zone-stats.ts";
+import { kernelFreePages, onlineNodes } from "./zone-stats.ts";
 
 export type CheckVerdict = "ok" | "failed" | "skipped";
 
@@ -153,12 +153,8 @@ function nodeFileCounters(opened: OpenedClassifier): FileCounters | null {
     return null;
   try {
     const as = opened.kernel.addressSpace;
-    const nodeData = info.symbol("SYMBOL(node_data)");
-    const nodes = Math.min(info.bounded("LENGTH(node_data)", 1, 1 << 16), 1024);
     const out: FileCounters = { file: 0, dirty: 0, writeback: 0 };
-    for (let n = 0; n < nodes; n++) {
-      const pgdat = as.readU64(nodeData + BigInt(n) * 8n);
-      if (pgdat === 0n) continue;
+    for (const pgdat of onlineNodes(opened.kernel)) {
       const at = (item: number) => Number(BigInt.asIntN(64, as.readU64(pgdat + BigInt(vmStat + item * 8))));
       out.file += at(fileItem);
       out.dirty += at(dirtyItem);

@@ -13,8 +13,6 @@ const MAX_ZONES = 8;
 export function kernelFreePages(kernel: GuestKernel): number {
   const info = kernel.info;
   const as = kernel.addressSpace;
-  const nodeData = info.symbol("SYMBOL(node_data)");
-  const nodes = Math.min(Number(info.unsigned("LENGTH(node_data)")), 1024);
   const nodeZones = info.unsigned("OFFSET(pglist_data.node_zones)");
   const nrZonesOffset = info.unsigned("OFFSET(pglist_data.nr_zones)");
   const zoneSize = info.unsigned("SIZE(zone)");
@@ -22,9 +20,7 @@ export function kernelFreePages(kernel: GuestKernel): number {
   const nrFree = info.signed("NUMBER(NR_FREE_PAGES)");
   const word = Buffer.alloc(8);
   let total = 0n;
-  for (let n = 0; n < nodes; n++) {
-    const pgdat = as.readU64(nodeData + BigInt(n) * 8n);
-    if (pgdat === 0n) continue;
+  for (const pgdat of onlineNodes(kernel)) {
     as.readVirt(pgdat + nrZonesOffset, word, 0, 4);
     const zones = Math.min(word.readInt32LE(0), MAX_ZONES);
     for (let z = 0; z < zones; z++) {
@@ -33,4 +29,16 @@ export function kernelFreePages(kernel: GuestKernel): number {
     }
   }
   return Number(total);
+}
+
+/** The `pglist_data` address of every node (SYMBOL(node_data) is an array of LENGTH(node_data) pointers). */
+export function onlineNodes(kernel: Pick<GuestKernel, "info" | "addressSpace">): bigint[] {
+  const nodeData = kernel.info.symbol("SYMBOL(node_data)");
+  const nodes = Math.min(Number(kernel.info.unsigned("LENGTH(node_data)")), 1024);
+  const out: bigint[] = [];
+  for (let n = 0; n < nodes; n++) {
+    const pgdat = kernel.addressSpace.readU64(nodeData + BigInt(n) * 8n);
+    if (pgdat !== 0n) out.push(pgdat);
+  }
+  return out;
 }
