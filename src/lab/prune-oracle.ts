@@ -24,6 +24,19 @@ import type { LabPair } from "./lab-vm.ts";
 import { compareRamFiles } from "./ram-compare.ts";
 import { SendProcess, type SendResult } from "./send-process.ts";
 
+/**
+ * QEMU switched over while the lab held it (MigrationResult.endedWhileHeld), before `during` had finished: the
+ * migration did not test what it meant to. The source was resumed and `during` finished; run it again.
+ */
+export class EndedWhileHeldError extends Error {
+  constructor(readonly syncs: number) {
+    super(
+      `QEMU switched over while held, after ${syncs} passes and before the work meant to run during the migration had finished`,
+    );
+    this.name = "EndedWhileHeldError";
+  }
+}
+
 export interface PrunedMigration {
   dst: Vm;
   result: MigrationResult;
@@ -83,7 +96,22 @@ export async function migrateThroughPruningSend(
       ...options.migration,
     });
     // Run `during` while the migration runs; a failure of either is reported once both have settled.
-    const [result] = await Promise.all([migration, options.during?.()]);
+    const during = options.during?.();
+    const [settled] = await Promise.allSettled([migration]);
+    if (settled.status === "rejected") {
+      await during?.catch(() => undefined);
+      throw settled.reason;
+    }
+    const result = settled.value;
+    if (result.endedWhileHeld && during) {
+      // The source stopped with `during` still in flight inside the guest: it could never finish there, and the
+      // run did not test what it meant to. Resume the source (it still owns the guest: the destination was
+      // started with -S), let `during` finish, and say what happened so the caller can run it again.
+      await pair.src.monitor.execute("cont");
+      await during;
+      throw new EndedWhileHeldError(result.info.ram?.["dirty-sync-count"] ?? 0);
+    }
+    await during;
     await waitDestinationState(dst.monitor, "paused");
     const sent = await send.wait(60_000);
     return { dst, result, sent, ...(await prunedRamOracle(pair.src.ramPath, dst.ramPath)) };
