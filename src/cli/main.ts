@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { createReadStream, createWriteStream } from "node:fs";
 import { readFile, writeFile } from "node:fs/promises";
+import { resolve } from "node:path";
 /** `vmprune`: thin command-line layer over the library. Logs go to stderr, results to stdout. */
 import { Command, InvalidArgumentError, Option } from "commander";
 import { CATEGORY_NAMES, type Category } from "../introspect/classifier.ts";
@@ -14,11 +15,12 @@ import { MIN_PSK_BYTES } from "../link/handshake.ts";
 import { startReceive } from "../migrate/link-receive.ts";
 import { REF_SECTOR_BYTES } from "../migrate/link-send.ts";
 import { migrate } from "../migrate/migrate.ts";
+import { DEFAULT_MAX_MIGRATIONS, ReceiveService } from "../migrate/receive-service.ts";
 import { startSend } from "../migrate/send.ts";
 import { ensureQemu, isQemuVersion, QEMU_VERSIONS, type QemuVersion } from "../qemu/binaries.ts";
 import { QmpClient } from "../qemu/qmp.ts";
 import { sweepStaleRuns } from "../qemu/vm.ts";
-import { reportJson, vmpruneVersion } from "../report/version.ts";
+import { reportJson, vmpruneVersion, withOrigin } from "../report/version.ts";
 import { BlockReader } from "../storage/block-reader.ts";
 import { StreamError } from "../stream/errors.ts";
 import { rewriteStream } from "../stream/rewrite.ts";
@@ -287,6 +289,10 @@ program
     "with --tls-creds: the name (or IP) receive's certificate must carry (default: the host of --to)",
   )
   .option("--insecure-plaintext", INSECURE_PLAINTEXT_HELP)
+  .option(
+    "--target <name>",
+    "with a receive service (receive --allow-dir/--allow): the destination to feed, a socket name in its allowed directory or one of its allowed addresses",
+  )
   .option("--disk <image>", "the shared raw disk image, indexed to send clean cache pages as references")
   .option("--capture <file>", "also write the main channel's stream, as received, to this file")
   .option(
@@ -314,10 +320,15 @@ program
       tlsCreds?: string;
       tlsHostname?: string;
       insecurePlaintext?: boolean;
+      target?: string;
       disk?: string;
       json?: boolean;
     }) => {
       const link = await linkOptions(opts, "send");
+      if (opts.target !== undefined && !link)
+        throw new Error(
+          "--target names a destination of a receive service: it needs --link-key or --tls-creds",
+        );
       if (opts.drop && !opts.qmp && !opts.guestMemory)
         throw new Error("--drop needs a way to read guest memory: --qmp SOCKET or --guest-memory FILE");
       const unixSocket = unixSocketOptions(opts);
@@ -346,7 +357,9 @@ program
             classifyOnce: opts.classifyOnce ?? false,
           },
           ...(opts.capture ? { capturePath: opts.capture } : {}),
-          ...(link ? { link } : {}),
+          ...(link
+            ? { link: { ...link, ...(opts.target !== undefined ? { target: opts.target } : {}) } }
+            : {}),
           ...(opts.disk ? { disk: opts.disk } : {}),
           guardSwitchover: opts.switchoverGuard,
           log,
@@ -444,17 +457,30 @@ program
 program
   .command("receive")
   .description(
-    "the destination side of vmprune's link: accept vmprune send, rebuild referenced pages from the shared disk, feed the destination QEMU",
+    "the destination side of vmprune's link: accept vmprune send, rebuild referenced pages from the shared disk, feed the destination QEMU; with --allow-dir/--allow a long-running service for many migrations",
   )
   .requiredOption(
     "--listen <address>",
     "where vmprune send connects: HOST:PORT (port 0: any free port), [IPV6]:PORT or unix:/PATH",
     endpointArgument,
   )
-  .requiredOption(
+  .option(
     "--to <address>",
-    "the destination QEMU's -incoming address: HOST:PORT, [IPV6]:PORT or unix:/PATH",
-    endpointArgument,
+    "one migration into this destination QEMU's -incoming address (HOST:PORT, [IPV6]:PORT or unix:/PATH), then exit",
+  )
+  .option(
+    "--allow-dir <dir>",
+    "serve many migrations: send --target NAME feeds the destination QEMU listening on unix:DIR/NAME",
+  )
+  .option(
+    "--allow <addresses>",
+    "serve many migrations: send --target ADDRESS may feed these destination addresses (comma-separated)",
+    (value: string) => value.split(",").map((v) => endpointArgument(v.trim())),
+  )
+  .option(
+    "--max-migrations <n>",
+    `with --allow-dir/--allow: migrations at once (default ${DEFAULT_MAX_MIGRATIONS})`,
+    positiveInt,
   )
   .option("--socket-mode <mode>", SOCKET_MODE_HELP, cliArgument(parseSocketMode))
   .option("--socket-owner <user[:group]>", SOCKET_OWNER_HELP, cliArgument(parseSocketOwner))
@@ -465,11 +491,14 @@ program
   .option("--tls-creds <dir>", TLS_CREDS_HELP.receive)
   .option("--insecure-plaintext", INSECURE_PLAINTEXT_HELP)
   .option("--disk <image>", "the shared raw disk image (without it, every reference is answered with a NACK)")
-  .option("--json", "print the report as JSON")
+  .option("--json", "print the report as JSON (a service: one JSON line per migration)")
   .action(
     async (opts: {
       listen: Endpoint;
-      to: Endpoint;
+      to?: string;
+      allowDir?: string;
+      allow?: Endpoint[];
+      maxMigrations?: number;
       socketMode?: number;
       socketOwner?: { uid?: number; gid?: number };
       linkKey?: string;
@@ -478,6 +507,11 @@ program
       disk?: string;
       json?: boolean;
     }) => {
+      const serve = opts.allowDir !== undefined || opts.allow !== undefined;
+      if (serve === (opts.to !== undefined))
+        throw new Error(
+          "receive needs either --to ADDRESS (one migration into one destination QEMU) or --allow-dir DIR / --allow ADDRESSES (a service for many)",
+        );
       const link = await linkOptions(opts, "receive");
       if (!link)
         throw new Error(
@@ -487,17 +521,25 @@ program
       const disk = opts.disk
         ? await BlockReader.open(opts.disk, { alignmentBytes: REF_SECTOR_BYTES })
         : undefined;
+      if (serve) {
+        await serveReceive(opts, {
+          ...link,
+          ...(unixSocket ? { unixSocket } : {}),
+          ...(disk ? { disk } : {}),
+        });
+        disk?.close();
+        return;
+      }
+      const to = endpointArgument(opts.to ?? "");
       const receive = await startReceive({
         listen: opts.listen,
-        to: opts.to,
+        to,
         ...(unixSocket ? { unixSocket } : {}),
         ...link,
         ...(disk ? { disk } : {}),
         log,
       });
-      log(
-        `vmprune receive: listening on ${formatEndpoint(receive.endpoint)}, feeding ${formatEndpoint(opts.to)}`,
-      );
+      log(`vmprune receive: listening on ${formatEndpoint(receive.endpoint)}, feeding ${formatEndpoint(to)}`);
       const stop = () => void receive.relay.close();
       process.once("SIGINT", stop);
       process.once("SIGTERM", stop);
@@ -507,6 +549,58 @@ program
       if (report.relay.error) process.exitCode = 1;
     },
   );
+
+/**
+ * receive as a service: runs until SIGTERM or SIGINT. The first signal stops accepting and lets running
+ * migrations finish; a second one cuts them (their sources keep running). One result per migration on stdout.
+ */
+async function serveReceive(
+  opts: { listen: Endpoint; allowDir?: string; allow?: Endpoint[]; maxMigrations?: number; json?: boolean },
+  link: { psk?: Buffer; security: LinkSecurity; unixSocket?: UnixSocketOptions; disk?: BlockReader },
+): Promise<void> {
+  const service = await ReceiveService.start({
+    listen: opts.listen,
+    ...link,
+    allowed: {
+      ...(opts.allowDir !== undefined ? { dir: resolve(opts.allowDir) } : {}),
+      ...(opts.allow ? { addresses: opts.allow } : {}),
+    },
+    ...(opts.maxMigrations ? { maxMigrations: opts.maxMigrations } : {}),
+    log,
+    onMigration: (report) =>
+      process.stdout.write(
+        opts.json
+          ? `${JSON.stringify(withOrigin(report))}\n`
+          : `migration ${report.migration.slice(0, 8)} into ${report.destination}:\n${renderReceiveReport(report)}`,
+      ),
+  });
+  let signals = 0;
+  let stop = () => {};
+  let cut = () => {};
+  const stopping = new Promise<void>((r) => {
+    stop = r;
+  });
+  const cutting = new Promise<boolean>((r) => {
+    cut = () => r(true);
+  });
+  const onSignal = () => {
+    if (++signals === 1) stop();
+    else cut();
+  };
+  process.on("SIGINT", onSignal);
+  process.on("SIGTERM", onSignal);
+  await stopping;
+  const running = service.status().migrations.length;
+  log(
+    `vmprune receive: stopping; ${running} migration${running === 1 ? "" : "s"} still running${running ? " (a second signal cuts them; their sources keep running)" : ""}`,
+  );
+  const closing = service.close();
+  const abort = await Promise.race([closing.then(() => false), cutting]);
+  const report = abort ? await service.close({ abort: true }) : await closing;
+  log(
+    `vmprune receive: served ${report.migrations.length} migration(s), refused ${report.refused.length + report.refusedNotKept} connection(s)`,
+  );
+}
 
 /**
  * --link-key, --tls-creds, --tls-hostname, --insecure-plaintext → the link's key and TLS mode, or undefined when

@@ -12,6 +12,7 @@ import { TLSSocket } from "node:tls";
 import { decodeFrame, type Frame, LinkDecoder } from "./decoder.ts";
 import { LinkError } from "./errors.ts";
 import {
+  type ChannelClaim,
   DEFAULT_WINDOW_BYTES,
   encodeMessage,
   FRAME_HEADER_BYTES,
@@ -57,6 +58,8 @@ export interface HandshakeOptions {
   timeoutMs?: number;
   /** receive only: the window it announces (stream rule 3; default DEFAULT_WINDOW_BYTES). */
   windowBytes?: number;
+  /** send only: which migration, channel and destination this connection is (protocol.ts "Channel claims"). */
+  claim?: ChannelClaim;
   /** For test doubles of a newer or broken peer: override this side's HELLO fields. */
   helloOverride?: Partial<Pick<Hello, "major" | "minor" | "role">>;
 }
@@ -67,6 +70,8 @@ export interface LinkSession {
   peerVersion: { major: number; minor: number };
   /** The window receive announced (the bound send must keep; receive enforces it plus WINDOW_SLACK_BYTES). */
   windowBytes: number;
+  /** receive only: what send's HELLO claimed (absent from a 1.0 send); authenticated, since the MACs cover it. */
+  peerClaim?: ChannelClaim;
 }
 
 /** send's side: connect first, then call this. */
@@ -114,6 +119,7 @@ function handshake(socket: Socket, role: Role, options: HandshakeOptions): Promi
     windowBytes: role === ROLE.RECEIVE ? (options.windowBytes ?? DEFAULT_WINDOW_BYTES) : 0,
     nonce: randomBytes(NONCE_BYTES),
     capabilities: [...options.capabilities],
+    ...(role === ROLE.SEND && options.claim ? { claim: options.claim } : {}),
     ...options.helloOverride,
   };
   const ownHello = encodeMessage(hello).subarray(FRAME_HEADER_BYTES);
@@ -155,6 +161,7 @@ function handshake(socket: Socket, role: Role, options: HandshakeOptions): Promi
         capabilities: hello.capabilities.filter((c) => theirs.has(c)),
         peerVersion: { major: peer?.major ?? 0, minor: peer?.minor ?? 0 },
         windowBytes: role === ROLE.RECEIVE ? hello.windowBytes : (peer?.windowBytes ?? 0),
+        ...(role === ROLE.RECEIVE && peer?.claim ? { peerClaim: peer.claim } : {}),
       };
     };
 
@@ -264,4 +271,19 @@ function handshake(socket: Socket, role: Role, options: HandshakeOptions): Promi
     if (role === ROLE.SEND) socket.write(encodeMessage(hello));
     socket.resume();
   });
+}
+
+/** How long a refused peer gets to read its ERROR before the socket is destroyed. */
+const REFUSAL_LINGER_MS = 2_000;
+
+/**
+ * After a completed handshake: refuses the link with an ERROR send reports as the reason (its migration fails,
+ * the source QEMU keeps running), then closes. Nothing of the peer's is read any more.
+ */
+export function refuseLink(socket: Socket, code: number, message: string): void {
+  socket.on("error", () => {});
+  socket.removeAllListeners("data");
+  socket.pause();
+  socket.end(encodeMessage({ type: MSG.ERROR, code, message: message.slice(0, 1000) }));
+  setTimeout(() => socket.destroy(), REFUSAL_LINGER_MS).unref();
 }

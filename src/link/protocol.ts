@@ -41,7 +41,7 @@
  * ## Messages
  * | type | wire | direction | payload |
  * |---|---|---|---|
- * | HELLO | 0x01 | both, first | magic[8] "vmprlink", be16 major, be16 minor, u8 role, be32 windowBytes, nonce[32], u8 n, n × (u8 len, ascii name) |
+ * | HELLO | 0x01 | both, first | magic[8] "vmprlink", be16 major, be16 minor, u8 role, be32 windowBytes, nonce[32], u8 n, n × (u8 len, ascii name); from 1.1, send only and optional: migration[16], be16 channel, u8 len, ascii target ({@link ChannelClaim}) |
  * | AUTH | 0x02 | both, second | hmac[32] |
  * | READY | 0x03 | send → receive, third | (empty) |
  * | DATA | 0x10 | send → receive | QEMU stream bytes, forwarded as they are |
@@ -52,6 +52,13 @@
  * | ACK | 0x22 | receive → send | be64 refId: every REF up to this id is settled |
  * | EOF | 0x30 | both | (empty): no more QEMU bytes in this direction (half-close) |
  * | ERROR | 0x31 | both | be16 code ({@link ERROR_CODE}), UTF-8 message (≤ 4 KiB) |
+ *
+ * ## Channel claims (1.1)
+ * send's HELLO names the migration this connection belongs to (16 random bytes, the same on all of one send's
+ * connections), the connection's place among them (0 = QEMU's main channel, then multifd channels in the order
+ * QEMU opened them), and the destination it wants (empty: receive's one destination). A receive serving many
+ * migrations (migrate/receive-service.ts) reads them only after AUTH, so only a peer with the key can claim a
+ * destination, and it connects only to destinations its operator allowed. A 1.0 receive skips them.
  *
  * ## Stream rules (capability {@link CAPABILITY.REF_SHA256}; without it send sends only DATA and EOF)
  * 1. Order is sacred: receive writes DATA bytes, and for each REF `pageHeader` followed by the block's 4096
@@ -87,7 +94,8 @@ import { LinkError } from "./errors.ts";
 /** HELLO's first 8 bytes. */
 export const LINK_MAGIC = Buffer.from("vmprlink", "latin1");
 export const PROTOCOL_MAJOR = 1;
-export const PROTOCOL_MINOR = 0;
+/** 1.1: send's HELLO carries a {@link ChannelClaim}. */
+export const PROTOCOL_MINOR = 1;
 
 /** Frame header: u8 type, be32 length. */
 export const FRAME_HEADER_BYTES = 5;
@@ -160,6 +168,26 @@ export const ERROR_CODE = {
   ABORTED: 5,
 } as const;
 
+/** Bytes of a migration id in a {@link ChannelClaim}. */
+export const MIGRATION_ID_BYTES = 16;
+/** Longest destination name a claim carries (u8 length). */
+export const MAX_TARGET_BYTES = 255;
+/**
+ * A destination name: a socket file name in receive's allowed directory, or HOST:PORT / [IPV6]:PORT. No "/", so
+ * a name can never leave the allowed directory; the empty name means "receive's one destination".
+ */
+export const TARGET_NAME = /^[A-Za-z0-9._:@+[\]-]*$/;
+
+/** What send's HELLO says about its connection (1.1; see "Channel claims"). */
+export interface ChannelClaim {
+  /** The same 16 random bytes on every connection of one migration. */
+  migration: Buffer;
+  /** 0 = QEMU's main channel, then multifd channels in the order QEMU opened them. */
+  channel: number;
+  /** The destination send wants; "" = receive's one destination. */
+  target: string;
+}
+
 export interface Hello {
   type: typeof MSG.HELLO;
   major: number;
@@ -169,6 +197,8 @@ export interface Hello {
   windowBytes: number;
   nonce: Buffer;
   capabilities: string[];
+  /** send, from 1.1: which migration, which channel, which destination. */
+  claim?: ChannelClaim;
 }
 export interface Auth {
   type: typeof MSG.AUTH;
@@ -270,7 +300,10 @@ export const HELLO_CODEC: MessageCodec<Hello> = {
         throw new RangeError(`HELLO: bad capability name ${JSON.stringify(name)}`);
       return Buffer.from(name, "latin1");
     });
-    const out = Buffer.alloc(HELLO_FIXED_BYTES + names.reduce((sum, n) => sum + 1 + n.length, 0));
+    const claim = m.claim ? encodeClaim(m.claim) : Buffer.alloc(0);
+    const out = Buffer.alloc(
+      HELLO_FIXED_BYTES + names.reduce((sum, n) => sum + 1 + n.length, 0) + claim.length,
+    );
     let o = LINK_MAGIC.copy(out, 0);
     o = out.writeUInt16BE(m.major, o);
     o = out.writeUInt16BE(m.minor, o);
@@ -282,6 +315,7 @@ export const HELLO_CODEC: MessageCodec<Hello> = {
       o = out.writeUInt8(name.length, o);
       o += name.copy(out, o);
     }
+    claim.copy(out, o);
     return out;
   },
   decode(p, at) {
@@ -314,10 +348,52 @@ export const HELLO_CODEC: MessageCodec<Hello> = {
       capabilities.push(name);
       o += 1 + length;
     }
-    // Bytes after the capabilities are fields of a later minor version: skipped (but covered by the MACs).
-    return { type: MSG.HELLO, major, minor, role, windowBytes, nonce, capabilities };
+    // 1.1: send's claim. Bytes after what this version knows are fields of a later minor version: skipped (but
+    // covered by the MACs).
+    const claim = role === ROLE.SEND && minor >= 1 && o < p.length ? decodeClaim(p, o, at) : undefined;
+    return {
+      type: MSG.HELLO,
+      major,
+      minor,
+      role,
+      windowBytes,
+      nonce,
+      capabilities,
+      ...(claim ? { claim } : {}),
+    };
   },
 };
+
+function encodeClaim(claim: ChannelClaim): Buffer {
+  if (claim.migration.length !== MIGRATION_ID_BYTES)
+    throw new RangeError(`HELLO: a migration id has ${MIGRATION_ID_BYTES} bytes`);
+  if (!Number.isInteger(claim.channel) || claim.channel < 0 || claim.channel > 0xffff)
+    throw new RangeError(`HELLO: channel ${claim.channel} is not a u16`);
+  if (!TARGET_NAME.test(claim.target) || claim.target.length > MAX_TARGET_BYTES)
+    throw new RangeError(`HELLO: bad destination name ${JSON.stringify(claim.target)}`);
+  const target = Buffer.from(claim.target, "latin1");
+  const out = Buffer.alloc(MIGRATION_ID_BYTES + 2 + 1 + target.length);
+  claim.migration.copy(out, 0);
+  out.writeUInt16BE(claim.channel, MIGRATION_ID_BYTES);
+  out.writeUInt8(target.length, MIGRATION_ID_BYTES + 2);
+  target.copy(out, MIGRATION_ID_BYTES + 3);
+  return out;
+}
+
+function decodeClaim(p: Buffer, o: number, at: number): ChannelClaim {
+  if (o + MIGRATION_ID_BYTES + 3 > p.length)
+    throw badPayload("HELLO", at, "a 1.1 send's claim runs past the payload");
+  const migration = Buffer.from(p.subarray(o, o + MIGRATION_ID_BYTES));
+  const channel = p.readUInt16BE(o + MIGRATION_ID_BYTES);
+  const length = p.readUInt8(o + MIGRATION_ID_BYTES + 2);
+  const start = o + MIGRATION_ID_BYTES + 3;
+  if (start + length > p.length)
+    throw badPayload("HELLO", at, "the claim's destination runs past the payload");
+  const target = p.toString("latin1", start, start + length);
+  if (!TARGET_NAME.test(target))
+    throw badPayload("HELLO", at, `bad destination name ${JSON.stringify(target)}`);
+  return { migration, channel, target };
+}
 
 export const AUTH_CODEC: MessageCodec<Auth> = {
   type: MSG.AUTH,

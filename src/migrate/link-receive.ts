@@ -11,11 +11,17 @@
 import type { Socket } from "node:net";
 import { LinkDecoder } from "../link/decoder.ts";
 import { LinkError } from "../link/errors.ts";
-import { handshakeKey, serverHandshake } from "../link/handshake.ts";
-import { CAPABILITY, encodeBytesFrames, encodeMessage, MSG } from "../link/protocol.ts";
+import { handshakeKey, type LinkSession, refuseLink, serverHandshake } from "../link/handshake.ts";
+import { CAPABILITY, ERROR_CODE, encodeBytesFrames, encodeMessage, MSG } from "../link/protocol.ts";
 import { emptyReassemblerStats, type ReassemblerStats, RefReassembler } from "../link/ref-reassembler.ts";
 import type { BlockReader } from "../storage/block-reader.ts";
-import { type ChannelCodec, type CodecOutput, Relay, type RelayReport } from "../stream/relay.ts";
+import {
+  type ChannelCodec,
+  type CodecOutput,
+  Relay,
+  type RelayReport,
+  ToldPeerError,
+} from "../stream/relay.ts";
 import type { Endpoint, TcpEndpoint } from "../transport/endpoint.ts";
 import type { UnixSocketOptions } from "../transport/socket.ts";
 import {
@@ -51,13 +57,23 @@ export interface ReceiveReport {
   refs: ReassemblerStats;
 }
 
-class LinkReceiveCodec implements ChannelCodec {
+/** What a link codec on receive's side needs: the key, the disk, the log. */
+export type ReceiveCodecOptions = Pick<ReceiveOptions, "psk" | "disk" | "log">;
+
+/** The capabilities receive offers: references only with a disk to rebuild them from. */
+export function receiveCapabilities(disk: BlockReader | undefined): string[] {
+  return disk ? [CAPABILITY.REF_SHA256] : [];
+}
+
+export class LinkReceiveCodec implements ChannelCodec {
   private readonly decoder = new LinkDecoder();
   private reassembler: RefReassembler | undefined;
 
+  /** `session`: the handshake already made by whoever accepted the connection (receive-service.ts). */
   constructor(
     private readonly index: number,
-    private readonly options: ReceiveOptions,
+    private readonly options: ReceiveCodecOptions,
+    private readonly session?: LinkSession,
   ) {}
 
   get stats(): ReassemblerStats | undefined {
@@ -65,10 +81,19 @@ class LinkReceiveCodec implements ChannelCodec {
   }
 
   async openSource(source: Socket): Promise<void> {
-    const session = await serverHandshake(source, {
-      psk: handshakeKey(this.options.psk, source),
-      capabilities: this.options.disk ? [CAPABILITY.REF_SHA256] : [],
-    });
+    const session =
+      this.session ??
+      (await serverHandshake(source, {
+        psk: handshakeKey(this.options.psk, source),
+        capabilities: receiveCapabilities(this.options.disk),
+      }));
+    const wanted = session.peerClaim?.target;
+    if (!this.session && wanted) {
+      // This receive feeds its one --to: a send asking for a named destination expects a service.
+      const reason = `this receive feeds one destination (--to); send asked for ${JSON.stringify(wanted)}: run receive with --allow-dir or --allow to serve named destinations`;
+      refuseLink(source, ERROR_CODE.DESTINATION, reason);
+      throw new ToldPeerError(reason);
+    }
     const disk = this.options.disk;
     this.reassembler = new RefReassembler({
       windowBytes: session.windowBytes,
@@ -139,16 +164,7 @@ export async function startReceive(options: ReceiveOptions): Promise<RunningRece
     },
     ...(options.log ? { log: options.log } : {}),
   });
-  const done = relay.done.then((report) => {
-    const refs = emptyReassemblerStats();
-    for (const c of codecs) {
-      const s = c.stats;
-      if (!s) continue;
-      for (const key of Object.keys(refs) as (keyof ReassemblerStats)[])
-        refs[key] = key === "peakHeldBytes" ? Math.max(refs[key], s[key]) : refs[key] + s[key];
-    }
-    return { relay: report, refs };
-  });
+  const done = relay.done.then((report) => receiveReport(report, codecs));
   return {
     relay,
     endpoint: relay.endpoint,
@@ -157,4 +173,16 @@ export async function startReceive(options: ReceiveOptions): Promise<RunningRece
     },
     done,
   };
+}
+
+/** The relay's report with the REF statistics of all its channels summed (the peak: the largest). */
+export function receiveReport(relay: RelayReport, codecs: readonly LinkReceiveCodec[]): ReceiveReport {
+  const refs = emptyReassemblerStats();
+  for (const c of codecs) {
+    const s = c.stats;
+    if (!s) continue;
+    for (const key of Object.keys(refs) as (keyof ReassemblerStats)[])
+      refs[key] = key === "peakHeldBytes" ? Math.max(refs[key], s[key]) : refs[key] + s[key];
+  }
+  return { relay, refs };
 }

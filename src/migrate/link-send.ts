@@ -30,6 +30,8 @@ export interface LinkSendOptions {
   blockOffset?: (block: number) => number;
   /** The current bytes of a guest page, to answer a NACK. */
   readPage?: (page: PageRef) => Buffer;
+  /** This migration's id and the destination it asks receive for (link/protocol.ts "Channel claims"). */
+  claim?: { migration: Buffer; target: string };
   log?: (line: string) => void;
 }
 
@@ -55,6 +57,7 @@ export class LinkSendCodec implements ChannelCodec {
       session = await clientHandshake(upstream, {
         psk: handshakeKey(this.options.psk, upstream),
         capabilities: [CAPABILITY.REF_SHA256],
+        ...(this.options.claim ? { claim: { ...this.options.claim, channel: this.index } } : {}),
       });
     } catch (error) {
       // In TLS 1.3 the client's handshake is done before the server has checked the client's certificate: a

@@ -3,7 +3,9 @@
  * goes through the pruning processor (with `drop`) or the counting passthrough (without). Guest introspection is
  * opened before the relay listens, so the first record is judged like the last.
  */
+import { randomBytes } from "node:crypto";
 import type { Category } from "../introspect/classifier.ts";
+import { MIGRATION_ID_BYTES } from "../link/protocol.ts";
 import type { PageJudge } from "../prune/page-judge.ts";
 import { type PruneReport, PruningProcessor } from "../prune/pruning-processor.ts";
 import { DiskIndex } from "../storage/disk-index.ts";
@@ -57,7 +59,15 @@ export interface SendOptions {
    * The target is `vmprune receive` (not a plain QEMU): the link's pre-shared key (absent only with x509
    * `security`) and its TLS (transport/tls.ts; default TLS-PSK from `psk`).
    */
-  link?: { psk?: Buffer; security?: LinkSecurity };
+  link?: {
+    psk?: Buffer;
+    security?: LinkSecurity;
+    /**
+     * The destination to ask a receive service for (link/protocol.ts "Channel claims"): a socket name in its
+     * allowed directory, or one of its allowed addresses. Default "": receive's one destination (`--to`).
+     */
+    target?: string;
+  };
   /** The shared disk image (raw), indexed for cache pages (with `link` and drop "cache"). */
   disk?: string;
   /**
@@ -133,6 +143,8 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
   const security = link ? linkSecurity(link.security, link.psk) : undefined;
   if (security?.mode === "plaintext") log(PLAINTEXT_WARNING);
   const tlsOptions = security ? tlsClientOptions(security, options.to) : undefined;
+  // One send serves one migration: all its link connections carry this id, so a receive service groups them.
+  const migrationId = randomBytes(MIGRATION_ID_BYTES);
   let relay: Relay;
   try {
     relay = await Relay.start({
@@ -164,6 +176,7 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
                 ...(channel === 0 && pruner ? { processor: pruner } : {}),
                 ...(index ? { blockOffset: (block: number) => (index as DiskIndex).offsetOf(block) } : {}),
                 ...(judge?.readPage ? { readPage: judge.readPage.bind(judge) } : {}),
+                claim: { migration: migrationId, target: link.target ?? "" },
                 log,
               });
               return codec;

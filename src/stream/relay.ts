@@ -489,6 +489,20 @@ class Channel {
   }
 }
 
+/**
+ * Thrown by a codec's `openSource` that has already told its peer why (e.g. an ERROR frame) and closes the socket
+ * itself: the relay records the refusal but does not reset the socket, so the peer can read the reason.
+ */
+export class ToldPeerError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "ToldPeerError";
+  }
+}
+
+/** A relay without a listener of its own ({@link Relay.detached}): connections are handed to it. */
+export type DetachedRelayOptions = Omit<RelayOptions, "listen" | "unixSocket">;
+
 export class Relay {
   /**
    * Resolves when the migration's connections are all closed (after at least one was accepted), with the
@@ -496,8 +510,9 @@ export class Relay {
    */
   readonly done: Promise<RelayReport>;
 
-  readonly #server: Server;
-  readonly #options: RelayOptions;
+  /** Absent for a detached relay (a receive service owns the listener). */
+  readonly #server: Server | undefined;
+  readonly #options: DetachedRelayOptions;
   #maxBufferedBytes: number;
   readonly #log: (line: string) => void;
   readonly #channels: Channel[] = [];
@@ -519,7 +534,7 @@ export class Relay {
 
   #endpoint: Endpoint = { host: "", port: 0 };
 
-  private constructor(server: Server, options: RelayOptions) {
+  private constructor(server: Server | undefined, options: DetachedRelayOptions) {
     this.#server = server;
     this.#options = options;
     this.#maxBufferedBytes = options.maxBufferedBytes ?? DEFAULT_MAX_BUFFERED_BYTES;
@@ -527,8 +542,8 @@ export class Relay {
     this.done = new Promise((resolve) => {
       this.#resolveDone = resolve;
     });
-    server.on("connection", (socket: Socket) => this.#accept(socket));
-    server.on("error", (error) => {
+    server?.on("connection", (socket: Socket) => this.#accept(socket));
+    server?.on("error", (error) => {
       this.#errors.push(`listener: ${error.message}`);
       this.#log(`relay: listener error: ${error.message}`);
     });
@@ -547,6 +562,23 @@ export class Relay {
     relay.#endpoint = listeningEndpoint(server, options.listen);
     relay.#log(`relay: listening on ${formatEndpoint(relay.endpoint)}`);
     return relay;
+  }
+
+  /**
+   * One migration's relay without a listener: whoever accepted the connections (migrate/receive-service.ts)
+   * hands them over with {@link offer}, paused, in channel order. Everything else is as with {@link start}.
+   */
+  static detached(options: DetachedRelayOptions): Relay {
+    return new Relay(undefined, options);
+  }
+
+  /**
+   * Detached relays: takes an accepted connection (paused, nothing read from it that was not put back) as the
+   * next channel; the order of the calls is the channels' order. After `done`, a connection is destroyed.
+   */
+  offer(source: Socket): void {
+    if (this.#server) throw new Error("offer() is for detached relays: this one accepts on its own listener");
+    this.#accept(source);
   }
 
   /** Where the relay actually listens (a TCP port 0 resolved). */
@@ -670,7 +702,7 @@ export class Relay {
         const reason = errorText(error);
         this.#refused.push({ peer, reason });
         this.#log(`relay: refused ${peer}: ${reason}`);
-        reset(source);
+        if (!(error instanceof ToldPeerError)) reset(source);
         return;
       }
       if (this.#finishing || this.#closing || source.destroyed) {
@@ -725,7 +757,7 @@ export class Relay {
   }
 
   #stopListening(): void {
-    if (this.#server.listening) this.#server.close();
+    if (this.#server?.listening) this.#server.close();
   }
 
   async #finish(): Promise<void> {

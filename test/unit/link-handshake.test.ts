@@ -24,6 +24,7 @@ import {
   type Message,
   MSG,
   PROTOCOL_MAJOR,
+  PROTOCOL_MINOR,
   ROLE,
 } from "../../src/link/protocol.ts";
 
@@ -110,20 +111,23 @@ test("same PSK: both sides authenticate, negotiate the common capabilities, and 
   timeout,
 }, async (t) => {
   const { client, server } = await socketPair(t);
+  const claim = { migration: randomBytes(16), channel: 1, target: "dst.sock" };
   const serverOptions: HandshakeOptions = {
     psk,
     capabilities: [CAPABILITY.REF_SHA256, "x-only-receive"],
     windowBytes: 1 << 20,
   };
   const [c, s] = await Promise.all([
-    clientHandshake(client, { psk, capabilities: ["x-only-send", CAPABILITY.REF_SHA256] }),
+    clientHandshake(client, { psk, capabilities: ["x-only-send", CAPABILITY.REF_SHA256], claim }),
     serverHandshake(server, serverOptions),
   ]);
+  assert.deepEqual(s.peerClaim, claim, "receive learns which migration, channel and destination");
+  assert.equal(c.peerClaim, undefined);
   assert.deepEqual(c.capabilities, [CAPABILITY.REF_SHA256]);
   assert.deepEqual(s.capabilities, [CAPABILITY.REF_SHA256]);
   assert.equal(c.windowBytes, 1 << 20, "send learns receive's window");
   assert.equal(s.windowBytes, 1 << 20);
-  assert.deepEqual(c.peerVersion, { major: PROTOCOL_MAJOR, minor: 0 });
+  assert.deepEqual(c.peerVersion, { major: PROTOCOL_MAJOR, minor: PROTOCOL_MINOR });
 
   // After the handshake the sockets belong to the caller: DATA goes through.
   const decoder = new LinkDecoder();

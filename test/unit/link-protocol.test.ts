@@ -71,6 +71,16 @@ const samples: Message[] = [
     code: ERROR_CODE.DESTINATION,
     message: "cannot connect to 127.0.0.1:4444 — ECONNREFUSED",
   },
+  {
+    type: MSG.HELLO,
+    major: 1,
+    minor: 1,
+    role: ROLE.SEND,
+    windowBytes: 0,
+    nonce: randomBytes(32),
+    capabilities: [CAPABILITY.REF_SHA256],
+    claim: { migration: randomBytes(16), channel: 2, target: "vm-7.sock" },
+  },
 ];
 
 /** Decoded messages hold views; compare as plain values. */
@@ -232,4 +242,31 @@ test("takeRemainder hands back the bytes after the last frame taken", () => {
     const rest = decoder.takeRemainder();
     assert.ok(Buffer.concat([rest, wire.subarray(cut)]).equals(wire.subarray(5)), `cut ${cut}`);
   }
+});
+
+test("HELLO 1.1 claims: a 1.0 send's HELLO has none; a bad destination name or a cut claim is refused", () => {
+  const claimed = samples.find((m) => m.type === MSG.HELLO && m.claim) as Message;
+  const frame = encodeMessage(claimed);
+  // The same bytes read as a 1.0 HELLO (minor 0): the claim is a later field, skipped.
+  const asOld = Buffer.from(frame);
+  asOld.writeUInt16BE(0, FRAME_HEADER_BYTES + LINK_MAGIC.length + 2);
+  const [old] = new LinkDecoder().push(asOld);
+  assert.ok(old?.type === MSG.HELLO && old.claim === undefined);
+  // A claim cut short.
+  const cut = Buffer.from(frame.subarray(0, frame.length - 12));
+  cut.writeUInt32BE(cut.length - FRAME_HEADER_BYTES, 1);
+  expectLinkError(() => new LinkDecoder().push(cut), "bad-payload", 0);
+  // A name that could leave the allowed directory: never encoded, never decoded.
+  assert.throws(
+    () =>
+      encodeMessage({
+        ...(claimed as Extract<Message, { type: 1 }>),
+        claim: { migration: randomBytes(16), channel: 0, target: "../x" },
+      }),
+    /bad destination name/,
+  );
+  const slash = Buffer.from(frame);
+  const at = frame.indexOf(Buffer.from("vm-7.sock"));
+  slash.write("/", at + 2, "latin1");
+  expectLinkError(() => new LinkDecoder().push(slash), "bad-payload", 0);
 });
