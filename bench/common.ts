@@ -6,7 +6,7 @@ import { accessSync, constants, existsSync } from "node:fs";
 import { delimiter, join } from "node:path";
 import { isKernelId, KERNEL_IDS, type KernelId } from "../src/lab/kernels.ts";
 import { labDir } from "../src/lab/paths.ts";
-import { isQemuVersion, type QemuVersion } from "../src/qemu/binaries.ts";
+import { isQemuVersion, type QemuVersion } from "../src/lab/qemu-binaries.ts";
 
 /** The median (the mean of the middle two for an even count); 0 for no values. */
 export function median(values: number[]): number {

@@ -67,6 +67,7 @@ import { ensureGuestImage } from "../src/lab/guest-image.ts";
 import type { KernelId } from "../src/lab/kernels.ts";
 import { LabPair } from "../src/lab/lab-vm.ts";
 import { sweepStaleNamespaces } from "../src/lab/netns.ts";
+import { ensureQemu, type QemuVersion } from "../src/lab/qemu-binaries.ts";
 import { SendProcess } from "../src/lab/send-process.ts";
 import {
   type LinkDescription,
@@ -77,6 +78,7 @@ import {
   SRC_IFNAME,
   txBytesOf,
 } from "../src/lab/shaped-link.ts";
+import { sweepStaleRuns } from "../src/lab/vm.ts";
 import {
   CACHE_HEAVY_512M,
   guestMeminfo,
@@ -84,7 +86,6 @@ import {
   type MixedWorkloadSizes,
   runMixedWorkload,
 } from "../src/lab/workloads.ts";
-import { ensureQemu, type QemuVersion } from "../src/qemu/binaries.ts";
 import {
   guestPause,
   type MigrationResult,
@@ -94,7 +95,6 @@ import {
   waitDestinationState,
 } from "../src/qemu/migration.ts";
 import { QmpClient } from "../src/qemu/qmp.ts";
-import { sweepStaleRuns } from "../src/qemu/vm.ts";
 import { REPORT_WIDTH, table, wrap } from "../src/report/table.ts";
 import { reportJson } from "../src/report/version.ts";
 import { LAB_OPTIONS, labTarget, median, requireSetup } from "./common.ts";

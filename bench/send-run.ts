@@ -5,10 +5,10 @@
  */
 import type { Category } from "../src/introspect/classifier.ts";
 import type { LabPair } from "../src/lab/lab-vm.ts";
+import type { Vm } from "../src/lab/vm.ts";
 import { startSend } from "../src/migrate/send.ts";
 import { type MigrationResult, runMigration, waitDestinationState } from "../src/qemu/migration.ts";
 import { QmpClient } from "../src/qemu/qmp.ts";
-import type { Vm } from "../src/qemu/vm.ts";
 
 export interface SendRun {
   result: MigrationResult;

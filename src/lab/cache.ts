@@ -8,7 +8,7 @@ import { existsSync } from "node:fs";
 import { mkdir, open, readFile, rename, rm, writeFile } from "node:fs/promises";
 import { dirname } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
-import { processAlive } from "../qemu/cleanup.ts";
+import { processAlive } from "./cleanup.ts";
 
 export function inputKey(inputs: unknown): string {
   return createHash("sha256").update(JSON.stringify(inputs)).digest("hex").slice(0, 16);

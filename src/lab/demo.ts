@@ -6,10 +6,10 @@
 import { join } from "node:path";
 import type { Category } from "../introspect/classifier.ts";
 import { type MigrateReport, migrate } from "../migrate/migrate.ts";
-import type { QemuVersion } from "../qemu/binaries.ts";
 import { LOOPBACK_PARAMETERS } from "../qemu/migration.ts";
 import type { KernelId } from "./kernels.ts";
 import { LabPair } from "./lab-vm.ts";
+import type { QemuVersion } from "./qemu-binaries.ts";
 import { guestMeminfo, MIXED_512M, runMixedWorkload, workload } from "./workloads.ts";
 
 /**

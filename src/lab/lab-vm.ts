@@ -7,9 +7,6 @@
 import { randomBytes } from "node:crypto";
 import { copyFile, mkdir, rm, truncate, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { detectAccelerator } from "../qemu/accel.ts";
-import { ensureQemu, type QemuBinary, type QemuVersion } from "../qemu/binaries.ts";
-import { trackPath, untrackPath } from "../qemu/cleanup.ts";
 import {
   type MigrationOptions,
   type MigrationResult,
@@ -17,9 +14,12 @@ import {
   runMigration,
   waitDestinationState,
 } from "../qemu/migration.ts";
-import { type Accelerator, RUN_ROOT, Vm, type VmConfig } from "../qemu/vm.ts";
+import { detectAccelerator } from "./accel.ts";
+import { trackPath, untrackPath } from "./cleanup.ts";
 import { ensureGuestImage, type GuestImage } from "./guest-image.ts";
 import type { KernelId } from "./kernels.ts";
+import { ensureQemu, type QemuBinary, type QemuVersion } from "./qemu-binaries.ts";
+import { type Accelerator, RUN_ROOT, Vm, type VmConfig } from "./vm.ts";
 import { workload } from "./workloads.ts";
 
 export interface LabVmOptions {

@@ -18,10 +18,10 @@ import {
   waitDestinationState,
 } from "../qemu/migration.ts";
 import { QmpClient } from "../qemu/qmp.ts";
-import type { Vm } from "../qemu/vm.ts";
 import { BlockReader } from "../storage/block-reader.ts";
 import type { LabPair } from "./lab-vm.ts";
 import { prunedRamOracle } from "./prune-oracle.ts";
+import type { Vm } from "./vm.ts";
 
 export interface LinkedMigration {
   dst: Vm;

@@ -9,14 +9,14 @@
  * - Normal teardown is `delete()`, in a `finally`. For every other ending (an uncaught error, SIGINT, SIGKILL) a
  *   guard process holds the read end of a pipe from this process and deletes the namespace when the pipe
  *   closes, which the kernel does whenever this process ends, however it ends. The guard runs in its own session
- *   (a terminal's ^C does not reach it), is not in the cleanup registry (src/qemu/cleanup.ts would SIGKILL it
+ *   (a terminal's ^C does not reach it), is not in the cleanup registry (src/lab/cleanup.ts would SIGKILL it
  *   before it could do its job), and exits on its own once `delete()` closed its pipe.
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { Socket } from "node:net";
 import { setTimeout as sleep } from "node:timers/promises";
-import { processAlive } from "../qemu/cleanup.ts";
+import { processAlive } from "./cleanup.ts";
 import { run } from "./exec.ts";
 
 /** Every namespace the lab creates starts with this, then the owner's PID and a dash. */

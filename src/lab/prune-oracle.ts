@@ -19,10 +19,10 @@ import {
   runMigration,
   waitDestinationState,
 } from "../qemu/migration.ts";
-import type { Vm } from "../qemu/vm.ts";
 import type { LabPair } from "./lab-vm.ts";
 import { compareRamFiles } from "./ram-compare.ts";
 import { SendProcess, type SendResult } from "./send-process.ts";
+import type { Vm } from "./vm.ts";
 
 /**
  * QEMU switched over while the lab held it (MigrationResult.endedWhileHeld), before `during` had finished: the

@@ -6,7 +6,6 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { join } from "node:path";
 import type { SendReport } from "../migrate/send.ts";
-import { trackProcess, untrackProcess } from "../qemu/cleanup.ts";
 import {
   type Endpoint,
   isUnixEndpoint,
@@ -14,6 +13,7 @@ import {
   qemuMigrationUri,
   type TcpEndpoint,
 } from "../transport/endpoint.ts";
+import { trackProcess, untrackProcess } from "./cleanup.ts";
 import { REPO_ROOT } from "./paths.ts";
 
 export interface SendResult {

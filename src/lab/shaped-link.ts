@@ -22,7 +22,7 @@
  * of payload per 1514-byte frame with timestamps). `measureRate()` checks the result with a bounded transfer.
  */
 import { type ChildProcess, spawn } from "node:child_process";
-import { trackProcess, untrackProcess } from "../qemu/cleanup.ts";
+import { trackProcess, untrackProcess } from "./cleanup.ts";
 import { run } from "./exec.ts";
 import { NetNamespace } from "./netns.ts";
 

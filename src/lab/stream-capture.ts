@@ -6,7 +6,7 @@
  */
 import { stat } from "node:fs/promises";
 import { type MigrationOptions, type MigrationResult, runMigration } from "../qemu/migration.ts";
-import type { Vm } from "../qemu/vm.ts";
+import type { Vm } from "./vm.ts";
 
 export interface CaptureOptions {
   capabilities?: Record<string, boolean>;

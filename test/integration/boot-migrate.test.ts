@@ -10,8 +10,8 @@ import { test } from "node:test";
 import { dataFilePaths } from "../../src/lab/data-disk.ts";
 import { KERNEL_IDS } from "../../src/lab/kernels.ts";
 import { LabPair } from "../../src/lab/lab-vm.ts";
+import { QEMU_VERSIONS } from "../../src/lab/qemu-binaries.ts";
 import { guestMeminfo, workload } from "../../src/lab/workloads.ts";
-import { QEMU_VERSIONS } from "../../src/qemu/binaries.ts";
 
 async function readKpageflagsHeader(
   spareImage: string,

@@ -10,12 +10,12 @@ import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
+import { tracked } from "../../src/lab/cleanup.ts";
 import { LabPair } from "../../src/lab/lab-vm.ts";
 import { REPO_ROOT } from "../../src/lab/paths.ts";
+import { sweepStaleRuns } from "../../src/lab/vm.ts";
 import { workload } from "../../src/lab/workloads.ts";
-import { tracked } from "../../src/qemu/cleanup.ts";
 import { MigrationFailed, prepareIncoming, runMigration } from "../../src/qemu/migration.ts";
-import { sweepStaleRuns } from "../../src/qemu/vm.ts";
 
 function alive(pid: number): boolean {
   try {

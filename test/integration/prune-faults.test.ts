@@ -16,6 +16,7 @@ import { test } from "node:test";
 import { LabPair } from "../../src/lab/lab-vm.ts";
 import { migrateThroughPruningSend } from "../../src/lab/prune-oracle.ts";
 import { SendProcess } from "../../src/lab/send-process.ts";
+import { RUN_ROOT } from "../../src/lab/vm.ts";
 import { runMixedWorkload, workload } from "../../src/lab/workloads.ts";
 import {
   LOOPBACK_PARAMETERS,
@@ -24,7 +25,6 @@ import {
   runMigration,
   waitRunning,
 } from "../../src/qemu/migration.ts";
-import { RUN_ROOT } from "../../src/qemu/vm.ts";
 
 const MiB = 1024 * 1024;
 

@@ -7,9 +7,9 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { LabPair } from "../../src/lab/lab-vm.ts";
+import type { QemuVersion } from "../../src/lab/qemu-binaries.ts";
 import { compareRamFiles } from "../../src/lab/ram-compare.ts";
 import { runMixedWorkload, workload } from "../../src/lab/workloads.ts";
-import type { QemuVersion } from "../../src/qemu/binaries.ts";
 
 async function migrateAndCompare(qemu: QemuVersion) {
   const pair = await LabPair.boot({ kernel: "6.12", qemu, memoryMiB: 512 });

@@ -12,11 +12,11 @@ import { join } from "node:path";
 import { type TestContext, test } from "node:test";
 import { dataFilePaths } from "../../src/lab/data-disk.ts";
 import { LabPair } from "../../src/lab/lab-vm.ts";
+import type { QemuVersion } from "../../src/lab/qemu-binaries.ts";
 import { SendProcess } from "../../src/lab/send-process.ts";
+import { RUN_ROOT } from "../../src/lab/vm.ts";
 import { workload } from "../../src/lab/workloads.ts";
-import type { QemuVersion } from "../../src/qemu/binaries.ts";
 import { prepareIncoming, runMigration, waitRunning } from "../../src/qemu/migration.ts";
-import { RUN_ROOT } from "../../src/qemu/vm.ts";
 import { StreamParser } from "../../src/stream/parser.ts";
 import { encodeRecord } from "../../src/stream/writer.ts";
 

@@ -18,9 +18,9 @@ import { test } from "node:test";
 import { LabPair } from "../../src/lab/lab-vm.ts";
 import { compareRamFiles } from "../../src/lab/ram-compare.ts";
 import { SendProcess } from "../../src/lab/send-process.ts";
+import { RUN_ROOT } from "../../src/lab/vm.ts";
 import type { ReceiveReport } from "../../src/migrate/link-receive.ts";
 import { prepareIncoming, runMigration } from "../../src/qemu/migration.ts";
-import { RUN_ROOT } from "../../src/qemu/vm.ts";
 
 /** What a tap saw cross from send to receive: bytes, the first few, and whether QEMU's magic appeared. */
 interface TapView {

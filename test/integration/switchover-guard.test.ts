@@ -16,9 +16,9 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
 import { LabPair } from "../../src/lab/lab-vm.ts";
+import type { QemuVersion } from "../../src/lab/qemu-binaries.ts";
 import { workload } from "../../src/lab/workloads.ts";
 import { HOLD_AVAIL_BYTES_PER_SECOND, SwitchoverGuard } from "../../src/migrate/switchover-guard.ts";
-import type { QemuVersion } from "../../src/qemu/binaries.ts";
 import { QmpClient } from "../../src/qemu/qmp.ts";
 
 /** Slow enough that the migration stays active for the whole test (the guest has ~60 MiB of non-zero pages). */

@@ -1,8 +1,8 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import type { GuestImage } from "../../src/lab/guest-image.ts";
-import type { QemuBinary } from "../../src/qemu/binaries.ts";
-import { qemuArgs, type VmConfig } from "../../src/qemu/vm.ts";
+import type { QemuBinary } from "../../src/lab/qemu-binaries.ts";
+import { qemuArgs, type VmConfig } from "../../src/lab/vm.ts";
 
 const qemu: QemuBinary = {
   version: "10.0",

@@ -18,12 +18,12 @@ import {
 import { readFile } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
-import { GuestAgent } from "../lab/guest-agent.ts";
-import type { GuestImage } from "../lab/guest-image.ts";
-import { DISK_SERIAL } from "../lab/initramfs.ts";
-import type { QemuBinary } from "./binaries.ts";
+import { QmpClient } from "../qemu/qmp.ts";
 import { processAlive, trackPath, trackProcess, untrackPath, untrackProcess } from "./cleanup.ts";
-import { QmpClient } from "./qmp.ts";
+import { GuestAgent } from "./guest-agent.ts";
+import type { GuestImage } from "./guest-image.ts";
+import { DISK_SERIAL } from "./initramfs.ts";
+import type { QemuBinary } from "./qemu-binaries.ts";
 
 export type Accelerator = "kvm" | "tcg";
 

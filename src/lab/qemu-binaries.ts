@@ -1,14 +1,14 @@
 /**
- * The two QEMU versions the project runs: 7.2 (Debian 12's qemu-system-x86, installed with apt) and 10.0
+ * The two QEMU versions the lab runs: 7.2 (Debian 12's qemu-system-x86, installed with apt) and 10.0
  * (bookworm-backports' qemu-system-x86, extracted from its .deb into the lab folder beside 7.2, with the
  * backports SeaBIOS it requires, never installed over the system's).
  */
 import { existsSync } from "node:fs";
 import { join } from "node:path";
-import { extractDeb, labApt } from "../lab/apt.ts";
-import { cachedBuild } from "../lab/cache.ts";
-import { run } from "../lab/exec.ts";
-import { labDir } from "../lab/paths.ts";
+import { extractDeb, labApt } from "./apt.ts";
+import { cachedBuild } from "./cache.ts";
+import { run } from "./exec.ts";
+import { labDir } from "./paths.ts";
 
 export const QEMU_VERSIONS = ["7.2", "10.0"] as const;
 export type QemuVersion = (typeof QEMU_VERSIONS)[number];

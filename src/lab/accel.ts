@@ -8,9 +8,9 @@ import { accessSync, constants } from "node:fs";
 import { mkdir, readFile, writeFile } from "node:fs/promises";
 import { release } from "node:os";
 import { join } from "node:path";
-import type { GuestImage } from "../lab/guest-image.ts";
-import { labDir } from "../lab/paths.ts";
-import type { QemuBinary } from "./binaries.ts";
+import type { GuestImage } from "./guest-image.ts";
+import { labDir } from "./paths.ts";
+import type { QemuBinary } from "./qemu-binaries.ts";
 import { type Accelerator, Vm } from "./vm.ts";
 
 const PROBE_BOOT_TIMEOUT_MS = 20_000;
