@@ -156,7 +156,8 @@ export class ReceiveService {
   readonly #options: ReceiveServiceOptions;
   readonly #secure: ((raw: Socket) => Promise<Socket>) | undefined;
   readonly #migrations = new Map<string, ServedMigrationRelay>();
-  readonly #handshaking = new Set<Socket>();
+  /** Connections in their handshakes: the accepted socket → the one to reset on close (TLS once secured). */
+  readonly #handshaking = new Map<Socket, Socket>();
   readonly #done: ServedMigration[] = [];
   readonly #refused: Refusal[] = [];
   #refusedNotKept = 0;
@@ -216,7 +217,10 @@ export class ReceiveService {
     if (!this.#closing) {
       this.#closing = true;
       if (this.#server.listening) this.#server.close();
-      for (const socket of this.#handshaking) resetSocket(socket);
+      for (const [raw, socket] of this.#handshaking) {
+        resetSocket(socket);
+        resetSocket(raw);
+      }
     }
     const running = [...this.#migrations.values()];
     if (options.abort) for (const m of running) m.abort();
@@ -248,14 +252,14 @@ export class ReceiveService {
       resetSocket(raw);
       return;
     }
-    this.#handshaking.add(raw);
+    this.#handshaking.set(raw, raw);
     let socket = raw;
     let session: LinkSession;
     try {
       if (this.#secure) {
         socket = await this.#secure(raw);
         socket.on("error", () => {});
-        this.#handshaking.add(socket);
+        this.#handshaking.set(raw, socket);
       }
       session = await serverHandshake(socket, {
         psk: handshakeKey(this.#options.psk, socket),
@@ -269,7 +273,6 @@ export class ReceiveService {
       return;
     } finally {
       this.#handshaking.delete(raw);
-      this.#handshaking.delete(socket);
     }
     try {
       await this.#route(socket, session, peer);

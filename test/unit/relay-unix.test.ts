@@ -6,97 +6,16 @@
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { once } from "node:events";
-import { existsSync, mkdtempSync, rmSync } from "node:fs";
-import { connect, createServer, type Server, type Socket } from "node:net";
-import { tmpdir } from "node:os";
+import { existsSync } from "node:fs";
+import { connect } from "node:net";
 import { join } from "node:path";
-import { type TestContext, test } from "node:test";
+import { test } from "node:test";
 import { startReceive } from "../../src/migrate/link-receive.ts";
 import { startSend } from "../../src/migrate/send.ts";
 import { MULTIFD_MAGIC, Relay } from "../../src/stream/relay.ts";
+import { fakeDestination, fakeStream, MiB, sourceSends, tempDir } from "../support/fake-peers.ts";
 
-const MiB = 1024 * 1024;
 const timeout = 30_000;
-
-function tempDir(t: TestContext): string {
-  const dir = mkdtempSync(join(tmpdir(), "vmprune-relay-unix-"));
-  t.after(() => rmSync(dir, { recursive: true, force: true }));
-  return dir;
-}
-
-interface FakeDestination {
-  server: Server;
-  sockets: Socket[];
-  /** What each accepted connection received until its EOF, in accept order. */
-  received: Promise<Buffer>[];
-}
-
-/**
- * A destination listening on a unix socket: answers "PONG" once it has 1 MiB of a connection's bytes (a return
- * path while the source still sends), and ends its side after the source's EOF.
- */
-async function fakeDestination(t: TestContext, path: string): Promise<FakeDestination> {
-  const sockets: Socket[] = [];
-  const received: Promise<Buffer>[] = [];
-  const server = createServer({ allowHalfOpen: true }, (socket) => {
-    socket.on("error", () => {});
-    sockets.push(socket);
-    const chunks: Buffer[] = [];
-    let got = 0;
-    socket.on("data", (chunk: Buffer) => {
-      if (got < MiB && got + chunk.length >= MiB) socket.write("PONG");
-      got += chunk.length;
-      chunks.push(chunk);
-    });
-    received.push(
-      once(socket, "end").then(() => {
-        socket.end();
-        return Buffer.concat(chunks);
-      }),
-    );
-  });
-  await new Promise<void>((resolve) => server.listen(path, resolve));
-  t.after(() => {
-    for (const socket of sockets) socket.destroy();
-    server.close();
-  });
-  return { server, sockets, received };
-}
-
-/**
- * Connects to a unix socket, writes `payload` (honouring backpressure), half-closes; resolves with the replies
- * once the socket has closed, with `error` set if it did not end cleanly (a refused connection is cut).
- */
-async function sourceSends(path: string, payload: Buffer): Promise<{ replies: Buffer; error?: string }> {
-  const socket = connect({ path, allowHalfOpen: true });
-  let error: string | undefined;
-  socket.on("error", (e) => {
-    error ??= e.message;
-  });
-  const replies: Buffer[] = [];
-  socket.on("data", (chunk: Buffer) => replies.push(chunk));
-  socket.on("end", () => socket.destroy());
-  const closed = new Promise<void>((resolve) => socket.once("close", () => resolve()));
-  await new Promise<void>((resolve) => {
-    socket.once("connect", resolve);
-    socket.once("close", resolve);
-  });
-  for (let at = 0; at < payload.length && !socket.destroyed; at += MiB)
-    if (!socket.write(payload.subarray(at, at + MiB)))
-      await new Promise<void>((resolve) => {
-        socket.once("drain", resolve);
-        socket.once("close", resolve);
-      });
-  if (!socket.destroyed) socket.end();
-  await closed;
-  return { replies: Buffer.concat(replies), ...(error ? { error } : {}) };
-}
-
-/** A migration stream's opening (QEVM, version 3) then random bytes: send's parser passes the rest through. */
-function fakeStream(bytes: number): Buffer {
-  const head = Buffer.from([0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3]);
-  return Buffer.concat([head, randomBytes(bytes - head.length)]);
-}
 
 test("relay: unix socket in, unix socket out: bytes intact both ways, half-closes, channel order, file removed", {
   timeout,
