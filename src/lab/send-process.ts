@@ -32,6 +32,7 @@ export class SendProcess {
     readonly endpoint: Endpoint,
     readonly exited: Promise<SendResult>,
     private readonly stderrText: () => string,
+    private readonly stdoutText: () => string,
   ) {}
 
   get pid(): number {
@@ -55,8 +56,18 @@ export class SendProcess {
     return this.stderrText();
   }
 
+  /** Complete lines on stdout so far (a receive service prints one JSON line per migration as it ends). */
+  stdoutLines(): string[] {
+    const text = this.stdoutText();
+    return text
+      .slice(0, text.lastIndexOf("\n") + 1)
+      .split("\n")
+      .filter((line) => line.trim() !== "");
+  }
+
   static async start(options: {
-    to: string;
+    /** Absent only for a receive service (`extraArgs` with --allow-dir / --allow). */
+    to?: string;
     capture?: string;
     extraArgs?: string[];
     /** `vmprune receive` instead of `send` (same listen/to/--json shape; its report has another shape). */
@@ -66,10 +77,10 @@ export class SendProcess {
     /** Run it inside this network namespace (`ip netns exec` execs it: the PID stays the vmprune process's). */
     netns?: string;
   }): Promise<SendProcess> {
-    const to = options.to.replace(/^tcp:/, "");
     const command = options.command ?? "send";
     const args = ["--import", "tsx", join(REPO_ROOT, "src/cli/main.ts"), command];
-    args.push("--listen", options.listen ?? "127.0.0.1:0", "--to", to, "--json");
+    args.push("--listen", options.listen ?? "127.0.0.1:0", "--json");
+    if (options.to !== undefined) args.push("--to", options.to.replace(/^tcp:/, ""));
     args.push(...(options.capture ? ["--capture", options.capture] : []), ...(options.extraArgs ?? []));
     const [file, argv] = options.netns
       ? ["ip", ["netns", "exec", options.netns, process.execPath, ...args]]
@@ -86,7 +97,10 @@ export class SendProcess {
     const listening = new Promise<Endpoint>((resolve, reject) => {
       child.stderr?.setEncoding("utf8").on("data", (d: string) => {
         stderr += d;
-        const m = /vmprune (?:send|receive): listening on (unix:\S+?|[\d.]+:\d+),/.exec(stderr);
+        const m =
+          /(?:vmprune (?:send|receive)|receive service): listening on (unix:\S+?|[\d.]+:\d+)[,;]/.exec(
+            stderr,
+          );
         if (m?.[1]) resolve(parseEndpoint(m[1]));
       });
       child.once("exit", () =>
@@ -108,7 +122,13 @@ export class SendProcess {
     const timeout = setTimeout(() => child.kill("SIGKILL"), 30_000);
     try {
       const listen = await listening;
-      return new SendProcess(child, listen, exited, () => stderr);
+      return new SendProcess(
+        child,
+        listen,
+        exited,
+        () => stderr,
+        () => stdout,
+      );
     } catch (error) {
       child.kill("SIGKILL");
       throw error;
