@@ -558,6 +558,22 @@ async function serveReceive(
   opts: { listen: Endpoint; allowDir?: string; allow?: Endpoint[]; maxMigrations?: number; json?: boolean },
   link: { psk?: Buffer; security: LinkSecurity; unixSocket?: UnixSocketOptions; disk?: BlockReader },
 ): Promise<void> {
+  // Signals are taken from before the service listens, so a stop that comes at once is a clean stop too.
+  let signals = 0;
+  let stop = () => {};
+  let cut = () => {};
+  const stopping = new Promise<void>((r) => {
+    stop = r;
+  });
+  const cutting = new Promise<boolean>((r) => {
+    cut = () => r(true);
+  });
+  const onSignal = () => {
+    if (++signals === 1) stop();
+    else cut();
+  };
+  process.on("SIGINT", onSignal);
+  process.on("SIGTERM", onSignal);
   const service = await ReceiveService.start({
     listen: opts.listen,
     ...link,
@@ -574,21 +590,6 @@ async function serveReceive(
           : `migration ${report.migration.slice(0, 8)} into ${report.destination}:\n${renderReceiveReport(report)}`,
       ),
   });
-  let signals = 0;
-  let stop = () => {};
-  let cut = () => {};
-  const stopping = new Promise<void>((r) => {
-    stop = r;
-  });
-  const cutting = new Promise<boolean>((r) => {
-    cut = () => r(true);
-  });
-  const onSignal = () => {
-    if (++signals === 1) stop();
-    else cut();
-  };
-  process.on("SIGINT", onSignal);
-  process.on("SIGTERM", onSignal);
   await stopping;
   const running = service.status().migrations.length;
   log(
