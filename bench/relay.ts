@@ -10,7 +10,9 @@
  *
  * A client pushes N bytes (default 2 GiB, one preallocated 4 MiB buffer written repeatedly, with backpressure) to
  * a sink server that discards them: (a) directly, (b) through `Relay` with the identity processor, (c) through
- * `socat TCP-LISTEN:port,reuseaddr TCP:127.0.0.1:sinkport`. The client and the sink run in worker threads, so
+ * `socat TCP-LISTEN:port,reuseaddr TCP:127.0.0.1:sinkport`, (d) through `vmprune send` → `vmprune receive`'s
+ * link without pruning (both in this process, so they share its event loop): plaintext, and TLS-PSK, the
+ * default, whose ratio is what encryption costs. The client and the sink run in worker threads, so
  * the relay has the main thread's event loop to itself. A run is timed from telling the client to start until
  * the sink has seen the EOF; each figure is the best of `--runs`. GB/s are 10^9 bytes per second.
  *
@@ -20,6 +22,7 @@
  * the relay (for example a parsing/rewriting one; the client's bytes would then have to be a migration stream).
  */
 import { type ChildProcess, spawn } from "node:child_process";
+import { randomBytes } from "node:crypto";
 import { mkdirSync, readFileSync, rmSync, statSync } from "node:fs";
 import { createServer } from "node:net";
 import { join } from "node:path";
@@ -29,10 +32,13 @@ import { LabPair } from "../src/lab/lab-vm.ts";
 import { captureStream } from "../src/lab/stream-capture.ts";
 import { RUN_ROOT } from "../src/lab/vm.ts";
 import { runMixedWorkload } from "../src/lab/workloads.ts";
+import { startReceive } from "../src/migrate/link-receive.ts";
+import { startSend } from "../src/migrate/send.ts";
 import { table } from "../src/report/table.ts";
 import { reportJson } from "../src/report/version.ts";
 import { CountingProcessor } from "../src/stream/counting-processor.ts";
 import { type MainChannelProcessor, Relay } from "../src/stream/relay.ts";
+import type { LinkSecurity } from "../src/transport/tls.ts";
 import { requireSetup } from "./common.ts";
 
 const HOST = "127.0.0.1";
@@ -100,8 +106,23 @@ export interface BenchResult {
   bytes: number;
   runs: number;
   /** Best throughput of each path, GB/s (10^9 bytes/s). */
-  gbps: { direct: number; relay: number; socat: number; relayParsing?: number; parseOnly?: number };
-  ratios: { relayToDirect: number; relayToSocat: number; relayParsingToSocat?: number };
+  gbps: {
+    direct: number;
+    relay: number;
+    socat: number;
+    relayParsing?: number;
+    parseOnly?: number;
+    /** send → receive (passthrough, no pruning), both in this process: the link as plaintext, and as TLS-PSK. */
+    linkPlaintext?: number;
+    linkTls?: number;
+  };
+  ratios: {
+    relayToDirect: number;
+    relayToSocat: number;
+    relayParsingToSocat?: number;
+    /** What TLS 1.3 (TLS-PSK, AES-128-GCM) costs the link: its throughput over the plaintext link's. */
+    linkTlsToPlaintext?: number;
+  };
 }
 
 function nextMessage(worker: Worker, type: WorkerMessage["type"]): Promise<WorkerMessage> {
@@ -234,6 +255,32 @@ export async function benchRelay(
         return seconds;
       });
     }
+    // The link (send → receive), as `vmprune send --link-key` and `vmprune receive` run it, without pruning.
+    const throughLink = async (security: LinkSecurity) => {
+      const psk = randomBytes(32);
+      const receive = await startReceive({
+        listen: { host: HOST, port: 0 },
+        to: { host: HOST, port: sinkPort },
+        psk,
+        security,
+      });
+      const send = await startSend({
+        listen: { host: HOST, port: 0 },
+        to: receive.address,
+        link: { psk, security },
+      });
+      try {
+        const seconds = await push(send.address.port);
+        const [sent, received] = await Promise.all([send.done, receive.done]);
+        const error = sent.relay.error ?? received.relay.error;
+        if (error) throw new Error(`link: ${error}`);
+        return seconds;
+      } finally {
+        await Promise.all([send.relay.close(), receive.relay.close()]);
+      }
+    };
+    const linkPlaintext = await best("link, plaintext", () => throughLink({ mode: "plaintext" }));
+    const linkTls = await best("link, TLS-PSK", () => throughLink({ mode: "psk", key: randomBytes(32) }));
     const socat = await best("socat", async () => {
       const port = await freePort();
       const child = await startSocat(port, sinkPort);
@@ -254,11 +301,14 @@ export async function benchRelay(
         socat,
         ...(relayParsing ? { relayParsing } : {}),
         ...(parseOnly ? { parseOnly } : {}),
+        linkPlaintext,
+        linkTls,
       },
       ratios: {
         relayToDirect: relay / direct,
         relayToSocat: relay / socat,
         ...(relayParsing ? { relayParsingToSocat: relayParsing / socat } : {}),
+        linkTlsToPlaintext: linkTls / linkPlaintext,
       },
     };
   } finally {
@@ -285,6 +335,13 @@ function formatTable(result: BenchResult): string {
       ? ([
           ["relay (parsing)", `${result.gbps.relayParsing.toFixed(2)} GB/s`],
           ["parse only", `${(result.gbps.parseOnly ?? 0).toFixed(2)} GB/s`],
+        ] as [string, string][])
+      : []),
+    ...(result.gbps.linkPlaintext && result.gbps.linkTls
+      ? ([
+          ["link send→receive, plaintext", `${result.gbps.linkPlaintext.toFixed(2)} GB/s`],
+          ["link send→receive, TLS-PSK", `${result.gbps.linkTls.toFixed(2)} GB/s`],
+          ["link TLS / plaintext", (result.ratios.linkTlsToPlaintext ?? 0).toFixed(2)],
         ] as [string, string][])
       : []),
     ["relay / direct", result.ratios.relayToDirect.toFixed(2)],
