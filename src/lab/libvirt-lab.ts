@@ -337,6 +337,13 @@ export class LibvirtLab {
     return agent;
   }
 
+  /** A new agent connection to `host` (after the domain left it and came back, the old one is dead). */
+  freshAgent(host: LibvirtHost): GuestAgent {
+    this.agents.get(host.role)?.disconnect();
+    this.agents.delete(host.role);
+    return this.agent(host);
+  }
+
   consoleTail(host: LibvirtHost, lines = 10): string {
     try {
       return readFileSync(join(host.hostDir, "console.log"), "utf8")
