@@ -12,7 +12,7 @@
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { closeSync, existsSync, openSync, readFileSync } from "node:fs";
+import { closeSync, existsSync, openSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { chmod, chown, copyFile, mkdir, readFile, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -220,9 +220,14 @@ export class LibvirtLab {
     readonly dst: LibvirtHost,
   ) {}
 
-  /** Installs what is missing, then starts both daemons; they answer virsh when this resolves. */
+  /** Installs what is missing, sweeps what killed runs left, then starts both daemons (answering virsh). */
   static async start(log: (line: string) => void = () => undefined): Promise<LibvirtLab> {
     await ensureLibvirtPackages(log);
+    const swept = sweepStaleLibvirtLabs();
+    if (swept.killed.length > 0 || swept.removed.length > 0)
+      log(
+        `libvirt lab: swept stale runs: killed ${swept.killed.join(", ") || "none"}, removed ${swept.removed.length} folders`,
+      );
     const user = await ensureLabUser();
     const dir = join(LIBVIRT_LAB_ROOT, `${process.pid}-${randomBytes(3).toString("hex")}`);
     const viewDir = join(dir, "view");
@@ -396,11 +401,13 @@ export class LibvirtLab {
   }
 }
 
-function killPid(pid: number): void {
+/** SIGKILL by PID; false if there was no such process (anymore). */
+function killPid(pid: number): boolean {
   try {
     process.kill(pid, "SIGKILL");
+    return true;
   } catch {
-    // gone
+    return false;
   }
 }
 
@@ -417,4 +424,47 @@ async function stopDaemon(host: LibvirtHost): Promise<void> {
       await host.exited;
     }
   }
+}
+
+/**
+ * What a killed run left (its `stop()` never ran): for each lab folder whose owner process (the PID its name starts
+ * with) is gone, every process that belongs to it is killed by PID: a QEMU names the folder on its command line
+ * (its RAM file and sockets lie inside), a libvirtd has HOME inside it (its environment). Then the folder goes.
+ * A daemon's QEMUs outlive it (they are reparented when libvirtd dies), so they are found the same way.
+ */
+export function sweepStaleLibvirtLabs(): { killed: number[]; removed: string[] } {
+  const killed: number[] = [];
+  const removed: string[] = [];
+  const stale = (existsSync(LIBVIRT_LAB_ROOT) ? readdirSync(LIBVIRT_LAB_ROOT) : [])
+    .filter((entry) => {
+      const owner = Number.parseInt(entry, 10);
+      return Number.isFinite(owner) && !processAlive(owner);
+    })
+    .map((entry) => join(LIBVIRT_LAB_ROOT, entry));
+  if (stale.length === 0) return { killed, removed };
+  for (const entry of readdirSync("/proc")) {
+    if (!/^\d+$/.test(entry)) continue;
+    const pid = Number(entry);
+    const read = (file: string) => {
+      try {
+        return readFileSync(`/proc/${pid}/${file}`, "utf8");
+      } catch {
+        return "";
+      }
+    };
+    const cmdline = read("cmdline");
+    const environ = read("environ").split("\0");
+    const belongs = stale.some(
+      (dir) =>
+        cmdline.includes(`${dir}/`) ||
+        environ.includes(`HOME=${dir}/src`) ||
+        environ.includes(`HOME=${dir}/dst`),
+    );
+    if (belongs && killPid(pid)) killed.push(pid);
+  }
+  for (const dir of stale) {
+    rmSync(dir, { recursive: true, force: true });
+    removed.push(dir);
+  }
+  return { killed, removed };
 }
