@@ -13,6 +13,7 @@ packages=(
   gcc libc6-dev    # static guest programs
   util-linux       # setpriv --pdeathsig
   iproute2 socat   # network namespaces and links for tests
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients  # libvirt lab: libvirtd + virsh (no system units)
 )
 missing=()
 for p in "${packages[@]}"; do

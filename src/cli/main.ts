@@ -13,6 +13,7 @@ import { ensureGuestImage } from "../lab/guest-image.ts";
 import { ALL_KERNEL_IDS, isKernelId, KERNEL_IDS, type KernelId } from "../lab/kernels.ts";
 import { ensureQemu, isQemuVersion, QEMU_VERSIONS, type QemuVersion } from "../lab/qemu-binaries.ts";
 import { sweepStaleRuns } from "../lab/vm.ts";
+import { libvirtMigrate } from "../libvirt/migrate.ts";
 import { MIN_PSK_BYTES } from "../link/handshake.ts";
 import { startReceive } from "../migrate/link-receive.ts";
 import { REF_SECTOR_BYTES } from "../migrate/link-send.ts";
@@ -38,6 +39,7 @@ import type { LinkSecurity } from "../transport/tls.ts";
 import {
   renderDemo,
   renderInspectReport,
+  renderLibvirtMigrateReport,
   renderMigrateProgress,
   renderMigrateReport,
   renderReceiveReport,
@@ -451,6 +453,98 @@ program
       if (tty) process.stderr.write("\n");
       process.stdout.write(opts.json ? reportJson(report) : renderMigrateReport(report));
       if (report.error || report.status !== "completed") process.exitCode = 1;
+    },
+  );
+
+const libvirt = program.command("libvirt").description("libvirt domains: live migration through vmprune");
+libvirt
+  .command("migrate <domain> <desturi> [virshArgs...]")
+  .description(
+    "live-migrate a running libvirt domain through vmprune send: virsh migrate --live --p2p DOMAIN DESTURI --migrateuri unix:///SOCKET, " +
+      "with send listening on SOCKET for the source QEMU and relaying to --to (vmprune receive on the destination host, " +
+      "which feeds the destination QEMU listening on SOCKET there). More virsh migrate options go after --, e.g. -- --unsafe --persistent",
+  )
+  .requiredOption(
+    "--socket <path>",
+    "the migration socket path of --migrateuri unix:///PATH, as both QEMUs see it (the source connects, the destination listens)",
+  )
+  .requiredOption(
+    "--to <address>",
+    "where send relays: vmprune receive's address on the destination host (with --link-key/--tls-creds), or the destination QEMU's socket",
+    endpointArgument,
+  )
+  .option("-c, --connect <uri>", "the source libvirt's URI (default: virsh's, e.g. qemu:///system)")
+  .option(
+    "--drop <categories>",
+    "page categories to drop (free; free,cache with vmprune receive and --disk)",
+    categoryList,
+  )
+  .option("--disk <image>", "with --drop cache: the shared raw disk image")
+  .option(
+    "--qmp <socket>",
+    "a QMP socket for the domain's QEMU other than libvirt's (default: the -qmp of the domain's <qemu:commandline>)",
+  )
+  .option("--pid-file <file>", "libvirt's PID file of the domain (default: the system or session daemon's)")
+  .option(
+    "--listen-path <path>",
+    "where send binds its socket (default: --socket inside the source QEMU's root, /proc/PID/root/SOCKET)",
+  )
+  .option(
+    "--ram-from-process",
+    "read a RAM block whose file lacks share=on from the QEMU process (/proc/PID/mem) instead of refusing",
+  )
+  .option(
+    "--link-key <file>",
+    "the target is vmprune receive: the pre-shared key file (the same on both hosts); TLS-PSK unless --tls-creds or --insecure-plaintext",
+  )
+  .option("--tls-creds <dir>", TLS_CREDS_HELP.send)
+  .option("--tls-hostname <name>", "with --tls-creds: the name (or IP) receive's certificate must carry")
+  .option("--insecure-plaintext", INSECURE_PLAINTEXT_HELP)
+  .option("--no-switchover-guard", "do not tell the source QEMU the link's measured rate (see send)")
+  .option("--json", "print the report as JSON")
+  .action(
+    async (
+      domain: string,
+      destUri: string,
+      virshArgs: string[],
+      opts: {
+        socket: string;
+        to: Endpoint;
+        connect?: string;
+        drop?: Category[];
+        disk?: string;
+        qmp?: string;
+        pidFile?: string;
+        listenPath?: string;
+        ramFromProcess?: boolean;
+        linkKey?: string;
+        tlsCreds?: string;
+        tlsHostname?: string;
+        insecurePlaintext?: boolean;
+        switchoverGuard: boolean;
+        json?: boolean;
+      },
+    ) => {
+      const link = await linkOptions(opts, "send");
+      const report = await libvirtMigrate({
+        domain,
+        destUri,
+        migrateSocket: opts.socket,
+        to: opts.to,
+        drop: opts.drop ?? [],
+        virshArgs,
+        guardSwitchover: opts.switchoverGuard,
+        ramFromProcess: opts.ramFromProcess ?? false,
+        ...(opts.connect ? { connectUri: opts.connect } : {}),
+        ...(opts.disk ? { disk: opts.disk } : {}),
+        ...(opts.qmp ? { qmpSocket: opts.qmp } : {}),
+        ...(opts.pidFile ? { pidFile: opts.pidFile } : {}),
+        ...(opts.listenPath ? { listenPath: opts.listenPath } : {}),
+        ...(link ? { link } : {}),
+        log,
+      });
+      process.stdout.write(opts.json ? reportJson(report) : renderLibvirtMigrateReport(report));
+      if (report.status !== "completed") process.exitCode = 1;
     },
   );
 

@@ -2,6 +2,7 @@
 
 import type { InspectReport } from "../introspect/inspect.ts";
 import { DEMO_RUNS, type DemoResult, type DemoRun } from "../lab/demo.ts";
+import type { LibvirtMigrateReport } from "../libvirt/migrate.ts";
 import type { ReceiveReport } from "../migrate/link-receive.ts";
 import type { MigrateProgress, MigrateReport } from "../migrate/migrate.ts";
 import type { SendReport } from "../migrate/send.ts";
@@ -268,4 +269,41 @@ export function renderSwitchover(g: SwitchoverGuardReport): string {
       ? `avail-switchover-bandwidth set ${g.updates} times, lowest ${mb(g.lowestGivenBytesPerSecond ?? 0)}/s (relay read-ahead ${mb(g.readAheadBytes)} deducted)`
       : `downtime-limit lowered ${g.updates} times, to ${g.lowestDowntimeLimitMs ?? "-"} ms at least`;
   return `switchover guard: link measured at ${mb(g.linkBytesPerSecond)}/s; ${told}${g.errors > 0 ? `; ${g.errors} QMP errors` : ""}`;
+}
+
+/**
+ * `vmprune libvirt migrate`: vmprune's bytes beside libvirt's own figures for the completed job (QEMU's counters,
+ * i.e. before pruning), then what send did.
+ */
+export function renderLibvirtMigrateReport(r: LibvirtMigrateReport): string {
+  const job = r.libvirtJob;
+  const figure = (n: number | undefined, unit: "bytes" | "ms" | "pages" = "bytes") =>
+    n === undefined ? "-" : unit === "bytes" ? `${formatBytes(n)} (${n})` : `${n} ${unit}`;
+  const rows: string[][] = [
+    ["bytes QEMU wrote to vmprune send", figure(r.bytes.fromQemu), "vmprune"],
+    ["bytes on vmprune's link (before TLS)", figure(r.bytes.onLink), "vmprune"],
+    ["saved", `${figure(r.bytes.savedBytes)} ${r.bytes.savedPercent}%`, "vmprune"],
+  ];
+  if (job) {
+    const side = `libvirt (${job.side})`;
+    rows.push(
+      ["data processed", figure(job.dataProcessedBytes), side],
+      ["memory total", figure(job.memoryTotalBytes), side],
+      ["normal pages", figure(job.memoryNormalPages, "pages"), side],
+      ["normal bytes", figure(job.memoryNormalBytes), side],
+      ["constant (zero) pages", figure(job.memoryConstantPages, "pages"), side],
+      ["iterations", job.iterations === undefined ? "-" : String(job.iterations), side],
+      ["time elapsed", figure(job.timeElapsedMs, "ms"), side],
+      ["downtime", figure(job.downtimeMs, "ms"), side],
+    );
+  }
+  const lines = [
+    `domain ${r.domain} → ${r.destUri} (${r.migrateUri}): ${r.status} in ${(r.elapsedMs / 1000).toFixed(1)} s`,
+    ...(r.error ? [`ERROR: ${r.error}`] : []),
+    ...r.ramSources.map((s) => `guest RAM: ${s}`),
+    table(["", { header: "value" }, { header: "source", align: "left" }], rows),
+    ...(job ? [] : [`libvirt's completed-job figures unavailable: ${r.libvirtJobError ?? "?"}`]),
+    renderSendReport(r.send).trimEnd(),
+  ];
+  return `${lines.join("\n")}\n`;
 }

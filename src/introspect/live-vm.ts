@@ -1,8 +1,8 @@
 /**
  * Guest memory of a running QEMU reached through its QMP socket: the RAM layout from `info mtree -f`; each RAM
- * block read from its memory-backend file when QEMU has one (`qom-get /objects/<id> mem-path`), otherwise from
- * the QEMU process (/proc/PID/mem at the host addresses gpa2hva reports). The PID is the process that owns the
- * QMP socket, found through /proc unless given.
+ * block read from its memory-backend file when QEMU has one mapped with share=on (`qom-get /objects/<id>
+ * mem-path`, `share`), otherwise from the QEMU process (/proc/PID/mem at the host addresses gpa2hva reports).
+ * The PID is the process that owns the QMP socket, found through /proc unless given.
  */
 import { existsSync, readdirSync, readFileSync, readlinkSync, statSync } from "node:fs";
 import type { QmpClient } from "../qemu/qmp.ts";
@@ -62,7 +62,11 @@ export async function openLiveVmMemory(qmp: QmpClient, qmpPath: string, pid?: nu
   for (const block of new Set(layout.map((m) => m.block))) {
     try {
       const path = await qmp.executeUntyped("qom-get", { path: `/objects/${block}`, property: "mem-path" });
-      if (typeof path === "string" && existsSync(path) && statSync(path).isFile()) files[block] = path;
+      // A file mapped without share=on holds stale bytes (QEMU's writes stay in its private copy): never judge
+      // from it; such a block is read from the process like anonymous RAM (backends/hostmem.c `share`).
+      const shared = await qmp.executeUntyped("qom-get", { path: `/objects/${block}`, property: "share" });
+      if (shared === true && typeof path === "string" && existsSync(path) && statSync(path).isFile())
+        files[block] = path;
     } catch {
       // not a memory-backend-file: read it from the process
     }

@@ -1,0 +1,232 @@
+/**
+ * `vmprune libvirt migrate` against real libvirt (Debian 12's libvirt 9.0): two session-mode libvirtd daemons on
+ * this host with their own host UUIDs and mount namespaces (src/lab/libvirt-lab.ts), a lab domain with shared
+ * file-backed RAM on the source. First a domain whose RAM file lacks share=on is refused, with the way out, before
+ * anything starts (and so is QEMU's own --tls); with the way out (--ram-from-process) it migrates, its RAM read
+ * from the QEMU process. Then the lab domain, after the mixed workload, migrates live through `vmprune libvirt migrate`
+ * and `vmprune receive` with --drop free,cache (the data disk is one raw image both daemons open: shared storage),
+ * runs on the destination and verifies; then it migrates back with --drop free, send feeding the other QEMU
+ * directly (no receive), and verifies again. vmprune's link bytes are printed beside libvirt's completed-job
+ * figures. The lab stops every daemon and QEMU it started, by PID, also when an assertion fails.
+ */
+import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { existsSync } from "node:fs";
+import { writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { test } from "node:test";
+import { promisify } from "node:util";
+import { renderLibvirtMigrateReport } from "../../src/cli/render.ts";
+import { ensureGuestImage } from "../../src/lab/guest-image.ts";
+import { type LibvirtHost, LibvirtLab } from "../../src/lab/libvirt-lab.ts";
+import { REPO_ROOT } from "../../src/lab/paths.ts";
+import { SendProcess } from "../../src/lab/send-process.ts";
+import { runMixedWorkload, workload } from "../../src/lab/workloads.ts";
+import type { LibvirtMigrateReport } from "../../src/libvirt/migrate.ts";
+import type { ReceiveReport } from "../../src/migrate/link-receive.ts";
+
+const execFileAsync = promisify(execFile);
+
+function vmprune(args: string[]) {
+  return execFileAsync(process.execPath, ["--import", "tsx", join(REPO_ROOT, "src/cli/main.ts"), ...args], {
+    cwd: REPO_ROOT,
+    timeout: 900_000,
+    maxBuffer: 64 * 1024 * 1024,
+  });
+}
+
+async function domainState(host: LibvirtHost, domain: string): Promise<string> {
+  return (await host.virsh(["domstate", domain]).catch((e: Error) => e.message)).trim();
+}
+
+test("libvirt 9.0: a share=off domain is refused with the way out; a lab domain migrates live through vmprune libvirt migrate (+ receive, free,cache) and back (free), runs and verifies", async (t) => {
+  const image = await ensureGuestImage("6.1");
+  const lab = await LibvirtLab.start((line) => t.diagnostic(line));
+  t.after(() => lab.stop());
+  const disk = await lab.sharedCopy(image.dataDisk, "data.img");
+  const migrateSocket = join(lab.viewDir, "mig.sock");
+  const key = join(lab.dir, "link.key");
+  await writeFile(key, randomBytes(32));
+
+  // The trap: RAM in a file QEMU maps without share=on. Refused before send listens or virsh runs.
+  await lab.startDomain({ name: "trap", image, dataDisk: disk, memoryAccess: "private" });
+  const refused = await vmprune([
+    "libvirt",
+    "migrate",
+    "trap",
+    lab.dst.peerUri,
+    "--connect",
+    lab.src.uri,
+    "--socket",
+    migrateSocket,
+    "--to",
+    `unix:${join(lab.dst.hostDir, "mig.sock")}`,
+    "--drop",
+    "free",
+    "--",
+    "--unsafe",
+  ]).then(
+    () => assert.fail("a share=off RAM file must be refused"),
+    (error: { code: number; stderr: string }) => error,
+  );
+  t.diagnostic(`share=off refused: ${refused.stderr.trim()}`);
+  assert.equal(refused.code, 1);
+  assert.match(refused.stderr, /pc\.ram in \S+ without share=on/);
+  assert.match(refused.stderr, /stale bytes/);
+  assert.match(refused.stderr, /<access mode='shared'\/>/, "the way out names the domain XML fix");
+  assert.match(refused.stderr, /--ram-from-process/);
+  assert.equal(await domainState(lab.src, "trap"), "running", "nothing was migrated");
+  assert.equal(existsSync(join(lab.src.hostDir, "mig.sock")), false, "send never listened");
+  // QEMU's own TLS is refused too, with the way out, before anything starts.
+  const tls = await vmprune([
+    "libvirt",
+    "migrate",
+    "trap",
+    lab.dst.peerUri,
+    "--connect",
+    lab.src.uri,
+    "--socket",
+    migrateSocket,
+    "--to",
+    `unix:${join(lab.dst.hostDir, "mig.sock")}`,
+    "--drop",
+    "free",
+    "--ram-from-process",
+    "--",
+    "--unsafe",
+    "--tls",
+  ]).then(
+    () => assert.fail("--tls must be refused"),
+    (error: { code: number; stderr: string }) => error,
+  );
+  assert.match(tls.stderr, /--tls: QEMU encrypts the migration stream itself/);
+  assert.match(tls.stderr, /Way out: leave out --tls/);
+
+  // The way out the refusal names: --ram-from-process reads the block from QEMU's memory, not the stale file.
+  const fromProcess = await vmprune([
+    "libvirt",
+    "migrate",
+    "trap",
+    lab.dst.peerUri,
+    "--connect",
+    lab.src.uri,
+    "--socket",
+    migrateSocket,
+    "--to",
+    `unix:${join(lab.dst.hostDir, "mig.sock")}`,
+    "--drop",
+    "free",
+    "--ram-from-process",
+    "--json",
+    "--",
+    "--unsafe",
+  ]);
+  const trapReport = JSON.parse(fromProcess.stdout) as LibvirtMigrateReport;
+  t.diagnostic(`share=off with --ram-from-process: ${trapReport.status}, ${trapReport.send.prune?.judge}`);
+  assert.equal(trapReport.status, "completed", trapReport.error ?? "");
+  assert.match(
+    fromProcess.stderr,
+    /guest RAM: pc\.ram from process \d+/,
+    "send read QEMU's memory, not the file",
+  );
+  assert.equal(trapReport.send.prune?.degraded, null, "the guest kernel was read");
+  assert.equal(await domainState(lab.dst, "trap"), "running");
+  assert.match(await lab.agent(lab.dst).run("echo alive", 60_000), /alive/);
+  lab.agent(lab.dst).disconnect();
+  await lab.dst.virsh(["destroy", "trap"]);
+  await lab.src.virsh(["undefine", "trap"]);
+
+  // The lab domain, with a workload that leaves free pages with old data and clean page cache.
+  await lab.startDomain({ name: "lab", image, dataDisk: disk });
+  const steps = await runMixedWorkload(lab.agent(lab.src));
+  t.diagnostic(`workload: ${steps.join(" | ")}`);
+
+  // Leg 1: src → dst through send and receive, --drop free,cache.
+  const receive = await SendProcess.start({
+    command: "receive",
+    listen: `unix:${join(lab.dir, "link.sock")}`,
+    to: `unix:${join(lab.dst.hostDir, "mig.sock")}`,
+    extraArgs: ["--link-key", key, "--disk", disk],
+  });
+  t.after(() => receive.stop());
+  const leg1 = await vmprune([
+    "libvirt",
+    "migrate",
+    "lab",
+    lab.dst.peerUri,
+    "--connect",
+    lab.src.uri,
+    "--socket",
+    migrateSocket,
+    "--to",
+    `unix:${join(lab.dir, "link.sock")}`,
+    "--link-key",
+    key,
+    "--drop",
+    "free,cache",
+    "--disk",
+    disk,
+    "--json",
+    "--",
+    "--unsafe",
+  ]).catch((error: { stderr?: string; message: string }) => {
+    throw new Error(`${error.message}\n${lab.daemonLogs()}`);
+  });
+  const report1 = JSON.parse(leg1.stdout) as LibvirtMigrateReport;
+  t.diagnostic(`leg 1 (free,cache, via receive):\n${renderLibvirtMigrateReport(report1)}`);
+  const received = await receive.wait(60_000);
+  assert.equal(received.code, 0, `receive succeeded: ${received.stderr}`);
+  const receiveReport = JSON.parse(received.stdout) as ReceiveReport;
+  assert.equal(receiveReport.relay.error, undefined);
+  assert.equal(report1.status, "completed", report1.error ?? "");
+  assert.match(report1.ramSources.join("\n"), /pc\.ram \(512 MiB\): file \S+ \(share=on\)/);
+  assert.ok(report1.send.prune, "pruning ran");
+  assert.ok((report1.send.prune.pages.byCategory.free ?? 0) > 0);
+  assert.ok(report1.send.prune.pages.pruned > 0, "pages were dropped");
+  assert.ok(report1.bytes.onLink < report1.bytes.fromQemu, "the link carried less than QEMU wrote");
+  assert.ok(report1.libvirtJob, `libvirt's figures: ${report1.libvirtJobError}`);
+  assert.ok((report1.libvirtJob.dataProcessedBytes ?? 0) > report1.bytes.onLink);
+  assert.equal(await domainState(lab.dst, "lab"), "running");
+  assert.equal(
+    await domainState(lab.src, "lab"),
+    "shut off",
+    "the persistent source definition stays, stopped",
+  );
+  assert.match(await lab.agent(lab.dst).run(workload.verify(), 300_000), /^OK/m);
+
+  // Leg 2: dst → src, --drop free, send feeding the source host's QEMU socket directly (no receive). The free
+  // pages leg 1 dropped arrived as zeros (QEMU now sends them as ZERO itself): churn leaves new ones with old data.
+  t.diagnostic(`churn: ${await lab.agent(lab.dst).run(workload.churn("160M", 2), 300_000)}`);
+  const leg2 = await vmprune([
+    "libvirt",
+    "migrate",
+    "lab",
+    lab.src.peerUri,
+    "--connect",
+    lab.dst.uri,
+    "--socket",
+    migrateSocket,
+    "--to",
+    `unix:${join(lab.src.hostDir, "mig.sock")}`,
+    "--drop",
+    "free",
+    "--json",
+    "--",
+    "--unsafe",
+  ]).catch((error: { stderr?: string; message: string }) => {
+    throw new Error(`${error.message}\n${lab.daemonLogs()}`);
+  });
+  const report2 = JSON.parse(leg2.stdout) as LibvirtMigrateReport;
+  t.diagnostic(`leg 2 (free, no receive):\n${renderLibvirtMigrateReport(report2)}`);
+  assert.equal(report2.status, "completed", report2.error ?? "");
+  assert.ok(report2.send.prune && report2.send.prune.pages.pruned > 0);
+  assert.ok(report2.libvirtJob, `libvirt's figures: ${report2.libvirtJobError}`);
+  // The destination's domain was transient: its figures come from the other daemon (the incoming job).
+  assert.equal(report2.libvirtJob.side, "destination");
+  assert.equal(await domainState(lab.src, "lab"), "running");
+  // The agent's old connection went with the old QEMU: a fresh one to the source host's socket.
+  const agent = lab.freshAgent(lab.src);
+  await agent.waitReady(60_000);
+  assert.match(await agent.run(workload.verify(), 300_000), /^OK/m);
+});
