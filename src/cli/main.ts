@@ -500,6 +500,10 @@ libvirt
   .option("--tls-creds <dir>", TLS_CREDS_HELP.send)
   .option("--tls-hostname <name>", "with --tls-creds: the name (or IP) receive's certificate must carry")
   .option("--insecure-plaintext", INSECURE_PLAINTEXT_HELP)
+  .option(
+    "--target <name>",
+    "with a receive service on the destination host: the destination to feed (a socket name in its --allow-dir, e.g. the basename of --socket)",
+  )
   .option("--no-switchover-guard", "do not tell the source QEMU the link's measured rate (see send)")
   .option("--json", "print the report as JSON")
   .action(
@@ -521,11 +525,16 @@ libvirt
         tlsCreds?: string;
         tlsHostname?: string;
         insecurePlaintext?: boolean;
+        target?: string;
         switchoverGuard: boolean;
         json?: boolean;
       },
     ) => {
       const link = await linkOptions(opts, "send");
+      if (opts.target !== undefined && !link)
+        throw new Error(
+          "--target names a destination of a receive service: it needs --link-key or --tls-creds",
+        );
       const report = await libvirtMigrate({
         domain,
         destUri,
@@ -540,7 +549,7 @@ libvirt
         ...(opts.qmp ? { qmpSocket: opts.qmp } : {}),
         ...(opts.pidFile ? { pidFile: opts.pidFile } : {}),
         ...(opts.listenPath ? { listenPath: opts.listenPath } : {}),
-        ...(link ? { link } : {}),
+        ...(link ? { link: { ...link, ...(opts.target !== undefined ? { target: opts.target } : {}) } } : {}),
         log,
       });
       process.stdout.write(opts.json ? reportJson(report) : renderLibvirtMigrateReport(report));

@@ -28,6 +28,7 @@ import {
   refusalsForQemuState,
   refusalsForRam,
   refusalsForVirshOptions,
+  unprunedNotes,
 } from "./refusals.ts";
 import { type MigrationJobFigures, migrationFigures, parseJobStats, type Virsh, virsh } from "./virsh.ts";
 
@@ -43,7 +44,8 @@ export interface LibvirtMigrateOptions {
   listenPath?: string;
   /** Where send relays to: `vmprune receive`'s link endpoint (with `link`), or a QEMU's socket. */
   to: Endpoint;
-  link?: { psk?: Buffer; security?: LinkSecurity };
+  /** The link to vmprune receive; `target`: the destination to ask a receive service for (send --target). */
+  link?: { psk?: Buffer; security?: LinkSecurity; target?: string };
   drop: readonly Category[];
   disk?: string;
   /** A QMP socket to use instead of the domain's second monitor (e.g. virt-qemu-qmp-proxy's). */
@@ -134,6 +136,8 @@ async function pruneRefusals(
     state: boolean;
   }[];
   const parameters = (await qmp.executeUntyped("query-migrate-parameters")) as { "tls-creds"?: string };
+  for (const note of unprunedNotes(options.virshArgs ?? [], capabilities))
+    options.log?.(`vmprune libvirt: ${note}`);
   return [
     ...refusalsForVirshOptions(options.virshArgs ?? []),
     ...refusalsForQemuState(capabilities, parameters),

@@ -1,7 +1,6 @@
 /**
  * When vmprune must not prune a libvirt migration, and why: the stream would be unreadable (QEMU's own TLS),
- * out of reach (libvirt's tunnel), built on page contents pruning changes (xbzrle), carried where the relay
- * does not prune (multifd, compression), in a mode the relay has not been proven on (postcopy), or judged from
+ * out of reach (libvirt's tunnel), built on page contents pruning changes (xbzrle), compressed (mt), in a mode the relay has not been proven on (postcopy), or judged from
  * stale bytes (a file-backed RAM block without share=on). Each refusal names the way out. Pure functions of
  * what the caller gathered (virsh flags, QEMU's capabilities and parameters, RAM sources, the domain XML).
  */
@@ -57,14 +56,25 @@ export function refusalsForVirshOptions(args: readonly string[]): PruneRefusal[]
         "in postcopy the destination runs the guest and pulls pages on demand, with the device state packaged inside the stream: vmprune's relay has not been proven on that path",
       wayOut: `leave out --postcopy, ${WITHOUT_DROP}`,
     });
-  if (has("--parallel"))
-    refusals.push({
-      cause: "--parallel",
-      reason:
-        "with multifd every page travels on the parallel channels, which vmprune relays unpruned: it would prune nothing",
-      wayOut: `leave out --parallel, ${WITHOUT_DROP}`,
-    });
   return refusals;
+}
+
+/**
+ * What runs, but unpruned: with multifd (virsh --parallel, or the capability) every page travels on the
+ * parallel channels, which vmprune relays as they are (pruning them is its own piece of work); the main channel
+ * is still parsed and judged. Said once, so an operator knows why little was saved.
+ */
+export function unprunedNotes(
+  args: readonly string[],
+  capabilities: readonly { capability: string; state: boolean }[],
+): string[] {
+  const multifd =
+    args.includes("--parallel") || capabilities.some((c) => c.capability === "multifd" && c.state);
+  return multifd
+    ? [
+        "multifd (--parallel): the pages travel on the parallel channels, which vmprune relays unpruned; only the main channel is pruned, and it carries no pages with multifd",
+      ]
+    : [];
 }
 
 /** QEMU's migration state before libvirt starts (an operator may have set capabilities by hand). */
@@ -84,12 +94,6 @@ export function refusalsForQemuState(
     refusals.push({
       cause: "postcopy-ram capability on",
       reason: "postcopy has not been proven through vmprune's relay",
-      wayOut: `turn the capability off, ${WITHOUT_DROP}`,
-    });
-  if (on.has("multifd"))
-    refusals.push({
-      cause: "multifd capability on",
-      reason: "pages travel on multifd channels, which vmprune relays unpruned",
       wayOut: `turn the capability off, ${WITHOUT_DROP}`,
     });
   if (parameters["tls-creds"])

@@ -15,6 +15,7 @@ import {
   refusalsForQemuState,
   refusalsForRam,
   refusalsForVirshOptions,
+  unprunedNotes,
 } from "../../src/libvirt/refusals.ts";
 import { JOB_COMPLETED, JOB_OPERATION, migrationFigures, parseJobStats } from "../../src/libvirt/virsh.ts";
 import { parseXml, XmlError } from "../../src/libvirt/xml.ts";
@@ -160,7 +161,7 @@ test("a PID is the domain's QEMU only if its -name says guest=NAME", () => {
   assert.equal(cmdlineNamesDomain(["sleep", "100"], "plain"), false);
 });
 
-test("refusals: QEMU TLS, tunnelled, xbzrle, multithread compression, postcopy, multifd: each with its way out", () => {
+test("refusals: QEMU TLS, tunnelled, xbzrle, multithread compression, postcopy: each with its way out; multifd runs unpruned, said", () => {
   assert.deepEqual(refusalsForVirshOptions(["--unsafe", "--persistent", "--bandwidth", "100"]), []);
   const causes = (args: string[]) => refusalsForVirshOptions(args).map((r) => r.cause);
   assert.deepEqual(causes(["--tls"]), ["--tls"]);
@@ -168,7 +169,11 @@ test("refusals: QEMU TLS, tunnelled, xbzrle, multithread compression, postcopy, 
   assert.deepEqual(causes(["--compressed"]), ["--compressed"]);
   assert.deepEqual(causes(["--comp-methods", "mt,xbzrle"]), ["--comp-methods xbzrle", "--comp-methods mt"]);
   assert.deepEqual(causes(["--postcopy-after-precopy"]), ["--postcopy"]);
-  assert.deepEqual(causes(["--parallel", "--parallel-connections", "4"]), ["--parallel"]);
+  // multifd runs, unpruned (its channels are relayed as they are), and the operator is told so.
+  assert.deepEqual(causes(["--parallel", "--parallel-connections", "4"]), []);
+  assert.match(unprunedNotes(["--parallel"], [])[0] ?? "", /relays unpruned/);
+  assert.match(unprunedNotes([], [{ capability: "multifd", state: true }])[0] ?? "", /relays unpruned/);
+  assert.deepEqual(unprunedNotes(["--unsafe"], [{ capability: "multifd", state: false }]), []);
   const tls = describeRefusals(refusalsForVirshOptions(["--tls"]));
   assert.match(tls, /ciphertext/);
   assert.match(tls, /Way out: leave out --tls/);
