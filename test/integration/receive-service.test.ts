@@ -1,6 +1,6 @@
 /**
  * `vmprune receive` as a service, with real QEMUs (10.0, kernel 6.12): one receive process, started with
- * `--allow-dir`, takes two live migrations at once, each `vmprune send --drop free --target NAME` feeding the
+ * `--allow-dir` and mutual x509 certificates (QEMU's layout), takes two live migrations at once, each `vmprune send --drop free --target NAME` feeding the
  * destination QEMU listening on `unix:DIR/NAME`. While they run, a client sending garbage and one that never
  * starts its handshake connect to the service: both are refused, and neither migration notices. Both oracles hold
  * for both guests (only free pages differ; the guests verify). Then `kill -9` of the service in the middle of a
@@ -9,7 +9,7 @@
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { once } from "node:events";
-import { mkdir, rm, writeFile } from "node:fs/promises";
+import { mkdir, rm } from "node:fs/promises";
 import { connect } from "node:net";
 import { join } from "node:path";
 import { test } from "node:test";
@@ -26,6 +26,7 @@ import {
   runMigration,
   waitDestinationState,
 } from "../../src/qemu/migration.ts";
+import { makePki } from "../support/pki.ts";
 
 const capabilities = { "return-path": true };
 
@@ -35,8 +36,9 @@ test("receive service: two live migrations at once into their named destinations
   const incoming = join(dir, "in");
   await mkdir(incoming, { recursive: true });
   t.after(() => rm(dir, { recursive: true, force: true }));
-  const key = join(dir, "link.key");
-  await writeFile(key, randomBytes(32));
+  // The link is mutual x509 here, in QEMU's layout (send-unix.test.ts runs TLS-PSK with real QEMUs).
+  await mkdir(join(dir, "pki"));
+  const pki = makePki(join(dir, "pki"));
 
   const [a, b] = await Promise.all(
     ["a", "b"].map(() => LabPair.boot({ kernel: "6.12", qemu: "10.0", memoryMiB: 256 })),
@@ -53,7 +55,7 @@ test("receive service: two live migrations at once into their named destinations
   const service = await SendProcess.start({
     command: "receive",
     listen: `unix:${servicePath}`,
-    extraArgs: ["--allow-dir", incoming, "--link-key", key],
+    extraArgs: ["--allow-dir", incoming, "--tls-creds", pki.server],
   });
   t.after(() => service.stop());
 
@@ -64,7 +66,10 @@ test("receive service: two live migrations at once into their named destinations
     const send = await SendProcess.start({
       listen: `unix:${join(dir, `send-${name}`)}`,
       to: `unix:${servicePath}`,
-      extraArgs: ["--link-key", key, "--target", name, "--drop", "free", "--qmp", pair.src.toolQmpPath],
+      extraArgs: [
+        ...["--tls-creds", pki.client, "--tls-hostname", "localhost"],
+        ...["--target", name, "--drop", "free", "--qmp", pair.src.toolQmpPath],
+      ],
     });
     t.after(() => send.stop());
     return { dst, send };
@@ -124,6 +129,7 @@ test("receive service: two live migrations at once into their named destinations
   t.diagnostic(`service refusals: ${refusals.join(" | ")}`);
   assert.equal(refusals.length, 2, "the garbage client and the silent one, nothing else");
   assert.match(service.stderr, /TLS handshake timeout/);
+  assert.match(service.stderr, /send authenticated over TLSv1\.3/);
 
   // kill -9 of the service mid-migration: the source's migration fails, the source runs on and verifies.
   await a.promoteDestination();
