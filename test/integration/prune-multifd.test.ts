@@ -4,11 +4,13 @@
  * destination QEMU. Real QEMU 10.0 and 7.2, kernel 6.12, a 512 MiB guest whose free pages hold old data (vmwork
  * churn). Oracle 1 (prunedRamOracle): only pages free at the end differ between source and destination; oracle 2:
  * the guest's `vmwork verify` passes on the destination. Also: a QEMU 7.2 source passes unpruned (its destination
- * would not read a zero list), and a zstd channel passes unchanged; both with the reason in the report.
+ * would not read a zero list), and a zstd channel passes unchanged; both with the reason in the report. And the
+ * same pruning with the link: send → vmprune receive → QEMU.
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { LabPair } from "../../src/lab/lab-vm.ts";
+import { migrateThroughLink } from "../../src/lab/link-oracle.ts";
 import { migrateThroughPruningSend, type PrunedMigration } from "../../src/lab/prune-oracle.ts";
 import type { QemuVersion } from "../../src/lab/qemu-binaries.ts";
 import { workload } from "../../src/lab/workloads.ts";
@@ -64,7 +66,7 @@ function describe(label: string, r: Awaited<ReturnType<typeof migrateMultifd>>):
   );
 }
 
-test("QEMU 10.0, 1 vCPU: 2 multifd channels pruned; then a zstd channel passes unchanged", async (t) => {
+test("QEMU 10.0, 1 vCPU: 2 multifd channels pruned; a zstd channel passes unchanged; pruned through receive", async (t) => {
   const pair = await boot("10.0", 1);
   t.after(() => pair.stop());
 
@@ -95,6 +97,37 @@ test("QEMU 10.0, 1 vCPU: 2 multifd channels pruned; then a zstd channel passes u
   assert.equal(zstd.fromSource, zstd.toDestination, "zstd channels are relayed byte for byte");
   for (const c of zstd.multifd.channels) assert.match(c.unpruned ?? "", /zstd compression/);
   assert.match(renderedReasons(zstd.m), /zstd compression/);
+
+  // The link: send → vmprune receive → QEMU, each multifd channel framed on its own link connection.
+  await pair.promoteDestination();
+  await pair.src.agent.run(workload.churn(CHURN, 1), 120_000);
+  const capabilities = { multifd: true };
+  const parameters = { "multifd-channels": 2 };
+  const linkLog: string[] = [];
+  const linked = await migrateThroughLink(pair, {
+    migration: { capabilities, parameters },
+    incoming: { capabilities, parameters },
+    log: (line) => linkLog.push(line),
+  }).catch((error: unknown) => {
+    t.diagnostic(linkLog.join("\n"));
+    throw error;
+  });
+  const viaLink = linked.send.prune?.multifd;
+  const linkChannels = linked.send.relay.channels.filter((c) => c.index > 0);
+  t.diagnostic(
+    `10.0 through receive, 2 channels: multifd pruned ${viaLink?.pagesPruned} of ${viaLink?.pagesJudged} judged pages; ` +
+      `link bytes of the multifd connections ${linkChannels.reduce((a, c) => a + c.bytesToDestination, 0)}, ` +
+      `from QEMU ${linkChannels.reduce((a, c) => a + c.bytesFromSource, 0)}; ${linked.differing} pages differ`,
+  );
+  assert.equal(linked.result.status, "completed");
+  assert.equal(viaLink?.channels.length, 2);
+  assert.ok(
+    (viaLink?.pagesPruned ?? 0) > MIN_PRUNED,
+    `free pages dropped through the link (${viaLink?.pagesPruned})`,
+  );
+  assert.deepEqual(linked.differingNotFree, [], "through the link: only free pages may differ");
+  await linked.dst.monitor.execute("cont");
+  assert.match(await LabPair.verify(linked.dst), /^OK/m, "through the link: verify on the destination");
 });
 
 test("QEMU 10.0, 2 vCPUs: 4 multifd channels pruned", async (t) => {
