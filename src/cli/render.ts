@@ -7,6 +7,7 @@ import type { ReceiveReport } from "../migrate/link-receive.ts";
 import type { MigrateProgress, MigrateReport } from "../migrate/migrate.ts";
 import type { SendReport } from "../migrate/send.ts";
 import type { SwitchoverGuardReport } from "../migrate/switchover-guard.ts";
+import type { MultifdPruneReport } from "../prune/multifd-processor.ts";
 import type { PruneReport } from "../prune/pruning-processor.ts";
 import { REPORT_WIDTH, table, wrap } from "../report/table.ts";
 import type { RelayReport } from "../stream/relay.ts";
@@ -182,6 +183,42 @@ export function renderPruneLines(p: PruneReport): string[] {
       `cache pages: ${p.refs} sent as references to the shared disk, ${p.cacheMisses} not found there (sent whole)`,
     );
   if (p.degraded) lines.push(`pruning off: ${p.degraded}`);
+  if (p.multifd) lines.push(...renderMultifdLines(p.multifd, dry));
+  return lines;
+}
+
+/** The multifd channels: pages judged and dropped per channel, and why a channel's pages went unpruned. */
+export function renderMultifdLines(m: MultifdPruneReport, dry: boolean): string[] {
+  const lines = [
+    table(
+      [
+        "multifd connection",
+        "channel",
+        "packets",
+        "normal pages",
+        "judged",
+        dry ? "would drop" : "dropped",
+        "saved",
+      ],
+      m.channels.map((c) => [
+        String(c.connection),
+        c.channelId === null ? "-" : String(c.channelId),
+        String(c.packets),
+        String(c.normalPages),
+        String(c.pagesJudged),
+        String(c.pagesPruned),
+        formatBytes(c.bytesSaved),
+      ]),
+    ),
+    `multifd: ${dry ? "would drop" : "dropped"} ${m.pagesPruned} of ${m.pagesJudged} judged pages, ${formatBytes(m.bytesSaved)}`,
+  ];
+  for (const c of m.channels) {
+    if (c.unpruned) lines.push(`multifd connection ${c.connection}: ${c.unpruned}`);
+    for (const u of c.unjudged)
+      lines.push(
+        `multifd connection ${c.connection}: ${u.packets} packets (${u.pages} pages) unjudged: ${u.reason}`,
+      );
+  }
   return lines;
 }
 

@@ -40,18 +40,23 @@ export async function migrateThroughLink(
     during?: () => Promise<unknown>;
     /** The image receive reads (default: the shared disk itself); a differing copy forces NACKs. */
     receiveDisk?: string;
+    /** Capabilities and parameters the destination needs as well (multifd, its channels). */
+    incoming?: Pick<MigrationOptions, "capabilities" | "parameters">;
+    /** send's and receive's log lines, prefixed "send: " and "receive: ". */
+    log?: (line: string) => void;
   } = {},
 ): Promise<LinkedMigration> {
   const disk = join(pair.diskDir, "data.img");
   const psk = randomBytes(32);
   const dst = await pair.startDestination({ paused: true });
-  const dstUri = await prepareIncoming(dst.monitor, { incomingUri: "tcp:127.0.0.1:0" });
+  const dstUri = await prepareIncoming(dst.monitor, { incomingUri: "tcp:127.0.0.1:0", ...options.incoming });
   const reader = await BlockReader.open(options.receiveDisk ?? disk, { alignmentBytes: REF_SECTOR_BYTES });
   const receive = await startReceive({
     listen: { host: "127.0.0.1", port: 0 },
     to: tcpAddress(dstUri),
     psk,
     disk: reader,
+    ...(options.log ? { log: (line: string) => options.log?.(`receive: ${line}`) } : {}),
   });
   const qmp = await QmpClient.connect(pair.src.toolQmpPath);
   try {
@@ -62,6 +67,7 @@ export async function migrateThroughLink(
       guest: { qmp: { client: qmp, path: pair.src.toolQmpPath } },
       link: { psk },
       disk,
+      ...(options.log ? { log: (line: string) => options.log?.(`send: ${line}`) } : {}),
     });
     qmp.close();
     try {

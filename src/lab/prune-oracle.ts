@@ -80,12 +80,14 @@ export async function migrateThroughPruningSend(
     /** Extra `vmprune send` arguments (default: --drop free --qmp <the source's tool socket>). */
     sendArgs?: string[];
     migration?: Partial<MigrationOptions>;
+    /** Capabilities and parameters the destination needs as well (multifd, its channels and compression). */
+    incoming?: Pick<MigrationOptions, "capabilities" | "parameters">;
     /** Runs while the migration is in flight (e.g. a workload that allocates memory). */
     during?: () => Promise<unknown>;
   } = {},
 ): Promise<PrunedMigration> {
   const dst = await pair.startDestination({ paused: true });
-  const dstUri = await prepareIncoming(dst.monitor, { incomingUri: "tcp:127.0.0.1:0" });
+  const dstUri = await prepareIncoming(dst.monitor, { incomingUri: "tcp:127.0.0.1:0", ...options.incoming });
   const send = await SendProcess.start({
     to: dstUri,
     extraArgs: options.sendArgs ?? ["--drop", "free", "--qmp", pair.src.toolQmpPath],

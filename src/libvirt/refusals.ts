@@ -60,9 +60,10 @@ export function refusalsForVirshOptions(args: readonly string[]): PruneRefusal[]
 }
 
 /**
- * What runs, but unpruned: with multifd (virsh --parallel, or the capability) every page travels on the
- * parallel channels, which vmprune relays as they are (pruning them is its own piece of work); the main channel
- * is still parsed and judged. Said once, so an operator knows why little was saved.
+ * What may run unpruned: with multifd (virsh --parallel, or the capability) every page travels on the parallel
+ * channels, whose free pages send prunes only for a destination that reads a packet's zero list (a source QEMU
+ * 9.0+ with zero-page-detection 'multifd': migrate/multifd-zero-list.ts) and only on uncompressed channels. Said
+ * once, so an operator knows why little may be saved; send's report says per channel what happened.
  */
 export function unprunedNotes(
   args: readonly string[],
@@ -72,7 +73,7 @@ export function unprunedNotes(
     args.includes("--parallel") || capabilities.some((c) => c.capability === "multifd" && c.state);
   return multifd
     ? [
-        "multifd (--parallel): the pages travel on the parallel channels, which vmprune relays unpruned; only the main channel is pruned, and it carries no pages with multifd",
+        "multifd (--parallel): the pages travel on the parallel channels, which vmprune relays unpruned unless the source QEMU is 9.0+ with zero-page-detection 'multifd' and the channels are uncompressed (then their free pages are pruned; send's report says why a channel was not)",
       ]
     : [];
 }

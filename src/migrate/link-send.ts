@@ -15,7 +15,7 @@ import { CAPABILITY, encodeBytesFrames, encodeMessage, MSG } from "../link/proto
 import { RefLedger } from "../link/ref-ledger.ts";
 import type { PageRef } from "../prune/page-judge.ts";
 import type { PruningProcessor, Segment } from "../prune/pruning-processor.ts";
-import type { ChannelCodec, CodecOutput } from "../stream/relay.ts";
+import type { ChannelCodec, ChannelProcessor, CodecOutput } from "../stream/relay.ts";
 import { describeTls } from "../transport/tls.ts";
 
 /** REF blockNumber unit: 512-byte disk sectors (link/protocol.ts stream rule 2). */
@@ -24,8 +24,10 @@ export const REF_SECTOR_BYTES = 512;
 export interface LinkSendOptions {
   /** The link's pre-shared key; absent only over TLS with certificates (link/handshake.ts handshakeKey). */
   psk?: Buffer;
-  /** The main channel's processor (index 0); other channels are framed as they are. */
+  /** The main channel's processor (index 0). */
   processor?: PruningProcessor;
+  /** A later channel's processor (a multifd channel's pruning); without it the channel is framed as it comes. */
+  channelProcessor?: ChannelProcessor;
   /** Byte offset on the shared disk of an index block (DiskIndex.offsetOf). */
   blockOffset?: (block: number) => number;
   /** The current bytes of a guest page, to answer a NACK. */
@@ -84,14 +86,18 @@ export class LinkSendCodec implements ChannelCodec {
 
   fromSource(chunk: Buffer): CodecOutput {
     const p = this.index === 0 ? this.options.processor : undefined;
-    const out = p ? this.frames(p.pushSegments(chunk, this.refsAllowed)) : this.dataFrames([chunk]);
+    const other = this.index === 0 ? undefined : this.options.channelProcessor;
+    const out = p
+      ? this.frames(p.pushSegments(chunk, this.refsAllowed))
+      : this.dataFrames(other ? other.push(chunk) : [chunk]);
     this.pauseWhileWindowFull();
     return { toUpstream: out };
   }
 
   sourceEnded(): CodecOutput {
     const p = this.index === 0 ? this.options.processor : undefined;
-    const out = p ? this.frames(p.endSegments(this.refsAllowed)) : [];
+    const other = this.index === 0 ? undefined : this.options.channelProcessor;
+    const out = p ? this.frames(p.endSegments(this.refsAllowed)) : other ? this.dataFrames(other.end()) : [];
     out.push(encodeMessage({ type: MSG.EOF }));
     this.sentEof = true;
     return { toUpstream: out, endUpstream: this.doneSending() };
@@ -147,6 +153,7 @@ export class LinkSendCodec implements ChannelCodec {
   }
 
   private dataFrames(buffers: Buffer[]): Buffer[] {
+    if (buffers.length === 0) return [];
     const bytes = buffers.length === 1 ? (buffers[0] as Buffer) : Buffer.concat(buffers);
     if (bytes.length === 0) return [];
     this.ledger.data(bytes.length);

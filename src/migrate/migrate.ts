@@ -50,7 +50,7 @@ export interface MigrateProgress {
   mbps: number;
   /** Pre-copy pass (dirty-bitmap syncs so far). */
   iteration: number;
-  /** Pages dropped so far, and PAGE records judged by category. */
+  /** Pages dropped so far (main and multifd channels), and PAGE records judged by category (main channel). */
   pruned: number;
   byCategory: Record<Category, number> | null;
 }
@@ -143,7 +143,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrateReport> {
             totalBytes: i.ram?.total ?? 0,
             mbps: i.ram?.mbps ?? 0,
             iteration: i.ram?.["dirty-sync-count"] ?? 0,
-            pruned: prune?.pages.pruned ?? 0,
+            pruned: (prune?.pages.pruned ?? 0) + (prune?.multifd?.pagesPruned ?? 0),
             byCategory: prune?.pages.byCategory ?? null,
           });
         },

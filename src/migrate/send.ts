@@ -6,6 +6,7 @@
 import { randomBytes } from "node:crypto";
 import type { Category } from "../introspect/classifier.ts";
 import { MIGRATION_ID_BYTES } from "../link/protocol.ts";
+import { MultifdPruningProcessor, summarizeMultifd } from "../prune/multifd-processor.ts";
 import type { PageJudge } from "../prune/page-judge.ts";
 import { type PruneReport, PruningProcessor } from "../prune/pruning-processor.ts";
 import { DiskIndex } from "../storage/disk-index.ts";
@@ -24,6 +25,7 @@ import {
 import { type GuestJudgeOptions, openGuestJudge } from "./guest-judge.ts";
 import { LinkRateMeter } from "./link-rate.ts";
 import { LinkSendCodec } from "./link-send.ts";
+import { multifdZeroListVerdict } from "./multifd-zero-list.ts";
 import { SwitchoverGuard, type SwitchoverGuardReport } from "./switchover-guard.ts";
 
 /** Categories `send` can drop on its own (a plain QEMU destination rebuilds nothing). */
@@ -103,6 +105,21 @@ export interface RunningSend {
   switchoverGuarded: boolean;
 }
 
+/** multifdZeroListVerdict, with a QMP failure as the reason instead of an error (invariant 4). */
+async function zeroListVerdict(
+  qmp: Parameters<typeof multifdZeroListVerdict>[0],
+  log: (line: string) => void,
+): Promise<true | string> {
+  let verdict: true | string;
+  try {
+    verdict = await multifdZeroListVerdict(qmp);
+  } catch (error) {
+    verdict = `the source QEMU's version could not be asked (${error instanceof Error ? error.message : String(error)})`;
+  }
+  if (verdict !== true) log(`vmprune send: multifd channels, if any, will not be pruned: ${verdict}`);
+  return verdict;
+}
+
 export async function startSend(options: SendOptions): Promise<RunningSend> {
   const log = options.log ?? (() => undefined);
   const drop = options.drop ?? [];
@@ -136,6 +153,20 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
       ...(index ? { cacheIndex: index } : {}),
       log,
     });
+  const zeroList = opened ? await zeroListVerdict(options.guest?.qmp?.client, log) : "no --drop";
+  // One processor per multifd channel, all with the main channel's judge: QEMU sends every page there.
+  const multifd: MultifdPruningProcessor[] = [];
+  const newMultifdPruner = (connection: number) => {
+    const processor = new MultifdPruningProcessor(opened?.judge ?? "no --drop: passthrough", connection, {
+      drop,
+      dryRun: options.dryRun ?? false,
+      zeroList,
+      ramBlocks: () => pruner?.ramBlocksForMultifd() ?? "it arrived before the main channel",
+      log,
+    });
+    multifd.push(processor);
+    return processor;
+  };
   const guardQmp = options.guardSwitchover !== false && judge ? options.guest?.qmp?.client : undefined;
   let pruner: PruningProcessor | undefined;
   let counter: CountingProcessor | undefined;
@@ -159,6 +190,7 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
         counter = new CountingProcessor();
         return counter;
       },
+      ...(opened ? { createChannelProcessor: newMultifdPruner } : {}),
       ...(tlsOptions && security
         ? {
             upstreamTls: {
@@ -174,6 +206,7 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
               const codec = new LinkSendCodec(channel, {
                 ...(link.psk ? { psk: link.psk } : {}),
                 ...(channel === 0 && pruner ? { processor: pruner } : {}),
+                ...(channel > 0 && opened ? { channelProcessor: newMultifdPruner(channel) } : {}),
                 ...(index ? { blockOffset: (block: number) => (index as DiskIndex).offsetOf(block) } : {}),
                 ...(judge?.readPage ? { readPage: judge.readPage.bind(judge) } : {}),
                 claim: { migration: migrationId, target: link.target ?? "" },
@@ -190,6 +223,12 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
     opened?.close();
     throw error;
   }
+  /** The main channel's pruning, with the multifd channels' beside it. */
+  const pruneReport = (): PruneReport | null => {
+    const main = pruner?.report();
+    if (!main) return null;
+    return multifd.length > 0 ? { ...main, multifd: summarizeMultifd(multifd.map((m) => m.report())) } : main;
+  };
   let guard: SwitchoverGuard | undefined;
   if (guardQmp) {
     const meter = new LinkRateMeter();
@@ -218,7 +257,7 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
     const switchover = (await guard?.stop()) ?? null;
     opened?.close();
     await index?.close();
-    const prune = pruner?.report() ?? null;
+    const prune = pruneReport();
     // Said once, at the end: a large share of unknown pages means part of guest RAM was out of the judge's sight.
     if (prune?.unknownWarning) log(`vmprune send: ${prune.unknownWarning}`);
     return {
@@ -238,7 +277,7 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
       return relay.address;
     },
     done,
-    pruneSoFar: () => pruner?.report() ?? null,
+    pruneSoFar: pruneReport,
     switchoverGuarded: guard !== undefined,
   };
 }

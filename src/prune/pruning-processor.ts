@@ -25,6 +25,7 @@ import type { RamRecord, StreamRecord } from "../stream/records.ts";
 import type { MainChannelProcessor } from "../stream/relay.ts";
 import { StreamSummary, type StreamSummaryJson } from "../stream/summary.ts";
 import { encodePageHeader, encodeRecord, pageToZero } from "../stream/writer.ts";
+import type { MultifdPruneReport } from "./multifd-processor.ts";
 import type { PageJudge, PageRef, RamBlock } from "./page-judge.ts";
 
 type PageRecord = Extract<RamRecord, { type: "page" }>;
@@ -90,6 +91,8 @@ export interface PruneReport {
   unknownWarning: string | null;
   /** Categories asked for that this guest's pages may not be pruned as, with the reason. */
   refused: Partial<Record<"free" | "cache", string>>;
+  /** The multifd channels' pruning (send adds it when the migration has multifd channels). */
+  multifd?: MultifdPruneReport;
 }
 
 /** One input chunk held until every record in it has been decided, and where it starts in the stream. */
@@ -116,6 +119,8 @@ export class PruningProcessor implements MainChannelProcessor {
   private degraded: string | null;
   private refs = 0;
   private cacheMisses = 0;
+  /** The stream's RAM blocks, once the judge has accepted them (what multifd packets are judged against). */
+  private ramBlocks: Map<string, RamBlock> | null = null;
 
   constructor(
     private readonly judgeOrReason: PageJudge | string,
@@ -276,7 +281,12 @@ export class PruningProcessor implements MainChannelProcessor {
 
   private onRamBlocks(blocks: readonly RamBlock[]): void {
     const judge = this.judgeOrReason;
-    if (this.degraded !== null || typeof judge === "string" || !judge.onRamBlocks) return;
+    if (this.degraded !== null || typeof judge === "string") return;
+    const accepted = new Map(blocks.map((b) => [b.idstr, { idstr: b.idstr, length: b.length }]));
+    if (!judge.onRamBlocks) {
+      this.ramBlocks = accepted;
+      return;
+    }
     let refused: string | null;
     try {
       refused = judge.onRamBlocks(blocks);
@@ -284,6 +294,17 @@ export class PruningProcessor implements MainChannelProcessor {
       refused = `the guest's RAM layout could not be matched to the stream's RAM blocks: ${error instanceof Error ? error.message : String(error)}`;
     }
     if (refused !== null) this.degrade(refused);
+    else this.ramBlocks = accepted;
+  }
+
+  /**
+   * For the multifd channels, which share this processor's judge: the RAM blocks the judge knows (from the main
+   * channel's block list, which comes before any page on it), or why multifd pages cannot be judged now.
+   */
+  ramBlocksForMultifd(): ReadonlyMap<string, RamBlock> | string {
+    if (typeof this.judgeOrReason === "string") return this.judgeOrReason;
+    if (this.degraded !== null) return `the main channel stopped pruning: ${this.degraded}`;
+    return this.ramBlocks ?? "it arrived before the main channel's RAM block list (MEM_SIZE)";
   }
 
   private onXbzrle(): void {

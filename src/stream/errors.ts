@@ -26,3 +26,25 @@ export class StreamError extends Error {
     super(`migration stream, byte ${offset}: ${detail} (${code})`);
   }
 }
+
+export type MultifdErrorCode =
+  | "bad-magic"
+  | "bad-version"
+  | "bad-flags"
+  | "impossible-count"
+  | "impossible-offset"
+  | "bad-ram-block"
+  | "truncated";
+
+/** A multifd channel that cannot be parsed: what was wrong and at which byte of the channel. */
+export class MultifdError extends Error {
+  override readonly name = "MultifdError";
+  constructor(
+    readonly code: MultifdErrorCode,
+    /** Offset in the channel of the packet (or field) that could not be parsed. */
+    readonly offset: number,
+    readonly detail: string,
+  ) {
+    super(`multifd channel, byte ${offset}: ${detail} (${code})`);
+  }
+}

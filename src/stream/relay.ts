@@ -8,7 +8,8 @@
  *    channel and later ones as multifd (≥8.0 peeks a magic instead). So the k-th upstream connection is opened
  *    only once the (k-1)-th is established; the kernel's accept queue is FIFO, so the destination accepts them in
  *    the order the relay accepted them. The first accepted connection is the main channel and goes through the
- *    {@link MainChannelProcessor}; the others are relayed raw and only classified for the report by their
+ *    {@link MainChannelProcessor}; the others go through a {@link ChannelProcessor} of their own if one is given
+ *    (which tells a multifd channel by its first bytes), else raw, and are classified for the report by their
  *    first 4 bytes (0x11223344 = multifd, §5.1).
  * 2. No probes (§1, §10.10): a connection to the destination is opened only for an accepted source connection.
  *    A ≥8.0 destination blocks its main loop on a connection that sends nothing; 7.2 takes it as the main channel.
@@ -50,16 +51,19 @@ import {
   type UnixSocketOptions,
 } from "../transport/socket.ts";
 
-/** Source→destination bytes of the main channel are handed to one of these. */
-export interface MainChannelProcessor {
+/** Source→destination bytes of a channel are handed to one of these. */
+export interface ChannelProcessor {
   /**
-   * Source→destination bytes of the main channel; returns the bytes to forward (may be the same Buffer).
+   * Source→destination bytes of the channel; returns the bytes to forward (may be the same Buffer).
    * `chunk` must not be modified in place: it may also be queued for the capture file.
    */
   push(chunk: Buffer): Buffer[];
   /** The source half-closed; returns any final bytes to forward. */
   end(): Buffer[];
 }
+
+/** The main channel's processor (the first accepted connection). */
+export type MainChannelProcessor = ChannelProcessor;
 
 /** What a codec wants done after it saw some bytes or an end: bytes to write each way, and half-closes. */
 export interface CodecOutput {
@@ -93,8 +97,8 @@ export interface ChannelCodec {
   upstreamEnded(): CodecOutput;
 }
 
-/** The plain relay as a codec: the main channel through its processor, the return path raw, ends mirrored. */
-function processorCodec(processor: MainChannelProcessor | undefined): ChannelCodec {
+/** The plain relay as a codec: the channel through its processor, the return path raw, ends mirrored. */
+function processorCodec(processor: ChannelProcessor | undefined): ChannelCodec {
   return {
     fromSource: (chunk) => ({ toUpstream: processor ? processor.push(chunk) : [chunk] }),
     sourceEnded: () => ({ toUpstream: processor?.end() ?? [], endUpstream: true }),
@@ -111,6 +115,11 @@ export interface RelayOptions {
   unixSocket?: UnixSocketOptions;
   /** Called once for the main channel (the first accepted connection). Default: identity (forward as is). */
   createMainProcessor?: () => MainChannelProcessor;
+  /**
+   * Called once per later connection (index >= 1: multifd channels, or another kind, which the processor tells by
+   * their first bytes). Default: forward as is.
+   */
+  createChannelProcessor?: (index: number) => ChannelProcessor;
   /** Called once per accepted connection (index 0 = main); replaces createMainProcessor's plain relaying. */
   createChannelCodec?: (index: number) => ChannelCodec;
   /** If set, the main channel's source→destination bytes (as received, before processing) are also written to this file. */
@@ -138,7 +147,7 @@ export interface RelayOptions {
 export interface ChannelReport {
   index: number;
   kind: "main" | "multifd" | "other";
-  /** Bytes written to the destination (after the processor, for the main channel). */
+  /** Bytes written to the destination (after the processor, if the channel has one). */
   bytesToDestination: number;
   /** Bytes of the return path, destination → source. */
   bytesToSource: number;
@@ -671,6 +680,7 @@ export class Relay {
     try {
       if (this.#options.createChannelCodec) codec = this.#options.createChannelCodec(index);
       else if (main) codec = processorCodec(this.#options.createMainProcessor?.());
+      else codec = processorCodec(this.#options.createChannelProcessor?.(index));
     } catch (error) {
       processorError = error;
     }

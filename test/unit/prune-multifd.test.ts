@@ -1,0 +1,269 @@
+/**
+ * The multifd pruning processor on real captured channels (test/fixtures/multifd), with a table for a judge: the
+ * processor's own rules are under test (the real judge and QEMU are in test/integration/prune-multifd.test.ts).
+ * Free normal pages move to the zero list; everything else is QEMU's bytes, however the channel is chunked; the
+ * judge sees a packet only once all of it arrived; a SYNC packet is never held; compressed channels, sources
+ * whose destination may not read a zero list, packets before the main channel's block list, a failing judge and
+ * a corrupt channel all pass unchanged, with the reason in the report.
+ */
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { CATEGORY } from "../../src/introspect/classifier.ts";
+import { type MultifdPruneOptions, MultifdPruningProcessor } from "../../src/prune/multifd-processor.ts";
+import type { PageJudge, PageRef, RamBlock } from "../../src/prune/page-judge.ts";
+import { type MultifdEvent, MultifdParser } from "../../src/stream/multifd.ts";
+import { INIT_BYTES, RAM, ramHeaderBytes } from "../../src/stream/multifd-wire.ts";
+import { type FixtureName, multifdFixture } from "../support/multifd-fixtures.ts";
+
+const HEADER = ramHeaderBytes(4096);
+
+/** Pages with (offset / 4096) % 3 === 0 are free; the judge notes when it was called (bytes pushed so far). */
+function tableJudge(
+  pushed: () => number,
+  failOnCall?: number,
+): PageJudge & { calls: { pages: PageRef[]; atByte: number }[] } {
+  const calls: { pages: PageRef[]; atByte: number }[] = [];
+  return {
+    description: "table",
+    calls,
+    judge(pages) {
+      calls.push({ pages: [...pages], atByte: pushed() });
+      if (calls.length === failOnCall) throw new Error("struct pages unreadable");
+      return Uint8Array.from(pages, (p) =>
+        (p.blockOffset / 4096) % 3 === 0 ? CATEGORY.free : CATEGORY.anonymous,
+      );
+    },
+  };
+}
+
+function blockMap(blocks: RamBlock[]): Map<string, RamBlock> {
+  return new Map(blocks.map((b) => [b.idstr, b]));
+}
+
+interface Run {
+  output: Buffer;
+  processor: MultifdPruningProcessor;
+  judge: ReturnType<typeof tableJudge>;
+}
+
+function run(
+  name: FixtureName,
+  chunk: number,
+  options: Partial<MultifdPruneOptions> = {},
+  input = multifdFixture(name).bytes,
+  failOnCall?: number,
+): Run {
+  let pushed = 0;
+  const judge = tableJudge(() => pushed, failOnCall);
+  const processor = new MultifdPruningProcessor(judge, 1, {
+    drop: ["free"],
+    zeroList: true,
+    ramBlocks: () => blockMap(multifdFixture(name).ramBlocks),
+    ...options,
+  });
+  const out: Buffer[] = [];
+  for (let at = 0; at < input.length; at += chunk) {
+    const piece = input.subarray(at, at + chunk);
+    pushed += piece.length;
+    out.push(...processor.push(piece));
+  }
+  out.push(...processor.end());
+  return { output: Buffer.concat(out), processor, judge };
+}
+
+function events(bytes: Buffer): MultifdEvent[] {
+  const parser = new MultifdParser();
+  return [...parser.push(bytes), ...parser.end()];
+}
+
+/** Each RAM packet: its header and its pages (4 KiB each, normal list order). */
+function packets(
+  bytes: Buffer,
+): { header: Extract<MultifdEvent, { kind: "ram" }>["header"]; pages: Buffer[] }[] {
+  const out: { header: Extract<MultifdEvent, { kind: "ram" }>["header"]; pages: Buffer[] }[] = [];
+  let payload: Buffer[] = [];
+  for (const e of events(bytes)) {
+    if (e.kind === "ram") {
+      out.push({ header: e.header, pages: [] });
+      payload = [];
+    } else if (e.kind === "payload") {
+      payload.push(e.bytes);
+      if (e.endsPacket) {
+        const all = Buffer.concat(payload);
+        const last = out[out.length - 1];
+        if (last) for (let i = 0; i < all.length; i += 4096) last.pages.push(all.subarray(i, i + 4096));
+      }
+    }
+  }
+  return out;
+}
+
+const isFree = (offset: number) => (offset / 4096) % 3 === 0;
+
+test("free normal pages move to the zero list, the rest is QEMU's, for any chunking (QEMU 10.0 channels)", () => {
+  for (const name of ["qemu10-nocomp-channel1", "qemu10-nocomp-channel2"] as const) {
+    const input = multifdFixture(name).bytes;
+    const before = packets(input);
+    let reference: Buffer | undefined;
+    for (const chunk of [input.length, 1, 1000, 4096 + 9]) {
+      const { output, processor } = run(name, chunk);
+      reference ??= output;
+      assert.ok(output.equals(reference), `${name}: chunks of ${chunk} give the same output`);
+      assert.ok(output.subarray(0, INIT_BYTES).equals(input.subarray(0, INIT_BYTES)), "the init is QEMU's");
+      const after = packets(output);
+      assert.equal(after.length, before.length);
+      let pruned = 0;
+      for (const [i, b] of before.entries()) {
+        const a = after[i];
+        assert.ok(a);
+        const normal = b.header.offsets.slice(0, b.header.normalPages);
+        const kept = normal.map((o, k) => ({ o, page: b.pages[k] })).filter(({ o }) => !isFree(o));
+        const moved = normal.filter(isFree);
+        pruned += moved.length;
+        assert.deepEqual(
+          a.header.offsets.slice(0, a.header.normalPages),
+          kept.map((k) => k.o),
+        );
+        assert.deepEqual(a.header.offsets.slice(a.header.normalPages), [
+          ...moved,
+          ...b.header.offsets.slice(b.header.normalPages),
+        ]);
+        assert.equal(a.header.pagesAlloc, b.header.pagesAlloc);
+        assert.equal(a.header.packetNum, b.header.packetNum);
+        assert.deepEqual(
+          a.pages,
+          kept.map((k) => k.page),
+          "kept pages are QEMU's bytes",
+        );
+      }
+      const r = processor.report();
+      assert.ok(pruned > 0, `${name}: the fixture has pages the table calls free`);
+      assert.equal(r.pagesPruned, pruned);
+      assert.equal(r.bytesSaved, pruned * 4096);
+      assert.equal(input.length - output.length, r.bytesSaved);
+      assert.equal(r.byCategory.free, pruned);
+      assert.equal(r.channelId, name.endsWith("1") ? 0 : 1);
+      assert.equal(r.unpruned, null);
+    }
+  }
+});
+
+test("the judge sees a packet only once all of it arrived (invariant 1), and a SYNC packet is never held", () => {
+  const name = "qemu10-nocomp-channel1";
+  const input = multifdFixture(name).bytes;
+  const ends = new Map<number, number>();
+  let start = 0;
+  for (const e of events(input)) {
+    if (e.kind === "ram") start = e.offset;
+    if (e.kind === "payload" && e.endsPacket) ends.set(start, e.offset + e.bytes.length);
+  }
+  const { judge } = run(name, 333);
+  assert.ok(judge.calls.length > 0);
+  const packetEnds = [...ends.values()];
+  for (const call of judge.calls)
+    assert.ok(
+      packetEnds.some((end) => call.atByte >= end && call.atByte < end + 333),
+      `judged at byte ${call.atByte}, after its packet ended`,
+    );
+
+  // The init and the first packet (10.0's SYNC, no pages) come out as soon as they are in.
+  const processor = new MultifdPruningProcessor(
+    tableJudge(() => 0),
+    1,
+    {
+      drop: ["free"],
+      zeroList: true,
+      ramBlocks: () => blockMap(multifdFixture(name).ramBlocks),
+    },
+  );
+  const head = input.subarray(0, INIT_BYTES + HEADER);
+  assert.ok(Buffer.concat(processor.push(head)).equals(head), "the SYNC packet was not held");
+  // Of a packet with pages, nothing goes out before its last byte; then all of it.
+  const next = input.subarray(INIT_BYTES + HEADER, (ends.get(INIT_BYTES + HEADER) as number) - 1);
+  assert.equal(Buffer.concat(processor.push(next)).length, 0, "held while it arrives");
+  const last = input.subarray(next.length + head.length, next.length + head.length + 1);
+  assert.ok(Buffer.concat(processor.push(last)).length > HEADER, "released with its last byte");
+});
+
+function unchanged(
+  name: FixtureName,
+  options: Partial<MultifdPruneOptions>,
+  reason: RegExp,
+  failOnCall?: number,
+) {
+  const input = multifdFixture(name).bytes;
+  for (const chunk of [input.length, 777]) {
+    const { output, processor } = run(name, chunk, options, input, failOnCall);
+    assert.ok(output.equals(input), `${name}: unchanged (chunks of ${chunk})`);
+    const r = processor.report();
+    const reasons = [r.unpruned ?? "", ...r.unjudged.map((u) => u.reason)].join("; ");
+    assert.match(reasons, reason);
+    if (!failOnCall) assert.equal(r.pagesPruned, 0);
+  }
+}
+
+test("a zstd channel passes unchanged, the reason in the report", () => {
+  unchanged("qemu10-zstd-channel1", {}, /^zstd compression: .* relayed unchanged from packet \d+ on/);
+});
+
+test("a destination that may not read the zero list: every packet passes, with the reason (QEMU 7.2)", () => {
+  const why = "the source QEMU is 7.2.0: its multifd packets have no zero-page list";
+  unchanged("qemu72-nocomp-channel1", { zeroList: why }, /source QEMU is 7\.2\.0/);
+  const r = run("qemu72-nocomp-channel1", 4096, { zeroList: why }).processor.report();
+  assert.equal(r.unjudged[0]?.pages, r.normalPages, "every page with bytes counted unjudged");
+});
+
+test("packets before the main channel's block list, or of a block it lacks, pass unjudged", () => {
+  unchanged(
+    "qemu10-nocomp-channel1",
+    { ramBlocks: () => "it arrived before the main channel's RAM block list" },
+    /before the main channel's RAM block list/,
+  );
+  unchanged(
+    "qemu10-nocomp-channel1",
+    { ramBlocks: () => new Map() },
+    /RAM block 'ram0' is not in the main channel's block list/,
+  );
+});
+
+test("pages outside their block are not judged", () => {
+  const { processor, judge } = run("qemu10-nocomp-channel1", 4096, {
+    ramBlocks: () => blockMap([{ idstr: "ram0", length: 4096 }]),
+  });
+  for (const call of judge.calls) for (const p of call.pages) assert.equal(p.blockOffset, 0);
+  assert.ok(processor.report().pagesJudged < processor.report().normalPages);
+});
+
+test("a judge that fails passes the rest unchanged; a dry run counts but changes nothing", () => {
+  unchanged("qemu10-nocomp-channel1", {}, /introspection failed mid-way: struct pages unreadable/, 1);
+  const input = multifdFixture("qemu10-nocomp-channel1").bytes;
+  const dry = run("qemu10-nocomp-channel1", 1000, { dryRun: true });
+  assert.ok(dry.output.equals(input));
+  assert.ok(dry.processor.report().pagesPruned > 0);
+  unchanged("qemu10-nocomp-channel1", { drop: [] }, /free pages are not asked to be dropped/);
+});
+
+test("a corrupt channel: what came before is pruned, the rest passes unchanged from the bad packet on", () => {
+  const input = Buffer.from(multifdFixture("qemu10-nocomp-channel2").bytes);
+  const starts = events(input).flatMap((e) => (e.kind === "ram" ? [e.offset] : []));
+  const bad = starts[3] as number;
+  input.writeUInt32BE(0xdeadbeef, bad + RAM.magic);
+  const clean = run("qemu10-nocomp-channel2", input.length, {}, input.subarray(0, bad));
+  for (const chunk of [input.length, 500]) {
+    const { output, processor } = run("qemu10-nocomp-channel2", chunk, {}, input);
+    assert.ok(
+      output.subarray(output.length - (input.length - bad)).equals(input.subarray(bad)),
+      "the rest unchanged",
+    );
+    assert.ok(
+      output.subarray(0, output.length - (input.length - bad)).equals(clean.output),
+      "before: pruned",
+    );
+    assert.match(processor.report().unpruned ?? "", /byte \d+: packet magic 0xdeadbeef.*relayed unparsed/);
+  }
+  // A channel that is not multifd at all (postcopy preempt, a stray main channel) passes too.
+  const notMultifd = Buffer.from(input);
+  notMultifd.writeUInt32BE(0x5145564d, 0);
+  const { output } = run("qemu10-nocomp-channel2", 100, {}, notMultifd);
+  assert.ok(output.equals(notMultifd));
+});
