@@ -27,6 +27,8 @@ export async function migrateThroughInProcessSend(
     to: { host: string; port: number };
     drop: readonly Category[];
     parameters?: Record<string, unknown>;
+    /** Migration capabilities on the source (the destination's are the caller's to set), e.g. multifd. */
+    capabilities?: Record<string, boolean>;
     link?: { psk: Buffer };
     disk?: string;
   },
@@ -49,6 +51,7 @@ export async function migrateThroughInProcessSend(
     try {
       const result = await runMigration(pair.src.monitor, `tcp:${options.listenHost}:${send.address.port}`, {
         ...(options.parameters ? { parameters: options.parameters } : {}),
+        ...(options.capabilities ? { capabilities: options.capabilities } : {}),
       });
       await waitDestinationState(dst.monitor, "running");
       const report = await send.done;
@@ -57,7 +60,9 @@ export async function migrateThroughInProcessSend(
       if (prune?.mode !== "prune")
         throw new Error(`vmprune send did not prune: ${prune?.degraded ?? "no pruning report"}`);
       const wireBytes = report.relay.channels.reduce((sum, c) => sum + c.bytesToDestination, 0);
-      return { result, wireBytes, prunedPages: prune.pages.pruned, prepMs };
+      // Pages pruned on the main channel and, with multifd, on the multifd channels.
+      const prunedPages = prune.pages.pruned + (prune.multifd?.pagesPruned ?? 0);
+      return { result, wireBytes, prunedPages, prepMs };
     } finally {
       await send.relay.close();
     }
