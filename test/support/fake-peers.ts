@@ -10,6 +10,7 @@ import { connect, createServer, type Server, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { TestContext } from "node:test";
+import { type Endpoint, isUnixEndpoint } from "../../src/transport/endpoint.ts";
 
 export const MiB = 1024 * 1024;
 
@@ -24,13 +25,24 @@ export interface FakeDestination {
   sockets: Socket[];
   /** What each accepted connection received until its EOF, in accept order. */
   received: Promise<Buffer>[];
+  /** Where it listens (a TCP port 0 resolved). */
+  endpoint: Endpoint;
+}
+
+/** A unix socket path as an endpoint; an endpoint as it is. */
+function endpointOf(at: string | Endpoint): Endpoint {
+  return typeof at === "string" ? { path: at } : at;
 }
 
 /**
- * A destination listening on a unix socket: answers "PONG" once it has 1 MiB of a connection's bytes (a return
- * path while the source still sends), and ends its side after the source's EOF.
+ * A destination listening on a unix socket path (or any endpoint; default TCP 127.0.0.1, any port): answers
+ * "PONG" once it has 1 MiB of a connection's bytes (a return path while the source still sends), and ends its
+ * side after the source's EOF.
  */
-export async function fakeDestination(t: TestContext, path: string): Promise<FakeDestination> {
+export async function fakeDestination(
+  t: TestContext,
+  at: string | Endpoint = { host: "127.0.0.1", port: 0 },
+): Promise<FakeDestination> {
   const sockets: Socket[] = [];
   const received: Promise<Buffer>[] = [];
   const server = createServer({ allowHalfOpen: true }, (socket) => {
@@ -50,23 +62,37 @@ export async function fakeDestination(t: TestContext, path: string): Promise<Fak
       }),
     );
   });
-  await new Promise<void>((resolve) => server.listen(path, resolve));
+  const listen = endpointOf(at);
+  await new Promise<void>((resolve) =>
+    isUnixEndpoint(listen)
+      ? server.listen(listen.path, resolve)
+      : server.listen(listen.port, listen.host, resolve),
+  );
   t.after(() => {
     for (const socket of sockets) socket.destroy();
     server.close();
   });
-  return { server, sockets, received };
+  const address = server.address();
+  const endpoint: Endpoint =
+    !isUnixEndpoint(listen) && address && typeof address === "object"
+      ? { host: listen.host, port: address.port }
+      : listen;
+  return { server, sockets, received, endpoint };
 }
 
 /**
- * Connects to a unix socket, writes `payload` (honouring backpressure), half-closes; resolves with the replies
- * once the socket has closed, with `error` set if it did not end cleanly (a refused connection is cut).
+ * Connects to a unix socket path (or any endpoint), writes `payload` (honouring backpressure), half-closes;
+ * resolves with the replies once the socket has closed, with `error` set if it did not end cleanly (a refused
+ * connection is cut).
  */
 export async function sourceSends(
-  path: string,
+  to: string | Endpoint,
   payload: Buffer,
 ): Promise<{ replies: Buffer; error?: string }> {
-  const socket = connect({ path, allowHalfOpen: true });
+  const endpoint = endpointOf(to);
+  const socket = isUnixEndpoint(endpoint)
+    ? connect({ path: endpoint.path, allowHalfOpen: true })
+    : connect({ host: endpoint.host, port: endpoint.port, allowHalfOpen: true });
   let error: string | undefined;
   socket.on("error", (e) => {
     error ??= e.message;

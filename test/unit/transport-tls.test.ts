@@ -8,10 +8,7 @@
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { once } from "node:events";
-import { mkdtempSync, rmSync } from "node:fs";
-import { connect, createServer, type Server, type Socket } from "node:net";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { connect, createServer, type Socket } from "node:net";
 import { type TestContext, test } from "node:test";
 import { connect as tlsConnect } from "node:tls";
 import { type ReceiveOptions, type RunningReceive, startReceive } from "../../src/migrate/link-receive.ts";
@@ -19,80 +16,11 @@ import { type SendOptions, startSend } from "../../src/migrate/send.ts";
 import type { TcpEndpoint } from "../../src/transport/endpoint.ts";
 import { connect as transportConnect } from "../../src/transport/socket.ts";
 import { type LinkSecurity, tlsClientOptions, tlsServer } from "../../src/transport/tls.ts";
+import { type FakeDestination, fakeDestination, MiB, sourceSends, tempDir } from "../support/fake-peers.ts";
 import { makePki } from "../support/pki.ts";
 
-const MiB = 1024 * 1024;
 const timeout = 60_000;
 const LOCAL: TcpEndpoint = { host: "127.0.0.1", port: 0 };
-
-function tempDir(t: TestContext): string {
-  const dir = mkdtempSync(join(tmpdir(), "vmprune-tls-"));
-  t.after(() => rmSync(dir, { recursive: true, force: true }));
-  return dir;
-}
-
-interface FakeDestination {
-  sockets: Socket[];
-  received: Promise<Buffer>[];
-  endpoint: TcpEndpoint;
-}
-
-/** A destination QEMU stand-in: answers "PONG" after 1 MiB (a return path), ends after the source's EOF. */
-async function fakeDestination(t: TestContext): Promise<FakeDestination> {
-  const sockets: Socket[] = [];
-  const received: Promise<Buffer>[] = [];
-  const server: Server = createServer({ allowHalfOpen: true }, (socket) => {
-    socket.on("error", () => {});
-    sockets.push(socket);
-    const chunks: Buffer[] = [];
-    let got = 0;
-    socket.on("data", (chunk: Buffer) => {
-      if (got < MiB && got + chunk.length >= MiB) socket.write("PONG");
-      got += chunk.length;
-      chunks.push(chunk);
-    });
-    received.push(
-      once(socket, "end").then(() => {
-        socket.end();
-        return Buffer.concat(chunks);
-      }),
-    );
-  });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  t.after(() => {
-    for (const socket of sockets) socket.destroy();
-    server.close();
-  });
-  const address = server.address();
-  assert.ok(address && typeof address !== "string");
-  return { sockets, received, endpoint: { host: "127.0.0.1", port: address.port } };
-}
-
-/** A source QEMU stand-in: writes `payload`, half-closes, collects replies until the socket closes. */
-async function sourceSends(to: TcpEndpoint, payload: Buffer): Promise<{ replies: Buffer; error?: string }> {
-  const socket = connect({ host: to.host, port: to.port, allowHalfOpen: true });
-  let error: string | undefined;
-  socket.on("error", (e) => {
-    error ??= e.message;
-  });
-  const replies: Buffer[] = [];
-  socket.on("data", (chunk: Buffer) => replies.push(chunk));
-  socket.on("end", () => socket.destroy());
-  const closed = new Promise<void>((resolve) => socket.once("close", () => resolve()));
-  await new Promise<void>((resolve) => {
-    socket.once("connect", resolve);
-    socket.once("close", resolve);
-  });
-  for (let at = 0; at < payload.length && !socket.destroyed; at += MiB)
-    if (!socket.write(payload.subarray(at, at + MiB)))
-      await new Promise<void>((resolve) => {
-        socket.once("drain", resolve);
-        socket.once("close", resolve);
-      });
-  if (!socket.destroyed) socket.end();
-  await closed;
-  return { replies: Buffer.concat(replies), ...(error ? { error } : {}) };
-}
 
 function fakeStream(bytes: number): Buffer {
   const head = Buffer.from([0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3]);
