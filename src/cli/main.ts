@@ -327,10 +327,6 @@ program
       json?: boolean;
     }) => {
       const link = await linkOptions(opts, "send");
-      if (opts.target !== undefined && !link)
-        throw new Error(
-          "--target names a destination of a receive service: it needs --link-key or --tls-creds",
-        );
       if (opts.drop && !opts.qmp && !opts.guestMemory)
         throw new Error("--drop needs a way to read guest memory: --qmp SOCKET or --guest-memory FILE");
       const unixSocket = unixSocketOptions(opts);
@@ -359,9 +355,7 @@ program
             classifyOnce: opts.classifyOnce ?? false,
           },
           ...(opts.capture ? { capturePath: opts.capture } : {}),
-          ...(link
-            ? { link: { ...link, ...(opts.target !== undefined ? { target: opts.target } : {}) } }
-            : {}),
+          ...(link ? { link } : {}),
           ...(opts.disk ? { disk: opts.disk } : {}),
           guardSwitchover: opts.switchoverGuard,
           log,
@@ -531,10 +525,6 @@ libvirt
       },
     ) => {
       const link = await linkOptions(opts, "send");
-      if (opts.target !== undefined && !link)
-        throw new Error(
-          "--target names a destination of a receive service: it needs --link-key or --tls-creds",
-        );
       const report = await libvirtMigrate({
         domain,
         destUri,
@@ -549,7 +539,7 @@ libvirt
         ...(opts.qmp ? { qmpSocket: opts.qmp } : {}),
         ...(opts.pidFile ? { pidFile: opts.pidFile } : {}),
         ...(opts.listenPath ? { listenPath: opts.listenPath } : {}),
-        ...(link ? { link: { ...link, ...(opts.target !== undefined ? { target: opts.target } : {}) } } : {}),
+        ...(link ? { link } : {}),
         log,
       });
       process.stdout.write(opts.json ? reportJson(report) : renderLibvirtMigrateReport(report));
@@ -707,10 +697,29 @@ async function serveReceive(
 }
 
 /**
- * --link-key, --tls-creds, --tls-hostname, --insecure-plaintext → the link's key and TLS mode, or undefined when
- * none is given (send: the target is a plain QEMU). The default with a key file is TLS-PSK.
+ * --link-key, --tls-creds, --tls-hostname, --insecure-plaintext, --target → the link's key, TLS mode and the
+ * destination to ask a receive service for, or undefined when none is given (send: the target is a plain QEMU).
+ * The default with a key file is TLS-PSK.
  */
 async function linkOptions(
+  opts: {
+    linkKey?: string;
+    tlsCreds?: string;
+    tlsHostname?: string;
+    insecurePlaintext?: boolean;
+    target?: string;
+  },
+  command: "send" | "receive",
+): Promise<{ psk?: Buffer; security: LinkSecurity; target?: string } | undefined> {
+  const link = await linkSecurityOptions(opts, command);
+  if (opts.target === undefined) return link;
+  if (!link)
+    throw new Error("--target names a destination of a receive service: it needs --link-key or --tls-creds");
+  return { ...link, target: opts.target };
+}
+
+/** --link-key, --tls-creds, --tls-hostname, --insecure-plaintext → the key and TLS mode (see linkOptions). */
+async function linkSecurityOptions(
   opts: { linkKey?: string; tlsCreds?: string; tlsHostname?: string; insecurePlaintext?: boolean },
   command: "send" | "receive",
 ): Promise<{ psk?: Buffer; security: LinkSecurity } | undefined> {

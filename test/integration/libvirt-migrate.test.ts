@@ -49,27 +49,30 @@ test("libvirt 9.0: a share=off domain is refused with the way out; a lab domain 
   t.after(() => lab.stop());
   const disk = await lab.sharedCopy(image.dataDisk, "data.img");
   const migrateSocket = join(lab.viewDir, "mig.sock");
+  /** `vmprune libvirt migrate DOMAIN` from one daemon to the other through `--socket`, send relaying to `linkTo`. */
+  const libvirtMigrate = (
+    domain: string,
+    from: LibvirtHost,
+    to: LibvirtHost,
+    linkTo: string,
+    rest: string[],
+  ) =>
+    vmprune([
+      ...["libvirt", "migrate", domain, to.peerUri, "--connect", from.uri],
+      ...["--socket", migrateSocket, "--to", linkTo, ...rest],
+    ]);
   const key = join(lab.dir, "link.key");
   await writeFile(key, randomBytes(32));
 
   // The trap: RAM in a file QEMU maps without share=on. Refused before send listens or virsh runs.
   await lab.startDomain({ name: "trap", image, dataDisk: disk, memoryAccess: "private" });
-  const refused = await vmprune([
-    "libvirt",
-    "migrate",
+  const refused = await libvirtMigrate(
     "trap",
-    lab.dst.peerUri,
-    "--connect",
-    lab.src.uri,
-    "--socket",
-    migrateSocket,
-    "--to",
+    lab.src,
+    lab.dst,
     `unix:${join(lab.dst.hostDir, "mig.sock")}`,
-    "--drop",
-    "free",
-    "--",
-    "--unsafe",
-  ]).then(
+    ["--drop", "free", "--", "--unsafe"],
+  ).then(
     () => assert.fail("a share=off RAM file must be refused"),
     (error: { code: number; stderr: string }) => error,
   );
@@ -82,17 +85,7 @@ test("libvirt 9.0: a share=off domain is refused with the way out; a lab domain 
   assert.equal(await domainState(lab.src, "trap"), "running", "nothing was migrated");
   assert.equal(existsSync(join(lab.src.hostDir, "mig.sock")), false, "send never listened");
   // QEMU's own TLS is refused too, with the way out, before anything starts.
-  const tls = await vmprune([
-    "libvirt",
-    "migrate",
-    "trap",
-    lab.dst.peerUri,
-    "--connect",
-    lab.src.uri,
-    "--socket",
-    migrateSocket,
-    "--to",
-    `unix:${join(lab.dst.hostDir, "mig.sock")}`,
+  const tls = await libvirtMigrate("trap", lab.src, lab.dst, `unix:${join(lab.dst.hostDir, "mig.sock")}`, [
     "--drop",
     "free",
     "--ram-from-process",
@@ -107,24 +100,13 @@ test("libvirt 9.0: a share=off domain is refused with the way out; a lab domain 
   assert.match(tls.stderr, /Way out: leave out --tls/);
 
   // The way out the refusal names: --ram-from-process reads the block from QEMU's memory, not the stale file.
-  const fromProcess = await vmprune([
-    "libvirt",
-    "migrate",
+  const fromProcess = await libvirtMigrate(
     "trap",
-    lab.dst.peerUri,
-    "--connect",
-    lab.src.uri,
-    "--socket",
-    migrateSocket,
-    "--to",
+    lab.src,
+    lab.dst,
     `unix:${join(lab.dst.hostDir, "mig.sock")}`,
-    "--drop",
-    "free",
-    "--ram-from-process",
-    "--json",
-    "--",
-    "--unsafe",
-  ]);
+    ["--drop", "free", "--ram-from-process", "--json", "--", "--unsafe"],
+  );
   const trapReport = JSON.parse(fromProcess.stdout) as LibvirtMigrateReport;
   t.diagnostic(`share=off with --ram-from-process: ${trapReport.status}, ${trapReport.send.prune?.judge}`);
   assert.equal(trapReport.status, "completed", trapReport.error ?? "");
@@ -153,17 +135,7 @@ test("libvirt 9.0: a share=off domain is refused with the way out; a lab domain 
     extraArgs: ["--link-key", key, "--disk", disk],
   });
   t.after(() => receive.stop());
-  const leg1 = await vmprune([
-    "libvirt",
-    "migrate",
-    "lab",
-    lab.dst.peerUri,
-    "--connect",
-    lab.src.uri,
-    "--socket",
-    migrateSocket,
-    "--to",
-    `unix:${join(lab.dir, "link.sock")}`,
+  const leg1 = await libvirtMigrate("lab", lab.src, lab.dst, `unix:${join(lab.dir, "link.sock")}`, [
     "--link-key",
     key,
     "--drop",
@@ -201,17 +173,7 @@ test("libvirt 9.0: a share=off domain is refused with the way out; a lab domain 
   // Leg 2: dst → src, --drop free, send feeding the source host's QEMU socket directly (no receive). The free
   // pages leg 1 dropped arrived as zeros (QEMU now sends them as ZERO itself): churn leaves new ones with old data.
   t.diagnostic(`churn: ${await lab.agent(lab.dst).run(workload.churn("160M", 2), 300_000)}`);
-  const leg2 = await vmprune([
-    "libvirt",
-    "migrate",
-    "lab",
-    lab.src.peerUri,
-    "--connect",
-    lab.dst.uri,
-    "--socket",
-    migrateSocket,
-    "--to",
-    `unix:${join(lab.src.hostDir, "mig.sock")}`,
+  const leg2 = await libvirtMigrate("lab", lab.dst, lab.src, `unix:${join(lab.src.hostDir, "mig.sock")}`, [
     "--drop",
     "free",
     "--json",
@@ -251,17 +213,7 @@ test("libvirt 9.0: a share=off domain is refused with the way out; a lab domain 
         extraArgs: ["--allow-dir", lab.dst.hostDir, "--link-key", key],
       });
       t.after(() => service.stop());
-      const leg3 = await vmprune([
-        "libvirt",
-        "migrate",
-        "lab",
-        lab.dst.peerUri,
-        "--connect",
-        lab.src.uri,
-        "--socket",
-        migrateSocket,
-        "--to",
-        `unix:${join(lab.dir, "svc.sock")}`,
+      const leg3 = await libvirtMigrate("lab", lab.src, lab.dst, `unix:${join(lab.dir, "svc.sock")}`, [
         "--link-key",
         key,
         "--target",
