@@ -17,6 +17,7 @@ import { emptyReassemblerStats, type ReassemblerStats, RefReassembler } from "..
 import type { BlockReader } from "../storage/block-reader.ts";
 import {
   type ChannelCodec,
+  type ChannelSide,
   type CodecOutput,
   Relay,
   type RelayReport,
@@ -135,6 +136,13 @@ export class LinkReceiveCodec implements ChannelCodec {
 
   upstreamEnded(): CodecOutput {
     return { toSource: [encodeMessage({ type: MSG.EOF })], endSource: true };
+  }
+
+  /** The destination QEMU's connection failed: send hears why (ERROR) instead of a bare close. */
+  sideFailed(side: ChannelSide, error: Error): Buffer[] | undefined {
+    if (side !== "destination") return undefined;
+    const message = `the destination QEMU's connection #${this.index} failed: ${error.message}`;
+    return [encodeMessage({ type: MSG.ERROR, code: ERROR_CODE.DESTINATION, message })];
   }
 }
 

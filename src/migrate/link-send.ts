@@ -11,11 +11,11 @@ import { TLSSocket } from "node:tls";
 import { LinkDecoder } from "../link/decoder.ts";
 import { LinkError } from "../link/errors.ts";
 import { clientHandshake, handshakeKey } from "../link/handshake.ts";
-import { CAPABILITY, encodeBytesFrames, encodeMessage, MSG } from "../link/protocol.ts";
+import { CAPABILITY, ERROR_CODE, encodeBytesFrames, encodeMessage, MSG } from "../link/protocol.ts";
 import { RefLedger } from "../link/ref-ledger.ts";
 import type { PageRef } from "../prune/page-judge.ts";
 import type { PruningProcessor, Segment } from "../prune/pruning-processor.ts";
-import type { ChannelCodec, ChannelProcessor, CodecOutput } from "../stream/relay.ts";
+import type { ChannelCodec, ChannelProcessor, ChannelSide, CodecOutput } from "../stream/relay.ts";
 import { describeTls } from "../transport/tls.ts";
 
 /** REF blockNumber unit: 512-byte disk sectors (link/protocol.ts stream rule 2). */
@@ -145,6 +145,13 @@ export class LinkSendCodec implements ChannelCodec {
   upstreamEnded(): CodecOutput {
     if (!this.receivedEof) throw new LinkError("closed", "receive closed the link before its EOF");
     return { endSource: true };
+  }
+
+  /** The source QEMU's connection failed: receive hears why (ERROR), and resets the destination QEMU's. */
+  sideFailed(side: ChannelSide, error: Error): Buffer[] | undefined {
+    if (side !== "source") return undefined;
+    const message = `the source QEMU's connection failed: ${error.message}`;
+    return [encodeMessage({ type: MSG.ERROR, code: ERROR_CODE.SOURCE, message })];
   }
 
   /** send half-closes the link after its EOF, once every REF is settled (a NACK may still need an answer). */

@@ -95,7 +95,18 @@ export interface ChannelCodec {
   sourceEnded(): CodecOutput;
   fromUpstream(chunk: Buffer): CodecOutput;
   upstreamEnded(): CodecOutput;
+  /**
+   * One side's connection failed (an error or a reset before its end): the bytes that tell the *other* side's peer
+   * why (the link's ERROR frame), written before the relay half-closes that side. Without it, or when it returns
+   * undefined, the relay resets the other side, which is all a QEMU peer understands.
+   */
+  sideFailed?(side: ChannelSide, error: Error): Buffer[] | undefined;
 }
+
+export type ChannelSide = "source" | "destination";
+
+/** How long a peer told of a failure (ChannelCodec.sideFailed) may take to read it and close, before a reset. */
+const TOLD_FAILURE_LINGER_MS = 5_000;
 
 /** The plain relay as a codec: the channel through its processor, the return path raw, ends mirrored. */
 function processorCodec(processor: ChannelProcessor | undefined): ChannelCodec {
@@ -254,6 +265,10 @@ class Channel {
   /** "pending": waiting for its turn to connect; "none": never connected. */
   #upstreamState: "pending" | "connecting" | "open" | "closed" | "none" = "pending";
   #sourceClosed = false;
+  /** Bytes were due to a destination that had closed (see #write). */
+  #undeliverable = false;
+  /** Sides that were written to after their peer had ended its stream (#endPassedOn). */
+  readonly #sentAfterEnd = new Set<ChannelSide>();
   #head: Buffer = Buffer.alloc(0);
   readonly #fromSourceHolds = new Set<Writable>();
   readonly #toSourceHolds = new Set<Writable>();
@@ -275,7 +290,7 @@ class Channel {
     source.on("error", (error) => this.#onError("source", error));
     source.on("close", () => {
       this.#sourceClosed = true;
-      if (!closedCleanly(source) && this.#upstream) this.#upstream.destroy();
+      if (!closedCleanly(source) && this.#upstream && !this.#endPassedOn("source")) this.#upstream.destroy();
       this.#checkClosed();
     });
   }
@@ -323,7 +338,7 @@ class Channel {
       upstream.on("close", () => {
         resolve(); // destroyed while connecting
         this.#upstreamState = "closed";
-        if (!closedCleanly(upstream)) source.destroy();
+        if (!closedCleanly(upstream) && !this.#endPassedOn("destination")) source.destroy();
         this.#checkClosed();
       });
     });
@@ -431,6 +446,7 @@ class Channel {
       let full = false;
       for (const chunk of out.toSource) {
         if (chunk.length === 0) continue;
+        this.#sending("source", source, chunk.length);
         this.bytesToSource += chunk.length;
         full = !source.write(chunk) || full;
       }
@@ -445,11 +461,26 @@ class Channel {
 
   /** Writes `chunks` to the destination; true if the source must pause. */
   #write(upstream: Socket, chunks: Buffer[]): boolean {
+    if (upstream.destroyed && !this.#undeliverable) {
+      const bytes = chunks.reduce((n, c) => n + c.length, 0);
+      if (bytes > 0) {
+        // The destination closed after its end (#endPassedOn) and the source still sends: these bytes cannot
+        // arrive, so the source must hear of it (a reset) rather than finish as if they had.
+        this.#undeliverable = true;
+        this.#end("destination gone");
+        this.errors.push(`channel #${this.index}: ${bytes} bytes for the destination after it had closed`);
+        this.ctx.log(
+          `relay #${this.index}: the destination has closed, the source still sends: resetting it`,
+        );
+        reset(this.#source);
+      }
+    }
     if (upstream.destroyed || upstream.writableEnded) return false;
     const corked = chunks.length > 1;
     if (corked) upstream.cork();
     for (const chunk of chunks) {
       if (chunk.length === 0) continue;
+      this.#sending("destination", upstream, chunk.length);
       this.bytesToDestination += chunk.length;
       upstream.write(chunk);
     }
@@ -477,12 +508,45 @@ class Channel {
     this.abort("processor failed");
   }
 
-  #onError(side: "source" | "destination", error: Error): void {
+  #onError(side: ChannelSide, error: Error): void {
+    if (this.#endPassedOn(side)) {
+      // The peer had ended its side and the codec had passed that end on: the channel was finished that way, and
+      // a reset after it is how the peer closed (QEMU closing a unix socket with bytes unread gives ECONNRESET).
+      // Resetting the other side now would destroy the end already on its way there (e.g. the link's EOF frame).
+      this.ctx.log(
+        `relay #${this.index}: ${side} ${errorCode(error)} after its end: the channel had finished`,
+      );
+      return;
+    }
     this.#end(`${side} error: ${errorCode(error)}`);
     this.errors.push(`${side} side of channel #${this.index}: ${error.message}`);
     this.ctx.log(`relay #${this.index}: ${side} error: ${error.message}`);
     const other = side === "source" ? this.#upstream : this.#source;
-    if (other) reset(other);
+    if (!other) return;
+    const told = other.destroyed || other.writableEnded ? undefined : this.codec.sideFailed?.(side, error);
+    if (!told) {
+      reset(other);
+      return;
+    }
+    for (const chunk of told) other.write(chunk);
+    other.end();
+    setTimeout(() => reset(other), TOLD_FAILURE_LINGER_MS).unref();
+  }
+
+  /**
+   * `side`'s peer ended its stream, the codec half-closed the other side after it, and no byte went to that peer
+   * after its end: the channel was finished both ways.
+   */
+  #endPassedOn(side: ChannelSide): boolean {
+    const from = side === "source" ? this.#source : this.#upstream;
+    const to = side === "source" ? this.#upstream : this.#source;
+    if (from === undefined || to === undefined || !from.readableEnded || !to.writableEnded) return false;
+    return !this.#sentAfterEnd.has(side);
+  }
+
+  /** Notes bytes written to `side` after its peer ended its stream (they may never be read). */
+  #sending(side: ChannelSide, socket: Socket, bytes: number): void {
+    if (bytes > 0 && socket.readableEnded) this.#sentAfterEnd.add(side);
   }
 
   /** Records what ended the channel first. */

@@ -233,6 +233,8 @@ test("libvirt 9.0: a share=off domain is refused with the way out; a lab domain 
       t.diagnostic(
         `leg 3 (multifd, 2 channels, via the receive service):\n${renderLibvirtMigrateReport(report3)}`,
       );
+      if (report3.status !== "completed")
+        t.diagnostic(`send's log:\n${leg3.stderr}\nthe receive service's log:\n${service.stderr}`);
       assert.equal(report3.status, "completed", report3.error ?? "");
       assert.match(leg3.stderr, /multifd \(--parallel\).*relays unpruned/);
       assert.deepEqual(
