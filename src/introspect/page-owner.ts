@@ -74,6 +74,12 @@ export interface PageOwner {
   superBlock: SuperBlockFacts;
   /** Whether the page (its folio) has private data, e.g. buffer heads. */
   hasPrivate: boolean;
+  /**
+   * The inode's bytes as read for this call, with the `around` range the reader was made with; the inode starts at
+   * `inodeAt`. The buffer is reused by the next call.
+   */
+  inodeBytes: Buffer;
+  inodeAt: number;
 }
 
 export type PageOwnerResult = { ok: true; owner: PageOwner } | { ok: false; reason: PageOwnerMiss };
@@ -110,10 +116,15 @@ export class PageOwnerReader {
   private readonly bit: Record<"uptodate" | "dirty" | "writeback" | "locked" | "head" | "swapbacked", number>;
   private readonly privateMask: number;
 
+  /**
+   * `around`: bytes of the object that embeds the inode to read with it, in one read (a filesystem's inode
+   * container, e.g. ext4_inode_info's i_data before its vfs_inode): offsets relative to the inode, may be negative.
+   */
   constructor(
     readonly kernel: GuestKernel,
     readonly types: KernelTypes,
     readonly layout: KernelLayout,
+    around: { start: number; end: number } = { start: 0, end: 0 },
   ) {
     for (const [struct, member] of MEMBERS) {
       const at = types.memberOffset(struct, member);
@@ -128,8 +139,8 @@ export class PageOwnerReader {
       "inode.i_size",
     ] as const;
     const starts = inodeFields.map((m) => this.off.get(m) ?? 0);
-    const start = Math.min(...starts);
-    this.inodeWindow = { start, length: Math.max(...starts) + 8 - start };
+    const start = Math.min(around.start, ...starts);
+    this.inodeWindow = { start, length: Math.max(around.end, Math.max(...starts) + 8) - start };
     this.pageBytes = Buffer.alloc(2 * layout.structPageSize);
     this.inodeBytes = Buffer.alloc(this.inodeWindow.length);
     const flagBit = (name: keyof PageOwnerReader["bit"]) => {
@@ -160,7 +171,6 @@ export class PageOwnerReader {
   /** The owner of page frame `pfn`, or why it has none that the locator could use. */
   owner(pfn: number): PageOwnerResult {
     if (this.missingMembers.length > 0) return { ok: false, reason: "kernel-type-missing" };
-    const size = this.layout.structPageSize;
     const memmap = this.kernel.memmap;
     const buf = this.pageBytes;
     if (!memmap.read(pfn, 1, buf)) return { ok: false, reason: "no-struct-page" };
@@ -233,6 +243,8 @@ export class PageOwnerReader {
         sizeBytes: Number(sizeBytes),
         superBlock,
         hasPrivate: (flags & this.privateMask) !== 0,
+        inodeBytes: bytes,
+        inodeAt: -w.start,
       },
     };
   }

@@ -130,7 +130,6 @@ export class PageLocator {
   readonly ext4Unavailable: string;
   private readonly ext4: Ext4Offsets | null;
   private readonly bdevInode: { vfsInode: number; bdev: number } | null;
-  private readonly inodeWindow: Buffer;
   /** Block device (struct block_device address) → where its filesystem lies, learned from ext4 super_blocks. */
   private readonly bdevs = new Map<bigint, Placement>();
   private readonly mountOpts = new Map<bigint, number>();
@@ -142,7 +141,6 @@ export class PageLocator {
 
   private constructor(options: PageLocatorOptions, filesystems: Map<string, Placement | null>) {
     this.filesystems = filesystems;
-    this.owners = new PageOwnerReader(options.kernel, options.types, options.layout);
     const t = options.types;
     const vfsInode = t.memberOffset("ext4_inode_info", "vfs_inode");
     const data = t.memberOffset("ext4_inode_info", "i_data");
@@ -163,7 +161,12 @@ export class PageLocator {
       };
       this.ext4Unavailable = "";
     }
-    this.inodeWindow = Buffer.alloc(this.ext4?.windowLength ?? 0);
+    // The ext4 fields are read with the vfs inode, in one read per page.
+    const e = this.ext4;
+    const around = e
+      ? { start: e.windowStart - e.vfsInode, end: e.windowStart + e.windowLength - e.vfsInode }
+      : undefined;
+    this.owners = new PageOwnerReader(options.kernel, options.types, options.layout, around);
     const bdevVfs = t.memberOffset("bdev_inode", "vfs_inode");
     const bdev = t.memberOffset("bdev_inode", "bdev");
     this.bdevInode = bdevVfs === undefined || bdev === undefined ? null : { vfsInode: bdevVfs, bdev };
@@ -233,15 +236,15 @@ export class PageLocator {
     if ((owner.index + 1) * PAGE_SIZE > owner.sizeBytes) return this.miss("page-past-eof");
 
     const e = this.ext4;
-    const window = this.inodeWindow;
-    const base = (owner.inode - BigInt(e.vfsInode) + BigInt(e.windowStart)) & MASK64;
-    if (!this.owners.readKernel(base, e.windowLength, window)) return this.miss("bad-kernel-object");
-    const iFlags = window.readUInt32LE(e.flags - e.windowStart);
+    // ext4_inode_info starts vfsInode bytes before the inode (container_of).
+    const info = owner.inodeAt - e.vfsInode;
+    const window = owner.inodeBytes;
+    const iFlags = window.readUInt32LE(info + e.flags);
     if (iFlags & INODE_FLAG.encrypt) return this.miss("encrypted-file");
     if (iFlags & INODE_FLAG.inlineData) return this.miss("inline-data");
     if (iFlags & INODE_FLAG.journalData) return this.miss("data-journalled");
     if (iFlags & INODE_FLAG.dax) return this.miss("dax-file");
-    const root = window.subarray(e.data - e.windowStart, e.data - e.windowStart + EXT4_ROOT_BYTES);
+    const root = window.subarray(info + e.data, info + e.data + EXT4_ROOT_BYTES);
     const extents = (iFlags & INODE_FLAG.extents) !== 0;
     if (extents && root.readUInt16LE(0) !== EXT4_EXT_MAGIC) return this.miss("extent-tree-corrupt");
     const rootNode = extents ? parseExtentNode(root, placement.fs.superblock.blocksCount) : null;
