@@ -113,7 +113,7 @@ export class PageOwnerReader {
   private readonly word = Buffer.alloc(8);
   private readonly hosts = new Map<bigint, bigint>();
   private readonly superBlocks = new Map<bigint, { facts: SuperBlockFacts | null; checkedAt: number }>();
-  private readonly bit: Record<"uptodate" | "dirty" | "writeback" | "locked" | "head" | "swapbacked", number>;
+  private readonly bit: Record<"uptodate" | "dirty" | "writeback" | "locked" | "head" | "swapbacked" | "slab", number>;
   private readonly privateMask: number;
 
   /**
@@ -154,6 +154,7 @@ export class PageOwnerReader {
       locked: flagBit("locked"),
       head: flagBit("head"),
       swapbacked: flagBit("swapbacked"),
+      slab: flagBit("slab"),
     };
     const p = layout.flags.private;
     const p2 = layout.flags.private2;
@@ -199,6 +200,9 @@ export class PageOwnerReader {
     }
     const mapping = buf.readBigUInt64LE(offsets.mapping);
     if (mapping === 0n || (mapping & BigInt(PAGE_MAPPING_FLAGS)) !== 0n)
+      return { ok: false, reason: "not-file-backed" };
+    // Slab pages and typed pages (page tables, zsmalloc...) keep other things in the mapping slot.
+    if ((flags & this.bit.slab) !== 0 || this.layout.pageType(buf.readUInt32LE(offsets.mapcount)) !== null)
       return { ok: false, reason: "not-file-backed" };
     if ((flags & this.bit.swapbacked) !== 0) return { ok: false, reason: "shmem" };
     const b = this.bit;
