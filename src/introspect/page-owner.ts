@@ -113,7 +113,10 @@ export class PageOwnerReader {
   private readonly word = Buffer.alloc(8);
   private readonly hosts = new Map<bigint, bigint>();
   private readonly superBlocks = new Map<bigint, { facts: SuperBlockFacts | null; checkedAt: number }>();
-  private readonly bit: Record<"uptodate" | "dirty" | "writeback" | "locked" | "head" | "swapbacked" | "slab", number>;
+  private readonly bit: Record<
+    "uptodate" | "dirty" | "writeback" | "locked" | "head" | "swapbacked" | "slab",
+    number
+  >;
   private readonly privateMask: number;
 
   /**
