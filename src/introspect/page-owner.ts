@@ -354,3 +354,119 @@ export class PageOwnerReader {
     return (mode & S_IFMT) === S_IFREG;
   }
 }
+
+/** What ext4's extent status cache says of one logical block. */
+export type ExtentStatus =
+  | { kind: "written"; physicalBlock: number; run: number }
+  | { kind: "unwritten" | "delayed" | "hole" };
+
+/** The most nodes a lookup visits: a red-black tree of 2^32 extents is at most 64 deep. */
+const MAX_RB_DEPTH = 64;
+
+/**
+ * ext4's extent status tree (fs/ext4/extents_status.[ch]): the kernel's own in-memory cache of an inode's block
+ * mappings, a red-black tree of `struct extent_status` {rb_node, es_lblk, es_len, es_pblk} under
+ * `ext4_inode_info.i_es_tree.root`, non-overlapping ranges keyed by es_lblk. The status lives in es_pblk's top
+ * ES_FLAGS bits (ES_SHIFT = 64 - ES_FLAGS; bit ES_SHIFT + ES_WRITTEN_B etc., extents_status.h). It holds what
+ * ext4_map_blocks found when the page was read, current even where on-disk tree blocks lag the journal.
+ * Offsets and the enum come from BTF; without them `available` is false and lookups say nothing.
+ */
+export class ExtentStatusReader {
+  readonly available: boolean;
+  private readonly rootAt: number;
+  private readonly nodeAt: number;
+  private readonly left: number;
+  private readonly right: number;
+  private readonly lblkAt: number;
+  private readonly lenAt: number;
+  private readonly pblkAt: number;
+  private readonly span: number;
+  private readonly shift: bigint;
+  private readonly bits: { written: number; unwritten: number; delayed: number; hole: number };
+  private readonly node: Buffer;
+
+  constructor(
+    private readonly owners: PageOwnerReader,
+    types: KernelTypes,
+  ) {
+    const m = (s: string, f: string) => types.memberOffset(s, f);
+    const tree = m("ext4_inode_info", "i_es_tree");
+    const root = m("ext4_es_tree", "root");
+    const rbNode = m("rb_root", "rb_node");
+    const values = [
+      tree,
+      root,
+      rbNode,
+      m("rb_node", "rb_left"),
+      m("rb_node", "rb_right"),
+      m("extent_status", "rb_node"),
+      m("extent_status", "es_lblk"),
+      m("extent_status", "es_len"),
+      m("extent_status", "es_pblk"),
+    ];
+    const flags = types.enumValue("", "ES_FLAGS");
+    const enums = ["ES_WRITTEN_B", "ES_UNWRITTEN_B", "ES_DELAYED_B", "ES_HOLE_B"].map((e) =>
+      types.enumValue("", e),
+    );
+    const known =
+      values.every((v) => v !== undefined) && flags !== undefined && enums.every((e) => e !== undefined);
+    const [, , , left = 0, right = 0, nodeAt = 0, lblkAt = 0, lenAt = 0, pblkAt = 0] = values;
+    this.available = known && flags > 0 && flags < 16;
+    this.rootAt = (tree ?? 0) + (root ?? 0) + (rbNode ?? 0);
+    this.left = left;
+    this.right = right;
+    this.nodeAt = nodeAt;
+    this.lblkAt = lblkAt;
+    this.lenAt = lenAt;
+    this.pblkAt = pblkAt;
+    this.span = Math.max(left, right, lblkAt + 4, lenAt + 4, pblkAt + 8, 8) + 8;
+    this.shift = BigInt(64 - (flags ?? 5));
+    const [w = 0, u = 1, d = 2, h = 3] = enums;
+    this.bits = { written: w, unwritten: u, delayed: d, hole: h };
+    this.node = Buffer.alloc(this.span);
+  }
+
+  /**
+   * The cached status of logical block `lblk` of the inode whose ext4_inode_info is at `info`, or null when the
+   * cache does not cover it (or cannot be read: a torn or hostile tree ends the walk, it never loops).
+   */
+  lookup(info: bigint, lblk: number): ExtentStatus | null {
+    if (!this.available) return null;
+    const rootWord = this.owners.readKernel(info + BigInt(this.rootAt), 8);
+    if (!rootWord) return null;
+    let node = rootWord.readBigUInt64LE(0);
+    const buf = this.node;
+    for (let depth = 0; depth < MAX_RB_DEPTH && node !== 0n; depth++) {
+      const es = (node - BigInt(this.nodeAt)) & MASK64;
+      if (!this.owners.readKernel(es, this.span, buf)) return null;
+      const start = buf.readUInt32LE(this.lblkAt);
+      const length = buf.readUInt32LE(this.lenAt);
+      if (lblk < start) node = buf.readBigUInt64LE(this.nodeAt + this.left);
+      else if (length === 0 || lblk - start >= length) node = buf.readBigUInt64LE(this.nodeAt + this.right);
+      else {
+        const word = buf.readBigUInt64LE(this.pblkAt);
+        const status = Number(word >> this.shift);
+        const has = (bit: number) => ((status >> bit) & 1) === 1;
+        const kinds = [
+          has(this.bits.written),
+          has(this.bits.unwritten),
+          has(this.bits.delayed),
+          has(this.bits.hole),
+        ];
+        // Exactly one type is set (extents_status.h: the type masks are exclusive); anything else is no answer.
+        if (kinds.filter(Boolean).length !== 1) return null;
+        if (has(this.bits.unwritten)) return { kind: "unwritten" };
+        if (has(this.bits.delayed)) return { kind: "delayed" };
+        if (has(this.bits.hole)) return { kind: "hole" };
+        const base = word & ((1n << this.shift) - 1n);
+        if (base > BigInt(Number.MAX_SAFE_INTEGER)) return null;
+        return {
+          kind: "written",
+          physicalBlock: Number(base) + (lblk - start),
+          run: length - (lblk - start),
+        };
+      }
+    }
+    return null;
+  }
+}

@@ -31,7 +31,12 @@
  */
 import type { GuestKernel } from "../introspect/kernel.ts";
 import type { KernelLayout, KernelTypes } from "../introspect/kernel-layout.ts";
-import { type PageOwner, type PageOwnerMiss, PageOwnerReader } from "../introspect/page-owner.ts";
+import {
+  ExtentStatusReader,
+  type PageOwner,
+  type PageOwnerMiss,
+  PageOwnerReader,
+} from "../introspect/page-owner.ts";
 import type { BlockDevice } from "./block-device.ts";
 import {
   type BlockMapping,
@@ -98,6 +103,9 @@ export interface LocatorStats {
   pendingReads: number;
   cachedBlocks: number;
   blockReads: number;
+  /** Blocks below a tree's root mapped by the kernel's extent status cache, and by tree blocks from the disk. */
+  extentStatusHits: number;
+  diskIndexWalks: number;
 }
 
 interface Placement {
@@ -120,6 +128,11 @@ export interface PageLocatorOptions {
   types: KernelTypes;
   layout: KernelLayout;
   disks: readonly LocatorDisk[];
+  /**
+   * Map blocks below an extent tree's root through ext4's in-memory extent status cache first (default true);
+   * false reads the tree's index and leaf blocks from the disk only.
+   */
+  useExtentStatus?: boolean;
 }
 
 export class PageLocator {
@@ -137,6 +150,9 @@ export class PageLocator {
   private readonly pending = new Set<string>();
   private readonly counts = new Map<LocateMissReason, number>();
   private located = 0;
+  private readonly extentStatus: ExtentStatusReader | null;
+  private extentStatusHits = 0;
+  private diskIndexWalks = 0;
   private blockReads = 0;
 
   private constructor(options: PageLocatorOptions, filesystems: Map<string, Placement | null>) {
@@ -167,6 +183,8 @@ export class PageLocator {
       ? { start: e.windowStart - e.vfsInode, end: e.windowStart + e.windowLength - e.vfsInode }
       : undefined;
     this.owners = new PageOwnerReader(options.kernel, options.types, options.layout, around);
+    const es = new ExtentStatusReader(this.owners, t);
+    this.extentStatus = options.useExtentStatus !== false && es.available ? es : null;
     const bdevVfs = t.memberOffset("bdev_inode", "vfs_inode");
     const bdev = t.memberOffset("bdev_inode", "bdev");
     this.bdevInode = bdevVfs === undefined || bdev === undefined ? null : { vfsInode: bdevVfs, bdev };
@@ -198,6 +216,8 @@ export class PageLocator {
       pendingReads: this.pending.size,
       cachedBlocks: this.blocks.size,
       blockReads: this.blockReads,
+      extentStatusHits: this.extentStatusHits,
+      diskIndexWalks: this.diskIndexWalks,
     };
   }
 
@@ -256,12 +276,19 @@ export class PageLocator {
     const needed = Math.max(1, PAGE_SIZE / blockSize);
     let first = -1;
     let have = 0;
+    // Below the root, the kernel's extent status cache is current; tree blocks on disk may lag the journal.
+    const deep = rootNode !== null && typeof rootNode !== "string" && rootNode.depth > 0;
+    const infoVa = (owner.inode - BigInt(e.vfsInode)) & MASK64;
     while (have < needed) {
-      const m = rootNode
-        ? mapLogicalBlock(rootNode, lblk, (pblk, depth) => this.extentNode(placement, pblk, depth))
-        : mapBlockMapped(root, lblk, blockSize, placement.fs.superblock.blocksCount, (pblk) =>
-            this.rawBlock(placement, pblk),
-          );
+      let m: BlockMapping | null = deep ? this.fromExtentStatus(infoVa, lblk, placement) : null;
+      if (m) this.extentStatusHits++;
+      else if (rootNode) {
+        if (deep) this.diskIndexWalks++;
+        m = mapLogicalBlock(rootNode, lblk, (pblk, depth) => this.extentNode(placement, pblk, depth));
+      } else
+        m = mapBlockMapped(root, lblk, blockSize, placement.fs.superblock.blocksCount, (pblk) =>
+          this.rawBlock(placement, pblk),
+        );
       const fail = this.mappingMiss(m, placement);
       if (fail) return fail;
       const mapped = m as Extract<BlockMapping, { kind: "mapped" }>;
@@ -274,6 +301,20 @@ export class PageLocator {
     const byteOffset = placement.fs.byteOffset + first * blockSize + within;
     if (byteOffset + PAGE_SIZE > placement.disk.device.sizeBytes) return this.miss("extent-tree-corrupt");
     return { ok: true, disk: placement.disk.id, byteOffset };
+  }
+
+  private fromExtentStatus(infoVa: bigint, lblk: number, placement: Placement): BlockMapping | null {
+    const s = this.extentStatus?.lookup(infoVa, lblk);
+    if (!s) return null;
+    if (s.kind === "written") {
+      const blocks = placement.fs.superblock.blocksCount;
+      if (s.physicalBlock === 0 || s.physicalBlock + s.run > blocks)
+        return { kind: "corrupt", reason: `extent status names blocks outside the filesystem` };
+      return { kind: "mapped", physicalBlock: s.physicalBlock, run: s.run };
+    }
+    if (s.kind === "hole") return { kind: "hole" };
+    // Unwritten reads as zeros; delayed is not on disk yet (a clean page cannot be delayed, so distrust it).
+    return s.kind === "unwritten" ? { kind: "unwritten" } : { kind: "corrupt", reason: "delayed allocation" };
   }
 
   private mappingMiss(m: BlockMapping, placement: Placement): LocateResult | null {
