@@ -27,7 +27,7 @@ import { buildSyntheticKernel, STRUCT_PAGE } from "../../src/introspect/syntheti
 import { type BlockDevice, RawFileDevice } from "../../src/storage/block-device.ts";
 import { INODE_FLAG } from "../../src/storage/ext4.ts";
 import { type LocateResult, PageLocator } from "../../src/storage/page-locator.ts";
-import { iBlock, makeFragmentedExt4 } from "../support/ext4-images.ts";
+import { bmap, iBlock, makeFragmentedExt4 } from "../support/ext4-images.ts";
 import { PAGEFLAGS_61, TableTypes } from "../support/kernel-facts.ts";
 
 const PAGE = 4096;
@@ -41,7 +41,8 @@ const AT = {
   page: { index: 32 },
   inode: { i_mode: 0, i_sb: 40, i_mapping: 48, i_ino: 64, i_size: 80, i_data: 200 },
   super_block: { s_blocksize_bits: 20, s_type: 40, s_bdev: 56, s_fs_info: 64, s_uuid: 100 },
-  ext4_inode_info: { i_data: 8, i_flags: 72, vfs_inode: 128 },
+  ext4_inode_info: { i_data: 8, i_flags: 72, i_es_tree: 96, vfs_inode: 128 },
+  extent_status: { rb_node: 0, es_lblk: 24, es_len: 28, es_pblk: 32 },
   bdev_inode: { bdev: 0, vfs_inode: 256 },
 } as const;
 const TYPES = new TableTypes({
@@ -69,8 +70,24 @@ const TYPES = new TableTypes({
     ext4_inode_info: { members: AT.ext4_inode_info },
     ext4_sb_info: { members: { s_mount_opt: 0 } },
     bdev_inode: { members: AT.bdev_inode },
+    ext4_es_tree: { members: { root: 0 } },
+    rb_root: { members: { rb_node: 0 } },
+    rb_node: { members: { __rb_parent_color: 0, rb_right: 8, rb_left: 16 } },
+    extent_status: { members: AT.extent_status },
   },
-  enums: { pageflags: PAGEFLAGS_61, compound_dtor_id: { HUGETLB_PAGE_DTOR: 2 } },
+  enums: {
+    pageflags: PAGEFLAGS_61,
+    compound_dtor_id: { HUGETLB_PAGE_DTOR: 2 },
+    // fs/ext4/extents_status.h's anonymous enum (BTF names it ""; any name is searched by enumValue("", ...)).
+    es_bits: {
+      ES_WRITTEN_B: 0,
+      ES_UNWRITTEN_B: 1,
+      ES_DELAYED_B: 2,
+      ES_HOLE_B: 3,
+      ES_REFERENCED_B: 4,
+      ES_FLAGS: 5,
+    },
+  },
 });
 const FLAG = (name: keyof typeof PAGEFLAGS_61) => 2n ** BigInt(PAGEFLAGS_61[name]);
 const CLEAN = FLAG("PG_uptodate") | FLAG("PG_lru");
@@ -322,6 +339,43 @@ test("page locator on a synthetic guest over real ext4 images: located bytes mat
   g.buf.writeBigUInt64LE(0xffffea0000000001n + 64n * 100000n, g.structPage(badTail) + 8);
   expected.set(badTail, "bad-compound");
 
+  // ext4's extent status cache (an rb-tree in the ext4_inode_info) is believed before the tree's disk blocks: it
+  // says block 1 is a hole and block 20 unwritten (the disk says written), block 10 written where the disk
+  // says; blocks 11, 12 and 50 are not cached (the disk walk answers). A second inode's tree points at itself: bounded.
+  const esInode = g.inode({ sb: sb4k.va, mode: 0o100644, sizeBytes: big4k.length, iBlock: root4k });
+  const esRoot = esInode.inodePa - AT.ext4_inode_info.vfs_inode + AT.ext4_inode_info.i_es_tree;
+  const oracle = await bmap(img4k.image, "big", 51);
+  const esNode = (lblk: number, len: number, status: number, pblk: number) => {
+    const o = g.alloc(64);
+    g.buf.writeUInt32LE(lblk, o.pa + AT.extent_status.es_lblk);
+    g.buf.writeUInt32LE(len, o.pa + AT.extent_status.es_len);
+    g.buf.writeBigUInt64LE((1n << BigInt(59 + status)) | BigInt(pblk), o.pa + AT.extent_status.es_pblk);
+    return o;
+  };
+  const written = esNode(10, 1, 0, oracle[10]?.physical ?? 0);
+  const holeNode = esNode(0, 2, 3, 0);
+  const unwrittenNode = esNode(20, 1, 1, 0);
+  g.buf.writeBigUInt64LE(holeNode.va, written.pa + 16); // rb_left
+  g.buf.writeBigUInt64LE(unwrittenNode.va, written.pa + 8); // rb_right
+  g.buf.writeBigUInt64LE(written.va, esRoot);
+  const esPage = (index: number) =>
+    g.cachePage({ mapping: esInode.mapping, index, bytes: pageOf(big4k, index) });
+  expected.set(esPage(1), "hole");
+  expected.set(esPage(20), "unwritten-extent");
+  for (const i of [10, 11, 12, 50]) wantOk.push({ pfn: esPage(i), bytes: pageOf(big4k, i) });
+  const loopInode = g.inode({ sb: sb4k.va, mode: 0o100644, sizeBytes: big4k.length, iBlock: root4k });
+  const loopNode = esNode(1000, 1, 0, 1);
+  g.buf.writeBigUInt64LE(loopNode.va, loopNode.pa + 16);
+  g.buf.writeBigUInt64LE(loopNode.va, loopNode.pa + 8);
+  g.buf.writeBigUInt64LE(
+    loopNode.va,
+    loopInode.inodePa - AT.ext4_inode_info.vfs_inode + AT.ext4_inode_info.i_es_tree,
+  );
+  wantOk.push({
+    pfn: g.cachePage({ mapping: loopInode.mapping, index: 3, bytes: pageOf(big4k, 3) }),
+    bytes: pageOf(big4k, 3),
+  });
+
   // Block device pages: located when their block device is the one a located ext4 page's super_block is on.
   const bdevFs = g.superBlock({ type: g.fsType("bdev"), uuid: "00".repeat(16), blockSizeBits: 12 });
   const bdevInode = g.inode({ sb: bdevFs.va, mode: 0o060600, sizeBytes: 16 * MiB, bdev: true });
@@ -379,6 +433,11 @@ test("page locator on a synthetic guest over real ext4 images: located bytes mat
   assert.deepEqual(locator.locate(bdevBuffers), { ok: false, reason: "bdev-buffers" });
   assert.deepEqual(locator.locate(unknownBdev), { ok: false, reason: "bdev-unidentified" });
   const stats = locator.stats();
+  assert.equal(
+    stats.extentStatusHits,
+    3,
+    "block 10 and the two refusals came from the extent status cache",
+  );
   assert.ok(
     stats.blockReads > 0 && stats.blockReads < 20,
     `index blocks read once each (${stats.blockReads})`,
