@@ -433,11 +433,7 @@ test("page locator on a synthetic guest over real ext4 images: located bytes mat
   assert.deepEqual(locator.locate(bdevBuffers), { ok: false, reason: "bdev-buffers" });
   assert.deepEqual(locator.locate(unknownBdev), { ok: false, reason: "bdev-unidentified" });
   const stats = locator.stats();
-  assert.equal(
-    stats.extentStatusHits,
-    3,
-    "block 10 and the two refusals came from the extent status cache",
-  );
+  assert.equal(stats.extentStatusHits, 3, "block 10 and the two refusals came from the extent status cache");
   assert.ok(
     stats.blockReads > 0 && stats.blockReads < 20,
     `index blocks read once each (${stats.blockReads})`,
