@@ -11,6 +11,11 @@
  *
  * A compound page (large folio) is owned through its head: head->index is the folio's first page, and page
  * `pfn` is `pfn - headPfn` pages further (include/linux/pagemap.h folio_page_idx / page_to_pgoff).
+ *
+ * Caches: each mapping's host and each super_block's facts (re-read every SUPER_BLOCK_RECHECK_MS). The inode is
+ * read on every call (one read, with the fields of the filesystem's inode container the caller asks for), since
+ * a freed inode reused at the same address would name another file. ExtentStatusReader (below) reads ext4's
+ * in-memory extent status cache of an inode.
  */
 import type { GuestKernel } from "./kernel.ts";
 import type { KernelLayout, KernelTypes } from "./kernel-layout.ts";
@@ -165,11 +170,6 @@ export class PageOwnerReader {
     if (this.bit.uptodate === 0 || this.bit.dirty === 0 || this.bit.writeback === 0 || this.bit.locked === 0)
       this.missingMembers.push("enum pageflags PG_uptodate/PG_dirty/PG_writeback/PG_locked");
     if (layout.compoundOrderOffset === null) this.missingMembers.push("the compound order's place");
-  }
-
-  /** The byte offset of `struct.member` as the guest's BTF gives it, or undefined. */
-  offsetOf(struct: string, member: string): number | undefined {
-    return this.off.get(`${struct}.${member}` as Member) ?? this.types.memberOffset(struct, member);
   }
 
   /** The owner of page frame `pfn`, or why it has none that the locator could use. */
