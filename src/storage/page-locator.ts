@@ -108,7 +108,8 @@ export interface LocatorStats {
   diskIndexWalks: number;
 }
 
-interface Placement {
+/** Where a probed filesystem is: which disk, and the filesystem found there. */
+export interface Placement {
   disk: LocatorDisk;
   fs: ProbedFilesystem;
 }
