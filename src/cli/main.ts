@@ -295,7 +295,14 @@ program
     "--target <name>",
     "with a receive service (receive --allow-dir/--allow): the destination to feed, a socket name in its allowed directory or one of its allowed addresses",
   )
-  .option("--disk <image>", "the shared raw disk image, indexed to send clean cache pages as references")
+  .option(
+    "--disk <image>",
+    "the shared raw disk image: clean cache pages found on it (from the guest kernel's own metadata) go as references",
+  )
+  .option(
+    "--disk-index",
+    "also index the whole disk image by content before the migration (D3's sampled fingerprints), for cache pages the guest's metadata cannot place; without BTF in the guest the index is used anyway",
+  )
   .option("--capture <file>", "also write the main channel's stream, as received, to this file")
   .option(
     "--no-switchover-guard",
@@ -324,6 +331,7 @@ program
       insecurePlaintext?: boolean;
       target?: string;
       disk?: string;
+      diskIndex?: boolean;
       json?: boolean;
     }) => {
       const link = await linkOptions(opts, "send");
@@ -357,6 +365,7 @@ program
           ...(opts.capture ? { capturePath: opts.capture } : {}),
           ...(link ? { link } : {}),
           ...(opts.disk ? { disk: opts.disk } : {}),
+          contentIndex: opts.diskIndex ?? false,
           guardSwitchover: opts.switchoverGuard,
           log,
         });

@@ -155,6 +155,7 @@ export function renderSendReport(r: SendReport): string {
     );
   }
   if (r.prune) lines.push(...renderPruneLines(r.prune));
+  if (r.cacheRefs) lines.push(renderCacheRefs(r.cacheRefs));
   if (r.diskIndex)
     lines.push(
       `shared disk index: ${r.diskIndex.entries} blocks (${r.diskIndex.alignmentBytes}-byte alignment) built in ${r.diskIndex.buildMs} ms`,
@@ -162,6 +163,19 @@ export function renderSendReport(r: SendReport): string {
   if (r.switchover) lines.push(renderSwitchover(r.switchover));
   if (r.relay.error) lines.push(`ERROR: ${r.relay.error}`);
   return `${lines.join("\n")}\n`;
+}
+
+/** Where clean cache pages were found: by the guest's metadata (the locator), by content (the index), or not. */
+export function renderCacheRefs(c: NonNullable<SendReport["cacheRefs"]>): string {
+  const misses = Object.entries(c.notLocated)
+    .sort((a, b) => (b[1] ?? 0) - (a[1] ?? 0))
+    .map(([reason, n]) => `${n} ${reason}`);
+  return (
+    `cache page locator ${c.locator}, prepared in ${c.prepareMs} ms: ${c.located} located` +
+    (misses.length > 0 ? `; not located: ${misses.join(", ")}` : "") +
+    `; content index: ${c.indexHits} found; sent whole: ${c.notFound}` +
+    (c.notAccepted > 0 ? `; ${c.notAccepted} not offered (receive takes no such reference)` : "")
+  );
 }
 
 /** What pruning did: pages by category when judged, how many were dropped, the bytes saved. */

@@ -47,6 +47,7 @@
  * | DATA | 0x10 | send → receive | QEMU stream bytes, forwarded as they are |
  * | REF | 0x11 | send → receive | be64 refId, be64 blockNumber, sha256[32], pageHeader (8..264 bytes) |
  * | PAGE_DATA | 0x12 | send → receive | be64 refId, page[4096]: the answer to a NACK |
+ * | REF_FS | 0x13 | send → receive | be64 refId, uuid[16], be64 blockNumber, sha256[32], pageHeader (8..264 bytes): a REF into the filesystem with that UUID, blockNumber in 512-byte sectors from the filesystem's first byte (1.2, capability {@link CAPABILITY.REF_FS_SHA256}) |
  * | RETURN | 0x20 | receive → send | QEMU return-path bytes, forwarded as they are |
  * | NACK | 0x21 | receive → send | be64 refId, u8 reason ({@link NACK_REASON}) |
  * | ACK | 0x22 | receive → send | be64 refId: every REF up to this id is settled |
@@ -59,6 +60,13 @@
  * QEMU opened them), and the destination it wants (empty: receive's one destination). A receive serving many
  * migrations (migrate/receive-service.ts) reads them only after AUTH, so only a peer with the key can claim a
  * destination, and it connects only to destinations its operator allowed. A 1.0 receive skips them.
+ *
+ * ## Filesystem references (1.2)
+ * send finds a clean cache page's place from the guest kernel's own metadata (storage/page-locator.ts): the
+ * filesystem (its UUID, as the guest's superblock has it) and the page's offset in it. REF_FS names exactly that,
+ * so receive needs no agreement with send on disk names or partition layouts: it finds the filesystem on the disks
+ * it was given (storage/filesystem-probe.ts). A UUID it does not find, or finds twice, is a NACK. Everything else
+ * (rules 1-7, the hash check) is as for REF.
  *
  * ## Stream rules (capability {@link CAPABILITY.REF_SHA256}; without it send sends only DATA and EOF)
  * 1. Order is sacred: receive writes DATA bytes, and for each REF `pageHeader` followed by the block's 4096
@@ -94,8 +102,8 @@ import { LinkError } from "./errors.ts";
 /** HELLO's first 8 bytes. */
 export const LINK_MAGIC = Buffer.from("vmprlink", "latin1");
 export const PROTOCOL_MAJOR = 1;
-/** 1.1: send's HELLO carries a {@link ChannelClaim}. */
-export const PROTOCOL_MINOR = 1;
+/** 1.1: send's HELLO carries a {@link ChannelClaim}. 1.2: REF_FS. */
+export const PROTOCOL_MINOR = 2;
 
 /** Frame header: u8 type, be32 length. */
 export const FRAME_HEADER_BYTES = 5;
@@ -129,6 +137,7 @@ export const MSG = {
   DATA: 0x10,
   REF: 0x11,
   PAGE_DATA: 0x12,
+  REF_FS: 0x13,
   RETURN: 0x20,
   NACK: 0x21,
   ACK: 0x22,
@@ -144,6 +153,8 @@ export type Role = (typeof ROLE)[keyof typeof ROLE];
 export const CAPABILITY = {
   /** REF/PAGE_DATA/NACK/ACK with 4096-byte blocks and SHA-256 hashes. */
   REF_SHA256: "ref-sha256",
+  /** REF_FS: references into a filesystem named by its UUID (receive finds it on its disks). */
+  REF_FS_SHA256: "ref-fs-sha256",
 } as const;
 
 /** Why receive could not rebuild a REF'd page. */
@@ -218,6 +229,19 @@ export interface Ref {
   hash: Buffer;
   pageHeader: Buffer;
 }
+/** Bytes of a filesystem UUID in REF_FS. */
+export const FILESYSTEM_UUID_BYTES = 16;
+
+export interface RefFs {
+  type: typeof MSG.REF_FS;
+  refId: number;
+  /** The filesystem's UUID as the guest's superblock holds it. */
+  filesystem: Buffer;
+  /** 512-byte sectors from the filesystem's first byte. */
+  blockNumber: number;
+  hash: Buffer;
+  pageHeader: Buffer;
+}
 export interface PageData {
   type: typeof MSG.PAGE_DATA;
   refId: number;
@@ -245,9 +269,21 @@ export interface ErrorMessage {
   message: string;
 }
 
-export type Message = Hello | Auth | Ready | Data | Ref | PageData | Return | Nack | Ack | Eof | ErrorMessage;
+export type Message =
+  | Hello
+  | Auth
+  | Ready
+  | Data
+  | Ref
+  | RefFs
+  | PageData
+  | Return
+  | Nack
+  | Ack
+  | Eof
+  | ErrorMessage;
 /** What send may send after READY. */
-export type SendMessage = Data | Ref | PageData | Eof | ErrorMessage;
+export type SendMessage = Data | Ref | RefFs | PageData | Eof | ErrorMessage;
 /** What receive may send after READY. */
 export type ReceiveMessage = Return | Nack | Ack | Eof | ErrorMessage;
 
@@ -470,6 +506,42 @@ export const REF_CODEC: MessageCodec<Ref> = {
   },
 };
 
+/** REF_FS's payload before the page header: refId, filesystem UUID, blockNumber, SHA-256. */
+export const REF_FS_FIXED_BYTES = 8 + FILESYSTEM_UUID_BYTES + 8 + HASH_BYTES;
+
+export const REF_FS_CODEC: MessageCodec<RefFs> = {
+  type: MSG.REF_FS,
+  name: "REF_FS",
+  minPayloadBytes: REF_FS_FIXED_BYTES + MIN_PAGE_HEADER_BYTES,
+  maxPayloadBytes: REF_FS_FIXED_BYTES + MAX_PAGE_HEADER_BYTES,
+  encode(m) {
+    if (m.hash.length !== HASH_BYTES) throw new RangeError(`REF_FS hash must be ${HASH_BYTES} bytes`);
+    if (m.filesystem.length !== FILESYSTEM_UUID_BYTES)
+      throw new RangeError(`REF_FS filesystem UUID must be ${FILESYSTEM_UUID_BYTES} bytes`);
+    const headerBytes = m.pageHeader.length;
+    if (headerBytes < MIN_PAGE_HEADER_BYTES || headerBytes > MAX_PAGE_HEADER_BYTES)
+      throw new RangeError(`REF_FS pageHeader of ${headerBytes} bytes`);
+    const out = Buffer.alloc(REF_FS_FIXED_BYTES + headerBytes);
+    writeSafeU64(out, m.refId, 0, "refId");
+    m.filesystem.copy(out, 8);
+    writeSafeU64(out, m.blockNumber, 8 + FILESYSTEM_UUID_BYTES, "blockNumber");
+    m.hash.copy(out, 16 + FILESYSTEM_UUID_BYTES);
+    m.pageHeader.copy(out, REF_FS_FIXED_BYTES);
+    return out;
+  },
+  decode(p, at) {
+    const uuidEnd = 8 + FILESYSTEM_UUID_BYTES;
+    return {
+      type: MSG.REF_FS,
+      refId: readSafeU64(p, 0, "REF_FS", "refId", at),
+      filesystem: p.subarray(8, uuidEnd),
+      blockNumber: readSafeU64(p, uuidEnd, "REF_FS", "blockNumber", at),
+      hash: p.subarray(uuidEnd + 8, uuidEnd + 8 + HASH_BYTES),
+      pageHeader: p.subarray(REF_FS_FIXED_BYTES),
+    };
+  },
+};
+
 export const PAGE_DATA_CODEC: MessageCodec<PageData> = {
   type: MSG.PAGE_DATA,
   name: "PAGE_DATA",
@@ -545,6 +617,7 @@ const CODECS: CodecTable = {
   [MSG.DATA]: DATA_CODEC,
   [MSG.REF]: REF_CODEC,
   [MSG.PAGE_DATA]: PAGE_DATA_CODEC,
+  [MSG.REF_FS]: REF_FS_CODEC,
   [MSG.RETURN]: RETURN_CODEC,
   [MSG.NACK]: NACK_CODEC,
   [MSG.ACK]: ACK_CODEC,

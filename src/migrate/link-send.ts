@@ -14,12 +14,24 @@ import { clientHandshake, handshakeKey } from "../link/handshake.ts";
 import { CAPABILITY, ERROR_CODE, encodeBytesFrames, encodeMessage, MSG } from "../link/protocol.ts";
 import { RefLedger } from "../link/ref-ledger.ts";
 import type { PageRef } from "../prune/page-judge.ts";
-import type { PruningProcessor, Segment } from "../prune/pruning-processor.ts";
+import {
+  NO_REFS,
+  type PruningProcessor,
+  type RefsAccepted,
+  type Segment,
+} from "../prune/pruning-processor.ts";
 import type { ChannelCodec, ChannelProcessor, ChannelSide, CodecOutput } from "../stream/relay.ts";
 import { describeTls } from "../transport/tls.ts";
 
 /** REF blockNumber unit: 512-byte disk sectors (link/protocol.ts stream rule 2). */
 export const REF_SECTOR_BYTES = 512;
+
+function describeRefs(refs: RefsAccepted): string {
+  if (refs.index && refs.filesystem) return "references on (disk blocks and filesystem places)";
+  if (refs.index) return "references on (disk blocks only: receive is older than link 1.2)";
+  if (refs.filesystem) return "references on (filesystem places only)";
+  return "receive takes no references";
+}
 
 export interface LinkSendOptions {
   /** The link's pre-shared key; absent only over TLS with certificates (link/handshake.ts handshakeKey). */
@@ -40,7 +52,7 @@ export interface LinkSendOptions {
 export class LinkSendCodec implements ChannelCodec {
   private readonly decoder = new LinkDecoder();
   private ledger = new RefLedger<PageRef>(0);
-  private refsAllowed = false;
+  private refsAllowed: RefsAccepted = NO_REFS;
   private source: Socket | undefined;
   private sentEof = false;
   private receivedEof = false;
@@ -58,7 +70,7 @@ export class LinkSendCodec implements ChannelCodec {
     try {
       session = await clientHandshake(upstream, {
         psk: handshakeKey(this.options.psk, upstream),
-        capabilities: [CAPABILITY.REF_SHA256],
+        capabilities: [CAPABILITY.REF_SHA256, CAPABILITY.REF_FS_SHA256],
         ...(this.options.claim ? { claim: { ...this.options.claim, channel: this.index } } : {}),
       });
     } catch (error) {
@@ -76,11 +88,14 @@ export class LinkSendCodec implements ChannelCodec {
         );
       throw error;
     }
-    this.refsAllowed = session.capabilities.includes(CAPABILITY.REF_SHA256);
+    this.refsAllowed = {
+      index: session.capabilities.includes(CAPABILITY.REF_SHA256),
+      filesystem: session.capabilities.includes(CAPABILITY.REF_FS_SHA256),
+    };
     this.ledger = new RefLedger<PageRef>(session.windowBytes);
     const tls = describeTls(upstream);
     this.options.log?.(
-      `link #${this.index}: authenticated${tls ? ` over ${tls}` : " (plaintext)"}; ${this.refsAllowed ? "references on" : "receive takes no references"}`,
+      `link #${this.index}: authenticated${tls ? ` over ${tls}` : " (plaintext)"}; ${describeRefs(this.refsAllowed)}`,
     );
   }
 
@@ -174,16 +189,27 @@ export class LinkSendCodec implements ChannelCodec {
         out.push(...this.dataFrames(s.buffers));
         continue;
       }
-      const offset = this.options.blockOffset?.(s.block) ?? 0;
       const refId = this.ledger.ref(s.page, s.pageHeader.length);
+      const { target, hash, pageHeader } = s;
       out.push(
-        encodeMessage({
-          type: MSG.REF,
-          refId,
-          blockNumber: offset / REF_SECTOR_BYTES,
-          hash: s.hash,
-          pageHeader: s.pageHeader,
-        }),
+        encodeMessage(
+          target.kind === "filesystem"
+            ? {
+                type: MSG.REF_FS,
+                refId,
+                filesystem: target.uuid,
+                blockNumber: target.offset / REF_SECTOR_BYTES,
+                hash,
+                pageHeader,
+              }
+            : {
+                type: MSG.REF,
+                refId,
+                blockNumber: (this.options.blockOffset?.(target.block) ?? 0) / REF_SECTOR_BYTES,
+                hash,
+                pageHeader,
+              },
+        ),
       );
     }
     return out;

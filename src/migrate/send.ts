@@ -7,9 +7,12 @@ import { randomBytes } from "node:crypto";
 import type { Category } from "../introspect/classifier.ts";
 import { MIGRATION_ID_BYTES } from "../link/protocol.ts";
 import { MultifdPruningProcessor, summarizeMultifd } from "../prune/multifd-processor.ts";
-import type { PageJudge } from "../prune/page-judge.ts";
+import { IntrospectionJudge, type PageJudge } from "../prune/page-judge.ts";
 import { type PruneReport, PruningProcessor } from "../prune/pruning-processor.ts";
+import { RawFileDevice } from "../storage/block-device.ts";
+import { type CacheReferenceStats, CacheReferences } from "../storage/cache-references.ts";
 import { DiskIndex } from "../storage/disk-index.ts";
+import { PageLocator } from "../storage/page-locator.ts";
 import { CountingProcessor } from "../stream/counting-processor.ts";
 import { Relay, type RelayReport } from "../stream/relay.ts";
 import type { StreamSummaryJson } from "../stream/summary.ts";
@@ -70,8 +73,14 @@ export interface SendOptions {
      */
     target?: string;
   };
-  /** The shared disk image (raw), indexed for cache pages (with `link` and drop "cache"). */
+  /**
+   * The shared disk image (raw), with `link` and drop "cache": the locator finds clean cache pages on it from the
+   * guest kernel's metadata (reading only its superblocks and, rarely, extent blocks); the content index (a read
+   * of the whole image) is built only when the locator cannot run (a guest without BTF) or `contentIndex` asks.
+   */
   disk?: string;
+  /** Build the content index of `disk` even when the locator runs, for the pages it cannot place. */
+  contentIndex?: boolean;
   /**
    * Tell the source QEMU the link's measured rate for its switchover decision (switchover-guard.ts), through
    * `guest.qmp`, while pruning. Default true; without it QEMU judges by the rate it writes into the relay.
@@ -86,8 +95,13 @@ export interface SendReport {
   stream: StreamSummaryJson | null;
   /** Pruning decisions and savings (null without --drop). */
   prune: PruneReport | null;
-  /** The shared disk's index (with --drop cache): blocks indexed, alignment, build time. */
+  /** The shared disk's content index, when one was built: blocks indexed, alignment, build time. */
   diskIndex: { entries: number; alignmentBytes: number; buildMs: number } | null;
+  /**
+   * How clean cache pages were placed (with --drop cache): the locator's filesystems and preparation time, why
+   * pages were not located, what the content index added.
+   */
+  cacheRefs: (CacheReferenceStats & { locator: string; prepareMs: number }) | null;
   /** What the switchover guard told the source QEMU (null when it did not run). */
   switchover: SwitchoverGuardReport | null;
 }
@@ -120,6 +134,78 @@ async function zeroListVerdict(
   return verdict;
 }
 
+interface PreparedCacheReferences {
+  references: CacheReferences;
+  index: DiskIndex | undefined;
+  indexBuildMs: number;
+  /** The filesystems the locator found, or why it does not run. */
+  locatorDescription: string;
+  prepareMs: number;
+  close(): Promise<void>;
+}
+
+/**
+ * The locator on `disk` when the guest kernel can be read for it (BTF), the content index when it cannot or when
+ * asked. Preparing the locator reads a few superblocks, not the disk.
+ */
+async function prepareCacheReferences(
+  disk: string,
+  judge: PageJudge | undefined,
+  contentIndex: boolean,
+  log: (line: string) => void,
+): Promise<PreparedCacheReferences> {
+  const started = performance.now();
+  let locator: PageLocator | undefined;
+  let device: RawFileDevice | undefined;
+  let locatorDescription: string;
+  const guest = judge instanceof IntrospectionJudge ? judge.guest : undefined;
+  if (!guest) locatorDescription = "off: guest introspection is unavailable";
+  else if (!guest.types) locatorDescription = `off: the guest kernel's types are unknown (${guest.btf})`;
+  else {
+    device = await RawFileDevice.open(disk);
+    locator = await PageLocator.open({
+      kernel: guest.kernel,
+      types: guest.types,
+      layout: guest.layout,
+      disks: [{ id: disk, device }],
+    });
+    const found = [...locator.filesystems].map(([uuid, p]) =>
+      p ? `${p.fs.type} ${uuid} (${p.fs.where})` : `${uuid} (ambiguous)`,
+    );
+    if (found.length === 0) {
+      locatorDescription = `off: no filesystem it reads on ${disk}`;
+      locator = undefined;
+    } else locatorDescription = `on: ${found.join(", ")}`;
+  }
+  log(`cache page locator ${locatorDescription}`);
+  let index: DiskIndex | undefined;
+  let indexBuildMs = 0;
+  if (!locator || contentIndex) {
+    const indexStarted = performance.now();
+    // receive verifies every reference (SHA-256 of the block it reads): no need to read lone candidates here.
+    index = await DiskIndex.build(disk, { trustLoneCandidate: true });
+    indexBuildMs = performance.now() - indexStarted;
+    log(
+      `indexed ${disk}: ${index.entries} blocks in ${indexBuildMs.toFixed(0)} ms (${index.alignmentBytes}-byte alignment)`,
+    );
+  }
+  const references = new CacheReferences({
+    ...(locator ? { locator } : {}),
+    ...(index ? { index } : {}),
+  });
+  return {
+    references,
+    index,
+    indexBuildMs,
+    locatorDescription,
+    prepareMs: performance.now() - started,
+    close: async () => {
+      await index?.close();
+      await device?.close();
+    },
+  };
+}
+
 export async function startSend(options: SendOptions): Promise<RunningSend> {
   const log = options.log ?? (() => undefined);
   const drop = options.drop ?? [];
@@ -133,24 +219,18 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
       );
   if (drop.includes("cache") && !options.disk)
     throw new Error("--drop cache needs the shared disk image (--disk)");
-  let index: DiskIndex | undefined;
-  let indexBuildMs = 0;
-  if (drop.includes("cache") && options.disk) {
-    const started = performance.now();
-    // receive verifies every reference (SHA-256 of the block it reads): no need to read lone candidates here.
-    index = await DiskIndex.build(options.disk, { trustLoneCandidate: true });
-    indexBuildMs = performance.now() - started;
-    log(
-      `indexed ${options.disk}: ${index.entries} blocks in ${indexBuildMs.toFixed(0)} ms (${index.alignmentBytes}-byte alignment)`,
-    );
-  }
   const opened = drop.length > 0 ? await openGuestJudge({ ...options.guest, log }) : null;
   const judge = opened && typeof opened.judge !== "string" ? opened.judge : undefined;
+  const cache =
+    drop.includes("cache") && options.disk
+      ? await prepareCacheReferences(options.disk, judge, options.contentIndex ?? false, log)
+      : undefined;
+  const index = cache?.index;
   const newPruner = (judgeOrReason: PageJudge | string) =>
     new PruningProcessor(judgeOrReason, {
       drop,
       dryRun: options.dryRun ?? false,
-      ...(index ? { cacheIndex: index } : {}),
+      ...(cache ? { cacheIndex: cache.references } : {}),
       log,
     });
   const zeroList = opened ? await zeroListVerdict(options.guest?.qmp?.client, log) : "no --drop";
@@ -256,7 +336,7 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
   const done = relay.done.then(async (report) => {
     const switchover = (await guard?.stop()) ?? null;
     opened?.close();
-    await index?.close();
+    await cache?.close();
     const prune = pruneReport();
     // Said once, at the end: a large share of unknown pages means part of guest RAM was out of the judge's sight.
     if (prune?.unknownWarning) log(`vmprune send: ${prune.unknownWarning}`);
@@ -265,7 +345,18 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
       stream: pruner?.stream() ?? counter?.report() ?? null,
       prune,
       diskIndex: index
-        ? { entries: index.entries, alignmentBytes: index.alignmentBytes, buildMs: Math.round(indexBuildMs) }
+        ? {
+            entries: index.entries,
+            alignmentBytes: index.alignmentBytes,
+            buildMs: Math.round(cache?.indexBuildMs ?? 0),
+          }
+        : null,
+      cacheRefs: cache
+        ? {
+            ...cache.references.stats(),
+            locator: cache.locatorDescription,
+            prepareMs: Math.round(cache.prepareMs),
+          }
         : null,
       switchover,
     };

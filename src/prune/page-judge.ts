@@ -8,7 +8,12 @@
  */
 import { CATEGORY, classifyPfns, type PageClassifier } from "../introspect/classifier.ts";
 import type { GuestMemory, RamMapping } from "../introspect/guest-memory.ts";
-import { classifyGuest, classifyPresent, openClassifier } from "../introspect/inspect.ts";
+import {
+  classifyGuest,
+  classifyPresent,
+  type OpenedClassifier,
+  openClassifier,
+} from "../introspect/inspect.ts";
 import { describeCapabilities } from "../introspect/kernel-layout.ts";
 import type { MemMap } from "../introspect/memmap.ts";
 import { type SelfCheck, selfCheck } from "../introspect/self-check.ts";
@@ -44,6 +49,8 @@ export interface UnknownCause {
 export interface PageJudge {
   /** One CATEGORY code per page; "unknown" for pages outside the known RAM layout or unreadable memmap. */
   judge(pages: readonly PageRef[]): Uint8Array;
+  /** The guest frame a page of the stream is in, or -1 (outside the RAM layout, or before it is known). */
+  pfnOf?(page: PageRef): number;
   /** The page's bytes as guest memory holds them now (to answer a receiver's NACK). */
   readPage?(page: PageRef): Buffer;
   /** What was opened (kernel release, profile), for the report. */
@@ -125,6 +132,10 @@ export abstract class FrameJudge implements PageJudge {
     return this.frames?.pfn(page) ?? -1;
   }
 
+  pfnOf(page: PageRef): number {
+    return this.pfn(page);
+  }
+
   judge(pages: readonly PageRef[]): Uint8Array {
     const pfns = pages.map((p) => this.pfn(p));
     const classified = this.classifyFrames(pfns.filter((pfn) => pfn >= 0));
@@ -173,6 +184,8 @@ export class IntrospectionJudge extends FrameJudge {
   readonly refused: Partial<Record<"free" | "cache", string>>;
   /** The checks made before pruning (self-check.ts). */
   readonly checks: SelfCheck[];
+  /** The opened guest kernel: its memory map, layout and types (the cache page locator reads through them). */
+  readonly guest: OpenedClassifier;
 
   /**
    * Opens the guest kernel (VMCOREINFO, BTF, layout) and checks it against the kernel's own counters; throws an
@@ -181,6 +194,7 @@ export class IntrospectionJudge extends FrameJudge {
   constructor(memory: GuestMemory, layout: RamLayoutSource) {
     super(memory, layout);
     const opened = openClassifier(memory);
+    this.guest = opened;
     this.classifier = opened.classifier;
     this.memmap = opened.kernel.memmap;
     this.maxPfn = Math.ceil(memory.end / PAGE_SIZE);

@@ -44,9 +44,27 @@ const UNKNOWN_WARNING_SHARE = 0.01;
 /** What a REF frame adds beyond the page header it carries (link/protocol.ts). */
 const REF_OVERHEAD_BYTES = FRAME_HEADER_BYTES + REF_FIXED_BYTES;
 
-/** Where a clean page-cache page's bytes sit on the shared disk (storage/DiskIndex answers this). */
+/**
+ * Where a clean page-cache page's bytes are on shared storage: a block of the shared disk as the content index
+ * found it (storage/disk-index.ts), or a place in a filesystem named by its UUID, as the guest kernel's metadata
+ * says (storage/page-locator.ts).
+ */
+export type RefTarget =
+  | { kind: "index"; block: number }
+  | { kind: "filesystem"; uuid: Buffer; offset: number };
+
+/** Which references the receiver takes (link capabilities), or none (a plain QEMU destination). */
+export interface RefsAccepted {
+  index: boolean;
+  filesystem: boolean;
+}
+export const NO_REFS: RefsAccepted = { index: false, filesystem: false };
+export const ALL_REFS: RefsAccepted = { index: true, filesystem: true };
+
+/** Answers "where is this clean cache page on shared storage?" (storage/cache-references.ts). */
 export interface CacheIndex {
-  lookup(page: Buffer): { block: number; hash: Buffer } | null;
+  /** `pfn`: the guest frame the page is in (-1 if unknown); `accepted`: the kinds the receiver takes. */
+  lookup(page: Buffer, pfn: number, accepted: RefsAccepted): { target: RefTarget; hash: Buffer } | null;
 }
 
 /**
@@ -55,7 +73,7 @@ export interface CacheIndex {
  */
 export type Segment =
   | { kind: "bytes"; buffers: Buffer[] }
-  | { kind: "ref"; pageHeader: Buffer; block: number; hash: Buffer; page: PageRef };
+  | { kind: "ref"; pageHeader: Buffer; target: RefTarget; hash: Buffer; page: PageRef };
 
 export interface PruneOptions {
   /**
@@ -140,15 +158,15 @@ export class PruningProcessor implements MainChannelProcessor {
 
   /** For a plain QEMU destination: the bytes to forward. */
   push(chunk: Buffer): Buffer[] {
-    return this.plain(this.pushSegments(chunk, false));
+    return this.plain(this.pushSegments(chunk, NO_REFS));
   }
 
   end(): Buffer[] {
-    return this.plain(this.endSegments(false));
+    return this.plain(this.endSegments(NO_REFS));
   }
 
   /** For a receiver: bytes and references, in stream order. */
-  pushSegments(chunk: Buffer, refs = true): Segment[] {
+  pushSegments(chunk: Buffer, refs: RefsAccepted = ALL_REFS): Segment[] {
     this.summary.chunk(chunk);
     if (chunk.length > 0) this.held.push({ start: this.received, bytes: chunk });
     this.received += chunk.length;
@@ -156,7 +174,7 @@ export class PruningProcessor implements MainChannelProcessor {
     return this.emit(this.parser.push(chunk), refs, this.parser.offset);
   }
 
-  endSegments(refs = true): Segment[] {
+  endSegments(refs: RefsAccepted = ALL_REFS): Segment[] {
     // The stream ended: whatever is left (a truncated record included) goes on as it came.
     return this.emit(this.parser.end(), refs, this.received);
   }
@@ -171,7 +189,7 @@ export class PruningProcessor implements MainChannelProcessor {
    * The segments for this batch of records: the input as it came up to `upTo` (the end of the last complete
    * record), with each decided PAGE record replaced by its ZERO record or its reference.
    */
-  private emit(records: StreamRecord[], refs: boolean, upTo: number): Segment[] {
+  private emit(records: StreamRecord[], refs: RefsAccepted, upTo: number): Segment[] {
     for (const r of records) this.summary.record(r);
     const decisions = this.decide(records, refs);
     const out: Segment[] = [];
@@ -216,7 +234,7 @@ export class PruningProcessor implements MainChannelProcessor {
   /** What becomes of this batch's PAGE records: a ZERO record, a reference, or (absent) unchanged. */
   private decide(
     records: StreamRecord[],
-    refs: boolean,
+    refs: RefsAccepted,
   ): Map<StreamRecord, "zero" | Extract<Segment, { kind: "ref" }>> | null {
     const pages: PageRecord[] = [];
     for (const r of records) {
@@ -252,8 +270,9 @@ export class PruningProcessor implements MainChannelProcessor {
       if (category === CATEGORY.cache) {
         // A clean cache page: a reference if its exact bytes are a block of the shared disk (the receiver checks
         // the hash again against the disk as it is then), else it goes in full.
-        if (!refs || !this.options.cacheIndex) continue;
-        const found = this.options.cacheIndex.lookup(page.data);
+        if (!(refs.index || refs.filesystem) || !this.options.cacheIndex) continue;
+        const ref: PageRef = { block: page.header.block, blockOffset: page.header.addr };
+        const found = this.options.cacheIndex.lookup(page.data, judge.pfnOf?.(ref) ?? -1, refs);
         if (!found) {
           this.cacheMisses++;
           continue;
@@ -266,9 +285,9 @@ export class PruningProcessor implements MainChannelProcessor {
           decisions.set(page, {
             kind: "ref",
             pageHeader,
-            block: found.block,
+            target: found.target,
             hash: found.hash,
-            page: { block: page.header.block, blockOffset: page.header.addr },
+            page: ref,
           });
         continue;
       }

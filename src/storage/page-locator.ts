@@ -93,8 +93,13 @@ export type LocateMissReason =
   /** A block device page with buffer heads (filesystem metadata; may differ from the disk while clean). */
   | "bdev-buffers";
 
+/**
+ * A located page: its disk and byte offset there, and the same place named by its filesystem (UUID, 32 hex digits)
+ * and the byte offset from the filesystem's start, which another host finds on its own disks (a reference on the
+ * link names it so).
+ */
 export type LocateResult =
-  | { ok: true; disk: string; byteOffset: number }
+  | { ok: true; disk: string; byteOffset: number; filesystem: string; filesystemOffset: number }
   | { ok: false; reason: LocateMissReason };
 
 export interface LocatorStats {
@@ -301,7 +306,7 @@ export class PageLocator {
     }
     const byteOffset = placement.fs.byteOffset + first * blockSize + within;
     if (byteOffset + PAGE_SIZE > placement.disk.device.sizeBytes) return this.miss("extent-tree-corrupt");
-    return { ok: true, disk: placement.disk.id, byteOffset };
+    return located(placement, byteOffset);
   }
 
   private fromExtentStatus(infoVa: bigint, lblk: number, placement: Placement): BlockMapping | null {
@@ -425,6 +430,16 @@ export class PageLocator {
     const fsEnd = placement.fs.byteOffset + placement.fs.superblock.blocksCount * placement.fs.blockSize;
     if (byteOffset + PAGE_SIZE > Math.min(fsEnd, placement.disk.device.sizeBytes))
       return this.miss("page-past-eof");
-    return { ok: true, disk: placement.disk.id, byteOffset };
+    return located(placement, byteOffset);
   }
+}
+
+function located(placement: Placement, byteOffset: number): LocateResult {
+  return {
+    ok: true,
+    disk: placement.disk.id,
+    byteOffset,
+    filesystem: placement.fs.uuid,
+    filesystemOffset: byteOffset - placement.fs.byteOffset,
+  };
 }

@@ -232,7 +232,9 @@ test("references: with a receiver, cache pages found on the disk become REF segm
   const cacheIndex = {
     lookup(page: Buffer) {
       const block = onDisk.get(page.toString("latin1"));
-      return block === undefined ? null : { block, hash: Buffer.alloc(32, block) };
+      return block === undefined
+        ? null
+        : { target: { kind: "index" as const, block }, hash: Buffer.alloc(32, block) };
     },
   };
   const ways = chunkings(input.length, 7);
@@ -249,9 +251,11 @@ test("references: with a receiver, cache pages found on the disk become REF segm
           continue;
         }
         // What receive does: the record's header as QEMU wrote it, then the block's bytes.
-        refs.push(s.block);
-        assert.equal(s.page.blockOffset, (s.block - 100) * 4096);
-        rebuilt.push(s.pageHeader, Buffer.alloc(4096, s.block - 99));
+        assert.equal(s.target.kind, "index");
+        const block = s.target.kind === "index" ? s.target.block : -1;
+        refs.push(block);
+        assert.equal(s.page.blockOffset, (block - 100) * 4096);
+        rebuilt.push(s.pageHeader, Buffer.alloc(4096, block - 99));
       }
     };
     feed(input, chunk, (bytes) => take(p.pushSegments(bytes)));

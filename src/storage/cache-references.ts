@@ -1,0 +1,78 @@
+/**
+ * send's answer to "where is this clean page-cache page on shared storage?" for the pruning processor: first the
+ * locator (the guest kernel's own metadata: page → inode → extent → block, cost proportional to what is cached,
+ * page-locator.ts), then, for what it cannot place, the content index if one was built (disk-index.ts: D3's
+ * sampled fingerprints over a whole raw image; built only when asked, or when the locator cannot run, e.g. a guest
+ * without BTF). A located page is hashed once here; receive reads the place and checks that hash, so a wrong
+ * answer costs a NACK, never a wrong page.
+ */
+import type { CacheIndex, RefsAccepted, RefTarget } from "../prune/pruning-processor.ts";
+import type { DiskIndex } from "./disk-index.ts";
+import { strongHash } from "./fingerprint.ts";
+import type { LocateMissReason, PageLocator } from "./page-locator.ts";
+
+export interface CacheReferenceStats {
+  /** Pages the locator placed (sent as REF_FS). */
+  located: number;
+  /** Pages the locator could not place, by reason. */
+  notLocated: Partial<Record<LocateMissReason, number>>;
+  /** Pages the locator could not place that the content index found (sent as REF). */
+  indexHits: number;
+  /** Pages neither found (sent in full). */
+  notFound: number;
+  /** Lookups answered "no reference" because the receiver takes none of the kinds available. */
+  notAccepted: number;
+}
+
+export class CacheReferences implements CacheIndex {
+  readonly #stats: CacheReferenceStats = {
+    located: 0,
+    notLocated: {},
+    indexHits: 0,
+    notFound: 0,
+    notAccepted: 0,
+  };
+
+  constructor(private readonly sources: { locator?: PageLocator; index?: DiskIndex }) {
+    if (!sources.locator && !sources.index)
+      throw new Error("cache references need a page locator or a content index (or both)");
+  }
+
+  lookup(page: Buffer, pfn: number, accepted: RefsAccepted): { target: RefTarget; hash: Buffer } | null {
+    const { locator, index } = this.sources;
+    const useLocator = locator !== undefined && accepted.filesystem;
+    const useIndex = index !== undefined && accepted.index;
+    if (!useLocator && !useIndex) {
+      this.#stats.notAccepted++;
+      return null;
+    }
+    if (useLocator && pfn >= 0) {
+      const where = locator.locate(pfn);
+      if (where.ok) {
+        this.#stats.located++;
+        return {
+          target: {
+            kind: "filesystem",
+            uuid: Buffer.from(where.filesystem, "hex"),
+            offset: where.filesystemOffset,
+          },
+          hash: strongHash(page),
+        };
+      }
+      this.#stats.notLocated[where.reason] = (this.#stats.notLocated[where.reason] ?? 0) + 1;
+    }
+    if (useIndex) {
+      const found = index.lookup(page);
+      if (found) {
+        this.#stats.indexHits++;
+        return { target: { kind: "index", block: found.block }, hash: found.hash };
+      }
+    }
+    this.#stats.notFound++;
+    return null;
+  }
+
+  stats(): CacheReferenceStats {
+    return { ...this.#stats, notLocated: { ...this.#stats.notLocated } };
+  }
+}
