@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 
 packages=(
   qemu-system-x86  # QEMU 7.2 (Debian 12)
+  qemu-utils       # qemu-img (qcow2 overlays), qemu-nbd and qemu-io (NBD exports of shared disks)
   busybox-static   # guest userland
   cpio kmod xz-utils zstd  # initramfs: archive, depmod, compressed modules
   e2fsprogs        # mkfs.ext4 -d for the data disk

@@ -48,7 +48,7 @@ export async function guestDrivers(kernel: GuestKernel): Promise<string[]> {
 export const BUSYBOX = "/bin/busybox";
 
 /** Serial numbers the lab gives its virtio disks; init links them under /dev/disk/by-serial/. */
-export const DISK_SERIAL = { data: "vmprune-data", spare: "vmprune-spare" } as const;
+export const DISK_SERIAL = { data: "vmprune-data", spare: "vmprune-spare", data2: "vmprune-data2" } as const;
 
 /** Printed on the console once init is done; the agent then answers on ttyS1. */
 export const BOOT_MARKER = "VMPRUNE-BOOTED";

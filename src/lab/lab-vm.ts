@@ -15,6 +15,9 @@ import {
   waitDestinationState,
 } from "../qemu/migration.ts";
 import { detectAccelerator } from "./accel.ts";
+import { buildDataDisk, type DataDiskLayout } from "./data-disk.ts";
+import { run } from "./exec.ts";
+import { DISK_SERIAL } from "./initramfs.ts";
 import { trackPath, untrackPath } from "./cleanup.ts";
 import { ensureGuestImage, type GuestImage } from "./guest-image.ts";
 import type { KernelId } from "./kernels.ts";
@@ -47,6 +50,21 @@ export interface LabVmOptions {
    * namespace. Give `migratePlain` an `incomingUri` on the destination's address then.
    */
   netns?: { src?: string; dst?: string };
+  /**
+   * Shared storage as operators have it: `format` "qcow2" puts the data disk in a qcow2 overlay over a raw
+   * backing file (the guest's writes land in the overlay); `second` adds a second ext4 data disk (its own
+   * filesystem UUID, files made like the first's; the guest mounts it with {@link mountSecondDisk}).
+   */
+  storage?: { format?: "raw" | "qcow2"; second?: boolean };
+}
+
+/** The second data disk: smaller than the first, same kind of files (data-disk.ts). */
+const SECOND_DISK_LAYOUT: DataDiskLayout = { fileCount: 4, fileSizeMiB: 8, imageSizeMiB: 64 };
+
+/** Where the guest mounts the second data disk, and the shell line that does it. */
+export const SECOND_DISK_MOUNT = "/data2";
+export function mountSecondDisk(): string {
+  return `mkdir -p ${SECOND_DISK_MOUNT} && mount -t ext4 /dev/disk/by-serial/${DISK_SERIAL.data2} ${SECOND_DISK_MOUNT} && echo OK`;
 }
 
 /** Spare raw disk per guest: room for a /proc/kpageflags + kpagecount dump (16 bytes per 4 KiB page). */
@@ -85,7 +103,14 @@ export class LabPair {
       memoryMiB: options.memoryMiB,
       vcpus: options.vcpus,
       ...(options.cpu ? { cpu: options.cpu } : {}),
-      disks: { data: join(diskDir, "data.img"), spare: join(diskDir, "spare.img") },
+      disks: {
+        data:
+          options.storage?.format === "qcow2"
+            ? { path: join(diskDir, "data.qcow2"), format: "qcow2" }
+            : join(diskDir, "data.img"),
+        spare: join(diskDir, "spare.img"),
+        ...(options.storage?.second ? { data2: join(diskDir, "data2.img") } : {}),
+      },
       ...(options.extraArgs ? { extraArgs: options.extraArgs } : {}),
       ...(options.dimmMiB ? { dimmMiB: options.dimmMiB } : {}),
       ...(options.ramBackendId ? { ramBackendId: options.ramBackendId } : {}),
@@ -105,6 +130,13 @@ export class LabPair {
     let src: Vm | undefined;
     try {
       await copyFile(image.dataDisk, join(diskDir, "data.img"));
+      if (options.storage?.format === "qcow2")
+        await run("qemu-img", [
+          ...["create", "-q", "-f", "qcow2", "-b", join(diskDir, "data.img"), "-F", "raw"],
+          join(diskDir, "data.qcow2"),
+        ]);
+      if (options.storage?.second)
+        await buildDataDisk(image.programs.vmwork, join(diskDir, "data2.img"), SECOND_DISK_LAYOUT);
       await writeFile(join(diskDir, "spare.img"), "");
       await truncate(join(diskDir, "spare.img"), spareDiskBytes(options.memoryMiB));
       const started = performance.now();

@@ -44,8 +44,11 @@ export interface VmConfig {
    * records name it); default "ram0". Source and destination must agree.
    */
   ramBackendId?: string;
-  /** Raw disk images: `data` is the ext4 data disk, `spare` a raw scratch disk (kpageflags dumps). */
-  disks: { data?: string; spare?: string };
+  /**
+   * Disk images (raw unless a format is given): `data` is the ext4 data disk (mounted at /data), `spare` a raw
+   * scratch disk (kpageflags dumps), `data2` a second ext4 data disk (the guest does not mount it by itself).
+   */
+  disks: Partial<Record<keyof typeof DISK_SERIAL, string | { path: string; format: "raw" | "qcow2" }>>;
   /**
    * A second RAM block: a pc-dimm of this size backed by its own shared file (`<ramPath>.dimm0`), as memory
    * hot-plugged into the guest. Its RAMBlock's idstr is the backend id "dimm0".
@@ -161,12 +164,13 @@ export function qemuArgs(
     "-qmp",
     `unix:${toolQmpPath(files.qmpPath)},server=on,wait=off`,
   ];
-  for (const [role, path] of Object.entries(config.disks) as [
+  for (const [role, disk] of Object.entries(config.disks) as [
     keyof typeof DISK_SERIAL,
-    string | undefined,
+    VmConfig["disks"][keyof typeof DISK_SERIAL],
   ][]) {
-    if (!path) continue;
-    args.push("-drive", `if=none,id=${role},file=${path},format=raw`);
+    if (!disk) continue;
+    const { path, format } = typeof disk === "string" ? { path: disk, format: "raw" } : disk;
+    args.push("-drive", `if=none,id=${role},file=${path},format=${format}`);
     args.push("-device", `virtio-blk-pci,drive=${role},serial=${DISK_SERIAL[role]}`);
   }
   if (config.balloon === "free-page-hint") args.push(...BALLOON_FREE_PAGE_HINT_ARGS);
