@@ -5,9 +5,14 @@
  * qemu-nbd opens) with nbd-device.ts.
  *
  * Why qemu-nbd and not the destination QEMU itself: a QEMU started with -incoming holds its disks inactive until
- * the migration completes. QEMU 7.2 refuses to export an inactive node, and 10.0 only with the new
- * `allow-inactive` export option (see test/integration/storage-nbd.test.ts, which records both answers); qemu-nbd
- * works alike with both versions and with libvirt, which owns the destination QEMU's QMP socket.
+ * the migration completes (the source QEMU owns them meanwhile), and `block-export-add` on such a node (tried
+ * with the source QEMU holding the image, test/integration/storage-nbd.test.ts records the answers):
+ *  - QEMU 7.2 answers {} (success): block/export/export.c activates the node for the export and ignores a
+ *    failure to; on shared storage that is the destination taking over an image the running source still writes.
+ *  - QEMU 10.0 answers `Failed to get "write" lock` (activation is no longer silently skipped); with the new
+ *    `allow-inactive: true` it exports the inactive node (7.2: "Parameter 'allow-inactive' is unexpected").
+ * So only 10.0 could, and libvirt owns the destination QEMU's QMP socket anyway; qemu-nbd works alike for both
+ * versions, with or without libvirt, and is the way chosen.
  *
  * --read-only: vmprune never writes the disk. force-share=on: the destination QEMU holds the image's lock
  * (and the source QEMU writes it, on shared storage), so qemu-nbd must open it without taking the lock. That is
