@@ -22,7 +22,7 @@ import { DEFAULT_MAX_MIGRATIONS, ReceiveService } from "../migrate/receive-servi
 import { startSend } from "../migrate/send.ts";
 import { QmpClient } from "../qemu/qmp.ts";
 import { reportJson, vmpruneVersion, withOrigin } from "../report/version.ts";
-import { BlockReader } from "../storage/block-reader.ts";
+import { type BlockReader, openDiskReader } from "../storage/block-reader.ts";
 import { StreamError } from "../stream/errors.ts";
 import { rewriteStream } from "../stream/rewrite.ts";
 import { summarizeStream } from "../stream/summary.ts";
@@ -583,7 +583,10 @@ program
   )
   .option("--tls-creds <dir>", TLS_CREDS_HELP.receive)
   .option("--insecure-plaintext", INSECURE_PLAINTEXT_HELP)
-  .option("--disk <image>", "the shared raw disk image (without it, every reference is answered with a NACK)")
+  .option(
+    "--disk <image>",
+    "the shared disk: a raw image file, or an NBD export of it (nbd+unix:///EXPORT?socket=/PATH or nbd://HOST:PORT/EXPORT, e.g. from qemu-nbd --read-only: any image format); without it, every reference is answered with a NACK",
+  )
   .option("--json", "print the report as JSON (a service: one JSON line per migration)")
   .action(
     async (opts: {
@@ -612,7 +615,7 @@ program
         );
       const unixSocket = unixSocketOptions(opts);
       const disk = opts.disk
-        ? await BlockReader.open(opts.disk, { alignmentBytes: REF_SECTOR_BYTES })
+        ? await openDiskReader(opts.disk, { alignmentBytes: REF_SECTOR_BYTES })
         : undefined;
       if (serve) {
         await serveReceive(opts, {

@@ -21,6 +21,8 @@ import {
   refuseNonRaw,
   validateAlignment,
 } from "./image-format.ts";
+import { parseNbdUri } from "./nbd-client.ts";
+import { NbdDevice } from "./nbd-device.ts";
 
 export type BlockReadResult = { ok: true; page: Buffer } | { ok: false; error: BlockReadError };
 
@@ -189,5 +191,25 @@ export class BlockReader {
       };
     if (into) bytes.copy(into);
     return { ok: true, page: into ?? bytes };
+  }
+}
+
+/** `disk` is an NBD URI (nbd+unix:///EXPORT?socket=PATH, nbd://HOST:PORT/EXPORT) rather than a file path. */
+export function isNbdUri(disk: string): boolean {
+  return /^nbd(\+unix)?:\/\//.test(disk);
+}
+
+/**
+ * The reader of the shared disk named on a command line: an NBD URI (read through the export, with QEMU's block
+ * layer: any image format) or the path of a raw image file.
+ */
+export async function openDiskReader(disk: string, options: BlockReaderOptions = {}): Promise<BlockReader> {
+  if (!isNbdUri(disk)) return BlockReader.open(disk, options);
+  const device = await NbdDevice.open(parseNbdUri(disk));
+  try {
+    return await BlockReader.fromDevice(device, options);
+  } catch (error) {
+    await device.close();
+    throw error;
   }
 }
