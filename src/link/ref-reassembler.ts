@@ -286,9 +286,13 @@ export class RefReassembler {
       resolution = this.#resolveRef(message.blockNumber, message.hash);
     } catch {
       this.#stats.readFailures++;
-      return this.#settleNow(message, null, NACK_REASON.READ_FAILED, out);
+      this.#settleNow(message, null, NACK_REASON.READ_FAILED, out);
+      return;
     }
-    if (!isPromise(resolution)) return this.#settleNow(message, resolution, NACK_REASON.UNVERIFIED, out);
+    if (!isPromise(resolution)) {
+      this.#settleNow(message, resolution, NACK_REASON.UNVERIFIED, out);
+      return;
+    }
     if (!this.#emitLater)
       throw new TypeError("resolveRef returned a Promise, and the reassembler has no emit for later output");
     const held: HeldRef = {
