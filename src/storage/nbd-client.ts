@@ -300,6 +300,8 @@ export class NbdClient {
   /** Reply being received: its header was read, its data has not fully arrived. */
   #current: PendingRead | undefined;
   #currentCookie = 0;
+  /** Requests made in this turn of the event loop, written together (one syscall for a burst of reads). */
+  #outgoing: Buffer[] = [];
 
   private constructor(
     readonly address: NbdAddress,
@@ -440,8 +442,15 @@ export class NbdClient {
       request.writeBigUInt64BE(BigInt(cookie), 8);
       request.writeBigUInt64BE(BigInt(offset), 16);
       request.writeUInt32BE(length, 24);
-      this.#socket.write(request);
+      if (this.#outgoing.push(request) === 1) queueMicrotask(() => this.#sendRequests());
     });
+  }
+
+  #sendRequests(): void {
+    const requests = this.#outgoing;
+    this.#outgoing = [];
+    if (this.#failure === undefined && !this.#socket.destroyed)
+      this.#socket.write(requests.length === 1 ? (requests[0] as Buffer) : Buffer.concat(requests));
   }
 
   /**
