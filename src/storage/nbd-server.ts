@@ -24,6 +24,7 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { rmSync, statSync } from "node:fs";
 import { resolve as resolvePath } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
+import { formatEndpoint, type TcpEndpoint } from "../transport/endpoint.ts";
 import { StorageError } from "./errors.ts";
 import { type NbdAddress, NbdClient } from "./nbd-client.ts";
 
@@ -33,7 +34,9 @@ export interface NbdServerOptions {
   /** Its format ("raw", "qcow2", ...): given explicitly, never probed (probing a guest-writable raw image is unsafe). */
   format: string;
   /** The unix socket to serve on (created by qemu-nbd, removed by stop()). */
-  socketPath: string;
+  socketPath?: string;
+  /** Or a TCP address (loopback, or a trusted network: NBD here is unauthenticated and unencrypted). */
+  tcp?: TcpEndpoint;
   /** Default "disk". */
   exportName?: string;
   /** Open without the image lock (default true: the destination QEMU holds it). */
@@ -75,13 +78,23 @@ export function qemuNbdArgs(options: NbdServerOptions): string[] {
   ].join(",");
   return [
     "--read-only",
-    `--socket=${options.socketPath}`,
+    ...listenArgs(options),
     `--export-name=${options.exportName ?? "disk"}`,
     "--persistent",
     `--shared=${options.maxClients ?? 8}`,
     "--image-opts",
     opts,
   ];
+}
+
+function listenArgs(options: NbdServerOptions): string[] {
+  if (options.socketPath !== undefined && options.tcp === undefined)
+    return [`--socket=${options.socketPath}`];
+  if (options.tcp !== undefined && options.socketPath === undefined)
+    return [`--bind=${options.tcp.host}`, `--port=${options.tcp.port}`];
+  throw new StorageError(
+    "give qemu-nbd either a unix socket path or a TCP address to listen on, not both or neither",
+  );
 }
 
 function isBlockDevice(path: string): boolean {
@@ -96,7 +109,11 @@ function isBlockDevice(path: string): boolean {
 export async function startNbdServer(options: NbdServerOptions): Promise<RunningNbdServer> {
   const binary = options.qemuNbd ?? "qemu-nbd";
   const args = qemuNbdArgs(options);
-  rmSync(options.socketPath, { force: true });
+  const socketPath = options.socketPath;
+  const removeSocket = () => {
+    if (socketPath !== undefined) rmSync(socketPath, { force: true });
+  };
+  removeSocket();
   const child: ChildProcess = spawn(binary, args, { stdio: ["ignore", "ignore", "pipe"] });
   let stderr = "";
   child.stderr?.setEncoding("utf8");
@@ -124,16 +141,16 @@ export async function startNbdServer(options: NbdServerOptions): Promise<Running
       await exited;
       clearTimeout(timer);
     }
-    rmSync(options.socketPath, { force: true });
+    removeSocket();
   };
   const address: NbdAddress = {
-    server: { path: options.socketPath },
+    server: options.tcp ?? { path: socketPath as string },
     exportName: options.exportName ?? "disk",
   };
   const deadline = performance.now() + (options.readyTimeoutMs ?? 10_000);
   for (;;) {
     if (exitedNow) {
-      rmSync(options.socketPath, { force: true });
+      removeSocket();
       throw new StorageError(
         `qemu-nbd could not export ${options.image} (${binary} ${args.join(" ")}): ` +
           `${exitedNow.stderr.trim() || `exit ${exitedNow.code ?? exitedNow.signal}`}`,
@@ -148,13 +165,15 @@ export async function startNbdServer(options: NbdServerOptions): Promise<Running
     if (performance.now() > deadline) {
       await stop();
       throw new StorageError(
-        `qemu-nbd did not listen on ${options.socketPath} within ${options.readyTimeoutMs ?? 10_000} ms ` +
+        `qemu-nbd did not listen on ${formatEndpoint(address.server)} within ${options.readyTimeoutMs ?? 10_000} ms ` +
           `(${binary} ${args.join(" ")}): ${stderr.trim() || "no message"}`,
       );
     }
     await sleep(20);
   }
-  options.log?.(`qemu-nbd (pid ${child.pid}) exports ${options.image} read-only on ${options.socketPath}`);
+  options.log?.(
+    `qemu-nbd (pid ${child.pid}) exports ${options.image} read-only on ${formatEndpoint(address.server)}`,
+  );
   return {
     address,
     pid: child.pid as number,
@@ -174,6 +193,6 @@ async function handshakes(address: NbdAddress): Promise<boolean | Error> {
     return true;
   } catch (error) {
     const code = ((error as Error).cause as NodeJS.ErrnoException | undefined)?.code;
-    return code === "ENOENT" || code === "ECONNREFUSED" ? false : (error as Error);
+    return code === "ENOENT" || code === "ECONNREFUSED" || code === "ECONNRESET" ? false : (error as Error);
   }
 }

@@ -140,6 +140,28 @@ test("a raw image reads through qemu-nbd as the file holds it; BlockReader verif
   assert.ok((await sharedRaw.read(block, good)).ok);
 });
 
+test("over TCP (loopback) as over a unix socket", { skip }, async (t) => {
+  const images = await makeImages(t);
+  const probe = createServer();
+  await new Promise<void>((resolve) => probe.listen(0, "127.0.0.1", resolve));
+  const port = (probe.address() as { port: number }).port;
+  await new Promise<void>((resolve) => probe.close(() => resolve()));
+  const server = await startNbdServer({
+    image: images.top,
+    format: "qcow2",
+    tcp: { host: "127.0.0.1", port },
+  });
+  t.after(() => server.stop());
+  assert.equal(formatNbdUri(server.address), `nbd://127.0.0.1:${port}/disk`);
+  const device = await NbdDevice.open(parseNbdUri(`nbd://127.0.0.1:${port}/disk`));
+  t.after(() => device.close());
+  const offsets = offsetsToCheck(images.written);
+  const pages = await Promise.all(offsets.map((o) => device.read(o, PAGE)));
+  offsets.forEach((o, i) => {
+    assert.ok(pages[i]?.equals(images.flat.subarray(o, o + PAGE)), `4 KiB at ${o}`);
+  });
+});
+
 test("hundreds of pipelined reads in flight on one connection come back right", { skip }, async (t) => {
   const images = await makeImages(t);
   const server = await serve(t, images.top, "qcow2", images.dir);
