@@ -122,6 +122,8 @@ export class RefReassembler {
   #inputEnded = false;
   /** close() was called, or the link failed: settling reads are ignored. */
   #stopped = false;
+  /** See #settledOutput. */
+  #settling: ReassemblerOutput | undefined;
   /** Output waiting behind the first unsettled REF (which is #held[0] whenever #held is not empty). */
   #held: Held[] = [];
   #heldHead = 0;
@@ -349,7 +351,7 @@ export class RefReassembler {
     this.#pending.delete(held);
     held.pending = false;
     const page = resolved && resolved.length === PAGE_BYTES ? resolved : null;
-    const out: ReassemblerOutput = { toQemu: [], toSend: [], end: false };
+    const out = this.#settledOutput();
     if (page) {
       held.page = page;
       this.#stats.refsResolved++;
@@ -365,9 +367,6 @@ export class RefReassembler {
       });
       this.#awaiting.set(held.refId, held);
     }
-    this.#flush(out);
-    this.#ack(out);
-    this.#emitLater?.(out);
     if (!page && this.#inputEnded) {
       const error = new LinkError(
         "closed",
@@ -376,6 +375,24 @@ export class RefReassembler {
       this.#stop(undefined);
       this.#failLater?.(error);
     }
+  }
+
+  /**
+   * The output of the reads settling in this turn of the event loop: released together once the turn is over
+   * (one write of pages to QEMU and one ACK for a burst of NBD replies, rather than one each).
+   */
+  #settledOutput(): ReassemblerOutput {
+    if (this.#settling) return this.#settling;
+    const out: ReassemblerOutput = { toQemu: [], toSend: [], end: false };
+    this.#settling = out;
+    setImmediate(() => {
+      this.#settling = undefined;
+      if (this.#stopped) return;
+      this.#flush(out);
+      this.#ack(out);
+      if (out.toQemu.length > 0 || out.toSend.length > 0 || out.end) this.#emitLater?.(out);
+    });
+    return out;
   }
 
   #isHolding(): boolean {
