@@ -6,7 +6,10 @@
  * never hangs. Every qemu-nbd is stopped by its PID, also on failure.
  */
 import assert from "node:assert/strict";
+import { randomBytes } from "node:crypto";
+import { mkdtemp, rm } from "node:fs/promises";
 import { createServer, type Server, type Socket } from "node:net";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
 import { RawFileDevice } from "../../src/storage/block-device.ts";
@@ -388,4 +391,129 @@ test("figure: 4 KiB reads per second, NbdDevice from qemu-nbd (1 and 32 in fligh
   t.diagnostic(
     `4 KiB reads/s (unix socket, page cache warm): NbdDevice 1 in flight ${one}, 32 in flight ${many}; RawFileDevice.readSync ${raw}`,
   );
+});
+
+/**
+ * A peer that serves `disk` by the protocol's rules, strictly: `go` false answers NBD_OPT_GO with
+ * NBD_REP_ERR_UNSUP (an old server: the client must fall back to NBD_OPT_EXPORT_NAME); `blockSizes` is announced
+ * with NBD_INFO_BLOCK_SIZE and every read that breaks it is answered NBD_EINVAL. Records the reads it served.
+ */
+function strictPeer(
+  disk: Buffer,
+  options: { go: boolean; blockSizes?: { min: number; preferred: number; max: number } },
+  served: { offset: number; length: number }[],
+) {
+  return (socket: Socket) => {
+    const greeting = Buffer.alloc(18);
+    greeting.write("NBDMAGIC", 0, "latin1");
+    greeting.write("IHAVEOPT", 8, "latin1");
+    greeting.writeUInt16BE(1, 16); // FIXED_NEWSTYLE, zeroes after EXPORT_NAME
+    socket.write(greeting);
+    let got = Buffer.alloc(0);
+    let phase: "flags" | "options" | "transmission" = "flags";
+    const optionReply = (option: number, type: number, data: Buffer) => {
+      const header = Buffer.alloc(20);
+      header.writeBigUInt64BE(0x3e889045565a9n, 0);
+      header.writeUInt32BE(option, 8);
+      header.writeUInt32BE(type, 12);
+      header.writeUInt32BE(data.length, 16);
+      return Buffer.concat([header, data]);
+    };
+    socket.on("data", (chunk: Buffer) => {
+      got = Buffer.concat([got, chunk]);
+      for (;;) {
+        if (phase === "flags") {
+          if (got.length < 4) return;
+          got = got.subarray(4);
+          phase = "options";
+        } else if (phase === "options") {
+          if (got.length < 16 || got.length < 16 + got.readUInt32BE(12)) return;
+          const option = got.readUInt32BE(8);
+          got = got.subarray(16 + got.readUInt32BE(12));
+          if (option === 7 && !options.go) socket.write(optionReply(7, 2 ** 31 + 1, Buffer.alloc(0)));
+          else if (option === 7) {
+            const info = Buffer.alloc(12);
+            info.writeBigUInt64BE(BigInt(disk.length), 2);
+            info.writeUInt16BE(1 | 2, 10);
+            const replies = [optionReply(7, 3, info)];
+            if (options.blockSizes) {
+              const sizes = Buffer.alloc(14);
+              sizes.writeUInt16BE(3, 0);
+              sizes.writeUInt32BE(options.blockSizes.min, 2);
+              sizes.writeUInt32BE(options.blockSizes.preferred, 6);
+              sizes.writeUInt32BE(options.blockSizes.max, 10);
+              replies.push(optionReply(7, 3, sizes));
+            }
+            socket.write(Buffer.concat([...replies, optionReply(7, 1, Buffer.alloc(0))]));
+            phase = "transmission";
+          } else if (option === 1) {
+            const info = Buffer.alloc(10 + 124);
+            info.writeBigUInt64BE(BigInt(disk.length), 0);
+            info.writeUInt16BE(1 | 2, 8);
+            socket.write(info);
+            phase = "transmission";
+          } else socket.write(optionReply(option, 2 ** 31 + 1, Buffer.alloc(0)));
+        } else {
+          if (got.length < 28) return;
+          const offset = Number(got.readBigUInt64BE(16));
+          const length = got.readUInt32BE(24);
+          const reply = Buffer.alloc(16);
+          reply.writeUInt32BE(0x67446698, 0);
+          got.copy(reply, 8, 8, 16);
+          got = got.subarray(28);
+          const sizes = options.blockSizes;
+          const bad =
+            offset + length > disk.length ||
+            (sizes !== undefined &&
+              (offset % sizes.min !== 0 || length % sizes.min !== 0 || length > sizes.max));
+          reply.writeUInt32BE(bad ? 22 : 0, 4);
+          served.push({ offset, length });
+          socket.write(bad ? reply : Buffer.concat([reply, disk.subarray(offset, offset + length)]));
+        }
+      }
+    });
+  };
+}
+
+test("NBD_OPT_EXPORT_NAME fallback, and reads aligned and split to the server's announced block sizes", async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), "vmprune-nbd-peer-"));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const disk = randomBytes(1024 * 1024);
+  const oldServed: { offset: number; length: number }[] = [];
+  const old = await peer(t, dir, strictPeer(disk, { go: false }, oldServed));
+  const viaName = await NbdDevice.open({ server: { path: old }, exportName: "x" });
+  t.after(() => viaName.close());
+  assert.equal(viaName.info.negotiatedWith, "export-name");
+  assert.equal(viaName.sizeBytes, disk.length);
+  assert.ok((await viaName.read(12345, 6789)).equals(disk.subarray(12345, 12345 + 6789)));
+
+  const served: { offset: number; length: number }[] = [];
+  const blockSizes = { min: 512, preferred: 4096, max: 64 * 1024 };
+  const strict = await peer(t, dir, strictPeer(disk, { go: true, blockSizes }, served));
+  const device = await NbdDevice.open({ server: { path: strict }, exportName: "" });
+  t.after(() => device.close());
+  assert.equal(device.info.minBlockBytes, 512);
+  assert.equal(device.info.maxPayloadBytes, 64 * 1024);
+  // Unaligned, longer than the maximum payload, ending at the disk's end.
+  for (const [offset, length] of [
+    [100, 200_000],
+    [disk.length - 70_000, 70_000],
+    [4096, 4096],
+    [513, 1],
+  ] as const)
+    assert.ok(
+      (await device.read(offset, length)).equals(disk.subarray(offset, offset + length)),
+      `${length} at ${offset}`,
+    );
+  assert.ok(served.length > 4, "long reads were split");
+  for (const s of served) {
+    assert.equal(s.offset % 512, 0);
+    assert.equal(s.length % 512, 0);
+    assert.ok(s.length <= 64 * 1024);
+  }
+  // The client itself refuses what would break the constraints, before sending.
+  const before = served.length;
+  await assert.rejects(device.client.read(100, 512), /aligned to 512 bytes and at most 65536/);
+  await assert.rejects(device.client.read(0, 128 * 1024), /aligned to 512 bytes and at most 65536/);
+  assert.equal(served.length, before);
 });
