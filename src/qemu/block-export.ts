@@ -2,7 +2,8 @@
  * The source host's way to read a guest disk through QEMU's own block layer: the running source QEMU exports the
  * disk read-only over NBD on a unix socket (QMP `nbd-server-start` + `block-export-add`, qapi/block-export.json),
  * and vmprune reads it with storage/nbd-device.ts. The export reads what the guest sees (qcow2 with backing
- * files, Ceph, iSCSI), while the guest runs and writes it; removing it (`block-export-del`, then `nbd-server-stop`
+ * files, Ceph, iSCSI), while the guest runs and writes it (a read-only export takes no write permission from the
+ * guest's device, and reads what it wrote: test/integration/storage-nbd.test.ts); removing it (`block-export-del`, then `nbd-server-stop`
  * if this module started the server) leaves QEMU as it was.
  *
  * Both QEMU 7.2 and 10.0 take the same arguments: `nbd-server-start` with a SocketAddressLegacy address

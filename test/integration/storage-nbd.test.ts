@@ -184,6 +184,19 @@ for (const version of ["7.2", "10.0"] as const) {
     await again.close();
     await second.remove();
 
+    // The guest's device writes while the export is open (HMP qemu-io through the device's own BlockBackend):
+    // the export reads the live disk, and exporting read-only did not take the writer's permission away.
+    const wrote = await vm.qmp.execute("human-monitor-command", {
+      "command-line": 'qemu-io -d /machine/peripheral/virtio-disk1/virtio-backend "write -P 0x77 8192 4096"',
+    });
+    t.diagnostic(`guest-side write while exported: ${wrote.trim()}`);
+    const live = await NbdDevice.open(exported.address);
+    assert.ok(
+      (await live.read(8192, 4096)).equals(Buffer.alloc(4096, 0x77)),
+      "the export shows the guest's write",
+    );
+    await live.close();
+
     await exported.remove();
     await exported.remove(); // idempotent
     assert.deepEqual(await vm.qmp.executeUntyped("query-block-exports"), []);
