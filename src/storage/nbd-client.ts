@@ -300,6 +300,8 @@ export class NbdClient {
   /** Reply being received: its header was read, its data has not fully arrived. */
   #current: PendingRead | undefined;
   #currentCookie = 0;
+  /** close() waits for the reads in flight: called when the last one settles. */
+  #onIdle: (() => void) | undefined;
   /** Requests made in this turn of the event loop, written together (one syscall for a burst of reads). */
   #outgoing: Buffer[] = [];
 
@@ -460,24 +462,10 @@ export class NbdClient {
   async close(): Promise<void> {
     if (!this.#closing) {
       this.#closing = true;
-      if (!this.#failure) {
-        await Promise.allSettled(
-          [...this.#pending.values()].map(
-            (p) =>
-              new Promise<void>((resolve) => {
-                const { resolve: res, reject: rej } = p;
-                p.resolve = (data) => {
-                  res(data);
-                  resolve();
-                };
-                p.reject = (error) => {
-                  rej(error);
-                  resolve();
-                };
-              }),
-          ),
-        );
-      }
+      if (!this.#failure && this.#pending.size > 0)
+        await new Promise<void>((resolve) => {
+          this.#onIdle = resolve;
+        });
       if (!this.#socket.destroyed) {
         const disc = Buffer.alloc(REQUEST_BYTES);
         disc.writeUInt32BE(NBD_REQUEST_MAGIC, 0);
@@ -538,6 +526,7 @@ export class NbdClient {
                 `${pending.offset}: ${NBD_ERRORS[error] ?? `error ${error}`}`,
             ),
           );
+          this.#checkIdle();
           continue;
         }
         this.#current = pending;
@@ -552,6 +541,14 @@ export class NbdClient {
     this.#pending.delete(cookie);
     clearTimeout(pending.timer);
     pending.resolve(data);
+    this.#checkIdle();
+  }
+
+  #checkIdle(): void {
+    if (this.#pending.size > 0 || !this.#onIdle) return;
+    const onIdle = this.#onIdle;
+    this.#onIdle = undefined;
+    onIdle();
   }
 
   /** The connection can no longer be used: every read in flight, and every later one, rejects with `why`. */
@@ -567,6 +564,7 @@ export class NbdClient {
     }
     this.#pending.clear();
     this.#current = undefined;
+    this.#checkIdle();
     this.#socket.destroy();
   }
 }

@@ -180,6 +180,15 @@ test("hundreds of pipelined reads in flight on one connection come back right", 
     assert.ok(pages[i]?.equals(images.flat.subarray(o, o + PAGE)), `read #${i} at ${o}`);
   });
   assert.equal(device.client.inFlight, 0);
+  // close() lets the reads in flight finish, then disconnects (NBD_CMD_DISC); later reads are refused.
+  const last = offsets.slice(0, 50).map((o) => device.read(o, PAGE));
+  const closing = device.close();
+  const lastPages = await Promise.all(last);
+  offsets.slice(0, 50).forEach((o, i) => {
+    assert.ok(lastPages[i]?.equals(images.flat.subarray(o, o + PAGE)));
+  });
+  await closing;
+  await assert.rejects(device.read(0, PAGE), /closed/);
 });
 
 test("failures are StorageErrors: wrong export, range beyond the disk, server killed mid-read", {
