@@ -21,12 +21,14 @@
  * never a wrong page.
  */
 import { type ChildProcess, spawn } from "node:child_process";
-import { rmSync, statSync } from "node:fs";
+import { existsSync, rmSync, statSync } from "node:fs";
 import { resolve as resolvePath } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { formatEndpoint, type TcpEndpoint } from "../transport/endpoint.ts";
 import { StorageError } from "./errors.ts";
 import { type NbdAddress, NbdClient } from "./nbd-client.ts";
+
+const SETPRIV = "/usr/bin/setpriv";
 
 export interface NbdServerOptions {
   /** The image file (or anything qemu-nbd takes as a filename). */
@@ -114,7 +116,13 @@ export async function startNbdServer(options: NbdServerOptions): Promise<Running
     if (socketPath !== undefined) rmSync(socketPath, { force: true });
   };
   removeSocket();
-  const child: ChildProcess = spawn(binary, args, { stdio: ["ignore", "ignore", "pipe"] });
+  // Under setpriv --pdeathsig (util-linux), qemu-nbd dies with this process even if stop() never runs; setpriv
+  // execs qemu-nbd, so the PID is qemu-nbd's.
+  const child: ChildProcess = existsSync(SETPRIV)
+    ? spawn(SETPRIV, ["--pdeathsig", "SIGKILL", "--", binary, ...args], {
+        stdio: ["ignore", "ignore", "pipe"],
+      })
+    : spawn(binary, args, { stdio: ["ignore", "ignore", "pipe"] });
   let stderr = "";
   child.stderr?.setEncoding("utf8");
   child.stderr?.on("data", (text: string) => {
