@@ -374,3 +374,73 @@ test("receive end to end: REFs of a qcow2 disk resolved through qemu-nbd, asynch
   assert.equal(report.refs.refsNacked, nacked.length);
   assert.ok(report.refs.peakPendingReads > 1, "reads were in flight together");
 });
+
+test("live migration: receive rebuilds cache pages from the shared disk read through qemu-nbd (asynchronously)", {
+  timeout: 900_000,
+  skip,
+}, async (t) => {
+  const { LabPair } = await import("../../src/lab/lab-vm.ts");
+  const { CACHE_HEAVY_512M, runMixedWorkload } = await import("../../src/lab/workloads.ts");
+  const { prunedRamOracle } = await import("../../src/lab/prune-oracle.ts");
+  const { REF_SECTOR_BYTES } = await import("../../src/migrate/link-send.ts");
+  const { startSend } = await import("../../src/migrate/send.ts");
+  const migration = await import("../../src/qemu/migration.ts");
+
+  const pair = await LabPair.boot({ kernel: "6.12", qemu: "10.0", memoryMiB: 512 });
+  t.after(() => pair.stop());
+  await runMixedWorkload(pair.src.agent, CACHE_HEAVY_512M);
+  const disk = join(pair.diskDir, "data.img");
+  const dst = await pair.startDestination({ paused: true });
+  const dstUri = await migration.prepareIncoming(dst.monitor, { incomingUri: "tcp:127.0.0.1:0" });
+  // Both QEMUs hold the image; qemu-nbd reads it with force-share, as on a destination host.
+  const server = await startNbdServer({
+    image: disk,
+    format: "raw",
+    socketPath: join(pair.diskDir, "nbd.sock"),
+  });
+  trackProcess(server.pid);
+  t.after(async () => {
+    await server.stop();
+    untrackProcess(server.pid);
+  });
+  const reader = await openDiskReader(formatNbdUri(server.address), { alignmentBytes: REF_SECTOR_BYTES });
+  assert.equal(reader.canReadSync, false);
+  const psk = randomBytes(32);
+  const receive = await startReceive({
+    listen: { host: "127.0.0.1", port: 0 },
+    to: migration.tcpAddress(dstUri),
+    psk,
+    disk: reader,
+  });
+  t.after(async () => {
+    await receive.relay.close();
+    await reader.close();
+  });
+  const qmp = await QmpClient.connect(pair.src.toolQmpPath);
+  t.after(() => qmp.close());
+  const send = await startSend({
+    listen: { host: "127.0.0.1", port: 0 },
+    to: receive.address,
+    drop: ["free", "cache"],
+    guest: { qmp: { client: qmp, path: pair.src.toolQmpPath } },
+    link: { psk },
+    disk,
+  });
+  t.after(() => send.relay.close());
+  const result = await migration.runMigration(pair.src.monitor, `tcp:127.0.0.1:${send.address.port}`, {
+    parameters: migration.LOOPBACK_PARAMETERS,
+  });
+  await migration.waitDestinationState(dst.monitor, "paused");
+  const [sent, received] = await Promise.all([send.done, receive.done]);
+  const oracle = await prunedRamOracle(pair.src.ramPath, dst.ramPath);
+  const p = sent.prune;
+  t.diagnostic(`refs ${p?.refs}; receive ${JSON.stringify(received.refs)}; ${oracle.differing} pages differ`);
+  assert.equal(result.status, "completed");
+  assert.ok((p?.refs ?? 0) > 10_000, "cache pages went as references");
+  assert.equal(received.refs.refsResolved, p?.refs, "receive rebuilt every reference through NBD");
+  assert.equal(received.refs.refsNacked, 0);
+  assert.ok(received.refs.peakPendingReads > 1, "reads were in flight together");
+  assert.deepEqual(oracle.differingNotFree, [], "rebuilt cache pages are bit-exact: only free pages differ");
+  await dst.monitor.execute("cont");
+  assert.match(await LabPair.verify(dst), /^OK/m);
+});
