@@ -16,13 +16,14 @@ import { sweepStaleRuns } from "../lab/vm.ts";
 import { libvirtMigrate } from "../libvirt/migrate.ts";
 import { MIN_PSK_BYTES } from "../link/handshake.ts";
 import { startReceive } from "../migrate/link-receive.ts";
-import { REF_SECTOR_BYTES } from "../migrate/link-send.ts";
 import { migrate } from "../migrate/migrate.ts";
+import { openReceiveDisks } from "../migrate/receive-disks.ts";
 import { DEFAULT_MAX_MIGRATIONS, ReceiveService } from "../migrate/receive-service.ts";
 import { startSend } from "../migrate/send.ts";
 import { QmpClient } from "../qemu/qmp.ts";
 import { reportJson, vmpruneVersion, withOrigin } from "../report/version.ts";
-import { BlockReader } from "../storage/block-reader.ts";
+import type { BlockReader } from "../storage/block-reader.ts";
+import type { FilesystemDirectory } from "../storage/filesystem-directory.ts";
 import { StreamError } from "../stream/errors.ts";
 import { rewriteStream } from "../stream/rewrite.ts";
 import { summarizeStream } from "../stream/summary.ts";
@@ -592,7 +593,11 @@ program
   )
   .option("--tls-creds <dir>", TLS_CREDS_HELP.receive)
   .option("--insecure-plaintext", INSECURE_PLAINTEXT_HELP)
-  .option("--disk <image>", "the shared raw disk image (without it, every reference is answered with a NACK)")
+  .option(
+    "--disk <image>",
+    "a shared disk of the VM (repeat for each): a raw image file; FORMAT:PATH for another format QEMU opens (e.g. qcow2:/srv/vm.qcow2, read through a read-only qemu-nbd receive starts); or an NBD export (nbd+unix:///EXPORT?socket=/PATH, nbd://HOST:PORT/EXPORT). Without one, every reference is answered with a NACK",
+    (value: string, previous: string[] = []) => [...previous, value],
+  )
   .option("--json", "print the report as JSON (a service: one JSON line per migration)")
   .action(
     async (opts: {
@@ -606,7 +611,7 @@ program
       linkKey?: string;
       tlsCreds?: string;
       insecurePlaintext?: boolean;
-      disk?: string;
+      disk?: string[];
       json?: boolean;
     }) => {
       const serve = opts.allowDir !== undefined || opts.allow !== undefined;
@@ -620,16 +625,17 @@ program
           "receive needs --link-key FILE (TLS-PSK) or --tls-creds DIR (x509): the link must be authenticated",
         );
       const unixSocket = unixSocketOptions(opts);
-      const disk = opts.disk
-        ? await BlockReader.open(opts.disk, { alignmentBytes: REF_SECTOR_BYTES })
-        : undefined;
+      const disks = opts.disk?.length ? await openReceiveDisks(opts.disk, log) : undefined;
+      const disk = disks?.reader;
+      const filesystems = disks?.filesystems;
       if (serve) {
         await serveReceive(opts, {
           ...link,
           ...(unixSocket ? { unixSocket } : {}),
           ...(disk ? { disk } : {}),
+          ...(filesystems ? { filesystems } : {}),
         });
-        disk?.close();
+        await disks?.close();
         return;
       }
       const to = endpointArgument(opts.to ?? "");
@@ -639,6 +645,7 @@ program
         ...(unixSocket ? { unixSocket } : {}),
         ...link,
         ...(disk ? { disk } : {}),
+        ...(filesystems ? { filesystems } : {}),
         log,
       });
       log(`vmprune receive: listening on ${formatEndpoint(receive.endpoint)}, feeding ${formatEndpoint(to)}`);
@@ -646,7 +653,7 @@ program
       process.once("SIGINT", stop);
       process.once("SIGTERM", stop);
       const report = await receive.done;
-      disk?.close();
+      await disks?.close();
       process.stdout.write(opts.json ? reportJson(report) : renderReceiveReport(report));
       if (report.relay.error) process.exitCode = 1;
     },
@@ -658,7 +665,13 @@ program
  */
 async function serveReceive(
   opts: { listen: Endpoint; allowDir?: string; allow?: Endpoint[]; maxMigrations?: number; json?: boolean },
-  link: { psk?: Buffer; security: LinkSecurity; unixSocket?: UnixSocketOptions; disk?: BlockReader },
+  link: {
+    psk?: Buffer;
+    security: LinkSecurity;
+    unixSocket?: UnixSocketOptions;
+    disk?: BlockReader;
+    filesystems?: FilesystemDirectory;
+  },
 ): Promise<void> {
   // Signals are taken from before the service listens, so a stop that comes at once is a clean stop too.
   let signals = 0;

@@ -15,11 +15,11 @@ import {
   waitDestinationState,
 } from "../qemu/migration.ts";
 import { detectAccelerator } from "./accel.ts";
+import { trackPath, untrackPath } from "./cleanup.ts";
 import { buildDataDisk, type DataDiskLayout } from "./data-disk.ts";
 import { run } from "./exec.ts";
-import { DISK_SERIAL } from "./initramfs.ts";
-import { trackPath, untrackPath } from "./cleanup.ts";
 import { ensureGuestImage, type GuestImage } from "./guest-image.ts";
+import { DISK_SERIAL } from "./initramfs.ts";
 import type { KernelId } from "./kernels.ts";
 import { ensureQemu, type QemuBinary, type QemuVersion } from "./qemu-binaries.ts";
 import { type Accelerator, RUN_ROOT, Vm, type VmConfig } from "./vm.ts";

@@ -6,7 +6,7 @@
 import { randomBytes } from "node:crypto";
 import { join } from "node:path";
 import { type ReceiveReport, startReceive } from "../migrate/link-receive.ts";
-import { REF_SECTOR_BYTES } from "../migrate/link-send.ts";
+import { openReceiveDisks } from "../migrate/receive-disks.ts";
 import { type SendReport, startSend } from "../migrate/send.ts";
 import {
   LOOPBACK_PARAMETERS,
@@ -18,7 +18,6 @@ import {
   waitDestinationState,
 } from "../qemu/migration.ts";
 import { QmpClient } from "../qemu/qmp.ts";
-import { BlockReader } from "../storage/block-reader.ts";
 import type { LabPair } from "./lab-vm.ts";
 import { prunedRamOracle } from "./prune-oracle.ts";
 import type { Vm } from "./vm.ts";
@@ -50,12 +49,13 @@ export async function migrateThroughLink(
   const psk = randomBytes(32);
   const dst = await pair.startDestination({ paused: true });
   const dstUri = await prepareIncoming(dst.monitor, { incomingUri: "tcp:127.0.0.1:0", ...options.incoming });
-  const reader = await BlockReader.open(options.receiveDisk ?? disk, { alignmentBytes: REF_SECTOR_BYTES });
+  const disks = await openReceiveDisks([options.receiveDisk ?? disk]);
   const receive = await startReceive({
     listen: { host: "127.0.0.1", port: 0 },
     to: tcpAddress(dstUri),
     psk,
-    disk: reader,
+    disk: disks.reader,
+    filesystems: disks.filesystems,
     ...(options.log ? { log: (line: string) => options.log?.(`receive: ${line}`) } : {}),
   });
   const qmp = await QmpClient.connect(pair.src.toolQmpPath);
@@ -88,6 +88,6 @@ export async function migrateThroughLink(
   } finally {
     qmp.close();
     await receive.relay.close();
-    reader.close();
+    await disks.close();
   }
 }

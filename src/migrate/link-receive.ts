@@ -13,11 +13,19 @@ import { LinkDecoder } from "../link/decoder.ts";
 import { LinkError } from "../link/errors.ts";
 import { handshakeKey, type LinkSession, refuseLink, serverHandshake } from "../link/handshake.ts";
 import { CAPABILITY, ERROR_CODE, encodeBytesFrames, encodeMessage, MSG } from "../link/protocol.ts";
-import { emptyReassemblerStats, type ReassemblerStats, RefReassembler } from "../link/ref-reassembler.ts";
+import {
+  emptyReassemblerStats,
+  type ReassemblerOutput,
+  type ReassemblerStats,
+  type RefFsResolver,
+  RefReassembler,
+} from "../link/ref-reassembler.ts";
 import type { BlockReader } from "../storage/block-reader.ts";
+import type { FilesystemDirectory } from "../storage/filesystem-directory.ts";
 import {
   type ChannelCodec,
   type ChannelSide,
+  type CodecOutlet,
   type CodecOutput,
   Relay,
   type RelayReport,
@@ -47,8 +55,14 @@ export interface ReceiveOptions {
    * since guest memory would then cross the network readable.
    */
   security?: LinkSecurity;
-  /** The shared disk, opened with 512-byte block units (REF blockNumber is in sectors). */
+  /**
+   * The shared disk, opened with 512-byte block units (REF blockNumber is in sectors): a raw image file
+   * (BlockReader.open, read synchronously) or any BlockDevice such as an NBD export of QEMU's block layer
+   * (BlockReader.fromDevice, read asynchronously with many reads in flight).
+   */
   disk?: BlockReader;
+  /** The filesystems on receive's disks, for REF_FS (receive-disks.ts opens both from `--disk`). */
+  filesystems?: FilesystemDirectory;
   log?: (line: string) => void;
 }
 
@@ -59,16 +73,38 @@ export interface ReceiveReport {
 }
 
 /** What a link codec on receive's side needs: the key, the disk, the log. */
-export type ReceiveCodecOptions = Pick<ReceiveOptions, "psk" | "disk" | "log">;
+export type ReceiveCodecOptions = Pick<ReceiveOptions, "psk" | "disk" | "filesystems" | "log">;
 
-/** The capabilities receive offers: references only with a disk to rebuild them from. */
-export function receiveCapabilities(disk: BlockReader | undefined): string[] {
-  return disk ? [CAPABILITY.REF_SHA256] : [];
+/** The capabilities receive offers: references only with a disk (REF) or its filesystems (REF_FS) to read. */
+export function receiveCapabilities(options: Pick<ReceiveOptions, "disk" | "filesystems">): string[] {
+  return [
+    ...(options.disk ? [CAPABILITY.REF_SHA256] : []),
+    ...(options.filesystems ? [CAPABILITY.REF_FS_SHA256] : []),
+  ];
+}
+
+/** REF_FS → the page, from the filesystem the reference names, checked (null: NACK). */
+function refFsResolver(filesystems: FilesystemDirectory): RefFsResolver {
+  return (ref) => {
+    // The reference's fields are views of the socket's chunk: a read that outlives this call needs copies.
+    const r = filesystems.readNow(Buffer.from(ref.filesystem), ref.blockNumber, Buffer.from(ref.hash));
+    return r instanceof Promise ? r.then((done) => (done.ok ? done.page : null)) : r.ok ? r.page : null;
+  };
+}
+
+/** The reassembler's output as the relay's codec output. */
+function codecOutput(out: ReassemblerOutput): CodecOutput {
+  return {
+    toUpstream: out.toQemu,
+    toSource: out.toSend.map((m) => encodeMessage(m)),
+    endUpstream: out.end,
+  };
 }
 
 export class LinkReceiveCodec implements ChannelCodec {
   private readonly decoder = new LinkDecoder();
   private reassembler: RefReassembler | undefined;
+  private outlet: CodecOutlet | undefined;
 
   /** `session`: the handshake already made by whoever accepted the connection (receive-service.ts). */
   constructor(
@@ -86,7 +122,7 @@ export class LinkReceiveCodec implements ChannelCodec {
       this.session ??
       (await serverHandshake(source, {
         psk: handshakeKey(this.options.psk, source),
-        capabilities: receiveCapabilities(this.options.disk),
+        capabilities: receiveCapabilities(this.options),
       }));
     const wanted = session.peerClaim?.target;
     if (!this.session && wanted) {
@@ -100,9 +136,16 @@ export class LinkReceiveCodec implements ChannelCodec {
       windowBytes: session.windowBytes,
       resolveRef: (block, hash) => {
         if (!disk) return null;
-        const r = disk.readSync(block, hash);
-        return r.ok ? r.page : null;
+        if (disk.canReadSync) {
+          const r = disk.readSync(block, hash);
+          return r.ok ? r.page : null;
+        }
+        // The hash is a view of the socket's chunk: the read outlives this call.
+        return disk.read(block, Buffer.from(hash)).then((r) => (r.ok ? r.page : null));
       },
+      ...(this.options.filesystems ? { resolveRefFs: refFsResolver(this.options.filesystems) } : {}),
+      emit: (out) => this.outlet?.emit(codecOutput(out)),
+      fail: (error) => this.outlet?.fail(error),
     });
     const tls = describeTls(source);
     this.options.log?.(`link #${this.index}: send authenticated${tls ? ` over ${tls}` : " (plaintext)"}`);
@@ -115,19 +158,24 @@ export class LinkReceiveCodec implements ChannelCodec {
     const error = messages.find((m) => m.type === MSG.ERROR);
     if (error && error.type === MSG.ERROR)
       throw new LinkError("peer-error", `send aborted the migration: ${error.message} (code ${error.code})`);
-    const out = reassembler.push(messages);
-    return {
-      toUpstream: out.toQemu,
-      toSource: out.toSend.map((m) => encodeMessage(m)),
-      endUpstream: out.end,
-    };
+    return codecOutput(reassembler.push(messages));
+  }
+
+  attach(outlet: CodecOutlet): void {
+    this.outlet = outlet;
   }
 
   sourceEnded(): CodecOutput {
     this.decoder.end();
-    // send half-closes only after its EOF and the last ACK: by then everything reached QEMU.
-    if (!this.reassembler?.ended) throw new LinkError("closed", "send closed the link before its EOF");
+    // send half-closes only after its EOF and the last ACK: by then everything reached QEMU, or (a send that
+    // did not wait for the ACK) waits only for reads in flight, which end the stream through the outlet.
+    if (!this.reassembler) throw new LinkError("closed", "send closed the link before its EOF");
+    this.reassembler.inputEnded();
     return {};
+  }
+
+  closed(): void {
+    this.reassembler?.close();
   }
 
   fromUpstream(chunk: Buffer): CodecOutput {
@@ -183,14 +231,14 @@ export async function startReceive(options: ReceiveOptions): Promise<RunningRece
   };
 }
 
-/** The relay's report with the REF statistics of all its channels summed (the peak: the largest). */
+/** The relay's report with the REF statistics of all its channels summed (the peaks: the largest). */
 export function receiveReport(relay: RelayReport, codecs: readonly LinkReceiveCodec[]): ReceiveReport {
   const refs = emptyReassemblerStats();
   for (const c of codecs) {
     const s = c.stats;
     if (!s) continue;
     for (const key of Object.keys(refs) as (keyof ReassemblerStats)[])
-      refs[key] = key === "peakHeldBytes" ? Math.max(refs[key], s[key]) : refs[key] + s[key];
+      refs[key] = key.startsWith("peak") ? Math.max(refs[key], s[key]) : refs[key] + s[key];
   }
   return { relay, refs };
 }

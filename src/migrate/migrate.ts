@@ -16,10 +16,9 @@ import type { ReassemblerStats } from "../link/ref-reassembler.ts";
 import type { PruneReport } from "../prune/pruning-processor.ts";
 import { MigrationFailed, prepareIncoming, runMigration, tcpAddress } from "../qemu/migration.ts";
 import { type MigrationInfo, QmpClient } from "../qemu/qmp.ts";
-import { BlockReader } from "../storage/block-reader.ts";
 import type { StreamSummaryJson } from "../stream/summary.ts";
 import { startReceive } from "./link-receive.ts";
-import { REF_SECTOR_BYTES } from "./link-send.ts";
+import { openReceiveDisks } from "./receive-disks.ts";
 import { startSend } from "./send.ts";
 
 export interface MigrateOptions {
@@ -102,16 +101,14 @@ export async function migrate(options: MigrateOptions): Promise<MigrateReport> {
     const linked = options.drop.includes("cache");
     if (linked && !options.disk) throw new Error("--drop cache needs the shared disk image (--disk IMAGE)");
     const psk = randomBytes(32);
-    const reader =
-      linked && options.disk
-        ? await BlockReader.open(options.disk, { alignmentBytes: REF_SECTOR_BYTES })
-        : undefined;
-    const receive = reader
+    const disks = linked && options.disk ? await openReceiveDisks([options.disk], log) : undefined;
+    const receive = disks
       ? await startReceive({
           listen: { host: "127.0.0.1", port: 0 },
           to: destination,
           psk,
-          disk: reader,
+          disk: disks.reader,
+          filesystems: disks.filesystems,
           log,
         })
       : undefined;
@@ -162,7 +159,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrateReport> {
     if (error) receive?.relay.close();
     const sent = await send.done;
     const received = receive ? await receive.done : null;
-    reader?.close();
+    await disks?.close();
     const destinationStatus = error ? "not resumed" : await settledStatus(dst);
     return {
       mode: options.drop.length > 0 ? "pruned" : "baseline",

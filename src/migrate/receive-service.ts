@@ -15,6 +15,7 @@ import type { Server, Socket } from "node:net";
 import { handshakeKey, type LinkSession, refuseLink, serverHandshake } from "../link/handshake.ts";
 import { ERROR_CODE } from "../link/protocol.ts";
 import type { BlockReader } from "../storage/block-reader.ts";
+import type { FilesystemDirectory } from "../storage/filesystem-directory.ts";
 import { Relay } from "../stream/relay.ts";
 import { type Endpoint, formatEndpoint } from "../transport/endpoint.ts";
 import {
@@ -50,6 +51,8 @@ export interface ReceiveServiceOptions {
   allowed: AllowedDestinations;
   /** The shared disk REFs are rebuilt from (absent: every REF is answered with a NACK). */
   disk?: BlockReader;
+  /** The filesystems on the disks, for REF_FS (absent: receive does not offer it). */
+  filesystems?: FilesystemDirectory;
   maxMigrations?: number;
   maxHandshakes?: number;
   /** TLS and link handshake, each (default 10 s); also how long a migration's missing channel is waited for. */
@@ -263,7 +266,7 @@ export class ReceiveService {
       }
       session = await serverHandshake(socket, {
         psk: handshakeKey(this.#options.psk, socket),
-        capabilities: receiveCapabilities(this.#options.disk),
+        capabilities: receiveCapabilities(this.#options),
         ...(this.#options.handshakeTimeoutMs ? { timeoutMs: this.#options.handshakeTimeoutMs } : {}),
       });
     } catch (error) {

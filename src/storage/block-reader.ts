@@ -1,6 +1,8 @@
 /**
- * The receiver's side of a disk reference: read block N (4096 bytes at N * alignmentBytes) of the shared raw image
- * and return it only if it hashes to what the sender saw. Every input is untrusted (it came over the link): a
+ * The receiver's side of a disk reference: read block N (4096 bytes at N * alignmentBytes) of the shared disk
+ * and return it only if it hashes to what the sender saw. The disk is any BlockDevice (block-device.ts): a raw
+ * image file read directly (open(); synchronous reads too, microseconds from the page cache), or the guest-visible
+ * bytes of any image QEMU opens, read through NBD (fromDevice() with an NbdDevice; asynchronous reads only). Every input is untrusted (it came over the link): a
  * block beyond the image, a hash of the wrong length, bytes that changed since the sender looked (the guest wrote
  * the block, or page-cache traps of linux-page-introspection.md §4.2) all come back as a typed BlockReadError for
  * the receiver to NACK, never as an exception, so that no page that failed verification reaches QEMU.
@@ -9,37 +11,47 @@
  * same image with "auto", which gives the same answer as the sender's index. A disagreement cannot corrupt a page
  * (the hash would not match), it only turns every reference into a NACK.
  */
-import { readSync } from "node:fs";
-import { type FileHandle, open } from "node:fs/promises";
+import { type BlockDevice, RawFileDevice } from "./block-device.ts";
 import { BlockReadError, StorageError } from "./errors.ts";
 import { REF_HASH_BYTES, strongHash } from "./fingerprint.ts";
-import { type AlignmentOption, PAGE_SIZE_BYTES, probeImage } from "./image-format.ts";
+import {
+  type AlignmentOption,
+  extBlockSize,
+  PAGE_SIZE_BYTES,
+  refuseNonRaw,
+  validateAlignment,
+} from "./image-format.ts";
+import { parseNbdUri } from "./nbd-client.ts";
+import { NbdDevice } from "./nbd-device.ts";
 
 export type BlockReadResult = { ok: true; page: Buffer } | { ok: false; error: BlockReadError };
 
 export interface BlockReaderOptions {
-  /** The sender's index alignment; "auto" (default) probes the image as DiskIndex does. */
+  /** The sender's index alignment; "auto" (default) probes the disk as DiskIndex does. */
   alignmentBytes?: AlignmentOption;
 }
 
+/** Bytes read to settle the alignment: the ext2/3/4 superblock lies in the first 2 KiB (image-format.ts). */
+const PROBE_BYTES = 4096;
+
 export class BlockReader {
-  private handle: FileHandle | null;
+  readonly #device: BlockDevice;
+  #closed = false;
 
   private constructor(
-    readonly path: string,
-    /** Image size when opened; blocks are checked against the current size at every read. */
+    device: BlockDevice,
+    /** Disk size when opened; blocks beyond it are refused without a read. */
     readonly sizeBytes: number,
     readonly alignmentBytes: number,
-    handle: FileHandle,
   ) {
-    this.handle = handle;
+    this.#device = device;
   }
 
-  /** Opens the image read-only. Refuses non-raw images (UnsupportedImageFormatError). */
+  /** Opens a raw image file read-only. Refuses non-raw images (UnsupportedImageFormatError). */
   static async open(path: string, options: BlockReaderOptions = {}): Promise<BlockReader> {
-    let handle: FileHandle;
+    let device: RawFileDevice;
     try {
-      handle = await open(path, "r");
+      device = await RawFileDevice.open(path);
     } catch (cause) {
       throw new StorageError(
         `cannot open the shared disk image ${path} to rebuild pages from it (${(cause as Error).message}): ` +
@@ -48,55 +60,84 @@ export class BlockReader {
       );
     }
     try {
-      const probe = await probeImage(handle, path, options.alignmentBytes ?? "auto");
-      return new BlockReader(path, probe.sizeBytes, probe.alignmentBytes, handle);
+      return await BlockReader.#probe(device, options, true);
     } catch (error) {
-      await handle.close();
+      await device.close();
       throw error;
     }
+  }
+
+  /**
+   * Reads references from `device` (its guest-visible bytes: nothing to refuse, whatever format holds them). The
+   * reader owns the device from now on: close() closes it.
+   */
+  static async fromDevice(device: BlockDevice, options: BlockReaderOptions = {}): Promise<BlockReader> {
+    return BlockReader.#probe(device, options, false);
+  }
+
+  static async #probe(device: BlockDevice, options: BlockReaderOptions, raw: boolean): Promise<BlockReader> {
+    const sizeBytes = device.sizeBytes;
+    const alignment = options.alignmentBytes ?? "auto";
+    if (alignment !== "auto") validateAlignment(alignment);
+    const head = sizeBytes > 0 ? await device.read(0, Math.min(PROBE_BYTES, sizeBytes)) : Buffer.alloc(0);
+    if (raw) refuseNonRaw(device.name, head);
+    const blockSize = alignment === "auto" ? extBlockSize(head) : null;
+    const alignmentBytes =
+      alignment !== "auto" ? alignment : Math.min(blockSize ?? PAGE_SIZE_BYTES, PAGE_SIZE_BYTES);
+    return new BlockReader(device, sizeBytes, alignmentBytes);
+  }
+
+  /** What the reader reads (a path, or an NBD URI), for logs. */
+  get path(): string {
+    return this.#device.name;
+  }
+
+  /** readSync() is available (a raw file): the receiver may resolve references without waiting. */
+  get canReadSync(): boolean {
+    return this.#device.readSync !== undefined;
   }
 
   /** Block `block`, if it exists and hashes to `hash`. Asynchronous read (does not block the event loop). */
   async read(block: number, hash: Uint8Array, into?: Buffer): Promise<BlockReadResult> {
     const invalid = this.check(block, hash, into);
     if (invalid !== null) return { ok: false, error: invalid };
-    const page = into ?? Buffer.allocUnsafe(PAGE_SIZE_BYTES);
-    let bytesRead: number;
+    let bytes: Buffer;
     try {
-      ({ bytesRead } = await this.open().read(page, 0, PAGE_SIZE_BYTES, block * this.alignmentBytes));
+      bytes = await this.open().read(block * this.alignmentBytes, PAGE_SIZE_BYTES);
     } catch (cause) {
       return { ok: false, error: this.shortRead(block, `the read failed: ${(cause as Error).message}`) };
     }
-    return this.verify(block, hash, page, bytesRead);
+    return this.verify(block, hash, bytes, into);
   }
 
-  /** As read(), synchronously (a 4 KiB pread, microseconds from the page cache). */
+  /** As read(), synchronously (a 4 KiB pread); throws a StorageError if the device has no synchronous reads. */
   readSync(block: number, hash: Uint8Array, into?: Buffer): BlockReadResult {
     const invalid = this.check(block, hash, into);
     if (invalid !== null) return { ok: false, error: invalid };
-    const page = into ?? Buffer.allocUnsafe(PAGE_SIZE_BYTES);
-    let bytesRead: number;
+    const device = this.open();
+    if (!device.readSync)
+      throw new StorageError(`${device.name} is read asynchronously only (see canReadSync): use read()`);
+    let bytes: Buffer;
     try {
-      bytesRead = readSync(this.open().fd, page, 0, PAGE_SIZE_BYTES, block * this.alignmentBytes);
+      bytes = device.readSync(block * this.alignmentBytes, PAGE_SIZE_BYTES);
     } catch (cause) {
       return { ok: false, error: this.shortRead(block, `the read failed: ${(cause as Error).message}`) };
     }
-    return this.verify(block, hash, page, bytesRead);
+    return this.verify(block, hash, bytes, into);
   }
 
-  /** Idempotent. */
+  /** Closes the device. Idempotent. */
   async close(): Promise<void> {
-    const handle = this.handle;
-    this.handle = null;
-    await handle?.close();
+    if (this.#closed) return;
+    this.#closed = true;
+    await this.#device.close();
   }
 
-  private open(): FileHandle {
-    if (this.handle === null)
+  private open(): BlockDevice {
+    if (this.#closed)
       throw new StorageError(`the block reader of ${this.path} is closed: open a new one to read blocks`);
-    return this.handle;
+    return this.#device;
   }
-
   private check(block: number, hash: Uint8Array, into: Buffer | undefined): BlockReadError | null {
     if (into !== undefined && into.length !== PAGE_SIZE_BYTES)
       throw new RangeError(`the buffer for a block must be ${PAGE_SIZE_BYTES} bytes, not ${into.length}`);
@@ -132,13 +173,13 @@ export class BlockReader {
     );
   }
 
-  private verify(block: number, hash: Uint8Array, page: Buffer, bytesRead: number): BlockReadResult {
-    if (bytesRead !== PAGE_SIZE_BYTES)
+  private verify(block: number, hash: Uint8Array, bytes: Buffer, into: Buffer | undefined): BlockReadResult {
+    if (bytes.length !== PAGE_SIZE_BYTES)
       return {
         ok: false,
-        error: this.shortRead(block, `${bytesRead} of ${PAGE_SIZE_BYTES} bytes: the image shrank`),
+        error: this.shortRead(block, `${bytes.length} of ${PAGE_SIZE_BYTES} bytes: the disk shrank`),
       };
-    if (!strongHash(page).equals(hash))
+    if (!strongHash(bytes).equals(hash))
       return {
         ok: false,
         error: new BlockReadError(
@@ -148,6 +189,27 @@ export class BlockReader {
             `the guest rewrote it, or the sender indexed another image): NACK, the sender sends the full page`,
         ),
       };
-    return { ok: true, page };
+    if (into) bytes.copy(into);
+    return { ok: true, page: into ?? bytes };
+  }
+}
+
+/** `disk` is an NBD URI (nbd+unix:///EXPORT?socket=PATH, nbd://HOST:PORT/EXPORT) rather than a file path. */
+export function isNbdUri(disk: string): boolean {
+  return /^nbd(\+unix)?:\/\//.test(disk);
+}
+
+/**
+ * The reader of the shared disk named on a command line: an NBD URI (read through the export, with QEMU's block
+ * layer: any image format) or the path of a raw image file.
+ */
+export async function openDiskReader(disk: string, options: BlockReaderOptions = {}): Promise<BlockReader> {
+  if (!isNbdUri(disk)) return BlockReader.open(disk, options);
+  const device = await NbdDevice.open(parseNbdUri(disk));
+  try {
+    return await BlockReader.fromDevice(device, options);
+  } catch (error) {
+    await device.close();
+    throw error;
   }
 }

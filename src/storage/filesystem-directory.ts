@@ -49,21 +49,32 @@ export class FilesystemDirectory {
 
   /** The page at `blockNumber` sectors into filesystem `uuid`, if its SHA-256 is `hash`. */
   async read(uuid: Buffer, blockNumber: number, hash: Uint8Array): Promise<BlockReadResult> {
+    return this.readNow(uuid, blockNumber, hash);
+  }
+
+  /** As read(), but synchronous when the disk can be read synchronously (a raw file): no Promise per page. */
+  readNow(uuid: Buffer, blockNumber: number, hash: Uint8Array): BlockReadResult | Promise<BlockReadResult> {
     const found = this.#locate(uuid, blockNumber, hash);
     if (!found.ok) return found;
     const { place, offset } = found;
-    let page: Buffer;
-    try {
-      page = place.device.readSync
-        ? place.device.readSync(offset, PAGE_SIZE_BYTES)
-        : await place.device.read(offset, PAGE_SIZE_BYTES);
-    } catch (cause) {
-      return this.#fail(
+    const failed = (cause: unknown) =>
+      this.#fail(
         "short-read",
         blockNumber,
         `filesystem ${uuid.toString("hex")} sector ${blockNumber} on ${place.device.name} could not be read (${(cause as Error).message}): NACK the reference`,
       );
+    const check = (page: Buffer) => this.#check(uuid, blockNumber, hash, place, page);
+    if (place.device.readSync) {
+      try {
+        return check(place.device.readSync(offset, PAGE_SIZE_BYTES));
+      } catch (cause) {
+        return failed(cause);
+      }
     }
+    return place.device.read(offset, PAGE_SIZE_BYTES).then(check, failed);
+  }
+
+  #check(uuid: Buffer, blockNumber: number, hash: Uint8Array, place: Place, page: Buffer): BlockReadResult {
     if (!strongHash(page).equals(hash))
       return this.#fail(
         "hash-mismatch",

@@ -75,6 +75,14 @@ export interface CodecOutput {
   endSource?: boolean;
 }
 
+/** How a codec hands over output it makes on its own, outside fromSource/fromUpstream (see ChannelCodec.attach). */
+export interface CodecOutlet {
+  /** Carried out like a step's return value: the same writes, half-closes and backpressure. */
+  emit(output: CodecOutput): void;
+  /** Aborts the channel, like a step that throws. */
+  fail(error: unknown): void;
+}
+
 /**
  * Takes over both directions of one connection (all connections, the main one included): vmprune's own link
  * between `send` and `receive`, where the bytes each way are framed, the connection starts with a handshake, and
@@ -91,6 +99,11 @@ export interface ChannelCodec {
   openSource?(source: Socket): Promise<void>;
   /** After the upstream connection is established and before any byte flows either way (e.g. a handshake). */
   open?(sockets: { source: Socket; upstream: Socket }): Promise<void>;
+  /**
+   * Once, when bytes start to flow (after `open`): the outlet for output that arises later, on the codec's own
+   * time (e.g. when an asynchronous disk read settles). Emitting after the channel closed does nothing.
+   */
+  attach?(outlet: CodecOutlet): void;
   fromSource(chunk: Buffer): CodecOutput;
   sourceEnded(): CodecOutput;
   fromUpstream(chunk: Buffer): CodecOutput;
@@ -101,6 +114,8 @@ export interface ChannelCodec {
    * undefined, the relay resets the other side, which is all a QEMU peer understands.
    */
   sideFailed?(side: ChannelSide, error: Error): Buffer[] | undefined;
+  /** Once, when the channel has closed (both sockets): let go of timers and pending work. */
+  closed?(): void;
 }
 
 export type ChannelSide = "source" | "destination";
@@ -400,6 +415,14 @@ class Channel {
   #flow(upstream: Socket): void {
     const source = this.#source;
     if (source.destroyed || upstream.destroyed) return;
+    this.codec.attach?.({
+      emit: (output) => {
+        if (!this.isClosed) this.#apply(upstream, () => output);
+      },
+      fail: (error) => {
+        if (!this.isClosed) this.processorFailed(error);
+      },
+    });
     // Return path: as it arrives (rule 3).
     upstream.on("data", (chunk: Buffer) => this.#apply(upstream, () => this.codec.fromUpstream(chunk)));
     upstream.on("end", () => {
@@ -558,6 +581,11 @@ class Channel {
     const upstreamDone = this.#upstreamState === "closed" || this.#upstreamState === "none";
     if (!this.#sourceClosed || !upstreamDone || this.isClosed) return;
     this.isClosed = true;
+    try {
+      this.codec.closed?.();
+    } catch (error) {
+      this.ctx.log(`relay #${this.index}: codec failed to close: ${errorText(error)}`);
+    }
     this.#resolveClosed();
   }
 }

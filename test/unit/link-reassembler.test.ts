@@ -311,3 +311,305 @@ test("send and receive together through the decoder, at random chunkings, with a
     assert.equal(ledger.outstanding, 0, "every REF ACKed");
   }
 });
+
+/**
+ * Asynchronous resolution: a disk read through NBD answers later, out of order. A collector gathers what push()
+ * returns and what the reassembler emits later, in the order the relay would write it.
+ */
+function collector() {
+  const toQemu: Buffer[] = [];
+  const toSend: Array<Nack | Ack> = [];
+  let end = false;
+  let emits = 0;
+  const take = (out: ReassemblerOutput) => {
+    toQemu.push(...out.toQemu);
+    toSend.push(...out.toSend);
+    end ||= out.end;
+  };
+  return {
+    toQemu,
+    toSend,
+    get end() {
+      return end;
+    },
+    get emits() {
+      return emits;
+    },
+    take,
+    emit: (out: ReassemblerOutput) => {
+      emits++;
+      take(out);
+    },
+  };
+}
+
+/** Waits (real timers) until `done()` holds; the test's own timeout bounds it. */
+async function until(done: () => boolean): Promise<void> {
+  while (!done()) await new Promise((resolve) => setTimeout(resolve, 2));
+}
+
+/** The fake disk's resolver, answering after a random delay of up to `maxDelayMs` (so out of order). */
+function slowDisk(blocks: number, maxDelayMs: number) {
+  const { disk, resolve } = fakeDisk(blocks);
+  let inFlight = 0;
+  let peak = 0;
+  const slow: RefResolver = (blockNumber, hash) => {
+    const answer = resolve(blockNumber, Buffer.from(hash));
+    inFlight++;
+    peak = Math.max(peak, inFlight);
+    return new Promise((done) =>
+      setTimeout(() => {
+        inFlight--;
+        done(answer);
+      }, Math.random() * maxDelayMs),
+    );
+  };
+  return {
+    disk,
+    slow,
+    get peak() {
+      return peak;
+    },
+  };
+}
+
+test("async resolution: reads answering slowly and out of order come out in link order, one NACK per mismatch", async () => {
+  const { disk, slow } = slowDisk(8, 20);
+  const c = collector();
+  const r = new RefReassembler({ resolveRef: slow, windowBytes: 1 << 20, emit: c.emit });
+  const messages: Message[] = [data("QEVM")];
+  const expected: Buffer[] = [Buffer.from("QEVM")];
+  const stale = new Map<number, Buffer>(); // refId -> what guest memory holds (the disk block differs)
+  for (let refId = 1; refId <= 200; refId++) {
+    const block = refId % 8;
+    let page = disk[block] as Buffer;
+    if (refId % 17 === 0) {
+      page = randomBytes(PAGE_BYTES);
+      stale.set(refId, page);
+    }
+    messages.push(ref(refId, block, page), data(`<${refId}>`));
+    expected.push(headerOf(refId), page, Buffer.from(`<${refId}>`));
+  }
+  messages.push({ type: MSG.EOF });
+  // Pushed in batches, as socket reads would deliver them.
+  for (let i = 0; i < messages.length; i += 37) c.take(r.push(messages.slice(i, i + 37)));
+  assert.ok(r.pendingReads > 100, "many reads in flight at once");
+  assert.equal(c.end, false, "EOF waits for the reads before it");
+  // Answer each NACK with PAGE_DATA as send would, as the NACKs come.
+  let answered = 0;
+  while (!c.end) {
+    await until(() => c.end || c.toSend.filter((m) => m.type === MSG.NACK).length > answered);
+    const nacks = c.toSend.filter((m): m is Nack => m.type === MSG.NACK).slice(answered);
+    answered += nacks.length;
+    for (const nack of nacks) {
+      assert.equal(nack.reason, NACK_REASON.UNVERIFIED);
+      c.take(r.push([{ type: MSG.PAGE_DATA, refId: nack.refId, page: stale.get(nack.refId) as Buffer }]));
+    }
+  }
+  assert.ok(
+    Buffer.concat(c.toQemu).equals(Buffer.concat(expected)),
+    "the QEMU stream, byte for byte, in order",
+  );
+  assert.deepEqual(
+    c.toSend
+      .filter((m) => m.type === MSG.NACK)
+      .map((m) => m.refId)
+      .sort((a, b) => a - b),
+    [...stale.keys()],
+  );
+  const acks = c.toSend.filter((m) => m.type === MSG.ACK).map((m) => m.refId);
+  assert.deepEqual(
+    acks,
+    [...acks].sort((a, b) => a - b),
+    "ACKs only grow",
+  );
+  assert.equal(acks.at(-1), 200);
+  assert.ok(c.emits > 0);
+  const stats = r.stats;
+  assert.equal(stats.refsResolved, 200 - stale.size);
+  assert.equal(stats.refsNacked, stale.size);
+  assert.ok(stats.peakPendingReads > 100);
+  assert.equal(r.pendingReads, 0);
+  assert.equal(r.ended, true);
+});
+
+test("async resolution: pending reads count against the window like held bytes", () => {
+  const never: RefResolver = () => new Promise<Buffer | null>(() => {});
+  const r = new RefReassembler({ resolveRef: never, windowBytes: 64 * 1024, emit: () => {} });
+  let pushed = 0;
+  assert.throws(
+    () => {
+      for (let refId = 1; ; refId++) {
+        r.push([ref(refId, 0, Buffer.alloc(PAGE_BYTES)), data("x".repeat(1000))]);
+        pushed += 8 + PAGE_BYTES + 1000;
+      }
+    },
+    (error: unknown) => error instanceof LinkError && error.code === "window-exceeded",
+  );
+  assert.ok(pushed <= 64 * 1024 + WINDOW_SLACK_BYTES);
+  assert.ok(r.heldBytes <= 64 * 1024 + WINDOW_SLACK_BYTES);
+  r.close();
+});
+
+test("async resolution: a read that never answers is NACKed (READ_FAILED) at the timeout; its late answer is ignored", async () => {
+  const { disk, resolve } = fakeDisk(2);
+  let release: (page: Buffer | null) => void = () => {};
+  const hung: RefResolver = (block, hash) =>
+    block === 1
+      ? new Promise<Buffer | null>((done) => {
+          release = done;
+        })
+      : Promise.resolve(resolve(block, hash));
+  const c = collector();
+  const r = new RefReassembler({
+    resolveRef: hung,
+    windowBytes: 1 << 20,
+    emit: c.emit,
+    resolveTimeoutMs: 30,
+  });
+  c.take(r.push([ref(1, 1, disk[1] as Buffer), data("a"), ref(2, 0, disk[0] as Buffer), { type: MSG.EOF }]));
+  assert.deepEqual(c.toQemu, []);
+  await until(() => c.toSend.length > 0);
+  assert.deepEqual(c.toSend, [{ type: MSG.NACK, refId: 1, reason: NACK_REASON.READ_FAILED }]);
+  assert.equal(r.stats.readTimeouts, 1);
+  release(Buffer.from(disk[1] as Buffer)); // too late: ignored, PAGE_DATA decides
+  await new Promise((resolve) => setTimeout(resolve, 5));
+  assert.deepEqual(c.toQemu, []);
+  const fresh = randomBytes(PAGE_BYTES);
+  c.take(r.push([{ type: MSG.PAGE_DATA, refId: 1, page: fresh }]));
+  assert.ok(
+    Buffer.concat(c.toQemu).equals(
+      Buffer.concat([headerOf(1), fresh, Buffer.from("a"), headerOf(2), disk[0] as Buffer]),
+    ),
+  );
+  assert.equal(c.end, true);
+  assert.deepEqual(c.toSend.at(-1), { type: MSG.ACK, refId: 2 });
+  assert.equal(r.stats.refsResolved, 1);
+  assert.equal(r.stats.readFailures, 1);
+});
+
+test("async resolution: a rejected read is READ_FAILED; the end of send's side waits for reads, or fails the link", async () => {
+  const { disk } = fakeDisk(1);
+  const later: Array<() => void> = [];
+  const resolver: RefResolver = (block) =>
+    new Promise<Buffer | null>((done, fail) => {
+      later.push(() => (block === 0 ? done(Buffer.from(disk[0] as Buffer)) : fail(new Error("EIO"))));
+    });
+  {
+    // send ends its side after EOF while a read is in flight: the stream still ends, through emit.
+    const c = collector();
+    const r = new RefReassembler({ resolveRef: resolver, windowBytes: 1 << 20, emit: c.emit });
+    c.take(r.push([ref(1, 0, disk[0] as Buffer), { type: MSG.EOF }]));
+    assert.equal(r.eofSeen, true);
+    r.inputEnded();
+    later.shift()?.();
+    await until(() => c.end);
+    assert.equal(r.ended, true);
+  }
+  {
+    // The read then fails: no PAGE_DATA can come any more, so the link fails instead of waiting forever.
+    const c = collector();
+    const failures: LinkError[] = [];
+    const r = new RefReassembler({
+      resolveRef: resolver,
+      windowBytes: 1 << 20,
+      emit: c.emit,
+      fail: (error) => failures.push(error),
+    });
+    c.take(r.push([ref(1, 5, disk[0] as Buffer), { type: MSG.EOF }]));
+    r.inputEnded();
+    later.shift()?.();
+    await until(() => failures.length > 0);
+    assert.equal(r.stats.readFailures, 1);
+    assert.equal(failures[0]?.code, "closed");
+    assert.match(failures[0]?.message ?? "", /NACKed after send closed the link/);
+  }
+  {
+    // Ending before EOF, or with a NACK unanswered, is a link failure at once.
+    const r = new RefReassembler({ resolveRef: () => null, windowBytes: 1 << 20 });
+    expectLinkError(() => r.inputEnded(), "closed");
+    const s = new RefReassembler({ resolveRef: () => null, windowBytes: 1 << 20 });
+    s.push([ref(1, 0, disk[0] as Buffer), { type: MSG.EOF }]);
+    expectLinkError(() => s.inputEnded(), "closed");
+  }
+  {
+    // close() abandons reads in flight: their answers emit nothing.
+    const c = collector();
+    const r = new RefReassembler({ resolveRef: resolver, windowBytes: 1 << 20, emit: c.emit });
+    r.push([ref(1, 0, disk[0] as Buffer)]);
+    r.close();
+    later.shift()?.();
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    assert.equal(c.emits, 0);
+    assert.equal(r.pendingReads, 0);
+  }
+});
+
+test("async resolution without an emit is a programming error, not a silent stall", () => {
+  const r = new RefReassembler({ resolveRef: () => Promise.resolve(null), windowBytes: 1 << 20 });
+  assert.throws(() => r.push([ref(1, 0, Buffer.alloc(PAGE_BYTES))]), /no emit/);
+});
+
+test("async resolution: reads settling in the same turn are released together, with one ACK", async () => {
+  const { disk, resolve } = fakeDisk(4);
+  const c = collector();
+  const r = new RefReassembler({
+    resolveRef: (block, hash) => Promise.resolve(resolve(block, hash)),
+    windowBytes: 1 << 20,
+    emit: c.emit,
+  });
+  const messages: Message[] = [];
+  for (let refId = 1; refId <= 50; refId++) messages.push(ref(refId, refId % 4, disk[refId % 4] as Buffer));
+  c.take(r.push(messages));
+  assert.deepEqual(c.toQemu, [], "nothing before the reads settle");
+  await until(() => c.emits > 0);
+  assert.equal(c.emits, 1);
+  assert.deepEqual(c.toSend, [{ type: MSG.ACK, refId: 50 }]);
+  assert.equal(Buffer.concat(c.toQemu).length, 50 * (8 + PAGE_BYTES));
+});
+
+test("REF_FS: resolved through resolveRefFs in link order beside REF; without it, a REF_FS fails the link", () => {
+  const { disk, resolve } = fakeDisk(4);
+  const fsPage = randomBytes(PAGE_BYTES);
+  const uuid = Buffer.alloc(16, 0xab);
+  const seen: { filesystem: string; blockNumber: number }[] = [];
+  const r = new RefReassembler({
+    resolveRef: resolve,
+    resolveRefFs: (m) => {
+      seen.push({ filesystem: m.filesystem.toString("hex"), blockNumber: m.blockNumber });
+      return m.filesystem.equals(uuid) && sha256(fsPage).equals(m.hash) ? Buffer.from(fsPage) : null;
+    },
+    windowBytes: 1 << 20,
+  });
+  const page0 = disk[0] as Buffer;
+  const refFs = (refId: number, hash: Buffer): Message => ({
+    type: MSG.REF_FS,
+    refId,
+    filesystem: uuid,
+    blockNumber: 16,
+    hash,
+    pageHeader: headerOf(refId),
+  });
+  const out = r.push([
+    data("a"),
+    ref(1, 0, page0),
+    refFs(2, sha256(fsPage)),
+    data("b"),
+    refFs(3, sha256(page0)),
+  ]);
+  assert.deepEqual(seen, [
+    { filesystem: uuid.toString("hex"), blockNumber: 16 },
+    { filesystem: uuid.toString("hex"), blockNumber: 16 },
+  ]);
+  assert.ok(
+    text(out).equals(
+      Buffer.concat([Buffer.from("a"), headerOf(1), page0, headerOf(2), fsPage, Buffer.from("b")]),
+    ),
+  );
+  assert.deepEqual(out.toSend, [
+    { type: MSG.NACK, refId: 3, reason: NACK_REASON.UNVERIFIED },
+    { type: MSG.ACK, refId: 2 },
+  ]);
+  const without = new RefReassembler({ resolveRef: resolve, windowBytes: 1 << 20 });
+  expectLinkError(() => without.push([refFs(1, sha256(fsPage))]), "unexpected-message");
+});

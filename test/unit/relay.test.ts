@@ -12,6 +12,8 @@ import { join } from "node:path";
 import { type TestContext, test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
 import {
+  type ChannelCodec,
+  type CodecOutlet,
   type MainChannelProcessor,
   MULTIFD_MAGIC,
   Relay,
@@ -439,4 +441,81 @@ test("close() before any connection: done resolves, the port is released", { tim
   const late = connect({ host: HOST, port: relay.address.port });
   const [error] = (await once(late, "error")) as [NodeJS.ErrnoException];
   assert.equal(error.code, "ECONNREFUSED");
+});
+
+/**
+ * A codec whose output comes later, through the outlet (as receive's does when disk reads settle): each chunk is
+ * passed on from a microtask after fromSource returned, in order; the end after the last chunk.
+ */
+function laterCodec(calls: { closed: number; emits: number }): ChannelCodec {
+  let outlet: CodecOutlet | undefined;
+  const later = (output: Parameters<CodecOutlet["emit"]>[0]) =>
+    queueMicrotask(() => {
+      calls.emits++;
+      outlet?.emit(output);
+    });
+  return {
+    attach: (o) => {
+      outlet = o;
+    },
+    fromSource: (chunk) => {
+      later({ toUpstream: [Buffer.from(chunk)] });
+      return {};
+    },
+    sourceEnded: () => {
+      later({ endUpstream: true });
+      return {};
+    },
+    fromUpstream: (chunk) => ({ toSource: [chunk] }),
+    upstreamEnded: () => ({ endSource: true }),
+    closed: () => {
+      calls.closed++;
+    },
+  };
+}
+
+test("a codec's later output (outlet.emit) is written in order, with the same backpressure; closed() is called", {
+  timeout,
+}, async (t) => {
+  const maxBufferedBytes = MiB;
+  const data = randomBytes(48 * MiB);
+  const received: Buffer[] = [];
+  const destination = await fakeDestination(
+    t,
+    (socket) => {
+      socket.on("data", (chunk: Buffer) => received.push(chunk));
+      socket.on("end", () => socket.end());
+    },
+    { pauseOnConnect: true }, // reads nothing until resumed
+  );
+  const calls = { closed: 0, emits: 0 };
+  const relay = await startRelay(t, destination.port, {
+    maxBufferedBytes,
+    createChannelCodec: () => laterCodec(calls),
+  });
+  const src = await source(t, relay);
+  let finished = false;
+  const sending = send(src, data).then(() => {
+    src.end();
+    finished = true;
+  });
+  await sleep(1000);
+  assert.equal(
+    finished,
+    false,
+    "a destination that does not read stalls the source through emitted output too",
+  );
+  const stats = relay.bufferStats();
+  assert.ok(
+    stats.peakDirectionBytes >= maxBufferedBytes,
+    "emitted output filled the buffer, then paused the source",
+  );
+  destination.sockets[0]?.resume();
+  await sending;
+  await waitFor("the destination's EOF", () => destination.sockets[0]?.readableEnded ?? false, 10000);
+  assert.ok(Buffer.concat(received).equals(data), "every byte, in order");
+  const report = await relay.done;
+  assert.equal(report.error, undefined);
+  assert.equal(calls.closed, 1);
+  assert.ok(calls.emits > 1);
 });
