@@ -366,7 +366,7 @@ program
           ...(opts.capture ? { capturePath: opts.capture } : {}),
           ...(link ? { link } : {}),
           ...(opts.disk ? { disk: opts.disk } : {}),
-          contentIndex: opts.diskIndex ?? false,
+          ...(opts.diskIndex ? { cacheRefSources: "locator+index" as const } : {}),
           guardSwitchover: opts.switchoverGuard,
           log,
         });

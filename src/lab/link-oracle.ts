@@ -7,7 +7,7 @@ import { randomBytes } from "node:crypto";
 import { join } from "node:path";
 import { type ReceiveReport, startReceive } from "../migrate/link-receive.ts";
 import { openReceiveDisks } from "../migrate/receive-disks.ts";
-import { type SendReport, startSend } from "../migrate/send.ts";
+import { type CacheRefSources, type SendReport, startSend } from "../migrate/send.ts";
 import {
   LOOPBACK_PARAMETERS,
   type MigrationOptions,
@@ -41,6 +41,14 @@ export async function migrateThroughLink(
     receiveDisk?: string;
     /** Capabilities and parameters the destination needs as well (multifd, its channels). */
     incoming?: Pick<MigrationOptions, "capabilities" | "parameters">;
+    /**
+     * Where send finds cache pages (send.ts CacheRefSources). Default "locator" on the shared raw image; with
+     * `disksFromQemu`, send gives no image and reads the source QEMU's disks through its own NBD exports.
+     */
+    cacheRefSources?: CacheRefSources;
+    disksFromQemu?: boolean;
+    /** More disks receive reads besides the shared data disk (e.g. a second data disk), as `receive --disk`. */
+    receiveDisks?: string[];
     /** send's and receive's log lines, prefixed "send: " and "receive: ". */
     log?: (line: string) => void;
   } = {},
@@ -49,7 +57,7 @@ export async function migrateThroughLink(
   const psk = randomBytes(32);
   const dst = await pair.startDestination({ paused: true });
   const dstUri = await prepareIncoming(dst.monitor, { incomingUri: "tcp:127.0.0.1:0", ...options.incoming });
-  const disks = await openReceiveDisks([options.receiveDisk ?? disk]);
+  const disks = await openReceiveDisks([options.receiveDisk ?? disk, ...(options.receiveDisks ?? [])]);
   const receive = await startReceive({
     listen: { host: "127.0.0.1", port: 0 },
     to: tcpAddress(dstUri),
@@ -66,10 +74,10 @@ export async function migrateThroughLink(
       drop: ["free", "cache"],
       guest: { qmp: { client: qmp, path: pair.src.toolQmpPath } },
       link: { psk },
-      disk,
+      ...(options.disksFromQemu ? {} : { disk }),
+      ...(options.cacheRefSources ? { cacheRefSources: options.cacheRefSources } : {}),
       ...(options.log ? { log: (line: string) => options.log?.(`send: ${line}`) } : {}),
     });
-    qmp.close();
     try {
       const [result] = await Promise.all([
         runMigration(pair.src.monitor, `tcp:127.0.0.1:${send.address.port}`, {

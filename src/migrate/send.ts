@@ -9,10 +9,11 @@ import { MIGRATION_ID_BYTES } from "../link/protocol.ts";
 import { MultifdPruningProcessor, summarizeMultifd } from "../prune/multifd-processor.ts";
 import { IntrospectionJudge, type PageJudge } from "../prune/page-judge.ts";
 import { type PruneReport, PruningProcessor } from "../prune/pruning-processor.ts";
+import type { QmpClient } from "../qemu/qmp.ts";
 import { RawFileDevice } from "../storage/block-device.ts";
 import { type CacheReferenceStats, CacheReferences } from "../storage/cache-references.ts";
 import { DiskIndex } from "../storage/disk-index.ts";
-import { PageLocator } from "../storage/page-locator.ts";
+import { type LocatorDisk, PageLocator } from "../storage/page-locator.ts";
 import { CountingProcessor } from "../stream/counting-processor.ts";
 import { Relay, type RelayReport } from "../stream/relay.ts";
 import type { StreamSummaryJson } from "../stream/summary.ts";
@@ -29,6 +30,7 @@ import { type GuestJudgeOptions, openGuestJudge } from "./guest-judge.ts";
 import { LinkRateMeter } from "./link-rate.ts";
 import { LinkSendCodec } from "./link-send.ts";
 import { multifdZeroListVerdict } from "./multifd-zero-list.ts";
+import { exportSourceDisks } from "./source-disks.ts";
 import { SwitchoverGuard, type SwitchoverGuardReport } from "./switchover-guard.ts";
 
 /** Categories `send` can drop on its own (a plain QEMU destination rebuilds nothing). */
@@ -79,8 +81,12 @@ export interface SendOptions {
    * of the whole image) is built only when the locator cannot run (a guest without BTF) or `contentIndex` asks.
    */
   disk?: string;
-  /** Build the content index of `disk` even when the locator runs, for the pages it cannot place. */
-  contentIndex?: boolean;
+  /**
+   * How clean cache pages are found on the disks: "locator" (default; the content index of `disk` only when the
+   * locator cannot run), "locator+index" (the index too, for the pages the locator cannot place), "index" (the
+   * content index alone: D3's way, for comparisons).
+   */
+  cacheRefSources?: CacheRefSources;
   /**
    * Tell the source QEMU the link's measured rate for its switchover decision (switchover-guard.ts), through
    * `guest.qmp`, while pruning. Default true; without it QEMU judges by the rate it writes into the relay.
@@ -134,6 +140,8 @@ async function zeroListVerdict(
   return verdict;
 }
 
+export type CacheRefSources = "locator" | "locator+index" | "index";
+
 interface PreparedCacheReferences {
   references: CacheReferences;
   index: DiskIndex | undefined;
@@ -149,44 +157,57 @@ interface PreparedCacheReferences {
  * asked. Preparing the locator reads a few superblocks, not the disk.
  */
 async function prepareCacheReferences(
-  disk: string,
+  disks: { path: string } | { qmp: QmpClient },
   judge: PageJudge | undefined,
-  contentIndex: boolean,
+  sources: CacheRefSources,
   log: (line: string) => void,
 ): Promise<PreparedCacheReferences> {
   const started = performance.now();
   let locator: PageLocator | undefined;
-  let device: RawFileDevice | undefined;
+  let opened: { disks: LocatorDisk[]; close(): Promise<void> } | undefined;
   let locatorDescription: string;
   const guest = judge instanceof IntrospectionJudge ? judge.guest : undefined;
-  if (!guest) locatorDescription = "off: guest introspection is unavailable";
+  if (sources === "index") locatorDescription = "off: the content index alone was asked for";
+  else if (!guest) locatorDescription = "off: guest introspection is unavailable";
   else if (!guest.types) locatorDescription = `off: the guest kernel's types are unknown (${guest.btf})`;
   else {
-    device = await RawFileDevice.open(disk);
-    locator = await PageLocator.open({
-      kernel: guest.kernel,
-      types: guest.types,
-      layout: guest.layout,
-      disks: [{ id: disk, device }],
-    });
-    const found = [...locator.filesystems].map(([uuid, p]) =>
-      p ? `${p.fs.type} ${uuid} (${p.fs.where})` : `${uuid} (ambiguous)`,
-    );
-    if (found.length === 0) {
-      locatorDescription = `off: no filesystem it reads on ${disk}`;
+    try {
+      opened = "path" in disks ? await openRawDisk(disks.path) : await exportSourceDisks(disks.qmp, log);
+      locator = await PageLocator.open({
+        kernel: guest.kernel,
+        types: guest.types,
+        layout: guest.layout,
+        disks: opened.disks,
+      });
+      const found = [...locator.filesystems].map(([uuid, p]) =>
+        p ? `${p.fs.type} ${uuid} on ${p.disk.id} (${p.fs.where})` : `${uuid} (on several disks: not used)`,
+      );
+      if (found.length === 0) {
+        locatorDescription = `off: no filesystem it reads on ${opened.disks.map((d) => d.id).join(", ") || "no disk"}`;
+        locator = undefined;
+      } else locatorDescription = `on: ${found.join(", ")}`;
+    } catch (error) {
       locator = undefined;
-    } else locatorDescription = `on: ${found.join(", ")}`;
+      locatorDescription = `off: the disks could not be read (${error instanceof Error ? error.message : String(error)})`;
+    }
   }
   log(`cache page locator ${locatorDescription}`);
   let index: DiskIndex | undefined;
   let indexBuildMs = 0;
-  if (!locator || contentIndex) {
+  const disk = "path" in disks ? disks.path : undefined;
+  if (disk && (!locator || sources !== "locator")) {
     const indexStarted = performance.now();
     // receive verifies every reference (SHA-256 of the block it reads): no need to read lone candidates here.
     index = await DiskIndex.build(disk, { trustLoneCandidate: true });
     indexBuildMs = performance.now() - indexStarted;
     log(
       `indexed ${disk}: ${index.entries} blocks in ${indexBuildMs.toFixed(0)} ms (${index.alignmentBytes}-byte alignment)`,
+    );
+  }
+  if (!locator && !index) {
+    await opened?.close();
+    throw new Error(
+      `--drop cache: no way to find cache pages on the shared disks (locator ${locatorDescription}; the content index needs --disk IMAGE, a raw image)`,
     );
   }
   const references = new CacheReferences({
@@ -201,9 +222,15 @@ async function prepareCacheReferences(
     prepareMs: performance.now() - started,
     close: async () => {
       await index?.close();
-      await device?.close();
+      await opened?.close();
     },
   };
+}
+
+/** A raw image file as the locator's one disk. */
+async function openRawDisk(path: string): Promise<{ disks: LocatorDisk[]; close(): Promise<void> }> {
+  const device = await RawFileDevice.open(path);
+  return { disks: [{ id: path, device }], close: () => device.close() };
 }
 
 export async function startSend(options: SendOptions): Promise<RunningSend> {
@@ -217,13 +244,17 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
           ? `--drop ${category}: only ${droppable.join(", ")} can be dropped`
           : `--drop ${category}: a plain QEMU destination cannot rebuild ${category} pages (that needs vmprune receive and the shared disk); only ${droppable.join(", ")} can be dropped here`,
       );
-  if (drop.includes("cache") && !options.disk)
-    throw new Error("--drop cache needs the shared disk image (--disk)");
+  if (drop.includes("cache") && !options.disk && !options.guest?.qmp)
+    throw new Error(
+      "--drop cache needs the shared disks: the source QEMU's QMP socket (its disks are read through QEMU), or --disk IMAGE",
+    );
   const opened = drop.length > 0 ? await openGuestJudge({ ...options.guest, log }) : null;
   const judge = opened && typeof opened.judge !== "string" ? opened.judge : undefined;
+  const qmp = options.guest?.qmp?.client;
+  const disks = options.disk ? { path: options.disk } : qmp ? { qmp } : undefined;
   const cache =
-    drop.includes("cache") && options.disk
-      ? await prepareCacheReferences(options.disk, judge, options.contentIndex ?? false, log)
+    drop.includes("cache") && disks
+      ? await prepareCacheReferences(disks, judge, options.cacheRefSources ?? "locator", log)
       : undefined;
   const index = cache?.index;
   const newPruner = (judgeOrReason: PageJudge | string) =>

@@ -14,6 +14,8 @@ import type { LocateMissReason, PageLocator } from "./page-locator.ts";
 export interface CacheReferenceStats {
   /** Pages the locator placed (sent as REF_FS). */
   located: number;
+  /** The same, by filesystem UUID (hex). */
+  locatedByFilesystem: Record<string, number>;
   /** Pages the locator could not place, by reason. */
   notLocated: Partial<Record<LocateMissReason, number>>;
   /** Pages the locator could not place that the content index found (sent as REF). */
@@ -27,6 +29,7 @@ export interface CacheReferenceStats {
 export class CacheReferences implements CacheIndex {
   readonly #stats: CacheReferenceStats = {
     located: 0,
+    locatedByFilesystem: {},
     notLocated: {},
     indexHits: 0,
     notFound: 0,
@@ -50,6 +53,8 @@ export class CacheReferences implements CacheIndex {
       const where = locator.locate(pfn);
       if (where.ok) {
         this.#stats.located++;
+        const byFs = this.#stats.locatedByFilesystem;
+        byFs[where.filesystem] = (byFs[where.filesystem] ?? 0) + 1;
         return {
           target: {
             kind: "filesystem",
@@ -73,6 +78,10 @@ export class CacheReferences implements CacheIndex {
   }
 
   stats(): CacheReferenceStats {
-    return { ...this.#stats, notLocated: { ...this.#stats.notLocated } };
+    return {
+      ...this.#stats,
+      locatedByFilesystem: { ...this.#stats.locatedByFilesystem },
+      notLocated: { ...this.#stats.notLocated },
+    };
   }
 }
