@@ -19,7 +19,7 @@ import { startReceive } from "../migrate/link-receive.ts";
 import { migrate } from "../migrate/migrate.ts";
 import { openReceiveDisks } from "../migrate/receive-disks.ts";
 import { DEFAULT_MAX_MIGRATIONS, ReceiveService } from "../migrate/receive-service.ts";
-import { startSend } from "../migrate/send.ts";
+import { CACHE_REF_SOURCES, type CacheRefSources, startSend } from "../migrate/send.ts";
 import { QmpClient } from "../qemu/qmp.ts";
 import { reportJson, vmpruneVersion, withOrigin } from "../report/version.ts";
 import type { BlockReader } from "../storage/block-reader.ts";
@@ -301,8 +301,13 @@ program
     "the shared raw disk image: clean cache pages found on it (from the guest kernel's own metadata) go as references",
   )
   .option(
-    "--disk-index",
-    "also index the whole disk image by content before the migration (D3's sampled fingerprints), for cache pages the guest's metadata cannot place; without BTF in the guest the index is used anyway",
+    "--cache-refs <how>",
+    "how clean cache pages are found on the shared disks: locator (default: from the guest kernel's metadata, reading almost nothing of the disks; the content index of --disk only when the guest has no BTF), locator+index (also index the whole --disk image by content before the migration, for what the locator cannot place), index (the content index alone, as D3)",
+    (value: string) => {
+      if (!(CACHE_REF_SOURCES as readonly string[]).includes(value))
+        throw new InvalidArgumentError(`give one of ${CACHE_REF_SOURCES.join(", ")}`);
+      return value as CacheRefSources;
+    },
   )
   .option("--capture <file>", "also write the main channel's stream, as received, to this file")
   .option(
@@ -332,7 +337,7 @@ program
       insecurePlaintext?: boolean;
       target?: string;
       disk?: string;
-      diskIndex?: boolean;
+      cacheRefs?: CacheRefSources;
       json?: boolean;
     }) => {
       const link = await linkOptions(opts, "send");
@@ -366,7 +371,7 @@ program
           ...(opts.capture ? { capturePath: opts.capture } : {}),
           ...(link ? { link } : {}),
           ...(opts.disk ? { disk: opts.disk } : {}),
-          ...(opts.diskIndex ? { cacheRefSources: "locator+index" as const } : {}),
+          ...(opts.cacheRefs ? { cacheRefSources: opts.cacheRefs } : {}),
           guardSwitchover: opts.switchoverGuard,
           log,
         });

@@ -55,7 +55,12 @@ export interface LabVmOptions {
    * backing file (the guest's writes land in the overlay); `second` adds a second ext4 data disk (its own
    * filesystem UUID, files made like the first's; the guest mounts it with {@link mountSecondDisk}).
    */
-  storage?: { format?: "raw" | "qcow2"; second?: boolean };
+  storage?: {
+    format?: "raw" | "qcow2";
+    second?: boolean;
+    /** The data disk made for this pair with this layout (a sparse image of its size) instead of the lab's. */
+    dataLayout?: DataDiskLayout;
+  };
 }
 
 /** The second data disk: smaller than the first, same kind of files (data-disk.ts). */
@@ -129,7 +134,9 @@ export class LabPair {
     trackPath(diskDir);
     let src: Vm | undefined;
     try {
-      await copyFile(image.dataDisk, join(diskDir, "data.img"));
+      if (options.storage?.dataLayout)
+        await buildDataDisk(image.programs.vmwork, join(diskDir, "data.img"), options.storage.dataLayout);
+      else await copyFile(image.dataDisk, join(diskDir, "data.img"));
       if (options.storage?.format === "qcow2")
         await run("qemu-img", [
           ...["create", "-q", "-f", "qcow2", "-b", join(diskDir, "data.img"), "-F", "raw"],

@@ -140,7 +140,8 @@ async function zeroListVerdict(
   return verdict;
 }
 
-export type CacheRefSources = "locator" | "locator+index" | "index";
+export const CACHE_REF_SOURCES = ["locator", "locator+index", "index"] as const;
+export type CacheRefSources = (typeof CACHE_REF_SOURCES)[number];
 
 interface PreparedCacheReferences {
   references: CacheReferences;

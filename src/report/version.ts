@@ -20,14 +20,18 @@ export function vmpruneVersion(): string {
   return version;
 }
 
-/** What heads every JSON report. */
+/** What heads every JSON report: the version, and the process's peak resident memory so far (its high-water mark). */
 export interface ReportOrigin {
-  vmprune: { version: string };
+  vmprune: { version: string; peakRssBytes: number };
 }
 
 /** `report` with the vmprune that wrote it as its first key. */
 export function withOrigin<T extends object>(report: T): ReportOrigin & T {
-  return { vmprune: { version: vmpruneVersion() }, ...report };
+  // resourceUsage().maxRSS is in KiB (getrusage ru_maxrss on Linux).
+  return {
+    vmprune: { version: vmpruneVersion(), peakRssBytes: process.resourceUsage().maxRSS * 1024 },
+    ...report,
+  };
 }
 
 /** A report as the CLI prints it for --json: indented, headed by its origin, one trailing newline. */

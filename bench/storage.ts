@@ -1,0 +1,159 @@
+/**
+ * Shared storage at the sizes operators have: what `vmprune send --drop free,cache` costs before a migration and
+ * in memory, and how many clean cache pages it places on the disk, with the page locator (the guest kernel's own
+ * metadata, storage/page-locator.ts) against the content index (D3's sampled fingerprints over the whole image,
+ * storage/disk-index.ts). Not a test.
+ *
+ *   npm run bench:storage -- [--sizes 1,16,64] [--json]
+ *
+ * For each size: a sparse raw data disk of that many GiB holding 19 files of 16 MiB (304 MiB, made by mkfs.ext4
+ * -d), a 768 MiB lab guest (kernel 6.12, QEMU 10.0, 1 vCPU) that reads all of them (clean page cache), then two
+ * live migrations on loopback through real `vmprune send` and `vmprune receive` processes (the CLI, as operators
+ * run it): `--cache-refs locator`, then `--cache-refs index` from the first one's destination. Per row:
+ *   prepare     send's preparation of the cache references (report cacheRefs.prepareMs: superblocks for the
+ *               locator; the whole image read for the index);
+ *   send RSS    send's peak resident memory (its report's vmprune.peakRssBytes, getrusage), and receive's;
+ *   placed      references sent / clean cache pages judged (prune report), the share each way places;
+ *   total       QEMU's total migration time.
+ * The guest's own page cache is what both read, so the placed share compares the two on the same pages.
+ */
+import { randomBytes } from "node:crypto";
+import { writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { parseArgs } from "node:util";
+import { dataFilePaths } from "../src/lab/data-disk.ts";
+import { LabPair } from "../src/lab/lab-vm.ts";
+import { SendProcess } from "../src/lab/send-process.ts";
+import { workload } from "../src/lab/workloads.ts";
+import type { SendReport } from "../src/migrate/send.ts";
+import { prepareIncoming, runMigration } from "../src/qemu/migration.ts";
+import { REPORT_WIDTH, table, wrap } from "../src/report/table.ts";
+import { requireSetup } from "./common.ts";
+
+const MIB = 1024 * 1024;
+const FILES = 19;
+const FILE_MIB = 16;
+
+const { values } = parseArgs({
+  options: { sizes: { type: "string", default: "1,16,64" }, json: { type: "boolean", default: false } },
+});
+const sizes = values.sizes.split(",").map(Number);
+if (sizes.some((s) => !Number.isInteger(s) || s < 1)) throw new Error("--sizes: GiB, e.g. 1,16,64");
+requireSetup("bench:storage", { guests: ["6.12"], qemu: ["10.0"], commands: ["mkfs.ext4"] });
+
+interface Row {
+  sizeGiB: number;
+  mode: "locator" | "index";
+  prepareMs: number;
+  sendPeakRssMB: number;
+  receivePeakRssMB: number;
+  refs: number;
+  cachePages: number;
+  placedShare: number;
+  notLocated: Record<string, number>;
+  totalMs: number;
+  indexEntries: number | null;
+}
+
+type Reported = SendReport & { vmprune: { peakRssBytes: number } };
+
+async function migrateOnce(pair: LabPair, key: string, mode: Row["mode"], sizeGiB: number): Promise<Row> {
+  const disk = join(pair.diskDir, "data.img");
+  const dst = await pair.startDestination();
+  const dstUri = await prepareIncoming(dst.monitor, { incomingUri: "tcp:127.0.0.1:0" });
+  const receive = await SendProcess.start({
+    command: "receive",
+    to: dstUri,
+    extraArgs: ["--link-key", key, "--disk", disk],
+  });
+  const send = await SendProcess.start({
+    to: `${receive.listen.host}:${receive.listen.port}`,
+    extraArgs: [
+      ...["--drop", "free,cache", "--qmp", pair.src.toolQmpPath, "--link-key", key],
+      ...["--disk", disk, "--cache-refs", mode],
+    ],
+  });
+  try {
+    const result = await runMigration(pair.src.monitor, send.uri, { timeoutMs: 600_000 });
+    const [sent, received] = await Promise.all([send.wait(120_000), receive.wait(120_000)]);
+    const report = sent.report as Reported | null;
+    if (!report?.cacheRefs || !report.prune) throw new Error(`send printed no report: ${sent.stderr}`);
+    const receiveReport = JSON.parse(received.stdout) as { vmprune: { peakRssBytes: number } };
+    const refs = report.prune.refs;
+    const cachePages = report.prune.pages.byCategory.cache ?? 0;
+    await pair.promoteDestination();
+    return {
+      sizeGiB,
+      mode,
+      prepareMs: report.cacheRefs.prepareMs,
+      sendPeakRssMB: report.vmprune.peakRssBytes / MIB,
+      receivePeakRssMB: receiveReport.vmprune.peakRssBytes / MIB,
+      refs,
+      cachePages,
+      placedShare: cachePages > 0 ? refs / cachePages : 0,
+      notLocated: report.cacheRefs.notLocated as Record<string, number>,
+      totalMs: result.info["total-time"] ?? 0,
+      indexEntries: report.diskIndex?.entries ?? null,
+    };
+  } finally {
+    await send.stop();
+    await receive.stop();
+  }
+}
+
+const rows: Row[] = [];
+for (const sizeGiB of sizes) {
+  process.stderr.write(`bench:storage: ${sizeGiB} GiB data disk (${FILES} x ${FILE_MIB} MiB files)\n`);
+  const pair = await LabPair.boot({
+    kernel: "6.12",
+    qemu: "10.0",
+    memoryMiB: 768,
+    storage: { dataLayout: { fileCount: FILES, fileSizeMiB: FILE_MIB, imageSizeMiB: sizeGiB * 1024 } },
+  });
+  try {
+    const key = join(pair.diskDir, "link.key");
+    await writeFile(key, randomBytes(32));
+    await pair.src.agent.run(
+      workload.fillCache(dataFilePaths({ fileCount: FILES, fileSizeMiB: FILE_MIB, imageSizeMiB: 0 })),
+      300_000,
+    );
+    for (const mode of ["locator", "index"] as const) {
+      const row = await migrateOnce(pair, key, mode, sizeGiB);
+      process.stderr.write(`  ${mode}: ${JSON.stringify(row)}\n`);
+      rows.push(row);
+    }
+  } finally {
+    await pair.stop();
+  }
+}
+
+if (values.json) process.stdout.write(`${JSON.stringify(rows, null, 2)}\n`);
+else {
+  const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
+  process.stdout.write(
+    `${table(
+      [
+        "disk",
+        "cache refs by",
+        "prepare",
+        "send peak RSS",
+        "receive peak RSS",
+        "placed / clean cache",
+        "migration",
+      ],
+      rows.map((r) => [
+        `${r.sizeGiB} GiB`,
+        r.mode === "index" ? `index (${r.indexEntries} blocks)` : "locator",
+        `${r.prepareMs} ms`,
+        `${r.sendPeakRssMB.toFixed(0)} MB`,
+        `${r.receivePeakRssMB.toFixed(0)} MB`,
+        `${r.refs} / ${r.cachePages} (${pct(r.placedShare)})`,
+        `${(r.totalMs / 1000).toFixed(1)} s`,
+      ]),
+    )}\n`,
+  );
+  const misses = rows
+    .filter((r) => r.mode === "locator")
+    .map((r) => `${r.sizeGiB} GiB: ${JSON.stringify(r.notLocated)}`);
+  process.stdout.write(`${wrap(`not located, by reason: ${misses.join("; ")}`, REPORT_WIDTH).join("\n")}\n`);
+}
