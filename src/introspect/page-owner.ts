@@ -35,6 +35,15 @@ const MAX_PAGECACHE_ORDER = 9;
 const FS_TYPE_NAME_MAX = 32;
 /** How long (ms) cached super_block facts are trusted before s_uuid/s_type are read again. */
 const SUPER_BLOCK_RECHECK_MS = 100;
+/**
+ * How long (ms) an inode's bytes (i_mapping, i_size, ext4's i_data...) read for one page serve the next pages of
+ * the same file: pages of a file come in runs, and one read per page was most of the locator's cost. An inode
+ * freed and reused within this time could name another file's blocks: the receiver's hash check NACKs such a
+ * reference (a full page instead), it never rebuilds a wrong page.
+ */
+const INODE_RECHECK_MS = 50;
+/** Inodes whose bytes are kept at once (a cache, cleared when full). */
+const MAX_CACHED_INODES = 4096;
 
 export type PageOwnerMiss =
   /** The PFN has no struct page (a hole in the memmap) or it cannot be read. */
@@ -114,7 +123,7 @@ export class PageOwnerReader {
   private readonly off = new Map<Member, number>();
   private readonly inodeWindow: { start: number; length: number };
   private readonly pageBytes: Buffer;
-  private readonly inodeBytes: Buffer;
+  private readonly inodes = new Map<bigint, { bytes: Buffer; readAt: number }>();
   private readonly word = Buffer.alloc(8);
   private readonly hosts = new Map<bigint, bigint>();
   private readonly superBlocks = new Map<bigint, { facts: SuperBlockFacts | null; checkedAt: number }>();
@@ -150,7 +159,6 @@ export class PageOwnerReader {
     const start = Math.min(around.start, ...starts);
     this.inodeWindow = { start, length: Math.max(around.end, Math.max(...starts) + 8) - start };
     this.pageBytes = Buffer.alloc(2 * layout.structPageSize);
-    this.inodeBytes = Buffer.alloc(this.inodeWindow.length);
     const flagBit = (name: keyof PageOwnerReader["bit"]) => {
       const n = layout.flags[name];
       return n === undefined ? 0 : 2 ** n;
@@ -218,13 +226,13 @@ export class PageOwnerReader {
     const inode = this.hostOf(mapping);
     if (inode === null) return { ok: false, reason: "bad-kernel-object" };
     const w = this.inodeWindow;
-    if (!this.kernel.addressSpace.tryReadVirt((inode + BigInt(w.start)) & MASK64, this.inodeBytes))
-      return { ok: false, reason: "bad-kernel-object" };
+    const bytes = this.inodeBytesOf(inode);
+    if (!bytes) return { ok: false, reason: "bad-kernel-object" };
     const field = (m: Member) => this.need(m) - w.start;
-    const bytes = this.inodeBytes;
     // The inode must still own this mapping: a freed and reused inode would name another file.
     if (bytes.readBigUInt64LE(field("inode.i_mapping")) !== mapping) {
       this.hosts.delete(mapping);
+      this.inodes.delete(inode);
       return { ok: false, reason: "bad-kernel-object" };
     }
     const sizeBytes = bytes.readBigInt64LE(field("inode.i_size"));
@@ -262,10 +270,27 @@ export class PageOwnerReader {
     return this.kernel.addressSpace.tryReadVirt(va & MASK64, out, 0, length) ? out : null;
   }
 
-  /** Forgets cached super_blocks and mapping hosts (after a guest change the caller knows of). */
+  /** Forgets cached super_blocks, inodes and mapping hosts (after a guest change the caller knows of). */
   forget(): void {
     this.hosts.clear();
     this.superBlocks.clear();
+    this.inodes.clear();
+  }
+
+  /** The inode's window of bytes (see INODE_RECHECK_MS), or null if it cannot be read. */
+  private inodeBytesOf(inode: bigint): Buffer | null {
+    const now = performance.now();
+    const cached = this.inodes.get(inode);
+    if (cached && now - cached.readAt < INODE_RECHECK_MS) return cached.bytes;
+    const w = this.inodeWindow;
+    const bytes = cached?.bytes ?? Buffer.alloc(w.length);
+    if (!this.kernel.addressSpace.tryReadVirt((inode + BigInt(w.start)) & MASK64, bytes)) {
+      this.inodes.delete(inode);
+      return null;
+    }
+    if (!cached && this.inodes.size >= MAX_CACHED_INODES) this.inodes.clear();
+    this.inodes.set(inode, { bytes, readAt: now });
+    return bytes;
   }
 
   private need(member: Member): number {
