@@ -79,6 +79,8 @@ async function migrateOnce(pair: LabPair, key: string, mode: Row["mode"], sizeGi
       ...["--disk", disk, "--cache-refs", mode],
     ],
     built: true,
+    // The content index reads the whole image before send listens.
+    startTimeoutMs: 900_000,
   });
   try {
     const result = await runMigration(pair.src.monitor, send.uri, { timeoutMs: 600_000 });

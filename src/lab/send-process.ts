@@ -81,6 +81,8 @@ export class SendProcess {
      * tsx: what a benchmark of memory must measure (tsx adds ~35 MB to every process).
      */
     built?: boolean;
+    /** How long it may take to listen (default 30 s; send builds a content index before it listens). */
+    startTimeoutMs?: number;
   }): Promise<SendProcess> {
     const command = options.command ?? "send";
     const args = options.built
@@ -126,7 +128,7 @@ export class SendProcess {
         resolve({ code, signal, report, stderr, stdout });
       }),
     );
-    const timeout = setTimeout(() => child.kill("SIGKILL"), 30_000);
+    const timeout = setTimeout(() => child.kill("SIGKILL"), options.startTimeoutMs ?? 30_000);
     try {
       const listen = await listening;
       return new SendProcess(

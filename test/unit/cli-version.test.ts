@@ -36,7 +36,10 @@ test("a JSON report is headed by the vmprune that wrote it, its own fields uncha
   const parsed = JSON.parse(json) as { vmprune: { version: string; peakRssBytes: number } };
   const { peakRssBytes } = parsed.vmprune;
   // This process's high-water mark: at least what it holds now, and not absurd.
-  assert.ok(peakRssBytes >= process.memoryUsage().rss * 0.5 && peakRssBytes < 16 * 2 ** 30, String(peakRssBytes));
+  assert.ok(
+    peakRssBytes >= process.memoryUsage().rss * 0.5 && peakRssBytes < 16 * 2 ** 30,
+    String(peakRssBytes),
+  );
   assert.deepEqual(parsed, { vmprune: { version: vmpruneVersion(), peakRssBytes }, ...report });
   assert.deepEqual(Object.keys(withOrigin(report)), ["vmprune", "status", "totalTimeMs", "pages"]);
 });

@@ -431,7 +431,11 @@ test("page locator on a synthetic guest over real ext4 images: located bytes mat
   const bdevResult = locator.locate(bdevPfn);
   assert.ok(bdevResult.ok, JSON.stringify(bdevResult));
   assert.deepEqual(
-    { disk: bdevResult.disk, byteOffset: bdevResult.byteOffset, filesystemOffset: bdevResult.filesystemOffset },
+    {
+      disk: bdevResult.disk,
+      byteOffset: bdevResult.byteOffset,
+      filesystemOffset: bdevResult.filesystemOffset,
+    },
     { disk: "a", byteOffset: 0, filesystemOffset: 0 },
   );
   assert.deepEqual(locator.locate(bdevBuffers), { ok: false, reason: "bdev-buffers" });
