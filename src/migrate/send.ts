@@ -205,12 +205,10 @@ async function prepareCacheReferences(
       `indexed ${disk}: ${index.entries} blocks in ${indexBuildMs.toFixed(0)} ms (${index.alignmentBytes}-byte alignment)`,
     );
   }
-  if (!locator && !index) {
-    await opened?.close();
-    throw new Error(
-      `--drop cache: no way to find cache pages on the shared disks (locator ${locatorDescription}; the content index needs --disk IMAGE, a raw image)`,
+  if (!locator && !index)
+    log(
+      `vmprune send: cache pages will go whole: the locator is ${locatorDescription}, and the content index needs --disk IMAGE (a raw image)`,
     );
-  }
   const references = new CacheReferences({
     ...(locator ? { locator } : {}),
     ...(index ? { index } : {}),

@@ -36,17 +36,16 @@ export class CacheReferences implements CacheIndex {
     notAccepted: 0,
   };
 
-  constructor(private readonly sources: { locator?: PageLocator; index?: DiskIndex }) {
-    if (!sources.locator && !sources.index)
-      throw new Error("cache references need a page locator or a content index (or both)");
-  }
+  /** With neither source (the disks unreachable, no BTF and no raw image), every page goes whole, counted. */
+  constructor(private readonly sources: { locator?: PageLocator; index?: DiskIndex }) {}
 
   lookup(page: Buffer, pfn: number, accepted: RefsAccepted): { target: RefTarget; hash: Buffer } | null {
     const { locator, index } = this.sources;
     const useLocator = locator !== undefined && accepted.filesystem;
     const useIndex = index !== undefined && accepted.index;
     if (!useLocator && !useIndex) {
-      this.#stats.notAccepted++;
+      if (locator || index) this.#stats.notAccepted++;
+      else this.#stats.notFound++;
       return null;
     }
     if (useLocator && pfn >= 0) {
