@@ -42,6 +42,16 @@ const SUPER_BLOCK_RECHECK_MS = 100;
  * reference (a full page instead), it never rebuilds a wrong page.
  */
 const INODE_RECHECK_MS = 50;
+/**
+ * Struct pages read in one guest read, from the first one asked for: a file's cache pages arrive in runs of
+ * neighbouring frames (QEMU walks RAM in order), and one read per page was the locator's largest cost.
+ */
+const STRUCT_PAGE_RUN = 64;
+/**
+ * How long (ms) such a run serves: about one judged batch, whose struct pages the judge itself read at its start,
+ * so no staler than the judge's view. A page that changed within it costs a NACK at most (receive's hash check).
+ */
+const STRUCT_PAGE_FRESH_MS = 5;
 /** Inodes whose bytes are kept at once (a cache, cleared when full). */
 const MAX_CACHED_INODES = 4096;
 
@@ -123,6 +133,8 @@ export class PageOwnerReader {
   private readonly off = new Map<Member, number>();
   private readonly inodeWindow: { start: number; length: number };
   private readonly pageBytes: Buffer;
+  private readonly runBytes: Buffer;
+  private run: { first: number; count: number; readAt: number } | undefined;
   private readonly inodes = new Map<bigint, { bytes: Buffer; readAt: number }>();
   private readonly word = Buffer.alloc(8);
   private readonly hosts = new Map<bigint, bigint>();
@@ -159,6 +171,7 @@ export class PageOwnerReader {
     const start = Math.min(around.start, ...starts);
     this.inodeWindow = { start, length: Math.max(around.end, Math.max(...starts) + 8) - start };
     this.pageBytes = Buffer.alloc(2 * layout.structPageSize);
+    this.runBytes = Buffer.alloc(STRUCT_PAGE_RUN * layout.structPageSize);
     const flagBit = (name: keyof PageOwnerReader["bit"]) => {
       const n = layout.flags[name];
       return n === undefined ? 0 : 2 ** n;
@@ -183,9 +196,8 @@ export class PageOwnerReader {
   /** The owner of page frame `pfn`, or why it has none that the locator could use. */
   owner(pfn: number): PageOwnerResult {
     if (this.missingMembers.length > 0) return { ok: false, reason: "kernel-type-missing" };
-    const memmap = this.kernel.memmap;
     const buf = this.pageBytes;
-    if (!memmap.read(pfn, 1, buf)) return { ok: false, reason: "no-struct-page" };
+    if (!this.readStructPages(pfn, 1, buf)) return { ok: false, reason: "no-struct-page" };
     const offsets = this.layout.offsets;
     let headPfn = pfn;
     let flags = buf.readUInt32LE(offsets.flags);
@@ -198,7 +210,7 @@ export class PageOwnerReader {
       headPfn = head;
     }
     if (headPfn !== pfn || isHead) {
-      if (!memmap.read(headPfn, 2, buf)) return { ok: false, reason: "no-struct-page" };
+      if (!this.readStructPages(headPfn, 2, buf)) return { ok: false, reason: "no-struct-page" };
       flags = buf.readUInt32LE(offsets.flags);
       if ((flags & this.bit.head) === 0) {
         if (headPfn !== pfn) return { ok: false, reason: "bad-compound" };
@@ -272,9 +284,28 @@ export class PageOwnerReader {
 
   /** Forgets cached super_blocks, inodes and mapping hosts (after a guest change the caller knows of). */
   forget(): void {
+    this.run = undefined;
     this.hosts.clear();
     this.superBlocks.clear();
     this.inodes.clear();
+  }
+
+  /** `count` struct pages from `pfn` into `into`, from the current run if it holds them (STRUCT_PAGE_RUN). */
+  private readStructPages(pfn: number, count: number, into: Buffer): boolean {
+    const size = this.layout.structPageSize;
+    const now = performance.now();
+    const r = this.run;
+    const fresh = r !== undefined && now - r.readAt < STRUCT_PAGE_FRESH_MS;
+    if (!fresh || pfn < r.first || pfn + count > r.first + r.count) {
+      this.run = undefined;
+      // A run that crosses a hole in the memmap cannot be read whole: then just the pages asked for.
+      if (!this.kernel.memmap.read(pfn, STRUCT_PAGE_RUN, this.runBytes))
+        return this.kernel.memmap.read(pfn, count, into);
+      this.run = { first: pfn, count: STRUCT_PAGE_RUN, readAt: now };
+    }
+    const first = this.run?.first ?? pfn;
+    this.runBytes.copy(into, 0, (pfn - first) * size, (pfn - first + count) * size);
+    return true;
   }
 
   /** The inode's window of bytes (see INODE_RECHECK_MS), or null if it cannot be read. */

@@ -85,9 +85,12 @@ export class SendProcess {
     startTimeoutMs?: number;
   }): Promise<SendProcess> {
     const command = options.command ?? "send";
+    // VMPRUNE_PROFILE_DIR: each process writes a V8 CPU profile there (node --cpu-prof), for finding where time goes.
+    const profileDir = process.env.VMPRUNE_PROFILE_DIR;
+    const profile = profileDir ? ["--cpu-prof", `--cpu-prof-dir=${profileDir}`] : [];
     const args = options.built
-      ? [join(REPO_ROOT, "dist/cli/main.js"), command]
-      : ["--import", "tsx", join(REPO_ROOT, "src/cli/main.ts"), command];
+      ? [...profile, join(REPO_ROOT, "dist/cli/main.js"), command]
+      : [...profile, "--import", "tsx", join(REPO_ROOT, "src/cli/main.ts"), command];
     args.push("--listen", options.listen ?? "127.0.0.1:0", "--json");
     if (options.to !== undefined) args.push("--to", options.to.replace(/^tcp:/, ""));
     args.push(...(options.capture ? ["--capture", options.capture] : []), ...(options.extraArgs ?? []));
