@@ -205,7 +205,9 @@ export class LinkSendCodec implements ChannelCodec {
             : {
                 type: MSG.REF,
                 refId,
-                blockNumber: (this.options.blockOffset?.(target.block) ?? 0) / REF_SECTOR_BYTES,
+                blockNumber:
+                  (target.kind === "disk" ? target.offset : (this.options.blockOffset?.(target.block) ?? 0)) /
+                  REF_SECTOR_BYTES,
                 hash,
                 pageHeader,
               },

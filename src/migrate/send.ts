@@ -212,6 +212,7 @@ async function prepareCacheReferences(
   const references = new CacheReferences({
     ...(locator ? { locator } : {}),
     ...(index ? { index } : {}),
+    singleDisk: opened?.disks.length === 1,
   });
   return {
     references,

@@ -51,7 +51,9 @@ const REF_OVERHEAD_BYTES = FRAME_HEADER_BYTES + REF_FIXED_BYTES;
  */
 export type RefTarget =
   | { kind: "index"; block: number }
-  | { kind: "filesystem"; uuid: Buffer; offset: number };
+  | { kind: "filesystem"; uuid: Buffer; offset: number }
+  /** A byte offset on the shared disk itself (a locator result for a receiver that takes only REF). */
+  | { kind: "disk"; offset: number };
 
 /** Which references the receiver takes (link capabilities), or none (a plain QEMU destination). */
 export interface RefsAccepted {

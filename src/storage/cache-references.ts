@@ -37,11 +37,16 @@ export class CacheReferences implements CacheIndex {
   };
 
   /** With neither source (the disks unreachable, no BTF and no raw image), every page goes whole, counted. */
-  constructor(private readonly sources: { locator?: PageLocator; index?: DiskIndex }) {}
+  /**
+   * `singleDisk`: the locator reads one disk only, the one receive's first `--disk` is, so a located page can also
+   * go as a REF at its disk offset to a receiver that takes no REF_FS (link 1.1).
+   */
+  constructor(private readonly sources: { locator?: PageLocator; index?: DiskIndex; singleDisk?: boolean }) {}
 
   lookup(page: Buffer, pfn: number, accepted: RefsAccepted): { target: RefTarget; hash: Buffer } | null {
     const { locator, index } = this.sources;
-    const useLocator = locator !== undefined && accepted.filesystem;
+    const asDiskRef = !accepted.filesystem && accepted.index && this.sources.singleDisk === true;
+    const useLocator = locator !== undefined && (accepted.filesystem || asDiskRef);
     const useIndex = index !== undefined && accepted.index;
     if (!useLocator && !useIndex) {
       if (locator || index) this.#stats.notAccepted++;
@@ -55,11 +60,13 @@ export class CacheReferences implements CacheIndex {
         const byFs = this.#stats.locatedByFilesystem;
         byFs[where.filesystem] = (byFs[where.filesystem] ?? 0) + 1;
         return {
-          target: {
-            kind: "filesystem",
-            uuid: Buffer.from(where.filesystem, "hex"),
-            offset: where.filesystemOffset,
-          },
+          target: asDiskRef
+            ? { kind: "disk", offset: where.byteOffset }
+            : {
+                kind: "filesystem",
+                uuid: Buffer.from(where.filesystem, "hex"),
+                offset: where.filesystemOffset,
+              },
           hash: strongHash(page),
         };
       }
