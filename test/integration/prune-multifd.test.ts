@@ -8,7 +8,7 @@
  * same pruning with the link: send → vmprune receive → QEMU.
  */
 import assert from "node:assert/strict";
-import { test } from "node:test";
+import { type TestContext, test } from "node:test";
 import { LabPair } from "../../src/lab/lab-vm.ts";
 import { migrateThroughLink } from "../../src/lab/link-oracle.ts";
 import { migrateThroughPruningSend, type PrunedMigration } from "../../src/lab/prune-oracle.ts";
@@ -46,6 +46,43 @@ async function migrateMultifd(
   const fromSource = channels.reduce((a, c) => a + c.bytesFromSource, 0);
   const toDestination = channels.reduce((a, c) => a + c.bytesToDestination, 0);
   return { m, multifd, fromSource, toDestination };
+}
+
+/**
+ * One multifd migration through send and receive (each multifd channel framed on its own link connection), with
+ * send's and receive's logs shown if it throws; the link's multifd connections' bytes summed.
+ */
+async function multifdThroughLink(t: TestContext, pair: LabPair, parameters: Record<string, unknown>) {
+  const capabilities = { multifd: true };
+  const linkLog: string[] = [];
+  const linked = await migrateThroughLink(pair, {
+    migration: { capabilities, parameters },
+    incoming: { capabilities, parameters },
+    log: (line) => linkLog.push(line),
+  }).catch((error: unknown) => {
+    t.diagnostic(linkLog.join("\n"));
+    throw error;
+  });
+  const channels = linked.send.relay.channels.filter((c) => c.index > 0);
+  const bytes =
+    `link bytes of the multifd connections ${channels.reduce((a, c) => a + c.bytesToDestination, 0)}, ` +
+    `from QEMU ${channels.reduce((a, c) => a + c.bytesFromSource, 0)}; ${linked.differing} pages differ`;
+  return { linked, channels, bytes };
+}
+
+/** Oracle 1 through the link (only free pages differ), then oracle 2 (verify) on the destination. */
+async function linkOracles(
+  label: string,
+  linked: Awaited<ReturnType<typeof migrateThroughLink>>,
+): Promise<void> {
+  assert.equal(linked.result.status, "completed");
+  assert.deepEqual(linked.differingNotFree, [], `${label} through the link: only free pages may differ`);
+  await linked.dst.monitor.execute("cont");
+  assert.match(
+    await LabPair.verify(linked.dst),
+    /^OK/m,
+    `${label} through the link: verify on the destination`,
+  );
 }
 
 async function oracles(label: string, m: PrunedMigration): Promise<void> {
@@ -101,34 +138,21 @@ test("QEMU 10.0, 1 vCPU: 2 multifd channels pruned; a zstd channel passes unchan
   // The link: send → vmprune receive → QEMU, each multifd channel framed on its own link connection.
   await pair.promoteDestination();
   await pair.src.agent.run(workload.churn(CHURN, 1), 120_000);
-  const capabilities = { multifd: true };
   // This source was the zstd run's destination: it keeps that run's compression unless told otherwise.
-  const parameters = { "multifd-channels": 2, "multifd-compression": "none" };
-  const linkLog: string[] = [];
-  const linked = await migrateThroughLink(pair, {
-    migration: { capabilities, parameters },
-    incoming: { capabilities, parameters },
-    log: (line) => linkLog.push(line),
-  }).catch((error: unknown) => {
-    t.diagnostic(linkLog.join("\n"));
-    throw error;
+  const { linked, bytes } = await multifdThroughLink(t, pair, {
+    "multifd-channels": 2,
+    "multifd-compression": "none",
   });
   const viaLink = linked.send.prune?.multifd;
-  const linkChannels = linked.send.relay.channels.filter((c) => c.index > 0);
   t.diagnostic(
-    `10.0 through receive, 2 channels: multifd pruned ${viaLink?.pagesPruned} of ${viaLink?.pagesJudged} judged pages; ` +
-      `link bytes of the multifd connections ${linkChannels.reduce((a, c) => a + c.bytesToDestination, 0)}, ` +
-      `from QEMU ${linkChannels.reduce((a, c) => a + c.bytesFromSource, 0)}; ${linked.differing} pages differ`,
+    `10.0 through receive, 2 channels: multifd pruned ${viaLink?.pagesPruned} of ${viaLink?.pagesJudged} judged pages; ${bytes}`,
   );
-  assert.equal(linked.result.status, "completed");
   assert.equal(viaLink?.channels.length, 2);
   assert.ok(
     (viaLink?.pagesPruned ?? 0) > MIN_PRUNED,
     `free pages dropped through the link (${viaLink?.pagesPruned})`,
   );
-  assert.deepEqual(linked.differingNotFree, [], "through the link: only free pages may differ");
-  await linked.dst.monitor.execute("cont");
-  assert.match(await LabPair.verify(linked.dst), /^OK/m, "through the link: verify on the destination");
+  await linkOracles("10.0", linked);
 });
 
 test("QEMU 10.0, 2 vCPUs: 4 multifd channels pruned", async (t) => {
@@ -157,29 +181,12 @@ test("QEMU 7.2: multifd passes unpruned, with the reason; 7.2 to 7.2 through sen
   // connection, the main channel pruned. The guest is quiet here: 7.2 under TCG leaves pages stale by itself when
   // the guest writes during a migration (ram-oracle.test.ts), which the RAM oracle could not tell from ours.
   await pair.promoteDestination();
-  const capabilities = { multifd: true };
-  const parameters = { "multifd-channels": 2 };
-  const linkLog: string[] = [];
-  const linked = await migrateThroughLink(pair, {
-    migration: { capabilities, parameters },
-    incoming: { capabilities, parameters },
-    log: (line) => linkLog.push(line),
-  }).catch((error: unknown) => {
-    t.diagnostic(linkLog.join("\n"));
-    throw error;
-  });
-  const linkChannels = linked.send.relay.channels.filter((c) => c.index > 0);
-  t.diagnostic(
-    `7.2 through receive, 2 channels: link bytes of the multifd connections ${linkChannels.reduce((a, c) => a + c.bytesToDestination, 0)}, ` +
-      `from QEMU ${linkChannels.reduce((a, c) => a + c.bytesFromSource, 0)}; ${linked.differing} pages differ, ${linked.finalFree} free at the end`,
-  );
-  assert.equal(linked.result.status, "completed");
-  assert.equal(linkChannels.length, 2, "both multifd channels went through the link");
+  const { linked, channels, bytes } = await multifdThroughLink(t, pair, { "multifd-channels": 2 });
+  t.diagnostic(`7.2 through receive, 2 channels: ${bytes}, ${linked.finalFree} free at the end`);
+  assert.equal(channels.length, 2, "both multifd channels went through the link");
   assert.equal(linked.send.relay.error, undefined, linked.send.relay.error);
   assert.equal(linked.receive.relay.error, undefined, linked.receive.relay.error);
-  assert.deepEqual(linked.differingNotFree, [], "through the link: only free pages may differ");
-  await linked.dst.monitor.execute("cont");
-  assert.match(await LabPair.verify(linked.dst), /^OK/m, "through the link: verify on the destination");
+  await linkOracles("7.2", linked);
 });
 
 /** What send said on stderr (its log) about the multifd channels. */
