@@ -13,9 +13,11 @@
  *   4. The report: vmprune's bytes (from QEMU, on the link) beside libvirt's completed-job figures.
  */
 import { readlinkSync } from "node:fs";
+import { dirname } from "node:path";
 import type { Category } from "../introspect/classifier.ts";
 import { PruningRefused } from "../migrate/guest-judge.ts";
 import { type SendReport, startSend } from "../migrate/send.ts";
+import type { ExportSocketDir } from "../migrate/source-disks.ts";
 import { QmpClient } from "../qemu/qmp.ts";
 import { checkUnixPath, type Endpoint, formatEndpoint } from "../transport/endpoint.ts";
 import type { LinkSecurity } from "../transport/tls.ts";
@@ -107,6 +109,8 @@ interface DomainFacts {
   description: DomainDescription;
   process: DomainProcess;
   monitorPath: string | null;
+  /** Where the domain's QEMU can make its NBD server socket (beside the QMP socket it made), both views. */
+  exportSocketDir: ExportSocketDir | null;
 }
 
 async function domainFacts(source: Virsh, options: LibvirtMigrateOptions): Promise<DomainFacts> {
@@ -122,7 +126,11 @@ async function domainFacts(source: Virsh, options: LibvirtMigrateOptions): Promi
     : description.extraQmpSocket
       ? throughProcessRoot(process.pid, description.extraQmpSocket)
       : null;
-  return { description, process, monitorPath };
+  // QEMU made the second monitor's socket, so it can make its NBD server's socket in the same directory.
+  const qemuDir =
+    !options.qmpSocket && description.extraQmpSocket ? dirname(description.extraQmpSocket) : null;
+  const exportSocketDir = qemuDir ? { qemu: qemuDir, local: throughProcessRoot(process.pid, qemuDir) } : null;
+  return { description, process, monitorPath, exportSocketDir };
 }
 
 async function pruneRefusals(
@@ -215,6 +223,7 @@ export async function libvirtMigrate(options: LibvirtMigrateOptions): Promise<Li
         : {}),
       ...(options.link ? { link: options.link } : {}),
       ...(options.disk ? { disk: options.disk } : {}),
+      ...(facts.exportSocketDir ? { exportSocketDir: facts.exportSocketDir } : {}),
       guardSwitchover: options.guardSwitchover ?? true,
       log,
     });

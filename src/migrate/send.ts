@@ -30,7 +30,7 @@ import { type GuestJudgeOptions, openGuestJudge } from "./guest-judge.ts";
 import { LinkRateMeter } from "./link-rate.ts";
 import { LinkSendCodec } from "./link-send.ts";
 import { multifdZeroListVerdict } from "./multifd-zero-list.ts";
-import { exportSourceDisks } from "./source-disks.ts";
+import { type ExportSocketDir, exportSourceDisks } from "./source-disks.ts";
 import { SwitchoverGuard, type SwitchoverGuardReport } from "./switchover-guard.ts";
 
 /** Categories `send` can drop on its own (a plain QEMU destination rebuilds nothing). */
@@ -87,6 +87,8 @@ export interface SendOptions {
    * content index alone: D3's way, for comparisons).
    */
   cacheRefSources?: CacheRefSources;
+  /** Where the source QEMU's NBD server socket for its disk exports goes (source-disks.ts; default: a temp dir). */
+  exportSocketDir?: ExportSocketDir;
   /**
    * Tell the source QEMU the link's measured rate for its switchover decision (switchover-guard.ts), through
    * `guest.qmp`, while pruning. Default true; without it QEMU judges by the rate it writes into the relay.
@@ -162,6 +164,7 @@ async function prepareCacheReferences(
   judge: PageJudge | undefined,
   sources: CacheRefSources,
   log: (line: string) => void,
+  exportSocketDir?: ExportSocketDir,
 ): Promise<PreparedCacheReferences> {
   const started = performance.now();
   let locator: PageLocator | undefined;
@@ -173,7 +176,10 @@ async function prepareCacheReferences(
   else if (!guest.types) locatorDescription = `off: the guest kernel's types are unknown (${guest.btf})`;
   else {
     try {
-      opened = "path" in disks ? await openRawDisk(disks.path) : await exportSourceDisks(disks.qmp, log);
+      opened =
+        "path" in disks
+          ? await openRawDisk(disks.path)
+          : await exportSourceDisks(disks.qmp, log, exportSocketDir);
       locator = await PageLocator.open({
         kernel: guest.kernel,
         types: guest.types,
@@ -254,7 +260,13 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
   const disks = options.disk ? { path: options.disk } : qmp ? { qmp } : undefined;
   const cache =
     drop.includes("cache") && disks
-      ? await prepareCacheReferences(disks, judge, options.cacheRefSources ?? "locator", log)
+      ? await prepareCacheReferences(
+          disks,
+          judge,
+          options.cacheRefSources ?? "locator",
+          log,
+          options.exportSocketDir,
+        )
       : undefined;
   const index = cache?.index;
   const newPruner = (judgeOrReason: PageJudge | string) =>

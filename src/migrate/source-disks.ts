@@ -4,6 +4,7 @@
  * extent blocks as the guest sees them, whatever the image format (qcow2 with backing files, Ceph, iSCSI), with
  * nothing but the QMP socket send already has. The exports go when the migration ends, failed or not.
  */
+import { randomBytes } from "node:crypto";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -12,15 +13,31 @@ import type { QmpClient } from "../qemu/qmp.ts";
 import { NbdDevice } from "../storage/nbd-device.ts";
 import type { LocatorDisk } from "../storage/page-locator.ts";
 
+/**
+ * Where QEMU's NBD server socket goes: a directory as QEMU sees it (it creates the socket there, so it must be able
+ * to write it) and the same directory as send reaches it. They differ when QEMU runs in a mount namespace of its
+ * own (libvirt: /proc/PID/root/...). Default: a fresh directory under the temporary directory, the same for both.
+ */
+export interface ExportSocketDir {
+  qemu: string;
+  local: string;
+}
+
 export interface SourceDisks {
   disks: LocatorDisk[];
   /** Closes the NBD connections and removes the exports (the ones that did not start QEMU's server first). */
   close(): Promise<void>;
 }
 
-export async function exportSourceDisks(qmp: QmpClient, log: (line: string) => void): Promise<SourceDisks> {
-  const dir = await mkdtemp(join(tmpdir(), "vmprune-send-"));
-  const socketPath = join(dir, "nbd.sock");
+export async function exportSourceDisks(
+  qmp: QmpClient,
+  log: (line: string) => void,
+  where?: ExportSocketDir,
+): Promise<SourceDisks> {
+  const dir = where ? undefined : await mkdtemp(join(tmpdir(), "vmprune-send-"));
+  const name = `vmprune-nbd-${randomBytes(4).toString("hex")}.sock`;
+  const socketPath = join(where?.qemu ?? (dir as string), name);
+  const localPath = join(where?.local ?? (dir as string), name);
   const exports: DiskExport[] = [];
   const disks: LocatorDisk[] = [];
   const close = async () => {
@@ -30,7 +47,7 @@ export async function exportSourceDisks(qmp: QmpClient, log: (line: string) => v
       await e
         .remove()
         .catch((error: unknown) => log(`block export ${e.exportId} not removed: ${String(error)}`));
-    await rm(dir, { recursive: true, force: true });
+    await rm(dir ?? localPath, { recursive: true, force: true });
   };
   try {
     for (const disk of (await listDisks(qmp)).filter((d) => !d.readOnly)) {
@@ -42,7 +59,9 @@ export async function exportSourceDisks(qmp: QmpClient, log: (line: string) => v
       });
       exports.push(exported);
       const id = disk.qdev ?? (disk.device || disk.nodeName);
-      disks.push({ id, device: await NbdDevice.open(exported.address) });
+      // The server's socket as send reaches it (the export names it as QEMU sees it).
+      const address = { ...exported.address, server: { path: localPath } };
+      disks.push({ id, device: await NbdDevice.open(address) });
     }
     return { disks, close };
   } catch (error) {

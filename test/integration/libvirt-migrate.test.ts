@@ -140,8 +140,7 @@ test("libvirt 9.0: a share=off domain is refused with the way out; a lab domain 
     key,
     "--drop",
     "free,cache",
-    "--disk",
-    disk,
+    // No --disk: send reads the domain's disks through its QEMU's own read-only NBD exports.
     "--json",
     "--",
     "--unsafe",
@@ -159,6 +158,11 @@ test("libvirt 9.0: a share=off domain is refused with the way out; a lab domain 
   assert.ok(report1.send.prune, "pruning ran");
   assert.ok((report1.send.prune.pages.byCategory.free ?? 0) > 0);
   assert.ok(report1.send.prune.pages.pruned > 0, "pages were dropped");
+  assert.ok(
+    (report1.send.cacheRefs?.located ?? 0) > 10_000,
+    `cache pages placed on disks read through QEMU's exports: ${JSON.stringify(report1.send.cacheRefs)}`,
+  );
+  assert.equal(receiveReport.refs.refsResolved, report1.send.prune.refs, "receive rebuilt every reference");
   assert.ok(report1.bytes.onLink < report1.bytes.fromQemu, "the link carried less than QEMU wrote");
   assert.ok(report1.libvirtJob, `libvirt's figures: ${report1.libvirtJobError}`);
   assert.ok((report1.libvirtJob.dataProcessedBytes ?? 0) > report1.bytes.onLink);
