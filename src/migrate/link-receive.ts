@@ -86,8 +86,8 @@ export function receiveCapabilities(options: Pick<ReceiveOptions, "disk" | "file
 /** REF_FS → the page, from the filesystem the reference names, checked (null: NACK). */
 function refFsResolver(filesystems: FilesystemDirectory): RefFsResolver {
   return (ref) => {
-    // The reference's fields are views of the socket's chunk: a read that outlives this call needs copies.
-    const r = filesystems.readNow(Buffer.from(ref.filesystem), ref.blockNumber, Buffer.from(ref.hash));
+    // The reference's fields are views of the socket's chunk: readNow copies them when its read is asynchronous.
+    const r = filesystems.readNow(ref.filesystem, ref.blockNumber, ref.hash);
     return r instanceof Promise ? r.then((done) => (done.ok ? done.page : null)) : r.ok ? r.page : null;
   };
 }

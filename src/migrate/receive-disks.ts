@@ -12,7 +12,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { type BlockDevice, RawFileDevice } from "../storage/block-device.ts";
-import { BlockReader } from "../storage/block-reader.ts";
+import { BlockReader, isNbdUri } from "../storage/block-reader.ts";
 import { FilesystemDirectory } from "../storage/filesystem-directory.ts";
 import { refuseNonRaw } from "../storage/image-format.ts";
 import { parseNbdUri } from "../storage/nbd-client.ts";
@@ -38,7 +38,7 @@ interface OpenedDisk {
 }
 
 async function openDisk(spec: string, runDir: () => Promise<string>, index: number): Promise<OpenedDisk> {
-  if (/^nbd(\+unix)?:\/\//.test(spec)) return { device: await NbdDevice.open(parseNbdUri(spec)) };
+  if (isNbdUri(spec)) return { device: await NbdDevice.open(parseNbdUri(spec)) };
   const prefixed = /^([a-z0-9]+):(.+)$/.exec(spec);
   const format =
     prefixed && (DISK_FORMATS as readonly string[]).includes(prefixed[1] ?? "") ? prefixed[1] : "raw";

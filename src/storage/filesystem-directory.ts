@@ -52,7 +52,10 @@ export class FilesystemDirectory {
     return this.readNow(uuid, blockNumber, hash);
   }
 
-  /** As read(), but synchronous when the disk can be read synchronously (a raw file): no Promise per page. */
+  /**
+   * As read(), but synchronous when the disk can be read synchronously (a raw file): no Promise per page. `uuid`
+   * and `hash` are only read during the call (copied for an asynchronous read).
+   */
   readNow(uuid: Buffer, blockNumber: number, hash: Uint8Array): BlockReadResult | Promise<BlockReadResult> {
     const found = this.#locate(uuid, blockNumber, hash);
     if (!found.ok) return found;
@@ -71,7 +74,11 @@ export class FilesystemDirectory {
         return failed(cause);
       }
     }
-    return place.device.read(offset, PAGE_SIZE_BYTES).then(check, failed);
+    // The caller's uuid and hash may be views of a socket's chunk: the check after the read needs its own copies.
+    const [ownUuid, ownHash] = [Buffer.from(uuid), Buffer.from(hash)];
+    return place.device
+      .read(offset, PAGE_SIZE_BYTES)
+      .then((page) => this.#check(ownUuid, blockNumber, ownHash, place, page), failed);
   }
 
   #check(uuid: Buffer, blockNumber: number, hash: Uint8Array, place: Place, page: Buffer): BlockReadResult {
