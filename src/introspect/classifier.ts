@@ -17,7 +17,12 @@
  * applies to every page of the compound. Guest memory is untrusted: orders are bounded and checked for
  * alignment, tail pointers that lead nowhere give "unknown", and nothing here allocates per guest value.
  */
-import { type KernelLayout, PAGE_MAPPING_ANON, type PageFlag } from "./kernel-layout.ts";
+import {
+  type KernelLayout,
+  PAGE_FLAG_ENUMERATORS,
+  PAGE_MAPPING_ANON,
+  type PageFlag,
+} from "./kernel-layout.ts";
 
 /** Category codes, also the byte values of `vmprune inspect --pfn-map`. */
 export const CATEGORY = {
@@ -68,6 +73,7 @@ interface HeadVerdict {
 }
 
 export class PageClassifier {
+  /** Each flag's bit in the low word of page->flags (0 for a flag this kernel lacks or keeps above bit 31). */
   private readonly bit: Record<PageFlag, number>;
   private readonly scratch: Buffer;
   /** SIZE(page): the stride of every struct page buffer. */
@@ -91,8 +97,12 @@ export class PageClassifier {
       throw new RangeError(
         `cannot classify pages of Linux ${layout.release}: ${layout.capabilities.free.reason}`,
       );
-    const bit = {} as Record<PageFlag, number>;
-    for (const [name, n] of Object.entries(layout.flags)) bit[name as PageFlag] = 2 ** n;
+    // Every flag present (0 when absent), so that the hot path reads a named field and never a missing one.
+    const bit = Object.fromEntries(Object.keys(PAGE_FLAG_ENUMERATORS).map((name) => [name, 0])) as Record<
+      PageFlag,
+      number
+    >;
+    for (const [name, n] of Object.entries(layout.flags)) bit[name as PageFlag] = n < 32 ? 2 ** n : 0;
     this.bit = bit;
     this.size = layout.structPageSize;
     this.off = layout.offsets;
@@ -102,11 +112,6 @@ export class PageClassifier {
     this.sizeShift = (this.size & (this.size - 1)) === 0 ? Math.log2(this.size) : -1;
     this.cacheOn = layout.capabilities.cache.on;
     this.folioMapcounts = layout.folioMapcounts.filter((m) => m.offset + 4 <= 2 * this.size);
-  }
-
-  private has(flagsLo: number, flag: PageFlag): boolean {
-    const mask = this.bit[flag];
-    return mask !== undefined && (flagsLo & mask) !== 0;
   }
 
   /**
@@ -177,7 +182,7 @@ export class PageClassifier {
   /** The verdict for the page at `pfn` (struct page at `at` in `pages`), covering it and maybe pages after it. */
   private verdictAt(pfn: number, pages: Buffer, at: number, firstPfn: number, count: number): HeadVerdict {
     const flagsLo = pages.readUInt32LE(at + this.off.flags);
-    if ((pages.readUInt32LE(at + this.off.tail) & 1) === 1 && !this.has(flagsLo, "head")) {
+    if ((pages.readUInt32LE(at + this.off.tail) & 1) === 1 && (flagsLo & this.bit.head) === 0) {
       // A tail: classify by its head; the verdict covers the tail and the rest of the compound.
       const headPfn = this.headOfTail(pfn, pages.readBigUInt64LE(at + this.off.tail));
       if (headPfn === null || headPfn >= pfn || pfn - headPfn > 2 ** MAX_COMPOUND_ORDER)
@@ -190,7 +195,7 @@ export class PageClassifier {
       return { ...verdict, pages: remaining };
     }
     // A small page or a head: the first tail (page[1]) is in `pages` unless the head is the last of the range.
-    if (this.has(flagsLo, "head") && at + 2 * this.size > pages.length) {
+    if ((flagsLo & this.bit.head) !== 0 && at + 2 * this.size > pages.length) {
       const pair = this.readHeadPair(pfn, pages, firstPfn, count);
       if (!pair) return { category: CATEGORY.unknown, attributes: 0, pages: 1 };
       return this.headVerdict(pfn, pair.buf, pair.at);
@@ -235,7 +240,7 @@ export class PageClassifier {
     const mapcountWord = buf.readUInt32LE(at + off.mapcount);
     const refcount = buf.readInt32LE(at + off.refcount);
     const type = p.pageType(mapcountWord);
-    const isHead = this.has(flagsLo, "head");
+    const isHead = (flagsLo & this.bit.head) !== 0;
 
     let pages = 1;
     if (isHead && p.compoundOrderOffset !== null && p.compoundOrderOffset < 2 * this.size) {
@@ -252,33 +257,33 @@ export class PageClassifier {
     }
     if (type === "offline" || type === "unaccepted") return verdict(CATEGORY.free);
     if (type === "slab" || type === "other") return verdict(CATEGORY.kernel);
-    if (this.has(flagsLo, "slab")) return verdict(CATEGORY.kernel);
+    if ((flagsLo & this.bit.slab) !== 0) return verdict(CATEGORY.kernel);
     if (type === "hugetlb" || (isHead && this.isHugetlbHead(buf, at)))
       return verdict(refcount === 0 ? CATEGORY.free : CATEGORY.anonymous);
-    if (this.has(flagsLo, "reserved")) return verdict(CATEGORY.kernel);
+    if ((flagsLo & this.bit.reserved) !== 0) return verdict(CATEGORY.kernel);
 
     const mapped = this.isMapped(buf, at, mapcountWord, isHead && pages > 1);
     let attributes = mapped ? ATTR.mapped : 0;
-    if (this.has(flagsLo, "dirty")) attributes |= ATTR.dirty;
-    if (this.has(flagsLo, "writeback")) attributes |= ATTR.writeback;
-    if (this.has(flagsLo, "private") || this.has(flagsLo, "private2")) attributes |= ATTR.private;
+    if ((flagsLo & this.bit.dirty) !== 0) attributes |= ATTR.dirty;
+    if ((flagsLo & this.bit.writeback) !== 0) attributes |= ATTR.writeback;
+    if ((flagsLo & this.bit.private) !== 0 || (flagsLo & this.bit.private2) !== 0) attributes |= ATTR.private;
 
     const mappingLow = mappingLo & 3;
     const hasMapping = mappingLo !== 0 || mappingHi !== 0;
     if (hasMapping && (mappingLow & PAGE_MAPPING_ANON) === PAGE_MAPPING_ANON)
       return verdict(CATEGORY.anonymous, attributes); // anon, KSM
     if (hasMapping && mappingLow === 0) {
-      if (this.has(flagsLo, "swapbacked")) return verdict(CATEGORY.shmem, attributes);
+      if ((flagsLo & this.bit.swapbacked) !== 0) return verdict(CATEGORY.shmem, attributes);
       // Without the flags that tell a clean page (no BTF), no file page is called droppable.
       const droppable =
         this.cacheOn &&
-        this.has(flagsLo, "uptodate") &&
-        !this.has(flagsLo, "dirty") &&
-        !this.has(flagsLo, "writeback") &&
-        !this.has(flagsLo, "locked") &&
-        !this.has(flagsLo, "private") &&
-        !this.has(flagsLo, "private2") &&
-        !this.has(flagsLo, "swapcache") &&
+        (flagsLo & this.bit.uptodate) !== 0 &&
+        (flagsLo & this.bit.dirty) === 0 &&
+        (flagsLo & this.bit.writeback) === 0 &&
+        (flagsLo & this.bit.locked) === 0 &&
+        (flagsLo & this.bit.private) === 0 &&
+        (flagsLo & this.bit.private2) === 0 &&
+        (flagsLo & this.bit.swapcache) === 0 &&
         !mapped;
       return verdict(droppable ? CATEGORY.cache : CATEGORY.inode, attributes);
     }

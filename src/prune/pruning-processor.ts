@@ -24,7 +24,7 @@ import { StreamParser } from "../stream/parser.ts";
 import type { RamRecord, StreamRecord } from "../stream/records.ts";
 import type { MainChannelProcessor } from "../stream/relay.ts";
 import { StreamSummary, type StreamSummaryJson } from "../stream/summary.ts";
-import { encodePageHeader, encodeRecord, pageToZero } from "../stream/writer.ts";
+import { encodePageHeader, writeZeroRecord, zeroRecordBytes } from "../stream/writer.ts";
 import type { MultifdPruneReport } from "./multifd-processor.ts";
 import type { PageJudge, PageRef, RamBlock } from "./page-judge.ts";
 
@@ -182,41 +182,87 @@ export class PruningProcessor implements MainChannelProcessor {
   }
 
   private plain(segments: Segment[]): Buffer[] {
-    const out = segments.flatMap((s) => (s.kind === "bytes" ? s.buffers : []));
-    // One buffer per chunk: a copy of ~64 KiB costs less than handing the socket two buffers per record.
-    return out.length > 1 ? [Buffer.concat(out)] : out;
+    // A batch with pruned pages is one spliced buffer (emit); without, the input's views, at most a few (the
+    // relay writes several buffers with one writev).
+    return segments.flatMap((s) => (s.kind === "bytes" ? s.buffers : []));
   }
 
   /**
    * The segments for this batch of records: the input as it came up to `upTo` (the end of the last complete
-   * record), with each decided PAGE record replaced by its ZERO record or its reference.
+   * record), with each decided PAGE record replaced by its ZERO record or its reference. Input without a decision
+   * goes on as views of the held chunks; a run with ZERO records is spliced into one new buffer (one copy, no
+   * allocation per page).
    */
   private emit(records: StreamRecord[], refs: RefsAccepted, upTo: number): Segment[] {
     for (const r of records) this.summary.record(r);
     const decisions = this.decide(records, refs);
     const out: Segment[] = [];
-    let bytes: Buffer[] = [];
+    let zeros: PageRecord[] = [];
     if (decisions)
       for (const [record, decision] of decisions) {
         const page = record as PageRecord;
-        this.forward(page.offset, bytes);
-        this.forwarded = page.offset + pageRecordBytes(page);
         if (decision === "zero") {
-          bytes.push(...encodeRecord(pageToZero(page)));
+          zeros.push(page);
           continue;
         }
-        if (bytes.length > 0) out.push({ kind: "bytes", buffers: bytes });
-        bytes = [];
+        this.splice(page.offset, zeros, out);
+        zeros = [];
+        this.skip(page.offset + pageRecordBytes(page));
         out.push(decision);
       }
-    this.forward(upTo, bytes);
-    if (bytes.length > 0) out.push({ kind: "bytes", buffers: bytes });
+    this.splice(upTo, zeros, out);
     return out;
+  }
+
+  /**
+   * Appends the input from `forwarded` up to `end` to `out` as a bytes segment, each of `zeros` (PAGE records
+   * within that range, in stream order) replaced by its ZERO record.
+   */
+  private splice(end: number, zeros: readonly PageRecord[], out: Segment[]): void {
+    if (zeros.length === 0) {
+      const views: Buffer[] = [];
+      this.forward(end, views);
+      if (views.length > 0) out.push({ kind: "bytes", buffers: views });
+      return;
+    }
+    let size = end - this.forwarded;
+    for (const z of zeros) size += zeroRecordBytes(z.header) - pageRecordBytes(z);
+    const buf = Buffer.allocUnsafe(size);
+    let at = 0;
+    for (const z of zeros) {
+      at = this.copyInto(z.offset, buf, at);
+      at = writeZeroRecord(z, buf, at);
+      this.skip(z.offset + pageRecordBytes(z));
+    }
+    at = this.copyInto(end, buf, at);
+    out.push({ kind: "bytes", buffers: [buf] });
+  }
+
+  /** Copies the held input from `forwarded` up to `end` into `buf` at `at`; returns the offset after it. */
+  private copyInto(end: number, buf: Buffer, at: number): number {
+    for (const chunk of this.held) {
+      if (chunk.start >= end) break;
+      const from = Math.max(0, this.forwarded - chunk.start);
+      const to = Math.min(end, chunk.start + chunk.bytes.length) - chunk.start;
+      if (to > from) at += chunk.bytes.copy(buf, at, from, to);
+    }
+    this.skip(end);
+    return at;
+  }
+
+  /** Moves `forwarded` to `end` (input before it is either out or replaced) and lets go of chunks behind it. */
+  private skip(end: number): void {
+    if (end > this.forwarded) this.forwarded = end;
+    let drop = 0;
+    for (const chunk of this.held) {
+      if (chunk.start + chunk.bytes.length > this.forwarded) break;
+      drop++;
+    }
+    if (drop > 0) this.held = this.held.slice(drop);
   }
 
   /** Appends views of the held input from `forwarded` up to `end` to `into`, and lets go of what is behind. */
   private forward(end: number, into: Buffer[]): void {
-    let drop = 0;
     for (const chunk of this.held) {
       const chunkEnd = chunk.start + chunk.bytes.length;
       if (chunk.start >= end) break;
@@ -227,10 +273,8 @@ export class PruningProcessor implements MainChannelProcessor {
             Math.min(end, chunkEnd) - chunk.start,
           ),
         );
-      if (chunkEnd <= end) drop++;
     }
-    if (drop > 0) this.held = this.held.slice(drop);
-    if (end > this.forwarded) this.forwarded = end;
+    this.skip(end);
   }
 
   /** What becomes of this batch's PAGE records: a ZERO record, a reference, or (absent) unchanged. */

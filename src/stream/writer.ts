@@ -30,11 +30,35 @@ function counted(buf: Buffer, at: number, text: string): number {
 
 /** The be64 offset|flags word and, unless CONTINUE, the block's idstr. */
 export function encodePageHeader(header: PageHeader, extra = 0): { buf: Buffer; end: number } {
-  const size = 8 + (header.idstr === null ? 0 : 1 + header.idstr.length) + extra;
-  const buf = Buffer.allocUnsafe(size);
-  let at = be64(buf, 0, header.addr + header.flags);
-  if (header.idstr !== null) at = counted(buf, at, header.idstr);
-  return { buf, end: at };
+  const buf = Buffer.allocUnsafe(pageHeaderBytes(header) + extra);
+  return { buf, end: writePageHeader(header, header.flags, buf, 0) };
+}
+
+/** The bytes of a RAM record's header: the be64 offset|flags word and, unless CONTINUE, the counted idstr. */
+export function pageHeaderBytes(header: PageHeader): number {
+  return 8 + (header.idstr === null ? 0 : 1 + header.idstr.length);
+}
+
+/** Writes `header`, with `flags`, into `buf` at `at`; returns where the record's payload starts. */
+function writePageHeader(header: PageHeader, flags: number, buf: Buffer, at: number): number {
+  const end = be64(buf, at, header.addr + flags);
+  return header.idstr === null ? end : counted(buf, end, header.idstr);
+}
+
+/** The bytes of the ZERO record a PAGE record with this header becomes (pageToZero): header + fill byte. */
+export function zeroRecordBytes(header: PageHeader): number {
+  return pageHeaderBytes(header) + 1;
+}
+
+/**
+ * Writes the ZERO record that PAGE record `page` becomes (exactly encodeRecord(pageToZero(page))) into `buf` at
+ * `at`, without allocating; returns the offset after it.
+ */
+export function writeZeroRecord(page: Extract<RamRecord, { type: "page" }>, buf: Buffer, at: number): number {
+  const flags = (page.header.flags & ~RAM_FLAG.PAGE) | RAM_FLAG.ZERO;
+  const end = writePageHeader(page.header, flags, buf, at);
+  buf[end] = 0;
+  return end + 1;
 }
 
 function encodeRam(r: RamRecord): Buffer[] {
