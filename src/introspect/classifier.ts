@@ -65,6 +65,15 @@ export interface Classification {
   attributes: Uint8Array;
 }
 
+/**
+ * The last free buddy block classifyOne found in one read of struct pages: PFNs [head, end). Valid only with that
+ * read (the same buffer, so as fresh as the PFNs it is asked about).
+ */
+export interface FreeBlockMemo {
+  head: number;
+  end: number;
+}
+
 interface HeadVerdict {
   category: number;
   attributes: number;
@@ -145,9 +154,13 @@ export class PageClassifier {
     firstPfn: number,
     count: number,
     pages: Buffer,
+    found?: FreeBlockMemo,
   ): { category: number; attributes: number } {
     // Only a page that looks like the tail of a free block can be inside one: skip the search for all others.
     const maybeBuddyTail = this.mayBeInsideFreeBlock(pfn, firstPfn, pages);
+    // A free block found for an earlier PFN of the same read holds this one too: the search would end at its head.
+    if (maybeBuddyTail && found && pfn >= found.head && pfn < found.end)
+      return { category: CATEGORY.free, attributes: ATTR.buddy };
     for (let order = 1; maybeBuddyTail && order <= this.maxBuddyOrder; order++) {
       const head = pfn - (pfn % 2 ** order);
       if (head === pfn) continue;
@@ -156,8 +169,14 @@ export class PageClassifier {
       if (this.layout.pageType(pages.readUInt32LE(at + this.off.mapcount)) !== "buddy") continue;
       const privateLo = pages.readUInt32LE(at + this.off.private);
       const privateHi = pages.readUInt32LE(at + this.off.private + 4);
-      if (privateHi === 0 && privateLo >= order && privateLo <= this.maxBuddyOrder)
+      if (privateHi === 0 && privateLo >= order && privateLo <= this.maxBuddyOrder) {
+        // A real buddy head is aligned to its order; only then is the block's extent known.
+        if (found && head % 2 ** privateLo === 0) {
+          found.head = head;
+          found.end = head + 2 ** privateLo;
+        }
         return { category: CATEGORY.free, attributes: ATTR.buddy };
+      }
     }
     const verdict = this.verdictAt(pfn, pages, (pfn - firstPfn) * this.size, firstPfn, count);
     return { category: verdict.category, attributes: verdict.attributes };
@@ -376,10 +395,11 @@ export function classifyPfns(
     if (structPageScratch.length < count * size) structPageScratch = Buffer.allocUnsafe(count * size);
     const pages = structPageScratch.subarray(0, count * size);
     const readable = source.read(start, count, pages);
+    const found: FreeBlockMemo = { head: -1, end: -1 };
     for (let i = k; i < j; i++) {
       const index = order[i] ?? 0;
       out[index] = readable
-        ? classifier.classifyOne(pfns[index] ?? 0, start, count, pages).category
+        ? classifier.classifyOne(pfns[index] ?? 0, start, count, pages, found).category
         : CATEGORY.unknown;
     }
     k = j;

@@ -43,6 +43,18 @@ export class CacheReferences implements CacheIndex {
    */
   constructor(private readonly sources: { locator?: PageLocator; index?: DiskIndex; singleDisk?: boolean }) {}
 
+  /** Each filesystem's UUID as the link carries it, made once (references name a handful of filesystems). */
+  readonly #uuids = new Map<string, Buffer>();
+
+  #uuid(hex: string): Buffer {
+    let uuid = this.#uuids.get(hex);
+    if (!uuid) {
+      uuid = Buffer.from(hex, "hex");
+      this.#uuids.set(hex, uuid);
+    }
+    return uuid;
+  }
+
   lookup(page: Buffer, pfn: number, accepted: RefsAccepted): { target: RefTarget; hash: Buffer } | null {
     const { locator, index } = this.sources;
     const asDiskRef = !accepted.filesystem && accepted.index && this.sources.singleDisk === true;
@@ -64,7 +76,7 @@ export class CacheReferences implements CacheIndex {
             ? { kind: "disk", offset: where.byteOffset }
             : {
                 kind: "filesystem",
-                uuid: Buffer.from(where.filesystem, "hex"),
+                uuid: this.#uuid(where.filesystem),
                 offset: where.filesystemOffset,
               },
           hash: strongHash(page),

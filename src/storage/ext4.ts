@@ -221,6 +221,24 @@ export type NodeSource = (physicalBlock: number, expectedDepth: number) => Exten
  * Maps logical block `logicalBlock` through the tree whose root is `root` (i_block's 60 bytes, or any node).
  * Depth decreases at each level, so the walk ends after at most EXT4_MAX_EXTENT_DEPTH reads whatever the bytes.
  */
+/**
+ * The index of the last entry whose logicalBlock is <= `block` in entries sorted by logicalBlock (as ext4 keeps
+ * them), or -1: a binary search, as the kernel's, since a leaf holds up to 340 extents.
+ */
+function lastAtOrBefore(entries: readonly { logicalBlock: number }[], block: number): number {
+  let lo = 0;
+  let hi = entries.length - 1;
+  let found = -1;
+  while (lo <= hi) {
+    const mid = (lo + hi) >> 1;
+    if ((entries[mid]?.logicalBlock ?? 0) <= block) {
+      found = mid;
+      lo = mid + 1;
+    } else hi = mid - 1;
+  }
+  return found;
+}
+
 export function mapLogicalBlock(
   root: ExtentNode | string,
   logicalBlock: number,
@@ -230,22 +248,17 @@ export function mapLogicalBlock(
   for (let level = 0; level <= EXT4_MAX_EXTENT_DEPTH; level++) {
     if (typeof node === "string") return { kind: "corrupt", reason: node };
     if ("extents" in node) {
-      for (const e of node.extents) {
-        if (logicalBlock < e.logicalBlock) break;
-        if (logicalBlock < e.logicalBlock + e.length) {
-          if (e.unwritten) return { kind: "unwritten" };
-          const into = logicalBlock - e.logicalBlock;
-          return { kind: "mapped", physicalBlock: e.physicalBlock + into, run: e.length - into };
-        }
+      // The extent that may hold the block is the last starting at or before it (ext4_ext_binsearch).
+      const e = node.extents[lastAtOrBefore(node.extents, logicalBlock)];
+      if (e && logicalBlock < e.logicalBlock + e.length) {
+        if (e.unwritten) return { kind: "unwritten" };
+        const into = logicalBlock - e.logicalBlock;
+        return { kind: "mapped", physicalBlock: e.physicalBlock + into, run: e.length - into };
       }
       return { kind: "hole" };
     }
     // The child covering the block is the last whose first logical block is <= it (ext4_ext_binsearch_idx).
-    let child: { logicalBlock: number; physicalBlock: number } | undefined;
-    for (const c of node.children) {
-      if (c.logicalBlock > logicalBlock) break;
-      child = c;
-    }
+    const child = node.children[lastAtOrBefore(node.children, logicalBlock)];
     if (!child) return { kind: "hole" };
     const next = nodeAt(child.physicalBlock, node.depth - 1);
     if (next === undefined)
