@@ -11,10 +11,13 @@
  * byte through, so the baseline pays the same relay cost as the pruned run.
  */
 import { randomBytes } from "node:crypto";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import type { Category } from "../introspect/classifier.ts";
 import type { ReassemblerStats } from "../link/ref-reassembler.ts";
 import type { PruneReport } from "../prune/pruning-processor.ts";
-import { MigrationFailed, prepareIncoming, runMigration, tcpAddress } from "../qemu/migration.ts";
+import { MigrationFailed, prepareIncoming, runMigration } from "../qemu/migration.ts";
 import { type MigrationInfo, QmpClient } from "../qemu/qmp.ts";
 import type { StreamSummaryJson } from "../stream/summary.ts";
 import { startReceive } from "./link-receive.ts";
@@ -82,6 +85,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrateReport> {
       `--src-qmp and --dst-qmp are the same socket (${options.srcQmp}): give the destination's`,
     );
   const src = await QmpClient.connect(options.srcQmp);
+  let sockets: string | undefined;
   let dst: QmpClient;
   try {
     dst = await QmpClient.connect(options.dstQmp);
@@ -95,8 +99,11 @@ export async function migrate(options: MigrateOptions): Promise<MigrateReport> {
       throw new Error(
         `the destination (${options.dstQmp}) is '${dstStatus}', not waiting for a migration: start it with -incoming defer`,
       );
-    const dstUri = await prepareIncoming(dst, { incomingUri: "tcp:127.0.0.1:0", capabilities });
-    const destination = tcpAddress(dstUri);
+    // Every hop stays on this host: unix sockets in a directory only this user reaches, which cost the kernel
+    // less per byte than loopback TCP (no TCP stack on either side of each hop).
+    sockets = await mkdtemp(join(tmpdir(), "vmprune-migrate-"));
+    const destination = { path: join(sockets, "destination.sock") };
+    await prepareIncoming(dst, { incomingUri: `unix:${destination.path}`, capabilities });
     // Cache pages need vmprune receive in front of the destination (here in this process, with a fresh key).
     const linked = options.drop.includes("cache");
     if (linked && !options.disk) throw new Error("--drop cache needs the shared disk image (--disk IMAGE)");
@@ -104,7 +111,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrateReport> {
     const disks = linked && options.disk ? await openReceiveDisks([options.disk], log) : undefined;
     const receive = disks
       ? await startReceive({
-          listen: { host: "127.0.0.1", port: 0 },
+          listen: { path: join(sockets, "link.sock") },
           to: destination,
           psk,
           disk: disks.reader,
@@ -113,8 +120,8 @@ export async function migrate(options: MigrateOptions): Promise<MigrateReport> {
         })
       : undefined;
     const send = await startSend({
-      listen: { host: "127.0.0.1", port: 0 },
-      to: receive ? receive.address : destination,
+      listen: { path: join(sockets, "source.sock") },
+      to: receive ? receive.endpoint : destination,
       drop: options.drop,
       guest: {
         qmp: { client: src, path: options.srcQmp, ...(options.srcPid ? { pid: options.srcPid } : {}) },
@@ -126,7 +133,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrateReport> {
     let error: string | null = null;
     const started = performance.now();
     try {
-      const result = await runMigration(src, `tcp:127.0.0.1:${send.address.port}`, {
+      const result = await runMigration(src, `unix:${join(sockets, "source.sock")}`, {
         capabilities,
         ...(options.parameters ? { parameters: options.parameters } : {}),
         timeoutMs: options.timeoutMs ?? 600_000,
@@ -179,6 +186,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrateReport> {
   } finally {
     src.close();
     dst.close();
+    if (sockets) await rm(sockets, { recursive: true, force: true });
   }
 }
 

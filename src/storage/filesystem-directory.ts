@@ -11,12 +11,19 @@ import { BlockReadError } from "./errors.ts";
 import { type ProbedFilesystem, probeFilesystems } from "./filesystem-probe.ts";
 import { REF_HASH_BYTES, strongHash } from "./fingerprint.ts";
 import { PAGE_SIZE_BYTES } from "./image-format.ts";
+import { SequentialReadAhead, type SyncReadable } from "./read-ahead.ts";
+
+function hasReadSync(device: BlockDevice): device is BlockDevice & SyncReadable {
+  return device.readSync !== undefined;
+}
 
 /** REF_FS blockNumber unit (link/protocol.ts): 512-byte sectors from the filesystem's first byte. */
 export const FILESYSTEM_SECTOR_BYTES = 512;
 
 interface Place {
   device: BlockDevice;
+  /** Sequential read-ahead over the device, when it reads synchronously (a raw file). */
+  readAhead: SequentialReadAhead | undefined;
   fs: ProbedFilesystem;
   /** Bytes of the filesystem (its block count × block size, within the disk). */
   sizeBytes: number;
@@ -31,12 +38,15 @@ export class FilesystemDirectory {
   /** Probes every device (partition tables and superblocks only). */
   static async open(devices: readonly BlockDevice[]): Promise<FilesystemDirectory> {
     const directory = new FilesystemDirectory(devices);
-    for (const device of devices)
+    for (const device of devices) {
+      // One read-ahead per disk, shared by its filesystems.
+      const readAhead = hasReadSync(device) ? new SequentialReadAhead(device) : undefined;
       for (const fs of await probeFilesystems(device)) {
         const end = Math.min(device.sizeBytes, fs.byteOffset + fs.superblock.blocksCount * fs.blockSize);
-        const place: Place = { device, fs, sizeBytes: end - fs.byteOffset };
+        const place: Place = { device, readAhead, fs, sizeBytes: end - fs.byteOffset };
         directory.#places.set(fs.uuid, directory.#places.has(fs.uuid) ? null : place);
       }
+    }
     return directory;
   }
 
@@ -67,9 +77,9 @@ export class FilesystemDirectory {
         `filesystem ${uuid.toString("hex")} sector ${blockNumber} on ${place.device.name} could not be read (${(cause as Error).message}): NACK the reference`,
       );
     const check = (page: Buffer) => this.#check(uuid, blockNumber, hash, place, page);
-    if (place.device.readSync) {
+    if (place.readAhead) {
       try {
-        return check(place.device.readSync(offset, PAGE_SIZE_BYTES));
+        return check(place.readAhead.readSync(offset, PAGE_SIZE_BYTES));
       } catch (cause) {
         return failed(cause);
       }
