@@ -52,8 +52,7 @@ export class SequentialReadAhead {
       now - this.#windowReadAt <= this.maxAgeMs
     ) {
       this.hits++;
-      const at = offset - this.#windowOffset;
-      return Buffer.from(window.subarray(at, at + length));
+      return copyOut(window, offset - this.#windowOffset, length);
     }
     this.deviceReads++;
     if (!sequential || length >= this.windowBytes) return this.device.readSync(offset, length);
@@ -61,6 +60,13 @@ export class SequentialReadAhead {
     this.#window = this.device.readSync(offset, span);
     this.#windowOffset = offset;
     this.#windowReadAt = now;
-    return Buffer.from(this.#window.subarray(0, length));
+    return copyOut(this.#window, 0, length);
   }
+}
+
+/** `length` bytes of `window` from `at`, in a buffer of their own (one allocation, one copy). */
+function copyOut(window: Buffer, at: number, length: number): Buffer {
+  const out = Buffer.allocUnsafe(length);
+  window.copy(out, 0, at, at + length);
+  return out;
 }
