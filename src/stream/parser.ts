@@ -133,6 +133,11 @@ export class StreamParser {
         this.offset += chunk.length - pos;
         return out;
       }
+      if (this.state === "ram") {
+        const consumed = this.continuedPages(chunk, pos, out);
+        pos += consumed;
+        if (consumed > 0) continue;
+      }
       const before = this.offset;
       const step = this.step(chunk, pos, out, Buffer.alloc(0));
       if (step === "raw") return out;
@@ -533,9 +538,32 @@ export class StreamParser {
    * null for anything else, which the general path then parses (and validates) in full.
    */
   private parseContinuedPage(cur: Cursor, at: number): RamRecord | null {
+    const record = this.continuedPageAt(cur.buf, cur.pos, at);
+    if (record) cur.pos = this.continuedEnd;
+    return record;
+  }
+
+  /** Where the record continuedPageAt last returned ends in its buffer. */
+  private continuedEnd = 0;
+
+  /**
+   * Parses every complete continued PAGE or ZERO record at `pos` of `chunk` onwards (RAM state only), without
+   * the general path's per-record cursor and wrapper; returns the bytes consumed (0: the next record needs the
+   * general path, or is incomplete).
+   */
+  private continuedPages(chunk: Buffer, pos: number, out: StreamRecord[]): number {
+    let p = pos;
+    for (;;) {
+      const record = this.continuedPageAt(chunk, p, this.offset);
+      if (!record) return p - pos;
+      out.push(record);
+      this.offset += this.continuedEnd - p;
+      p = this.continuedEnd;
+    }
+  }
+
+  private continuedPageAt(buf: Buffer, p: number, at: number): RamRecord | null {
     const block = this.lastBlock;
-    const buf = cur.buf;
-    const p = cur.pos;
     const pageSize = this.pageSize;
     if (!block || buf.length - p < 9) return null;
     const hi = buf.readUInt32BE(p);
@@ -545,12 +573,12 @@ export class StreamParser {
     const addr = hi * TWO_32 + (lo - flags);
     if (addr + pageSize > block.length) return null;
     if (flags === (RAM_FLAG.PAGE | RAM_FLAG.CONTINUE) && buf.length - p >= 8 + pageSize) {
-      cur.pos = p + 8 + pageSize;
+      this.continuedEnd = p + 8 + pageSize;
       const header: PageHeader = { addr, flags, idstr: null, block: block.idstr };
       return { kind: "ram", type: "page", offset: at, header, data: buf.subarray(p + 8, p + 8 + pageSize) };
     }
     if (flags === (RAM_FLAG.ZERO | RAM_FLAG.CONTINUE)) {
-      cur.pos = p + 9;
+      this.continuedEnd = p + 9;
       const header: PageHeader = { addr, flags, idstr: null, block: block.idstr };
       return { kind: "ram", type: "zero", offset: at, header, fill: buf[p + 8] as number };
     }
