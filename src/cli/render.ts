@@ -212,6 +212,7 @@ export function renderMultifdLines(m: MultifdPruneReport, dry: boolean): string[
         "normal pages",
         "judged",
         dry ? "would drop" : "dropped",
+        "of them references",
         "saved",
       ],
       m.channels.map((c) => [
@@ -221,10 +222,11 @@ export function renderMultifdLines(m: MultifdPruneReport, dry: boolean): string[
         String(c.normalPages),
         String(c.pagesJudged),
         String(c.pagesPruned),
+        String(c.pagesReferenced),
         formatBytes(c.bytesSaved),
       ]),
     ),
-    `multifd: ${dry ? "would drop" : "dropped"} ${m.pagesPruned} of ${m.pagesJudged} judged pages, ${formatBytes(m.bytesSaved)}`,
+    `multifd: ${dry ? "would drop" : "dropped"} ${m.pagesPruned} of ${m.pagesJudged} judged pages (${m.pagesReferenced} as references to shared storage), ${formatBytes(m.bytesSaved)}`,
   ];
   for (const c of m.channels) {
     if (c.unpruned) lines.push(`multifd connection ${c.connection}: ${c.unpruned}`);

@@ -47,7 +47,7 @@
  * | DATA | 0x10 | send → receive | QEMU stream bytes, forwarded as they are |
  * | REF | 0x11 | send → receive | be64 refId, be64 blockNumber, sha256[32], pageHeader (8..264 bytes) |
  * | PAGE_DATA | 0x12 | send → receive | be64 refId, page[4096]: the answer to a NACK |
- * | REF_FS | 0x13 | send → receive | be64 refId, uuid[16], be64 blockNumber, sha256[32], pageHeader (8..264 bytes): a REF into the filesystem with that UUID, blockNumber in 512-byte sectors from the filesystem's first byte (1.2, capability {@link CAPABILITY.REF_FS_SHA256}) |
+ * | REF_FS | 0x13 | send → receive | be64 refId, uuid[16], be64 blockNumber, sha256[32], pageHeader (8..264 bytes, or none: 1.3): a REF into the filesystem with that UUID, blockNumber in 512-byte sectors from the filesystem's first byte (1.2, capability {@link CAPABILITY.REF_FS_SHA256}) |
  * | RETURN | 0x20 | receive → send | QEMU return-path bytes, forwarded as they are |
  * | NACK | 0x21 | receive → send | be64 refId, u8 reason ({@link NACK_REASON}) |
  * | ACK | 0x22 | receive → send | be64 refId: every REF up to this id is settled |
@@ -67,6 +67,12 @@
  * so receive needs no agreement with send on disk names or partition layouts: it finds the filesystem on the disks
  * it was given (storage/filesystem-probe.ts). A UUID it does not find, or finds twice, is a NACK. Everything else
  * (rules 1-7, the hash check) is as for REF.
+ *
+ * ## References inside multifd packets (1.3, capability {@link CAPABILITY.REF_FS_BARE})
+ * With multifd on, QEMU sends pages in packets on the other channels: a header with the page offsets, then the
+ * pages' bytes. A clean cache page there is a REF_FS whose pageHeader is empty: receive writes the 4096 bytes it
+ * reads in the page's place, so the packet QEMU gets is the one QEMU sent. Only a receive that offered the
+ * capability gets them; everything else (rules 1-7, the hash check, NACK and PAGE_DATA) is as for any REF_FS.
  *
  * ## Stream rules (capability {@link CAPABILITY.REF_SHA256}; without it send sends only DATA and EOF)
  * 1. Order is sacred: receive writes DATA bytes, and for each REF `pageHeader` followed by the block's 4096
@@ -102,8 +108,8 @@ import { LinkError } from "./errors.ts";
 /** HELLO's first 8 bytes. */
 export const LINK_MAGIC = Buffer.from("vmprlink", "latin1");
 export const PROTOCOL_MAJOR = 1;
-/** 1.1: send's HELLO carries a {@link ChannelClaim}. 1.2: REF_FS. */
-export const PROTOCOL_MINOR = 2;
+/** 1.1: send's HELLO carries a {@link ChannelClaim}. 1.2: REF_FS. 1.3: bare REF_FS (multifd packets). */
+export const PROTOCOL_MINOR = 3;
 
 /** Frame header: u8 type, be32 length. */
 export const FRAME_HEADER_BYTES = 5;
@@ -155,6 +161,8 @@ export const CAPABILITY = {
   REF_SHA256: "ref-sha256",
   /** REF_FS: references into a filesystem named by its UUID (receive finds it on its disks). */
   REF_FS_SHA256: "ref-fs-sha256",
+  /** REF_FS with an empty pageHeader: a page inside a multifd packet, whose bytes alone the reference stands for (1.3). */
+  REF_FS_BARE: "ref-fs-bare",
 } as const;
 
 /** Why receive could not rebuild a REF'd page. */
@@ -509,17 +517,30 @@ export const REF_CODEC: MessageCodec<Ref> = {
 /** REF_FS's payload before the page header: refId, filesystem UUID, blockNumber, SHA-256. */
 export const REF_FS_FIXED_BYTES = 8 + FILESYSTEM_UUID_BYTES + 8 + HASH_BYTES;
 
+/** REF_FS's pageHeader: none (a bare reference) or a RAM record header (at least its be64 offset|flags). */
+function refFsPageHeader(payload: Buffer, at: number): Buffer {
+  const header = payload.subarray(REF_FS_FIXED_BYTES);
+  if (header.length !== 0 && header.length < MIN_PAGE_HEADER_BYTES)
+    throw badPayload(
+      "REF_FS",
+      at,
+      `a pageHeader of ${header.length} bytes is neither empty nor a RAM record header`,
+    );
+  return header;
+}
+
 export const REF_FS_CODEC: MessageCodec<RefFs> = {
   type: MSG.REF_FS,
   name: "REF_FS",
-  minPayloadBytes: REF_FS_FIXED_BYTES + MIN_PAGE_HEADER_BYTES,
+  // An empty pageHeader is a bare reference (1.3, inside a multifd packet); else a RAM record header.
+  minPayloadBytes: REF_FS_FIXED_BYTES,
   maxPayloadBytes: REF_FS_FIXED_BYTES + MAX_PAGE_HEADER_BYTES,
   encode(m) {
     if (m.hash.length !== HASH_BYTES) throw new RangeError(`REF_FS hash must be ${HASH_BYTES} bytes`);
     if (m.filesystem.length !== FILESYSTEM_UUID_BYTES)
       throw new RangeError(`REF_FS filesystem UUID must be ${FILESYSTEM_UUID_BYTES} bytes`);
     const headerBytes = m.pageHeader.length;
-    if (headerBytes < MIN_PAGE_HEADER_BYTES || headerBytes > MAX_PAGE_HEADER_BYTES)
+    if ((headerBytes !== 0 && headerBytes < MIN_PAGE_HEADER_BYTES) || headerBytes > MAX_PAGE_HEADER_BYTES)
       throw new RangeError(`REF_FS pageHeader of ${headerBytes} bytes`);
     const out = Buffer.alloc(REF_FS_FIXED_BYTES + headerBytes);
     writeSafeU64(out, m.refId, 0, "refId");
@@ -537,7 +558,7 @@ export const REF_FS_CODEC: MessageCodec<RefFs> = {
       filesystem: p.subarray(8, uuidEnd),
       blockNumber: readSafeU64(p, uuidEnd, "REF_FS", "blockNumber", at),
       hash: p.subarray(uuidEnd + 8, uuidEnd + 8 + HASH_BYTES),
-      pageHeader: p.subarray(REF_FS_FIXED_BYTES),
+      pageHeader: refFsPageHeader(p, at),
     };
   },
 };

@@ -79,7 +79,7 @@ export type ReceiveCodecOptions = Pick<ReceiveOptions, "psk" | "disk" | "filesys
 export function receiveCapabilities(options: Pick<ReceiveOptions, "disk" | "filesystems">): string[] {
   return [
     ...(options.disk ? [CAPABILITY.REF_SHA256] : []),
-    ...(options.filesystems ? [CAPABILITY.REF_FS_SHA256] : []),
+    ...(options.filesystems ? [CAPABILITY.REF_FS_SHA256, CAPABILITY.REF_FS_BARE] : []),
   ];
 }
 

@@ -49,6 +49,16 @@ export interface LinkSendOptions {
   log?: (line: string) => void;
 }
 
+/** A processor that emits bytes and references (the main channel's, or a multifd channel's with references). */
+export interface SegmentProcessor {
+  pushSegments(chunk: Buffer, refs: RefsAccepted): Segment[];
+  endSegments(refs: RefsAccepted): Segment[];
+}
+
+function isSegmentProcessor(p: ChannelProcessor): p is ChannelProcessor & SegmentProcessor {
+  return "pushSegments" in p && "endSegments" in p;
+}
+
 export class LinkSendCodec implements ChannelCodec {
   private readonly decoder = new LinkDecoder();
   private ledger = new RefLedger<PageRef>(0);
@@ -70,7 +80,7 @@ export class LinkSendCodec implements ChannelCodec {
     try {
       session = await clientHandshake(upstream, {
         psk: handshakeKey(this.options.psk, upstream),
-        capabilities: [CAPABILITY.REF_SHA256, CAPABILITY.REF_FS_SHA256],
+        capabilities: [CAPABILITY.REF_SHA256, CAPABILITY.REF_FS_SHA256, CAPABILITY.REF_FS_BARE],
         ...(this.options.claim ? { claim: { ...this.options.claim, channel: this.index } } : {}),
       });
     } catch (error) {
@@ -91,6 +101,9 @@ export class LinkSendCodec implements ChannelCodec {
     this.refsAllowed = {
       index: session.capabilities.includes(CAPABILITY.REF_SHA256),
       filesystem: session.capabilities.includes(CAPABILITY.REF_FS_SHA256),
+      multifd:
+        session.capabilities.includes(CAPABILITY.REF_FS_SHA256) &&
+        session.capabilities.includes(CAPABILITY.REF_FS_BARE),
     };
     this.ledger = new RefLedger<PageRef>(session.windowBytes);
     const tls = describeTls(upstream);
@@ -100,7 +113,7 @@ export class LinkSendCodec implements ChannelCodec {
   }
 
   fromSource(chunk: Buffer): CodecOutput {
-    const p = this.index === 0 ? this.options.processor : undefined;
+    const p = this.segmentProcessor();
     const other = this.index === 0 ? undefined : this.options.channelProcessor;
     const out = p
       ? this.frames(p.pushSegments(chunk, this.refsAllowed))
@@ -110,7 +123,7 @@ export class LinkSendCodec implements ChannelCodec {
   }
 
   sourceEnded(): CodecOutput {
-    const p = this.index === 0 ? this.options.processor : undefined;
+    const p = this.segmentProcessor();
     const other = this.index === 0 ? undefined : this.options.channelProcessor;
     const out = p ? this.frames(p.endSegments(this.refsAllowed)) : other ? this.dataFrames(other.end()) : [];
     out.push(encodeMessage({ type: MSG.EOF }));
@@ -167,6 +180,16 @@ export class LinkSendCodec implements ChannelCodec {
     if (side !== "source") return undefined;
     const message = `the source QEMU's connection failed: ${error.message}`;
     return [encodeMessage({ type: MSG.ERROR, code: ERROR_CODE.SOURCE, message })];
+  }
+
+  /**
+   * The processor whose output may hold references: the main channel's; a multifd channel's when it makes
+   * segments and receive takes references inside multifd packets. Else the channel goes as DATA only.
+   */
+  private segmentProcessor(): SegmentProcessor | undefined {
+    if (this.index === 0) return this.options.processor;
+    const other = this.options.channelProcessor;
+    return other && isSegmentProcessor(other) && this.refsAllowed.multifd ? other : undefined;
   }
 
   /** send half-closes the link after its EOF, once every REF is settled (a NACK may still need an answer). */

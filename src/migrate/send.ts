@@ -282,6 +282,7 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
   const newMultifdPruner = (connection: number) => {
     const processor = new MultifdPruningProcessor(opened?.judge ?? "no --drop: passthrough", connection, {
       drop,
+      ...(cache ? { cacheIndex: cache.references } : {}),
       dryRun: options.dryRun ?? false,
       zeroList,
       ramBlocks: () => pruner?.ramBlocksForMultifd() ?? "it arrived before the main channel",

@@ -22,15 +22,48 @@
  * 1344 bytes and 512 KiB of pages with 4 KiB pages), and only while its own bytes arrive.
  */
 import { CATEGORY, CATEGORY_NAMES, type Category } from "../introspect/classifier.ts";
+import { FRAME_HEADER_BYTES, REF_FS_FIXED_BYTES } from "../link/protocol.ts";
 import { compressionOf, type MultifdEvent, MultifdParser, type RamPacketHeader } from "../stream/multifd.ts";
 import { moveToZeroList } from "../stream/multifd-rewrite.ts";
 import { COMPRESSION_NAMES, MULTIFD_FLAG } from "../stream/multifd-wire.ts";
 import type { ChannelProcessor } from "../stream/relay.ts";
 import type { PageJudge, PageRef, RamBlock } from "./page-judge.ts";
+import {
+  type CacheIndex,
+  NO_REFS,
+  type RefsAccepted,
+  type RefTarget,
+  type Segment,
+} from "./pruning-processor.ts";
+
+/** A reference inside a packet stands for the page's bytes alone: no RAM record header goes with it. */
+const NO_PAGE_HEADER = Buffer.alloc(0);
+/** What a bare reference costs on the link (a REF_FS frame without pageHeader, link/protocol.ts). */
+const BARE_REF_BYTES = FRAME_HEADER_BYTES + REF_FS_FIXED_BYTES;
+/** Lookups inside packets: only a filesystem place can stand for a page without its record header. */
+const FILESYSTEM_REFS_ONLY: RefsAccepted = { index: false, filesystem: true, multifd: true };
+
+/** Appends bytes to the output, to the last bytes segment if it is one. */
+function pushBytes(out: Segment[], bytes: Buffer): void {
+  if (bytes.length === 0) return;
+  const last = out[out.length - 1];
+  if (last?.kind === "bytes") last.buffers.push(bytes);
+  else out.push({ kind: "bytes", buffers: [bytes] });
+}
+
+/** A plain destination's bytes (no references were asked for, so there are none). */
+function plainBytes(segments: Segment[]): Buffer[] {
+  return segments.flatMap((s) => (s.kind === "bytes" ? s.buffers : []));
+}
 
 export interface MultifdPruneOptions {
-  /** Categories to drop; on multifd channels only "free" is acted on (a cache reference needs the main channel). */
+  /**
+   * Categories to drop: "free" pages move to the packet's zero list (a 9.0+ destination, `zeroList`); "cache"
+   * pages that `cacheIndex` places on a filesystem become references inside the packet, through
+   * {@link MultifdPruningProcessor.pushSegments} for a receiver that takes them (link 1.3).
+   */
   drop: readonly Category[];
+  cacheIndex?: CacheIndex;
   /** Judge and count, but forward every packet unchanged. */
   dryRun?: boolean;
   /** True if the destination reads the zero list, else why it may not (every packet then passes unpruned). */
@@ -65,7 +98,11 @@ export interface MultifdChannelReport {
   pagesJudged: number;
   pagesPruned: number;
   byCategory: Record<Category, number>;
-  /** Page bytes not sent. */
+  /** Normal pages sent as references to the shared storage (receive puts their bytes back into the packet). */
+  pagesReferenced: number;
+  /** Cache pages looked up and not placed (they go whole). */
+  cacheMisses: number;
+  /** Page bytes not sent (a reference's own bytes deducted). */
   bytesSaved: number;
   /** Why the channel (or its rest, from some packet on) passed unpruned, or null. */
   unpruned: string | null;
@@ -87,6 +124,9 @@ export class MultifdPruningProcessor implements ChannelProcessor {
   private raw = false;
   private held: HeldPacket | null = null;
   private readonly dropFree: boolean;
+  private readonly dropCache: boolean;
+  /** What the receiver takes, as of the chunk being handled (pushSegments); none for a plain destination. */
+  private refs: RefsAccepted = NO_REFS;
   private readonly counts = new Array<number>(CATEGORY_NAMES.length).fill(0);
   private readonly unjudged = new Map<string, UnjudgedPackets>();
   private readonly report_: Omit<MultifdChannelReport, "byCategory" | "unjudged">;
@@ -100,6 +140,8 @@ export class MultifdPruningProcessor implements ChannelProcessor {
     this.parser = new MultifdParser({ onError: "passthrough", pageSizeBytes: this.pageSizeBytes });
     const refusedFree = typeof judgeOrReason === "string" ? undefined : judgeOrReason.refused?.free;
     this.dropFree = options.drop.includes("free") && refusedFree === undefined;
+    const refusedCache = typeof judgeOrReason === "string" ? undefined : judgeOrReason.refused?.cache;
+    this.dropCache = options.drop.includes("cache") && refusedCache === undefined && !!options.cacheIndex;
     this.report_ = {
       connection,
       channelId: null,
@@ -110,24 +152,38 @@ export class MultifdPruningProcessor implements ChannelProcessor {
       zeroPages: 0,
       pagesJudged: 0,
       pagesPruned: 0,
+      pagesReferenced: 0,
+      cacheMisses: 0,
       bytesSaved: 0,
       unpruned: null,
     };
   }
 
+  /** For a plain QEMU destination: the bytes to forward. */
   push(chunk: Buffer): Buffer[] {
-    if (this.raw) return [chunk];
-    return this.handle(this.parser.push(chunk));
+    return plainBytes(this.pushSegments(chunk, NO_REFS));
   }
 
   end(): Buffer[] {
+    return plainBytes(this.endSegments(NO_REFS));
+  }
+
+  /** For a receiver: bytes and, if it takes them inside multifd packets, references, in channel order. */
+  pushSegments(chunk: Buffer, refs: RefsAccepted): Segment[] {
+    if (this.raw) return [{ kind: "bytes", buffers: [chunk] }];
+    this.refs = refs;
+    return this.handle(this.parser.push(chunk));
+  }
+
+  endSegments(refs: RefsAccepted): Segment[] {
+    this.refs = refs;
     const out = this.raw ? [] : this.handle(this.parser.end());
     const held = this.held;
     if (held) {
       // The channel ended inside a packet: what came of it goes on as it came (QEMU sees the truncation).
       this.held = null;
       this.countUnjudged("the channel ended inside the packet", held.header.normalPages);
-      out.push(held.headerBytes, ...held.parts);
+      out.push({ kind: "bytes", buffers: [held.headerBytes, ...held.parts] });
     }
     return out;
   }
@@ -143,28 +199,31 @@ export class MultifdPruningProcessor implements ChannelProcessor {
     };
   }
 
-  private handle(events: MultifdEvent[]): Buffer[] {
-    const out: Buffer[] = [];
+  private handle(events: MultifdEvent[]): Segment[] {
+    const out: Segment[] = [];
+    const bytes = (b: Buffer) => pushBytes(out, b);
     for (const e of events) {
       switch (e.kind) {
         case "init":
           this.report_.channelId = e.init.channelId;
-          out.push(e.bytes);
+          bytes(e.bytes);
           break;
         case "ram":
-          this.onRamHeader(e.bytes, e.header, out);
+          this.onRamHeader(e.bytes, e.header, bytes);
           break;
         case "device":
           this.report_.packets++;
           this.report_.deviceStatePackets++;
-          out.push(e.bytes);
+          bytes(e.bytes);
           break;
         case "payload":
-          if (!this.held) out.push(e.bytes);
+          if (!this.held) bytes(e.bytes);
           else {
             this.held.parts.push(e.bytes);
             if (e.endsPacket) {
-              out.push(...this.decide(this.held));
+              for (const segment of this.decide(this.held))
+                if (segment.kind === "ref") out.push(segment);
+                else for (const b of segment.buffers) bytes(b);
               this.held = null;
             }
           }
@@ -172,14 +231,14 @@ export class MultifdPruningProcessor implements ChannelProcessor {
         case "raw":
           if (this.parser.error && this.report_.unpruned === null)
             this.passRest(`${this.parser.error.message}: the rest of the channel was relayed unparsed`);
-          out.push(e.bytes);
+          bytes(e.bytes);
           break;
       }
     }
     return out;
   }
 
-  private onRamHeader(headerBytes: Buffer, header: RamPacketHeader, out: Buffer[]): void {
+  private onRamHeader(headerBytes: Buffer, header: RamPacketHeader, out: (bytes: Buffer) => void): void {
     const r = this.report_;
     r.packets++;
     if (header.flags & MULTIFD_FLAG.SYNC) r.syncPackets++;
@@ -193,17 +252,17 @@ export class MultifdPruningProcessor implements ChannelProcessor {
       );
       // This batch's remaining events are forwarded as they are (held is null); later chunks are not parsed.
       this.raw = true;
-      out.push(headerBytes);
+      out(headerBytes);
       return;
     }
     if (header.normalPages === 0) {
-      out.push(headerBytes);
+      out(headerBytes);
       return;
     }
     const why = this.whyNotJudged(header);
     if (typeof why === "string") {
       this.countUnjudged(why, header.normalPages);
-      out.push(headerBytes);
+      out(headerBytes);
       return;
     }
     this.held = { headerBytes, header, blockLength: why.length, parts: [] };
@@ -212,11 +271,11 @@ export class MultifdPruningProcessor implements ChannelProcessor {
   /** The packet's block if its pages can be judged now, else why not. */
   private whyNotJudged(header: RamPacketHeader): RamBlock | string {
     if (typeof this.judgeOrReason === "string") return this.judgeOrReason;
-    if (!this.dropFree)
-      return this.options.drop.includes("free")
-        ? `free pages are not dropped for this guest: ${this.judgeOrReason.refused?.free ?? "?"}`
-        : "free pages are not asked to be dropped (only free pages can be pruned on multifd channels)";
-    if (this.options.zeroList !== true) return this.options.zeroList;
+    if (!this.pruneFree() && !this.referenceCache()) {
+      if (this.dropCache)
+        return `${this.whyNoFree()}; cache pages: the receiver takes no references inside multifd packets`;
+      return this.whyNoFree();
+    }
     if (this.report_.unpruned !== null) return this.report_.unpruned;
     if (header.nextPacketSize !== header.normalPages * this.pageSizeBytes)
       return `next_packet_size does not match normal_pages x ${this.pageSizeBytes} in an uncompressed packet`;
@@ -227,8 +286,30 @@ export class MultifdPruningProcessor implements ChannelProcessor {
     return block;
   }
 
-  /** The whole packet is here: judge its normal pages, and move the free ones to the zero list. */
-  private decide(held: HeldPacket): Buffer[] {
+  /** Free pages move to the zero list: asked for, allowed for this guest, and read by the destination. */
+  private pruneFree(): boolean {
+    return this.dropFree && this.options.zeroList === true;
+  }
+
+  /** Cache pages become references: asked for, placeable, and taken by the receiver inside multifd packets. */
+  private referenceCache(): boolean {
+    return this.dropCache && this.refs.filesystem && this.refs.multifd === true;
+  }
+
+  private whyNoFree(): string {
+    const judge = this.judgeOrReason;
+    if (!this.dropFree)
+      return this.options.drop.includes("free") && typeof judge !== "string"
+        ? `free pages are not dropped for this guest: ${judge.refused?.free ?? "?"}`
+        : "free pages are not asked to be dropped";
+    return this.options.zeroList === true ? "?" : this.options.zeroList;
+  }
+
+  /**
+   * The whole packet is here: judge its normal pages; free ones move to the zero list, cache ones the index places
+   * on a filesystem become references in their place in the payload.
+   */
+  private decide(held: HeldPacket): Segment[] {
     const { header, headerBytes } = held;
     const payload = held.parts.length === 1 ? (held.parts[0] as Buffer) : Buffer.concat(held.parts);
     const judge = this.judgeOrReason as PageJudge;
@@ -249,20 +330,67 @@ export class MultifdPruningProcessor implements ChannelProcessor {
         `introspection failed mid-way: ${error instanceof Error ? error.message : String(error)}`,
       );
       this.countUnjudged(this.report_.unpruned ?? "", header.normalPages);
-      return [headerBytes, payload];
+      return [{ kind: "bytes", buffers: [headerBytes, payload] }];
     }
+    const pruneFree = this.pruneFree();
+    const referenceCache = this.referenceCache();
     const moved = new Set<number>();
+    const referenced = new Map<number, { target: RefTarget; hash: Buffer; page: PageRef }>();
+    const size = this.pageSizeBytes;
     for (let k = 0; k < indices.length; k++) {
       const category = categories[k] ?? CATEGORY.unknown;
       this.counts[category] = (this.counts[category] ?? 0) + 1;
-      if (category === CATEGORY.free) moved.add(indices[k] as number);
+      const i = indices[k] as number;
+      if (category === CATEGORY.free && pruneFree) moved.add(i);
+      else if (category === CATEGORY.cache && referenceCache) {
+        const page = refs[k] as PageRef;
+        const found = this.options.cacheIndex?.lookup(
+          payload.subarray(i * size, (i + 1) * size),
+          judge.pfnOf?.(page) ?? -1,
+          FILESYSTEM_REFS_ONLY,
+        );
+        if (found && found.target.kind === "filesystem") referenced.set(i, { ...found, page });
+        else this.report_.cacheMisses++;
+      }
     }
     const r = this.report_;
     r.pagesJudged += refs.length;
-    r.pagesPruned += moved.size;
-    r.bytesSaved += moved.size * this.pageSizeBytes;
-    if (this.options.dryRun || moved.size === 0) return [headerBytes, payload];
-    return moveToZeroList({ headerBytes, header, payload }, moved, this.pageSizeBytes);
+    r.pagesPruned += moved.size + referenced.size;
+    r.pagesReferenced += referenced.size;
+    r.bytesSaved += moved.size * size + referenced.size * (size - BARE_REF_BYTES);
+    if (this.options.dryRun || (moved.size === 0 && referenced.size === 0))
+      return [{ kind: "bytes", buffers: [headerBytes, payload] }];
+    // The header (with the zero list, if pages moved), then the kept normal pages in their order, each referenced
+    // one a reference in its place.
+    const [newHeader] =
+      moved.size > 0 ? moveToZeroList({ headerBytes, header, payload }, moved, size) : [headerBytes];
+    const out: Segment[] = [{ kind: "bytes", buffers: [newHeader as Buffer] }];
+    let runStart = -1;
+    const flushRun = (end: number) => {
+      if (runStart >= 0) pushBytes(out, payload.subarray(runStart * size, end * size));
+      runStart = -1;
+    };
+    for (let i = 0; i < header.normalPages; i++) {
+      if (moved.has(i)) {
+        flushRun(i);
+        continue;
+      }
+      const ref = referenced.get(i);
+      if (!ref) {
+        if (runStart < 0) runStart = i;
+        continue;
+      }
+      flushRun(i);
+      out.push({
+        kind: "ref",
+        pageHeader: NO_PAGE_HEADER,
+        target: ref.target,
+        hash: ref.hash,
+        page: ref.page,
+      });
+    }
+    flushRun(header.normalPages);
+    return out;
   }
 
   private passRest(reason: string): void {
@@ -284,6 +412,7 @@ export interface MultifdPruneReport {
   channels: MultifdChannelReport[];
   pagesJudged: number;
   pagesPruned: number;
+  pagesReferenced: number;
   bytesSaved: number;
 }
 
@@ -292,6 +421,7 @@ export function summarizeMultifd(channels: readonly MultifdChannelReport[]): Mul
     channels: [...channels],
     pagesJudged: channels.reduce((a, c) => a + c.pagesJudged, 0),
     pagesPruned: channels.reduce((a, c) => a + c.pagesPruned, 0),
+    pagesReferenced: channels.reduce((a, c) => a + c.pagesReferenced, 0),
     bytesSaved: channels.reduce((a, c) => a + c.bytesSaved, 0),
   };
 }

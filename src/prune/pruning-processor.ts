@@ -59,9 +59,11 @@ export type RefTarget =
 export interface RefsAccepted {
   index: boolean;
   filesystem: boolean;
+  /** Filesystem references without a record header, for pages inside multifd packets (link 1.3). */
+  multifd?: boolean;
 }
 export const NO_REFS: RefsAccepted = { index: false, filesystem: false };
-export const ALL_REFS: RefsAccepted = { index: true, filesystem: true };
+export const ALL_REFS: RefsAccepted = { index: true, filesystem: true, multifd: true };
 
 /** Answers "where is this clean cache page on shared storage?" (storage/cache-references.ts). */
 export interface CacheIndex {

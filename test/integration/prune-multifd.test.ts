@@ -9,6 +9,7 @@
  */
 import assert from "node:assert/strict";
 import { type TestContext, test } from "node:test";
+import { dataFilePaths } from "../../src/lab/data-disk.ts";
 import { LabPair } from "../../src/lab/lab-vm.ts";
 import { migrateThroughLink } from "../../src/lab/link-oracle.ts";
 import { migrateThroughPruningSend, type PrunedMigration } from "../../src/lab/prune-oracle.ts";
@@ -137,6 +138,8 @@ test("QEMU 10.0, 1 vCPU: 2 multifd channels pruned; a zstd channel passes unchan
 
   // The link: send → vmprune receive → QEMU, each multifd channel framed on its own link connection.
   await pair.promoteDestination();
+  // Clean page cache (two of the data disk's files read), then free pages with old data.
+  await pair.src.agent.run(workload.fillCache(dataFilePaths().slice(0, 2)), 120_000);
   await pair.src.agent.run(workload.churn(CHURN, 1), 120_000);
   // This source was the zstd run's destination: it keeps that run's compression unless told otherwise.
   const { linked, bytes } = await multifdThroughLink(t, pair, {
@@ -145,12 +148,20 @@ test("QEMU 10.0, 1 vCPU: 2 multifd channels pruned; a zstd channel passes unchan
   });
   const viaLink = linked.send.prune?.multifd;
   t.diagnostic(
-    `10.0 through receive, 2 channels: multifd pruned ${viaLink?.pagesPruned} of ${viaLink?.pagesJudged} judged pages; ${bytes}`,
+    `10.0 through receive, 2 channels: multifd pruned ${viaLink?.pagesPruned} of ${viaLink?.pagesJudged} judged pages, ` +
+      `${viaLink?.pagesReferenced} of them cache pages as references (receive rebuilt ${linked.receive.refs.refsResolved}, ` +
+      `NACKed ${linked.receive.refs.refsNacked}); ${bytes}`,
   );
   assert.equal(viaLink?.channels.length, 2);
   assert.ok(
-    (viaLink?.pagesPruned ?? 0) > MIN_PRUNED,
+    (viaLink?.pagesPruned ?? 0) - (viaLink?.pagesReferenced ?? 0) > MIN_PRUNED,
     `free pages dropped through the link (${viaLink?.pagesPruned})`,
+  );
+  // Clean cache pages inside multifd packets went as references (link 1.3) and receive put them back.
+  assert.ok((viaLink?.pagesReferenced ?? 0) > 0, "cache pages in multifd packets went as references");
+  assert.ok(
+    linked.receive.refs.refsResolved >= (viaLink?.pagesReferenced ?? 0),
+    "receive rebuilt every reference it could (the rest were NACKed and answered)",
   );
   await linkOracles("10.0", linked);
 });

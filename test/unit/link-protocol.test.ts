@@ -70,6 +70,15 @@ const samples: Message[] = [
     hash,
     pageHeader,
   },
+  // A bare REF_FS (1.3): a page inside a multifd packet, no record header.
+  {
+    type: MSG.REF_FS,
+    refId: 9,
+    filesystem: Buffer.from("0f0e0d0c0b0a49088706050403020100", "hex"),
+    blockNumber: 16,
+    hash,
+    pageHeader: Buffer.alloc(0),
+  },
   { type: MSG.RETURN, bytes: Buffer.from([0, 3, 0, 4, 1, 2, 3, 4]) },
   { type: MSG.NACK, refId: 7, reason: NACK_REASON.UNVERIFIED },
   { type: MSG.ACK, refId: 6 },
@@ -277,4 +286,21 @@ test("HELLO 1.1 claims: a 1.0 send's HELLO has none; a bad destination name or a
   const at = frame.indexOf(Buffer.from("vm-7.sock"));
   slash.write("/", at + 2, "latin1");
   expectLinkError(() => new LinkDecoder().push(slash), "bad-payload", 0);
+});
+
+test("REF_FS: a pageHeader is empty (bare, 1.3) or a RAM record header: 1 to 7 bytes are refused both ways", () => {
+  const ref = {
+    type: MSG.REF_FS,
+    refId: 1,
+    filesystem: Buffer.alloc(16, 1),
+    blockNumber: 8,
+    hash,
+  } as const;
+  assert.throws(() => encodeMessage({ ...ref, pageHeader: Buffer.alloc(5) }), RangeError);
+  // Made by hand: a frame whose payload carries a 5-byte header.
+  const good = encodeMessage({ ...ref, pageHeader: Buffer.alloc(8) });
+  const bad = Buffer.concat([good.subarray(0, good.length - 3)]);
+  bad.writeUInt32BE(bad.length - FRAME_HEADER_BYTES, 1);
+  expectLinkError(() => new LinkDecoder().push(bad), "bad-payload", 0);
+  assert.equal(CAPABILITY.REF_FS_BARE, "ref-fs-bare");
 });

@@ -267,3 +267,123 @@ test("a corrupt channel: what came before is pruned, the rest passes unchanged f
   const { output } = run("qemu10-nocomp-channel2", 100, {}, notMultifd);
   assert.ok(output.equals(notMultifd));
 });
+
+/**
+ * Cache pages as references inside packets (link 1.3): a table judge calls pages with (offset / 4096) % 3 === 1
+ * cache, a fake index places each at a filesystem offset of its own; the segments, with each reference replaced
+ * by the page bytes it stands for (what receive writes), must be the channel with free pages moved, for any
+ * chunking, and a receiver that takes no references inside packets gets no reference.
+ */
+test("cache pages become bare filesystem references inside packets; rebuilt, the channel is QEMU's (free moved)", () => {
+  const name = "qemu10-nocomp-channel1";
+  const input = multifdFixture(name).bytes;
+  const isCache = (offset: number) => (offset / 4096) % 3 === 1;
+  const expected = run(name, input.length).output; // free pages moved, nothing else changed
+  for (const chunk of [input.length, 1000, 4096 + 9]) {
+    const judge: PageJudge = {
+      description: "table",
+      judge: (pages) =>
+        Uint8Array.from(pages, (p) =>
+          isFree(p.blockOffset)
+            ? CATEGORY.free
+            : isCache(p.blockOffset)
+              ? CATEGORY.cache
+              : CATEGORY.anonymous,
+        ),
+      pfnOf: (p) => p.blockOffset / 4096,
+    };
+    const placed = new Map<number, Buffer>();
+    const uuid = Buffer.alloc(16, 7);
+    const processor = new MultifdPruningProcessor(judge, 1, {
+      drop: ["free", "cache"],
+      zeroList: true,
+      ramBlocks: () => blockMap(multifdFixture(name).ramBlocks),
+      cacheIndex: {
+        lookup(page, pfn, accepted) {
+          assert.equal(accepted.filesystem, true);
+          placed.set(pfn, Buffer.from(page));
+          return { target: { kind: "filesystem", uuid, offset: pfn * 4096 }, hash: Buffer.alloc(32) };
+        },
+      },
+    });
+    const rebuilt: Buffer[] = [];
+    let refs = 0;
+    const take = (segments: ReturnType<MultifdPruningProcessor["pushSegments"]>) => {
+      for (const s of segments) {
+        if (s.kind === "bytes") rebuilt.push(...s.buffers);
+        else {
+          refs++;
+          assert.equal(s.pageHeader.length, 0, "a reference inside a packet has no record header");
+          assert.equal(s.target.kind, "filesystem");
+          const page = placed.get(s.target.kind === "filesystem" ? s.target.offset / 4096 : -1);
+          assert.ok(page, "the reference names a page the index placed");
+          rebuilt.push(page);
+        }
+      }
+    };
+    const all = { index: true, filesystem: true, multifd: true };
+    for (let at = 0; at < input.length; at += chunk)
+      take(processor.pushSegments(input.subarray(at, at + chunk), all));
+    take(processor.endSegments(all));
+    assert.ok(
+      Buffer.concat(rebuilt).equals(expected),
+      `chunks of ${chunk}: rebuilt channel = free-pruned channel`,
+    );
+    const report = processor.report();
+    assert.ok(
+      refs > 0 && refs === report.pagesReferenced,
+      `${refs} references, reported ${report.pagesReferenced}`,
+    );
+    assert.equal(report.cacheMisses, 0);
+    // The same processor for a receiver without references inside packets: no reference, cache pages whole.
+    const plain = new MultifdPruningProcessor(judge, 1, {
+      drop: ["free", "cache"],
+      zeroList: true,
+      ramBlocks: () => blockMap(multifdFixture(name).ramBlocks),
+      cacheIndex: { lookup: () => assert.fail("no lookup without references") },
+    });
+    const none = { index: true, filesystem: true, multifd: false };
+    const out = [...plain.pushSegments(input, none), ...plain.endSegments(none)];
+    assert.ok(out.every((s) => s.kind === "bytes"));
+    assert.ok(Buffer.concat(out.flatMap((s) => (s.kind === "bytes" ? s.buffers : []))).equals(expected));
+  }
+});
+
+test("a 7.2 destination (no zero list): free pages stay, cache pages still become references", () => {
+  const name = "qemu10-nocomp-channel1";
+  const input = multifdFixture(name).bytes;
+  const judge: PageJudge = {
+    description: "table",
+    judge: (pages) =>
+      Uint8Array.from(pages, (p) => ((p.blockOffset / 4096) % 2 === 0 ? CATEGORY.cache : CATEGORY.free)),
+    pfnOf: (p) => p.blockOffset / 4096,
+  };
+  const pages = new Map<number, Buffer>();
+  const processor = new MultifdPruningProcessor(judge, 1, {
+    drop: ["free", "cache"],
+    zeroList: "the source QEMU is 7.2",
+    ramBlocks: () => blockMap(multifdFixture(name).ramBlocks),
+    cacheIndex: {
+      lookup(page, pfn) {
+        pages.set(pfn, Buffer.from(page));
+        return {
+          target: { kind: "filesystem", uuid: Buffer.alloc(16), offset: pfn * 4096 },
+          hash: Buffer.alloc(32),
+        };
+      },
+    },
+  });
+  const all = { index: true, filesystem: true, multifd: true };
+  const segments = [...processor.pushSegments(input, all), ...processor.endSegments(all)];
+  const rebuilt = Buffer.concat(
+    segments.flatMap((s) =>
+      s.kind === "bytes"
+        ? s.buffers
+        : [pages.get(s.target.kind === "filesystem" ? s.target.offset / 4096 : -1) ?? Buffer.alloc(0)],
+    ),
+  );
+  assert.ok(rebuilt.equals(input), "rebuilt, the channel is exactly QEMU's: no page moved to the zero list");
+  const report = processor.report();
+  assert.ok(report.pagesReferenced > 0);
+  assert.equal(report.pagesPruned, report.pagesReferenced, "only references: free pages went whole");
+});
