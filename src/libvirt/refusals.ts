@@ -73,7 +73,7 @@ export function unprunedNotes(
     args.includes("--parallel") || capabilities.some((c) => c.capability === "multifd" && c.state);
   return multifd
     ? [
-        "multifd (--parallel): the pages travel on the parallel channels, which vmprune relays unpruned unless the source QEMU is 9.0+ with zero-page-detection 'multifd' and the channels are uncompressed (then their free pages are pruned; send's report says why a channel was not)",
+        "multifd (--parallel): the pages travel on the parallel channels; uncompressed, their free pages are pruned when the source QEMU is 9.0+ with zero-page-detection 'multifd' (moved to the packets' zero lists) or the link goes to vmprune receive (which writes zeros in their place), and their clean cache pages go as references through receive; otherwise vmprune relays them unpruned (send's report says why a channel was not pruned)",
       ]
     : [];
 }

@@ -45,6 +45,7 @@
  * | AUTH | 0x02 | both, second | hmac[32] |
  * | READY | 0x03 | send → receive, third | (empty) |
  * | DATA | 0x10 | send → receive | QEMU stream bytes, forwarded as they are |
+ * | ZEROS | 0x14 | send → receive | be32 pages (1..{@link MAX_ZERO_PAGES}): that many 4096-byte pages of zeros, written where they stand: free pages inside a multifd packet for a destination that reads no zero list (1.3, capability {@link CAPABILITY.ZERO_FILL}) |
  * | REF | 0x11 | send → receive | be64 refId, be64 blockNumber, sha256[32], pageHeader (8..264 bytes) |
  * | PAGE_DATA | 0x12 | send → receive | be64 refId, page[4096]: the answer to a NACK |
  * | REF_FS | 0x13 | send → receive | be64 refId, uuid[16], be64 blockNumber, sha256[32], pageHeader (8..264 bytes, or none: 1.3): a REF into the filesystem with that UUID, blockNumber in 512-byte sectors from the filesystem's first byte (1.2, capability {@link CAPABILITY.REF_FS_SHA256}) |
@@ -108,7 +109,7 @@ import { LinkError } from "./errors.ts";
 /** HELLO's first 8 bytes. */
 export const LINK_MAGIC = Buffer.from("vmprlink", "latin1");
 export const PROTOCOL_MAJOR = 1;
-/** 1.1: send's HELLO carries a {@link ChannelClaim}. 1.2: REF_FS. 1.3: bare REF_FS (multifd packets). */
+/** 1.1: send's HELLO carries a {@link ChannelClaim}. 1.2: REF_FS. 1.3: bare REF_FS and ZEROS (multifd packets). */
 export const PROTOCOL_MINOR = 3;
 
 /** Frame header: u8 type, be32 length. */
@@ -144,6 +145,7 @@ export const MSG = {
   REF: 0x11,
   PAGE_DATA: 0x12,
   REF_FS: 0x13,
+  ZEROS: 0x14,
   RETURN: 0x20,
   NACK: 0x21,
   ACK: 0x22,
@@ -163,6 +165,8 @@ export const CAPABILITY = {
   REF_FS_SHA256: "ref-fs-sha256",
   /** REF_FS with an empty pageHeader: a page inside a multifd packet, whose bytes alone the reference stands for (1.3). */
   REF_FS_BARE: "ref-fs-bare",
+  /** ZEROS: pages of zeros receive writes in place (free pages in a 7.2 source's multifd packets, 1.3). */
+  ZERO_FILL: "zero-fill",
 } as const;
 
 /** Why receive could not rebuild a REF'd page. */
@@ -230,6 +234,11 @@ export interface Data {
   type: typeof MSG.DATA;
   bytes: Buffer;
 }
+export interface Zeros {
+  type: typeof MSG.ZEROS;
+  /** Pages of 4096 zero bytes. */
+  pages: number;
+}
 export interface Ref {
   type: typeof MSG.REF;
   refId: number;
@@ -282,6 +291,7 @@ export type Message =
   | Auth
   | Ready
   | Data
+  | Zeros
   | Ref
   | RefFs
   | PageData
@@ -291,7 +301,7 @@ export type Message =
   | Eof
   | ErrorMessage;
 /** What send may send after READY. */
-export type SendMessage = Data | Ref | RefFs | PageData | Eof | ErrorMessage;
+export type SendMessage = Data | Zeros | Ref | RefFs | PageData | Eof | ErrorMessage;
 /** What receive may send after READY. */
 export type ReceiveMessage = Return | Nack | Ack | Eof | ErrorMessage;
 
@@ -596,6 +606,29 @@ export const NACK_CODEC: MessageCodec<Nack> = {
   },
 };
 
+/** Most pages one ZEROS stands for: as many bytes as the largest DATA payload, so receive allocates no more. */
+export const MAX_ZERO_PAGES = MAX_PAYLOAD_BYTES / PAGE_BYTES;
+
+export const ZEROS_CODEC: MessageCodec<Zeros> = {
+  type: MSG.ZEROS,
+  name: "ZEROS",
+  minPayloadBytes: 4,
+  maxPayloadBytes: 4,
+  encode(m) {
+    if (!Number.isInteger(m.pages) || m.pages < 1 || m.pages > MAX_ZERO_PAGES)
+      throw new RangeError(`ZEROS of ${m.pages} pages (1..${MAX_ZERO_PAGES})`);
+    const out = Buffer.alloc(4);
+    out.writeUInt32BE(m.pages, 0);
+    return out;
+  },
+  decode(p, at) {
+    const pages = p.readUInt32BE(0);
+    if (pages < 1 || pages > MAX_ZERO_PAGES)
+      throw badPayload("ZEROS", at, `${pages} pages is not within 1..${MAX_ZERO_PAGES}`);
+    return { type: MSG.ZEROS, pages };
+  },
+};
+
 export const ACK_CODEC: MessageCodec<Ack> = {
   type: MSG.ACK,
   name: "ACK",
@@ -639,6 +672,7 @@ const CODECS: CodecTable = {
   [MSG.REF]: REF_CODEC,
   [MSG.PAGE_DATA]: PAGE_DATA_CODEC,
   [MSG.REF_FS]: REF_FS_CODEC,
+  [MSG.ZEROS]: ZEROS_CODEC,
   [MSG.RETURN]: RETURN_CODEC,
   [MSG.NACK]: NACK_CODEC,
   [MSG.ACK]: ACK_CODEC,

@@ -225,6 +225,10 @@ export class RefReassembler {
         case MSG.DATA:
           this.#data(message, out);
           break;
+        case MSG.ZEROS:
+          // Pages of zeros written in place (free pages in a multifd packet): bytes like DATA's, made here.
+          this.#data({ type: MSG.DATA, bytes: Buffer.alloc(message.pages * PAGE_BYTES) }, out);
+          break;
         case MSG.REF:
         case MSG.REF_FS:
           this.#ref(message, out);

@@ -75,11 +75,15 @@ export interface ReceiveReport {
 /** What a link codec on receive's side needs: the key, the disk, the log. */
 export type ReceiveCodecOptions = Pick<ReceiveOptions, "psk" | "disk" | "filesystems" | "log">;
 
-/** The capabilities receive offers: references only with a disk (REF) or its filesystems (REF_FS) to read. */
+/**
+ * The capabilities receive offers: references only with a disk (REF) or its filesystems (REF_FS) to read; pages
+ * of zeros (ZEROS) always.
+ */
 export function receiveCapabilities(options: Pick<ReceiveOptions, "disk" | "filesystems">): string[] {
   return [
     ...(options.disk ? [CAPABILITY.REF_SHA256] : []),
     ...(options.filesystems ? [CAPABILITY.REF_FS_SHA256, CAPABILITY.REF_FS_BARE] : []),
+    CAPABILITY.ZERO_FILL,
   ];
 }
 

@@ -11,7 +11,15 @@ import { TLSSocket } from "node:tls";
 import { LinkDecoder } from "../link/decoder.ts";
 import { LinkError } from "../link/errors.ts";
 import { clientHandshake, handshakeKey } from "../link/handshake.ts";
-import { CAPABILITY, ERROR_CODE, encodeBytesFrames, encodeMessage, MSG } from "../link/protocol.ts";
+import {
+  CAPABILITY,
+  ERROR_CODE,
+  encodeBytesFrames,
+  encodeMessage,
+  MAX_ZERO_PAGES,
+  MSG,
+  PAGE_BYTES,
+} from "../link/protocol.ts";
 import { RefLedger } from "../link/ref-ledger.ts";
 import type { PageRef } from "../prune/page-judge.ts";
 import {
@@ -80,7 +88,12 @@ export class LinkSendCodec implements ChannelCodec {
     try {
       session = await clientHandshake(upstream, {
         psk: handshakeKey(this.options.psk, upstream),
-        capabilities: [CAPABILITY.REF_SHA256, CAPABILITY.REF_FS_SHA256, CAPABILITY.REF_FS_BARE],
+        capabilities: [
+          CAPABILITY.REF_SHA256,
+          CAPABILITY.REF_FS_SHA256,
+          CAPABILITY.REF_FS_BARE,
+          CAPABILITY.ZERO_FILL,
+        ],
         ...(this.options.claim ? { claim: { ...this.options.claim, channel: this.index } } : {}),
       });
     } catch (error) {
@@ -104,6 +117,7 @@ export class LinkSendCodec implements ChannelCodec {
       multifd:
         session.capabilities.includes(CAPABILITY.REF_FS_SHA256) &&
         session.capabilities.includes(CAPABILITY.REF_FS_BARE),
+      zeroFill: session.capabilities.includes(CAPABILITY.ZERO_FILL),
     };
     this.ledger = new RefLedger<PageRef>(session.windowBytes);
     const tls = describeTls(upstream);
@@ -184,12 +198,15 @@ export class LinkSendCodec implements ChannelCodec {
 
   /**
    * The processor whose output may hold references: the main channel's; a multifd channel's when it makes
-   * segments and receive takes references inside multifd packets. Else the channel goes as DATA only.
+   * segments and receive takes references or pages of zeros inside multifd packets. Else the channel goes as DATA
+   * only.
    */
   private segmentProcessor(): SegmentProcessor | undefined {
     if (this.index === 0) return this.options.processor;
     const other = this.options.channelProcessor;
-    return other && isSegmentProcessor(other) && this.refsAllowed.multifd ? other : undefined;
+    return other && isSegmentProcessor(other) && (this.refsAllowed.multifd || this.refsAllowed.zeroFill)
+      ? other
+      : undefined;
   }
 
   /** send half-closes the link after its EOF, once every REF is settled (a NACK may still need an answer). */
@@ -210,6 +227,15 @@ export class LinkSendCodec implements ChannelCodec {
     for (const s of segments) {
       if (s.kind === "bytes") {
         out.push(...this.dataFrames(s.buffers));
+        continue;
+      }
+      if (s.kind === "zeros") {
+        // What receive writes counts as output, as DATA does (stream rule 3).
+        for (let left = s.pages; left > 0; left -= MAX_ZERO_PAGES) {
+          const pages = Math.min(left, MAX_ZERO_PAGES);
+          this.ledger.data(pages * PAGE_BYTES);
+          out.push(encodeMessage({ type: MSG.ZEROS, pages }));
+        }
         continue;
       }
       const refId = this.ledger.ref(s.page, s.pageHeader.length);

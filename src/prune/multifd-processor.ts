@@ -222,8 +222,8 @@ export class MultifdPruningProcessor implements ChannelProcessor {
             this.held.parts.push(e.bytes);
             if (e.endsPacket) {
               for (const segment of this.decide(this.held))
-                if (segment.kind === "ref") out.push(segment);
-                else for (const b of segment.buffers) bytes(b);
+                if (segment.kind === "bytes") for (const b of segment.buffers) bytes(b);
+                else out.push(segment);
               this.held = null;
             }
           }
@@ -286,9 +286,12 @@ export class MultifdPruningProcessor implements ChannelProcessor {
     return block;
   }
 
-  /** Free pages move to the zero list: asked for, allowed for this guest, and read by the destination. */
+  /**
+   * Free pages are pruned: asked for and allowed for this guest, and either the destination reads the zero list
+   * (they move there) or the receiver writes pages of zeros in their place (ZEROS, for a 7.2 destination).
+   */
   private pruneFree(): boolean {
-    return this.dropFree && this.options.zeroList === true;
+    return this.dropFree && (this.options.zeroList === true || this.refs.zeroFill === true);
   }
 
   /** Cache pages become references: asked for, placeable, and taken by the receiver inside multifd packets. */
@@ -360,10 +363,15 @@ export class MultifdPruningProcessor implements ChannelProcessor {
     r.bytesSaved += moved.size * size + referenced.size * (size - BARE_REF_BYTES);
     if (this.options.dryRun || (moved.size === 0 && referenced.size === 0))
       return [{ kind: "bytes", buffers: [headerBytes, payload] }];
+    // A destination that reads the zero list gets the free pages there; else they stay normal pages, and the
+    // receiver writes zeros in their place.
+    const zeroList = this.options.zeroList === true;
     // The header (with the zero list, if pages moved), then the kept normal pages in their order, each referenced
-    // one a reference in its place.
+    // one a reference in its place, each zero-filled one a run of zeros.
     const [newHeader] =
-      moved.size > 0 ? moveToZeroList({ headerBytes, header, payload }, moved, size) : [headerBytes];
+      zeroList && moved.size > 0
+        ? moveToZeroList({ headerBytes, header, payload }, moved, size)
+        : [headerBytes];
     const out: Segment[] = [{ kind: "bytes", buffers: [newHeader as Buffer] }];
     let runStart = -1;
     const flushRun = (end: number) => {
@@ -373,6 +381,11 @@ export class MultifdPruningProcessor implements ChannelProcessor {
     for (let i = 0; i < header.normalPages; i++) {
       if (moved.has(i)) {
         flushRun(i);
+        if (!zeroList) {
+          const last = out[out.length - 1];
+          if (last?.kind === "zeros") last.pages++;
+          else out.push({ kind: "zeros", pages: 1 });
+        }
         continue;
       }
       const ref = referenced.get(i);

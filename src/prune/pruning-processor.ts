@@ -61,9 +61,11 @@ export interface RefsAccepted {
   filesystem: boolean;
   /** Filesystem references without a record header, for pages inside multifd packets (link 1.3). */
   multifd?: boolean;
+  /** Pages of zeros written in place by the receiver (link ZEROS, 1.3). */
+  zeroFill?: boolean;
 }
 export const NO_REFS: RefsAccepted = { index: false, filesystem: false };
-export const ALL_REFS: RefsAccepted = { index: true, filesystem: true, multifd: true };
+export const ALL_REFS: RefsAccepted = { index: true, filesystem: true, multifd: true, zeroFill: true };
 
 /** Answers "where is this clean cache page on shared storage?" (storage/cache-references.ts). */
 export interface CacheIndex {
@@ -77,7 +79,9 @@ export interface CacheIndex {
  */
 export type Segment =
   | { kind: "bytes"; buffers: Buffer[] }
-  | { kind: "ref"; pageHeader: Buffer; target: RefTarget; hash: Buffer; page: PageRef };
+  | { kind: "ref"; pageHeader: Buffer; target: RefTarget; hash: Buffer; page: PageRef }
+  /** Pages of zeros the receiver writes in place (free pages inside a multifd packet, link ZEROS). */
+  | { kind: "zeros"; pages: number };
 
 export interface PruneOptions {
   /**

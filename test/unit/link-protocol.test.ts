@@ -15,6 +15,7 @@ import {
   FRAME_HEADER_BYTES,
   LINK_MAGIC,
   MAX_PAYLOAD_BYTES,
+  MAX_ZERO_PAGES,
   type Message,
   MSG,
   NACK_REASON,
@@ -79,6 +80,8 @@ const samples: Message[] = [
     hash,
     pageHeader: Buffer.alloc(0),
   },
+  { type: MSG.ZEROS, pages: 3 },
+  { type: MSG.ZEROS, pages: MAX_ZERO_PAGES },
   { type: MSG.RETURN, bytes: Buffer.from([0, 3, 0, 4, 1, 2, 3, 4]) },
   { type: MSG.NACK, refId: 7, reason: NACK_REASON.UNVERIFIED },
   { type: MSG.ACK, refId: 6 },
@@ -303,4 +306,15 @@ test("REF_FS: a pageHeader is empty (bare, 1.3) or a RAM record header: 1 to 7 b
   bad.writeUInt32BE(bad.length - FRAME_HEADER_BYTES, 1);
   expectLinkError(() => new LinkDecoder().push(bad), "bad-payload", 0);
   assert.equal(CAPABILITY.REF_FS_BARE, "ref-fs-bare");
+});
+
+test("ZEROS: 1 to MAX_ZERO_PAGES pages (no more than a DATA frame's bytes); 0 or more are refused both ways", () => {
+  assert.equal(MAX_ZERO_PAGES * PAGE_BYTES, MAX_PAYLOAD_BYTES);
+  assert.throws(() => encodeMessage({ type: MSG.ZEROS, pages: 0 }), RangeError);
+  assert.throws(() => encodeMessage({ type: MSG.ZEROS, pages: MAX_ZERO_PAGES + 1 }), RangeError);
+  for (const pages of [0, MAX_ZERO_PAGES + 1, 0xffffffff]) {
+    const frame = encodeMessage({ type: MSG.ZEROS, pages: 1 });
+    frame.writeUInt32BE(pages, FRAME_HEADER_BYTES);
+    expectLinkError(() => new LinkDecoder().push(frame), "bad-payload", 0);
+  }
 });

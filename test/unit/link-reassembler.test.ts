@@ -613,3 +613,24 @@ test("REF_FS: resolved through resolveRefFs in link order beside REF; without it
   const without = new RefReassembler({ resolveRef: resolve, windowBytes: 1 << 20 });
   expectLinkError(() => without.push([refFs(1, sha256(fsPage))]), "unexpected-message");
 });
+
+test("ZEROS: pages of zeros written in place; behind a NACKed REF they wait in order like DATA", () => {
+  const { disk, resolve } = fakeDisk(2);
+  const b1 = disk[1] as Buffer;
+  const r = new RefReassembler({ resolveRef: resolve, windowBytes: 1 << 20 });
+  const first = r.push([data("pkt"), { type: MSG.ZEROS, pages: 2 }, data("+")]);
+  assert.ok(
+    text(first).equals(Buffer.concat([Buffer.from("pkt"), Buffer.alloc(2 * PAGE_BYTES), Buffer.from("+")])),
+  );
+  // A REF that does not verify (another block's hash): NACKed; the ZEROS after it wait for its PAGE_DATA.
+  const bad: Ref = { ...ref(1, 0, b1) };
+  const held = r.push([bad, { type: MSG.ZEROS, pages: 1 }, data("end")]);
+  assert.equal(held.toQemu.length, 0, "nothing passes an unsettled REF");
+  assert.deepEqual(held.toSend, [{ type: MSG.NACK, refId: 1, reason: NACK_REASON.UNVERIFIED }]);
+  const page = randomBytes(PAGE_BYTES);
+  const released = r.push([{ type: MSG.PAGE_DATA, refId: 1, page }]);
+  assert.ok(
+    text(released).equals(Buffer.concat([headerOf(1), page, Buffer.alloc(PAGE_BYTES), Buffer.from("end")])),
+    "the page, then the zeros, then the rest, in link order",
+  );
+});

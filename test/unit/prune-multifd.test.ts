@@ -11,6 +11,7 @@ import { test } from "node:test";
 import { CATEGORY } from "../../src/introspect/classifier.ts";
 import { type MultifdPruneOptions, MultifdPruningProcessor } from "../../src/prune/multifd-processor.ts";
 import type { PageJudge, PageRef, RamBlock } from "../../src/prune/page-judge.ts";
+import type { Segment } from "../../src/prune/pruning-processor.ts";
 import { type MultifdEvent, MultifdParser } from "../../src/stream/multifd.ts";
 import { INIT_BYTES, RAM, ramHeaderBytes } from "../../src/stream/multifd-wire.ts";
 import { type FixtureName, multifdFixture } from "../support/multifd-fixtures.ts";
@@ -268,6 +269,20 @@ test("a corrupt channel: what came before is pruned, the rest passes unchanged f
   assert.ok(output.equals(notMultifd));
 });
 
+/** What receive writes for segments: bytes as they are, a reference's page from `pages` (filesystem offset / 4096), zeros. */
+function rebuild(segments: Segment[], pages: ReadonlyMap<number, Buffer>): Buffer {
+  return Buffer.concat(
+    segments.flatMap((s) => {
+      if (s.kind === "bytes") return s.buffers;
+      if (s.kind === "zeros") return [Buffer.alloc(s.pages * 4096)];
+      const page = pages.get(s.target.kind === "filesystem" ? s.target.offset / 4096 : -1);
+      assert.ok(page, "the reference names a page the index placed");
+      assert.equal(s.pageHeader.length, 0, "a reference inside a packet has no record header");
+      return [page];
+    }),
+  );
+}
+
 /**
  * Cache pages as references inside packets (link 1.3): a table judge calls pages with (offset / 4096) % 3 === 1
  * cache, a fake index places each at a filesystem offset of its own; the segments, with each reference replaced
@@ -306,27 +321,14 @@ test("cache pages become bare filesystem references inside packets; rebuilt, the
         },
       },
     });
-    const rebuilt: Buffer[] = [];
-    let refs = 0;
-    const take = (segments: ReturnType<MultifdPruningProcessor["pushSegments"]>) => {
-      for (const s of segments) {
-        if (s.kind === "bytes") rebuilt.push(...s.buffers);
-        else {
-          refs++;
-          assert.equal(s.pageHeader.length, 0, "a reference inside a packet has no record header");
-          assert.equal(s.target.kind, "filesystem");
-          const page = placed.get(s.target.kind === "filesystem" ? s.target.offset / 4096 : -1);
-          assert.ok(page, "the reference names a page the index placed");
-          rebuilt.push(page);
-        }
-      }
-    };
+    const segments: Segment[] = [];
     const all = { index: true, filesystem: true, multifd: true };
     for (let at = 0; at < input.length; at += chunk)
-      take(processor.pushSegments(input.subarray(at, at + chunk), all));
-    take(processor.endSegments(all));
+      segments.push(...processor.pushSegments(input.subarray(at, at + chunk), all));
+    segments.push(...processor.endSegments(all));
+    const refs = segments.filter((x) => x.kind === "ref").length;
     assert.ok(
-      Buffer.concat(rebuilt).equals(expected),
+      rebuild(segments, placed).equals(expected),
       `chunks of ${chunk}: rebuilt channel = free-pruned channel`,
     );
     const report = processor.report();
@@ -375,15 +377,60 @@ test("a 7.2 destination (no zero list): free pages stay, cache pages still becom
   });
   const all = { index: true, filesystem: true, multifd: true };
   const segments = [...processor.pushSegments(input, all), ...processor.endSegments(all)];
-  const rebuilt = Buffer.concat(
-    segments.flatMap((s) =>
-      s.kind === "bytes"
-        ? s.buffers
-        : [pages.get(s.target.kind === "filesystem" ? s.target.offset / 4096 : -1) ?? Buffer.alloc(0)],
-    ),
+  assert.ok(
+    rebuild(segments, pages).equals(input),
+    "rebuilt, the channel is exactly QEMU's: no page moved to the zero list",
   );
-  assert.ok(rebuilt.equals(input), "rebuilt, the channel is exactly QEMU's: no page moved to the zero list");
   const report = processor.report();
   assert.ok(report.pagesReferenced > 0);
   assert.equal(report.pagesPruned, report.pagesReferenced, "only references: free pages went whole");
+});
+
+test("a 7.2 destination through a receiver that writes zeros: free pages become ZEROS in place, nothing else changes", () => {
+  for (const name of ["qemu10-nocomp-channel1", "qemu72-nocomp-channel1"] as const) {
+    const input = multifdFixture(name).bytes;
+    // Expected: the input with every free normal page's bytes zeroed (headers and the rest unchanged).
+    const expected = Buffer.from(input);
+    let free = 0;
+    let offset = 0;
+    for (const e of events(input)) {
+      if (e.kind === "ram") {
+        const normal = e.header.offsets.slice(0, e.header.normalPages);
+        normal.forEach((o, k) => {
+          if (!isFree(o)) return;
+          const at = offset + e.bytes.length + k * 4096;
+          expected.fill(0, at, at + 4096);
+          free++;
+        });
+      }
+      offset += e.bytes.length;
+    }
+    assert.ok(free > 0, `${name}: the table calls some pages free`);
+    for (const chunk of [input.length, 777]) {
+      let pushed = 0;
+      const judge = tableJudge(() => pushed);
+      const processor = new MultifdPruningProcessor(judge, 1, {
+        drop: ["free"],
+        zeroList: "the source QEMU is 7.2",
+        ramBlocks: () => blockMap(multifdFixture(name).ramBlocks),
+      });
+      const segments: Segment[] = [];
+      const refs = { index: false, filesystem: false, zeroFill: true };
+      for (let at = 0; at < input.length; at += chunk) {
+        const piece = input.subarray(at, at + chunk);
+        pushed += piece.length;
+        segments.push(...processor.pushSegments(piece, refs));
+      }
+      segments.push(...processor.endSegments(refs));
+      assert.equal(processor.report().pagesPruned, free, `${name}: every free page pruned`);
+      assert.ok(
+        segments.some((x) => x.kind === "zeros"),
+        `${name}: as ZEROS`,
+      );
+      assert.ok(
+        rebuild(segments, new Map()).equals(expected),
+        `${name}, chunks of ${chunk}: rebuilt = input, free pages zeroed`,
+      );
+    }
+  }
 });

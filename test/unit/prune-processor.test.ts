@@ -251,6 +251,7 @@ test("references: with a receiver, cache pages found on the disk become REF segm
           continue;
         }
         // What receive does: the record's header as QEMU wrote it, then the block's bytes.
+        if (s.kind === "zeros") assert.fail("the main channel makes ZERO records, never ZEROS");
         assert.equal(s.target.kind, "index");
         const block = s.target.kind === "index" ? s.target.block : -1;
         refs.push(block);
