@@ -243,7 +243,10 @@ test("libvirt 9.0: a share=off domain is refused with the way out; a lab domain 
       assert.match(leg3.stderr, /multifd \(--parallel\).*receive \(which writes zeros in their place\)/);
       // QEMU 7.2's packets have no zero list: through receive, their free pages went as ZEROS.
       const multifd3 = report3.send.prune?.multifd;
-      assert.ok((multifd3?.pagesPruned ?? 0) > 0, "free pages on the 7.2 multifd channels were pruned (ZEROS)");
+      assert.ok(
+        (multifd3?.pagesPruned ?? 0) > 0,
+        "free pages on the 7.2 multifd channels were pruned (ZEROS)",
+      );
       assert.deepEqual(
         report3.send.relay.channels.map((c) => c.kind),
         ["main", "multifd", "multifd"],
