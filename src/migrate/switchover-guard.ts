@@ -19,7 +19,7 @@
  *   switchover point before the guard's next word takes effect): the relay may read up to `readAhead.maxBytes`
  *   ahead, and QEMU is told not to switch yet (it would not anyway: R is far above any threshold; the hold
  *   keeps a threshold of a few bytes, never 0, see HOLD_AVAIL_BYTES_PER_SECOND);
- * - near the end: the relay may hold C = min(max, r·L·½) (a reader paused over its bound resumes only once the
+ * - near the end: the relay may hold C = min(max, r·L·READ_AHEAD_SHARE) (a reader paused over its bound resumes only once the
  *   socket drained, so the backlog falls below C before QEMU moves on), and QEMU may count on r − C/L:
  * - QEMU ≥ 8.2: migration parameter `avail-switchover-bandwidth` = min(r − C/L, q) (bytes/s; qapi/migration.json,
  *   "Since 8.2": used only for the switchover decision, not a limit), q being QEMU's own rate in its last window.
@@ -39,8 +39,15 @@ import type { QmpClient } from "../qemu/qmp.ts";
 export const GUARD_INTERVAL_MS = 100;
 /** A higher rate is passed on only if it is this much above the one QEMU has (fewer QMP calls). */
 const RATE_CHANGE = 0.1;
-/** The share of the downtime budget (r·L) the relay may hold as read-ahead; the rest is QEMU's. */
-export const READ_AHEAD_SHARE = 0.5;
+/**
+ * The share of the downtime budget (r·L) the relay may hold as read-ahead near the end; the rest is QEMU's. The
+ * guest's pause is what QEMU still has to send when it stops (at most its share) plus what the relay holds then
+ * (at most this share), over the link. A guest quiet at the end leaves QEMU little, but the relay is full by then
+ * (QEMU writes the last pass faster than the link drains it), so its share is most of that pause: a small one
+ * keeps the pause near plain QEMU's. A tenth still holds what keeps the link busy (30 ms of it at the default
+ * 300 ms limit, over ten round trips of a LAN), and only near the end; far from it the relay reads up to its cap.
+ */
+export const READ_AHEAD_SHARE = 0.1;
 /**
  * How far ahead of QEMU the guard must decide: QEMU re-reads avail-switchover-bandwidth every 100 ms
  * (migration_update_counters, BUFFER_DELAY), the guard ticks every 100 ms, plus QMP round trips.

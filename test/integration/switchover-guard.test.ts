@@ -18,7 +18,11 @@ import { setTimeout as sleep } from "node:timers/promises";
 import { LabPair } from "../../src/lab/lab-vm.ts";
 import type { QemuVersion } from "../../src/lab/qemu-binaries.ts";
 import { workload } from "../../src/lab/workloads.ts";
-import { HOLD_AVAIL_BYTES_PER_SECOND, SwitchoverGuard } from "../../src/migrate/switchover-guard.ts";
+import {
+  HOLD_AVAIL_BYTES_PER_SECOND,
+  READ_AHEAD_SHARE,
+  SwitchoverGuard,
+} from "../../src/migrate/switchover-guard.ts";
 import { QmpClient } from "../../src/qemu/qmp.ts";
 
 /** Slow enough that the migration stays active for the whole test (the guest has ~60 MiB of non-zero pages). */
@@ -111,19 +115,21 @@ test("QEMU 10.0: held far from the end; near it, avail-switchover-bandwidth is t
     );
     assert.equal(readAheads.at(-1), maxReadAhead, "the relay reads far ahead");
     // Near the end (the source could feed the relay everything left within the horizon), QEMU's default 300 ms:
-    // the link carries 0.3 MB within the limit; half is the relay's. (QEMU writes about 4 MB/s here.)
+    // the link carries 0.3 MB within the limit; READ_AHEAD_SHARE of it is the relay's. (QEMU writes about 4 MB/s.)
     inflow = 1e15;
+    const nearEnd = Math.floor(1_000_000 * 0.3 * READ_AHEAD_SHARE);
     await until(
       () => parameters(pair.src.monitor),
-      (p) => p["avail-switchover-bandwidth"] === 500_000,
-      "1 MB/s less 0.15 MB / 0.3 s",
+      (p) => p["avail-switchover-bandwidth"] === Math.round(1_000_000 - nearEnd / 0.3),
+      `1 MB/s less ${nearEnd} B / 0.3 s`,
     );
-    assert.equal(readAheads.at(-1), 150_000);
-    // A longer limit: more read-ahead, until the cap; QEMU's share is the rest.
-    await pair.src.monitor.execute("migrate-set-parameters", { "downtime-limit": 1000 });
+    assert.equal(readAheads.at(-1), nearEnd);
+    // A longer limit: more read-ahead, until the cap; QEMU's share is the rest (a limit long enough that the new
+    // rate is more than RATE_CHANGE above the last one, so the guard passes it on).
+    await pair.src.monitor.execute("migrate-set-parameters", { "downtime-limit": 60_000 });
     await until(
       () => parameters(pair.src.monitor),
-      (p) => p["avail-switchover-bandwidth"] === 1_000_000 - maxReadAhead,
+      (p) => p["avail-switchover-bandwidth"] === Math.round(1_000_000 - maxReadAhead / 60),
       "the read-ahead capped",
     );
     assert.equal(readAheads.at(-1), maxReadAhead);
@@ -150,7 +156,7 @@ test("QEMU 10.0: held far from the end; near it, avail-switchover-bandwidth is t
     assert.equal((await parameters(pair.src.monitor))["avail-switchover-bandwidth"], 0, "restored");
     assert.equal(
       (await parameters(pair.src.monitor))["downtime-limit"],
-      1000,
+      60_000,
       "the operator's limit untouched",
     );
   });
