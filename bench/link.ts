@@ -30,6 +30,8 @@
  *                    (moved to the packets' zero lists; QEMU 9.0+);
  *   vmprune free+cache  source QEMU → vmprune send --drop free,cache (src namespace) → the link → vmprune receive
  *                    (a process in the dst namespace, rebuilding cache pages from the shared disk) → destination QEMU;
+ *   vmprune free+cache multifd  the same with multifd on (2 channels): free pages moved to the packets' zero
+ *                    lists, cache pages inside packets as references (link 1.3);
  *   ideal            bytes of the guest's RAM pages that are neither free, nor clean page cache, nor all zero,
  *                    from a classification of the source (classifyGuest on its RAM file, guest paused for it)
  *                    right before each migration; the median over every run of every row.
@@ -261,9 +263,15 @@ async function migrateVmpruneFree(ctx: RowContext, multifd = false): ReturnType<
  * (a process in the dst namespace: it must sit on the destination's side of the link) → destination QEMU on the
  * dst namespace's loopback. Cache pages found on the shared data disk cross the link as references.
  */
-async function migrateVmpruneFreeCache(ctx: RowContext): ReturnType<RowMigrator> {
+async function migrateVmpruneFreeCache(ctx: RowContext, multifd = false): ReturnType<RowMigrator> {
+  const capabilities: Record<string, boolean> = multifd ? { multifd: true } : {};
+  const parameters: Record<string, unknown> = multifd ? { "multifd-channels": MULTIFD_CHANNELS } : {};
   const dst = await ctx.pair.startDestination();
-  const dstUri = await prepareIncoming(dst.monitor, { incomingUri: "tcp:127.0.0.1:0" });
+  const dstUri = await prepareIncoming(dst.monitor, {
+    incomingUri: "tcp:127.0.0.1:0",
+    capabilities,
+    ...(multifd ? { parameters } : {}),
+  });
   const { port } = tcpAddress(dstUri);
   const disk = join(ctx.pair.diskDir, "data.img");
   const keyPath = join(ctx.pair.diskDir, "link.key");
@@ -281,7 +289,8 @@ async function migrateVmpruneFreeCache(ctx: RowContext): ReturnType<RowMigrator>
       listenHost: "127.0.0.1",
       to: { host: ctx.link.dstIp, port: receive.listen.port },
       drop: ["free", "cache"],
-      parameters: { "max-bandwidth": MAX_BANDWIDTH },
+      parameters: { "max-bandwidth": MAX_BANDWIDTH, ...parameters },
+      capabilities,
       link: { psk },
       disk,
     });
@@ -306,7 +315,8 @@ const ROWS: readonly RowSpec[] = [
   { name: "multifd+zstd", migrate: migrateMultifd },
   { name: "vmprune free", migrate: (ctx) => migrateVmpruneFree(ctx) },
   { name: "vmprune free multifd", migrate: (ctx) => migrateVmpruneFree(ctx, true) },
-  { name: "vmprune free+cache", migrate: migrateVmpruneFreeCache },
+  { name: "vmprune free+cache", migrate: (ctx) => migrateVmpruneFreeCache(ctx) },
+  { name: "vmprune free+cache multifd", migrate: (ctx) => migrateVmpruneFreeCache(ctx, true) },
 ];
 
 /**
