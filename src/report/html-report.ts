@@ -71,7 +71,7 @@ export async function htmlReport(model: MigrationReportModel): Promise<string> {
     renderSvg(timingSpec(model)),
   ]);
   const versus = baseline
-    ? `; each bar against ${escapeHtml(baseline.name)} (the grey bar and its dashed line)`
+    ? `; beside each bar, its ratio to ${escapeHtml(baseline.name)} (the grey bar and its dashed line)`
     : "";
   const floor =
     model.ideal?.floorMs !== undefined

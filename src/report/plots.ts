@@ -33,7 +33,8 @@ const BASELINE_COLOUR = "#8c8c8c";
 
 const CONFIG = {
   font: "DejaVu Sans, Verdana, sans-serif",
-  axis: { labelFontSize: 11, titleFontSize: 12, titleFontWeight: "normal" as const },
+  // Row names up to ~40 characters beside a bar; longer ones end in "…" (the table below has them whole).
+  axis: { labelFontSize: 11, titleFontSize: 12, titleFontWeight: "normal" as const, labelLimit: 260 },
   header: { labelFontSize: 12 },
   legend: { labelFontSize: 11, titleFontSize: 12, orient: "bottom" as const },
   view: { stroke: "#ddd" },
@@ -193,7 +194,8 @@ export function timingSpec(model: MigrationReportModel): TopLevelSpec {
     const values = model.rows.flatMap((r) => {
       const ms = figureOf(r);
       if (ms === null) return [];
-      const ratio = base && r !== baseline ? ` (${(ms / base).toFixed(2)}× ${baseline?.name})` : "";
+      // The ratio alone: the baseline's name is on its bar and its rule, and would not fit beside every bar.
+      const ratio = base && r !== baseline ? `, ${(ms / base).toFixed(2)}×` : "";
       return [
         { row: r.name, v: ms / unit.ms, isBaseline: r === baseline, label: `${formatDuration(ms)}${ratio}` },
       ];
@@ -256,6 +258,7 @@ export function timingSpec(model: MigrationReportModel): TopLevelSpec {
                       baseline: "bottom" as const,
                       fontSize: 10,
                       color: "#222",
+                      limit: 140,
                     },
                     encoding: {
                       x: { field: "v", type: "quantitative" as const },
