@@ -44,9 +44,10 @@ export function migrateReportModel(
     context,
     rows: runs.map((r) => migrateReportRow(r.name, r.report)),
     ...(first && first.report.mode === "baseline" && runs.length > 1 ? { baseline: first.name } : {}),
+    throughputNote: `the relay's bytes towards the destination every ${DEFAULT_SAMPLE_INTERVAL_MS} ms, from \`migrate\``,
     notes: [
-      "Link bytes: what vmprune's relay wrote towards the destination (all channels); throughput: those bytes " +
-        `read every ${DEFAULT_SAMPLE_INTERVAL_MS} ms. The baseline runs the same relay without pruning, so it pays the same relay cost.`,
+      "Link bytes: what vmprune's relay wrote towards the destination (all channels). The baseline runs the " +
+        "same relay without pruning, so it pays the same relay cost.",
       "Time to resume: `migrate` on the source to the destination's RESUME event; guest pause: the source's " +
         "STOP to the destination's RESUME (both QEMUs' own event timestamps, one host clock).",
     ],

@@ -32,7 +32,8 @@ figure svg { max-width: 100%; height: auto; }
 table { border-collapse: collapse; font-size: 12px; margin-top: 6px; }
 th, td { padding: 3px 8px; border-bottom: 1px solid #eee; }
 th { text-align: left; background: #f6f6f6; font-weight: 600; }
-td.figure { text-align: right; font-variant-numeric: tabular-nums; }
+td.figure { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.row { white-space: nowrap; }
 ul.notes { font-size: 12px; color: #444; padding-left: 18px; }
 `;
 
@@ -43,7 +44,7 @@ function figuresTable(model: MigrationReportModel): string {
   const header = ["row", "time to resume", "guest pause", "link MiB", ...categories.map((c) => `${c} MiB`)];
   const line = (r: ReportRow) =>
     [
-      `<td>${escapeHtml(r.name)}</td>`,
+      `<td class="row">${escapeHtml(r.name)}</td>`,
       `<td class="figure">${formatDuration(r.toResumeMs)}</td>`,
       `<td class="figure">${r.guestPauseMs === null ? "-" : formatDuration(r.guestPauseMs)}</td>`,
       `<td class="figure">${mib(r.linkBytes)}</td>`,
@@ -103,7 +104,8 @@ export async function htmlReport(model: MigrationReportModel): Promise<string> {
     '<section id="throughput">',
     "<h2>Link throughput over time</h2>",
     sampled
-      ? '<p class="caption">One migration per row; the red band is the guest\'s pause, STOP to RESUME.</p>' +
+      ? `<p class="caption">One migration per row${model.throughputNote ? ` (${escapeHtml(model.throughputNote)})` : ""}; ` +
+        "the red band is the guest's pause, STOP to RESUME.</p>" +
         `<figure>${throughput}</figure>`
       : '<p class="caption">Not sampled for these rows.</p>',
     "</section>",

@@ -6,6 +6,7 @@
  *   timing         time to resume and guest pause side by side, one bar per row, the baseline as a rule.
  * Rows keep the model's order on every plot. Names are data, never part of an expression, so any text is safe.
  */
+import * as vega from "vega";
 import { parse, View } from "vega";
 import { compile, type TopLevelSpec } from "vega-lite";
 import {
@@ -34,11 +35,55 @@ const BASELINE_COLOUR = "#8c8c8c";
 const CONFIG = {
   font: "DejaVu Sans, Verdana, sans-serif",
   // Row names up to ~40 characters beside a bar; longer ones end in "…" (the table below has them whole).
-  axis: { labelFontSize: 11, titleFontSize: 12, titleFontWeight: "normal" as const, labelLimit: 260 },
+  axis: { labelFontSize: 11, titleFontSize: 12, titleFontWeight: "normal" as const, labelLimit: 300 },
   header: { labelFontSize: 12 },
   legend: { labelFontSize: 11, titleFontSize: 12, orient: "bottom" as const },
   view: { stroke: "#ddd" },
 };
+
+/**
+ * Advance widths of DejaVu Sans (the page's first font; Debian's default sans) in em, from its hmtx table: the
+ * lowercase letters one by one, other characters by kind. Without a canvas vega guesses 0.8 em for every
+ * character, about a third too wide: axes then leave gaps, and names are cut ("…") that would fit.
+ */
+const LOWERCASE_EM = [
+  0.613, 0.635, 0.55, 0.635, 0.615, 0.352, 0.635, 0.634, 0.278, 0.278, 0.579, 0.278, 0.974, 0.634, 0.612,
+  0.635, 0.635, 0.411, 0.521, 0.392, 0.634, 0.592, 0.818, 0.592, 0.592, 0.525,
+];
+
+function characterEm(c: string): number {
+  const code = c.charCodeAt(0);
+  if (code >= 97 && code <= 122) return LOWERCASE_EM[code - 97] ?? 0.6;
+  if (code >= 48 && code <= 57) return 0.636;
+  if (code >= 65 && code <= 90) return "IJ".includes(c) ? 0.3 : "MW".includes(c) ? 0.92 : 0.7;
+  if (" .,:;'|!".includes(c)) return 0.318;
+  if ("()[]{}/\\-".includes(c)) return 0.38;
+  return 0.84; // × + = % … and anything wider
+}
+
+/** The width in pixels of `text` in DejaVu Sans at `fontSizePx`. */
+export function textWidthPx(text: string, fontSizePx: number): number {
+  let em = 0;
+  for (const c of text) em += characterEm(c);
+  return em * fontSizePx;
+}
+
+/** The part of a vega text item its width depends on (vega-scenegraph's textMetrics). */
+interface TextItem {
+  fontSize?: number | null;
+  text?: unknown;
+}
+
+/** vega-scenegraph's `textMetrics`, re-exported by vega but not in its typings: a documented extension point. */
+const textMetrics = (
+  vega as unknown as { textMetrics?: { width: (item: TextItem, text?: unknown) => number } }
+).textMetrics;
+if (textMetrics)
+  textMetrics.width = (item, text) => {
+    const value = text ?? item.text;
+    const lines = Array.isArray(value) ? value.map(String) : [value === undefined ? "" : String(value)];
+    return Math.max(0, ...lines.map((line) => textWidthPx(line, item.fontSize ?? 11)));
+  };
 
 /** A rate unit that keeps the axis' numbers short: Gbit/s from 5 Gbit/s on (loopback), else Mbit/s. */
 function rateUnit(maxBytesPerSec: number): { name: string; bitsPer: number } {
@@ -74,7 +119,8 @@ export function throughputSpec(model: MigrationReportModel): TopLevelSpec {
     columns: 1,
     spacing: 14,
     spec: {
-      width: PLOT_WIDTH,
+      // Wider than the bar plots: time runs along it, and it has no row names beside it.
+      width: PLOT_WIDTH + 160,
       height: 70,
       layer: [
         {
@@ -91,7 +137,7 @@ export function throughputSpec(model: MigrationReportModel): TopLevelSpec {
           transform: [{ filter: "datum.kind === 'rate'" }],
           mark: { type: "area", interpolate: "step-before", color: BAR_COLOUR, opacity: 0.85 },
           encoding: {
-            x: { field: "t", type: "quantitative", title: "seconds since migrate" },
+            x: { field: "t", type: "quantitative", title: "seconds" },
             y: {
               field: "rate",
               type: "quantitative",

@@ -53,6 +53,8 @@ export interface MigrationReportModel {
   baseline?: string;
   /** Bytes that truly had to move, and the least time to resume: those bytes at the link's measured rate. */
   ideal?: { bytes: number; floorMs?: number };
+  /** What the throughput curves are, for the plot's caption (e.g. "the relay's bytes every 200 ms"). */
+  throughputNote?: string;
   /** Paragraphs under the plots: how the figures were measured. */
   notes?: readonly string[];
 }

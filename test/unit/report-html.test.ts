@@ -67,7 +67,6 @@ test("htmlReport: one SVG per plot, one bar per row for both timings, one throug
     "seconds",
     "milliseconds",
     "MiB of guest pages",
-    "seconds since migrate",
     "Mbit/s",
     "sent whole",
     "free, pruned",
@@ -113,6 +112,7 @@ test("htmlReport: rows without samples get no throughput plot; rows without a pa
   const html = await htmlReport(model);
   assert.deepEqual(svgsBySection(html), { timing: 1, "page-traffic": 1, throughput: 0, figures: 0 });
   assert.match(html, /Not sampled for these rows/);
+  assert.doesNotMatch(html, /the red band/);
   assert.equal(markItems(html, "pause_bars_marks").length, model.rows.length - 1);
   assert.equal(markItems(html, "ideal_layer_0_marks").length, 0);
   // No floor without the ideal: plain's rule only.
