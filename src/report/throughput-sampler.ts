@@ -5,8 +5,8 @@
  */
 import type { ThroughputSample } from "./report-model.ts";
 
-/** Often enough to show a 1-2 s migration's shape, seldom enough that a 10-minute one keeps a few thousand. */
-export const DEFAULT_SAMPLE_INTERVAL_MS = 200;
+/** Often enough to show the shape of a 1 s loopback migration, seldom enough that a 10-minute one keeps 6000. */
+export const DEFAULT_SAMPLE_INTERVAL_MS = 100;
 
 /** A counter reading: monotonic time (performance.now()) and the counter's value then. */
 export interface CounterReading {
