@@ -173,7 +173,7 @@ export interface RunFigures {
   operatorWaitMs: number;
   /** Guest pages by how they travelled (QEMU's page counters, send's pruning), for the HTML report. */
   pageBytes?: PageTrafficBytes;
-  /** The src end of the veth's tx bytes per interval from `migrate` on, for the HTML report. */
+  /** The src end of the veth's tx bytes per interval, ms from `migrate`, for the HTML report. */
   throughput?: ThroughputSample[];
   /** The source's STOP and the destination's RESUME in ms from `migrate`. */
   pause?: { fromMs: number; toMs: number };
@@ -479,6 +479,12 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
     const pauseMs = pause.resumedAtMs - pause.stoppedAtMs;
     const toResumeMs = (result.info["total-time"] ?? result.wallMs) - (result.info.downtime ?? 0) + pauseMs;
     if (trace) log(trace.stop(startedAtMs, pause));
+    // The samples count from before the row's setup (destination, send's preparation); the report's plots count
+    // from `migrate`, as the time to resume does: when it was, from the RESUME back by the time to resume.
+    const migrateAtMs = pause.resumedAtMs - startedAtMs - toResumeMs;
+    const fromMigrate = throughput
+      .map((sample) => ({ ...sample, tMs: sample.tMs - migrateAtMs }))
+      .filter((sample) => sample.tMs > 0);
     const verified = await LabPair.verify(dst);
     if (!/^OK/m.test(verified))
       throw new Error(`${spec.name}: verify on the destination: ${verified.trim()}`);
@@ -497,8 +503,8 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
       ...(prunedPages !== undefined ? { prunedPages } : {}),
       ...(prepMs !== undefined ? { prepMs } : {}),
       pageBytes: pageTrafficOf(result.info, prune ?? null),
-      throughput,
-      pause: { fromMs: pause.stoppedAtMs - startedAtMs, toMs: pause.resumedAtMs - startedAtMs },
+      throughput: fromMigrate,
+      pause: { fromMs: toResumeMs - pauseMs, toMs: toResumeMs },
     };
   } finally {
     await pair.stop();
@@ -845,7 +851,7 @@ export function linkReportModel(result: LinkBenchResult): MigrationReportModel {
     title: `vmprune bench:link: ${result.workload} workload`,
     context: [
       `${result.memoryMiB} MiB guest, kernel ${result.kernel}, QEMU ${result.qemu} (${result.accel}), ` +
-        `medians of ${result.runs} runs per row.`,
+        `medians of ${result.runs} run${result.runs === 1 ? "" : "s"} per row.`,
       `Link: veth ${link.srcIp} → ${link.dstIp}, tbf ${link.rateMbit} Mbit/s; measured ` +
         `${link.measuredBefore.gbitPerSecond.toFixed(3)} Gbit/s before, ${link.measuredAfter.gbitPerSecond.toFixed(3)} after.`,
     ],
@@ -853,8 +859,8 @@ export function linkReportModel(result: LinkBenchResult): MigrationReportModel {
     ...(rows.some((r) => r.name === "plain") ? { baseline: "plain" } : {}),
     ideal: { bytes: result.ideal.bytes, floorMs: result.ideal.atLinkRateMs },
     throughputNote:
-      `each row's first run: the src end of the veth's tx bytes every ${DEFAULT_SAMPLE_INTERVAL_MS} ms, from the ` +
-      "start of the row's migration (vmprune rows: send's preparation included)",
+      `each row's first run: the src end of the veth's tx bytes every ${DEFAULT_SAMPLE_INTERVAL_MS} ms, from ` +
+      "`migrate` (vmprune send's preparation before it is not shown)",
     notes: [
       "Link bytes: every byte the src end of the veth sent during the migration. Guest pages: QEMU's own page " +
         "counters (query-migrate normal and duplicate pages, xbzrle pages), split by vmprune send's pruning report.",
