@@ -860,7 +860,7 @@ export function linkReportModel(result: LinkBenchResult): MigrationReportModel {
     ideal: { bytes: result.ideal.bytes, floorMs: result.ideal.atLinkRateMs },
     throughputNote:
       `each row's first run: the src end of the veth's tx bytes every ${DEFAULT_SAMPLE_INTERVAL_MS} ms, from ` +
-      "`migrate` (vmprune send's preparation before it is not shown)",
+      "`migrate`; vmprune send's preparation before it is not shown",
     notes: [
       "Link bytes: every byte the src end of the veth sent during the migration. Guest pages: QEMU's own page " +
         "counters (query-migrate normal and duplicate pages, xbzrle pages), split by vmprune send's pruning report.",

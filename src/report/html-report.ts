@@ -20,6 +20,11 @@ export function escapeHtml(text: string): string {
     .replaceAll("'", "&#39;");
 }
 
+/** Prose from the model: escaped, with `backquoted` words (commands, QMP names) set as code. */
+export function proseHtml(text: string): string {
+  return escapeHtml(text).replaceAll(/`([^`]+)`/g, "<code>$1</code>");
+}
+
 const STYLE = `
 body { font-family: "DejaVu Sans", Verdana, sans-serif; color: #222; margin: 24px auto; max-width: 1000px;
   padding: 0 16px; background: #fff; }
@@ -88,7 +93,7 @@ export async function htmlReport(model: MigrationReportModel): Promise<string> {
     "</head>",
     "<body>",
     `<h1>${escapeHtml(model.title)}</h1>`,
-    ...model.context.map((line) => `<p class="context">${escapeHtml(line)}</p>`),
+    ...model.context.map((line) => `<p class="context">${proseHtml(line)}</p>`),
     '<section id="timing">',
     "<h2>Time to resume and guest pause</h2>",
     `<p class="caption">Time to resume: from <code>migrate</code> to the destination running. Guest pause: the ` +
@@ -104,7 +109,7 @@ export async function htmlReport(model: MigrationReportModel): Promise<string> {
     '<section id="throughput">',
     "<h2>Link throughput over time</h2>",
     sampled
-      ? `<p class="caption">One migration per row${model.throughputNote ? ` (${escapeHtml(model.throughputNote)})` : ""}; ` +
+      ? `<p class="caption">One migration per row${model.throughputNote ? ` (${proseHtml(model.throughputNote)})` : ""}; ` +
         "the red band is the guest's pause, STOP to RESUME.</p>" +
         `<figure>${throughput}</figure>`
       : '<p class="caption">Not sampled for these rows.</p>',
@@ -113,7 +118,7 @@ export async function htmlReport(model: MigrationReportModel): Promise<string> {
     "<h2>Figures</h2>",
     figuresTable(model),
     model.notes && model.notes.length > 0
-      ? `<ul class="notes">${model.notes.map((n) => `<li>${escapeHtml(n)}</li>`).join("")}</ul>`
+      ? `<ul class="notes">${model.notes.map((n) => `<li>${proseHtml(n)}</li>`).join("")}</ul>`
       : "",
     "</section>",
     "</body>",

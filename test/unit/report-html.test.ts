@@ -122,3 +122,16 @@ test("htmlReport: rows without samples get no throughput plot; rows without a pa
 test("htmlReport: a model without rows is refused with the reason", async () => {
   await assert.rejects(htmlReport(sampleModel({ rows: [] })), /no rows: nothing was measured/);
 });
+
+test("htmlReport: backquoted words in the model's prose are code, and still escaped", async () => {
+  const html = await htmlReport(
+    sampleModel({
+      context: ["from `migrate` to <RESUME>"],
+      notes: ["`a<b`"],
+      throughputNote: "from `migrate`",
+    }),
+  );
+  assert.match(html, /<p class="context">from <code>migrate<\/code> to &lt;RESUME&gt;<\/p>/);
+  assert.match(html, /<li><code>a&lt;b<\/code><\/li>/);
+  assert.match(html, /One migration per row \(from <code>migrate<\/code>\)/);
+});
