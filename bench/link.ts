@@ -106,7 +106,6 @@ import {
   waitDestinationState,
 } from "../src/qemu/migration.ts";
 import { QmpClient } from "../src/qemu/qmp.ts";
-import { htmlReport } from "../src/report/html-report.ts";
 import { pageTrafficOf } from "../src/report/page-traffic.ts";
 import {
   type MigrationReportModel,
@@ -943,6 +942,7 @@ async function main(argv: string[]): Promise<void> {
   });
   process.stdout.write(values.json ? reportJson(result) : `${formatTable(result)}\n`);
   if (values.report) {
+    const { htmlReport } = await import("../src/report/html-report.ts");
     await writeFile(values.report, await htmlReport(linkReportModel(result)));
     log(`HTML report written to ${values.report}`);
   }

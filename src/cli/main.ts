@@ -22,7 +22,6 @@ import { DEFAULT_MAX_MIGRATIONS, ReceiveService } from "../migrate/receive-servi
 import { migrateReportModel, migrateRowName, parseMigrateReport } from "../migrate/report-row.ts";
 import { CACHE_REF_SOURCES, type CacheRefSources, startSend } from "../migrate/send.ts";
 import { QmpClient } from "../qemu/qmp.ts";
-import { htmlReport } from "../report/html-report.ts";
 import type { MigrationReportModel } from "../report/report-model.ts";
 import { DEFAULT_SAMPLE_INTERVAL_MS } from "../report/throughput-sampler.ts";
 import { reportJson, vmpruneVersion, withOrigin } from "../report/version.ts";
@@ -521,6 +520,8 @@ program
 
 /** Renders and writes the HTML report; says where on stderr. */
 async function writeHtmlReport(path: string, model: MigrationReportModel): Promise<void> {
+  // Loaded here: vega takes about half a second to load, which no other command should pay.
+  const { htmlReport } = await import("../report/html-report.ts");
   const html = await htmlReport(model);
   try {
     await writeFile(path, html);
