@@ -69,6 +69,13 @@ function figuresTable(model: MigrationReportModel): string {
  */
 export async function htmlReport(model: MigrationReportModel): Promise<string> {
   if (model.rows.length === 0) throw new Error("the report has no rows: nothing was measured to plot");
+  // The plots tell rows apart by name: two of one name would be drawn as one.
+  const names = new Set<string>();
+  for (const { name } of model.rows) {
+    if (names.has(name))
+      throw new Error(`the report has two rows named '${name}': give each row its own name`);
+    names.add(name);
+  }
   const baseline = baselineRow(model);
   const sampled = model.rows.some((r) => r.throughput.length > 0);
   const [throughput, traffic, timing] = await Promise.all([

@@ -7,7 +7,6 @@
  * Rows keep the model's order on every plot. Names are data, never part of an expression, so any text is safe.
  */
 import * as vega from "vega";
-import { parse, View } from "vega";
 import { compile, type TopLevelSpec } from "vega-lite";
 import {
   baselineRow,
@@ -74,7 +73,10 @@ interface TextItem {
   text?: unknown;
 }
 
-/** vega-scenegraph's `textMetrics`, re-exported by vega but not in its typings: a documented extension point. */
+/**
+ * vega-scenegraph's `textMetrics`, re-exported by vega but not in its typings: the extension point vega keeps for
+ * this (vl-convert sets it too). Set once, when this module loads; it only changes how wide vega thinks text is.
+ */
 const textMetrics = (
   vega as unknown as { textMetrics?: { width: (item: TextItem, text?: unknown) => number } }
 ).textMetrics;
@@ -337,7 +339,7 @@ export function timingSpec(model: MigrationReportModel): TopLevelSpec {
 
 /** A vega-lite specification as an SVG document (a string starting with `<svg`), rendered without a browser. */
 export async function renderSvg(spec: TopLevelSpec): Promise<string> {
-  const view = new View(parse(compile(spec).spec), { renderer: "none" });
+  const view = new vega.View(vega.parse(compile(spec).spec), { renderer: "none" });
   try {
     return await view.toSVG();
   } finally {

@@ -119,8 +119,13 @@ test("htmlReport: rows without samples get no throughput plot; rows without a pa
   assert.equal(markItems(html, "resume_rules_layer_0_marks").length, 1);
 });
 
-test("htmlReport: a model without rows is refused with the reason", async () => {
+test("htmlReport: a model without rows, or with two rows of one name, is refused with the reason", async () => {
   await assert.rejects(htmlReport(sampleModel({ rows: [] })), /no rows: nothing was measured/);
+  const rows = sampleModel().rows;
+  await assert.rejects(
+    htmlReport(sampleModel({ rows: [...rows, { ...(rows[0] as (typeof rows)[number]) }] })),
+    /two rows named 'plain': give each row its own name/,
+  );
 });
 
 test("htmlReport: backquoted words in the model's prose are code, and still escaped", async () => {
