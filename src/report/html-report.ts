@@ -2,7 +2,7 @@
  * The report as one self-contained HTML page: inline CSS and SVG plots (plots.ts), a table of the figures, no
  * script and no external reference, so it opens from a mail attachment or an artifact store as it is.
  */
-import { formatDuration, pageTrafficSpec, renderSvg, throughputSpec, timingSpec } from "./plots.ts";
+import { pageTrafficSpec, renderSvg, TIMING_UNITS, throughputSpec, timingSpec } from "./plots.ts";
 import {
   baselineRow,
   type MigrationReportModel,
@@ -50,8 +50,8 @@ function figuresTable(model: MigrationReportModel): string {
   const line = (r: ReportRow) =>
     [
       `<td class="row">${escapeHtml(r.name)}</td>`,
-      `<td class="figure">${formatDuration(r.toResumeMs)}</td>`,
-      `<td class="figure">${r.guestPauseMs === null ? "-" : formatDuration(r.guestPauseMs)}</td>`,
+      `<td class="figure">${TIMING_UNITS.resume.format(r.toResumeMs)}</td>`,
+      `<td class="figure">${r.guestPauseMs === null ? "-" : TIMING_UNITS.pause.format(r.guestPauseMs)}</td>`,
       `<td class="figure">${mib(r.linkBytes)}</td>`,
       ...categories.map((c) => `<td class="figure">${mib(r.pageBytes[c] ?? 0)}</td>`),
     ].join("");

@@ -221,10 +221,15 @@ export function pageTrafficSpec(model: MigrationReportModel): TopLevelSpec {
   };
 }
 
-/** `ms` as people read it: "850 ms" below 10 s, "12.3 s" above. */
-export function formatDuration(ms: number): string {
-  return ms < 10_000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(1)} s`;
-}
+/** How each timing reads, one unit per figure so that a column or a plot never mixes them. */
+export const TIMING_UNITS = {
+  /** Time to resume: seconds, to 10 ms. */
+  resume: { name: "seconds", ms: 1000, format: (ms: number) => `${(ms / 1000).toFixed(2)} s` },
+  /** Guest pause: whole milliseconds. */
+  pause: { name: "milliseconds", ms: 1, format: (ms: number) => `${Math.round(ms)} ms` },
+} as const;
+
+type TimingUnit = (typeof TIMING_UNITS)[keyof typeof TIMING_UNITS];
 
 /** Time to resume (seconds) and guest pause (ms), side by side: one bar per row, labelled with its value and its
  * ratio to the baseline; the baseline's value (and, for time to resume, the floor) as labelled dashed rules. */
@@ -234,7 +239,7 @@ export function timingSpec(model: MigrationReportModel): TopLevelSpec {
   const panel = (
     name: string,
     title: string,
-    unit: { name: string; ms: number },
+    unit: TimingUnit,
     figureOf: (r: MigrationReportModel["rows"][number]) => number | null,
     floorMs: number | undefined,
   ) => {
@@ -245,7 +250,7 @@ export function timingSpec(model: MigrationReportModel): TopLevelSpec {
       // The ratio alone: the baseline's name is on its bar and its rule, and would not fit beside every bar.
       const ratio = base && r !== baseline ? `, ${(ms / base).toFixed(2)}×` : "";
       return [
-        { row: r.name, v: ms / unit.ms, isBaseline: r === baseline, label: `${formatDuration(ms)}${ratio}` },
+        { row: r.name, v: ms / unit.ms, isBaseline: r === baseline, label: `${unit.format(ms)}${ratio}` },
       ];
     });
     const max = Math.max(0, ...values.map((v) => v.v), (floorMs ?? 0) / unit.ms);
@@ -324,14 +329,8 @@ export function timingSpec(model: MigrationReportModel): TopLevelSpec {
     $schema: "https://vega.github.io/schema/vega-lite/v6.json",
     config: CONFIG,
     hconcat: [
-      panel(
-        "resume",
-        "time to resume",
-        { name: "seconds", ms: 1000 },
-        (r) => r.toResumeMs,
-        model.ideal?.floorMs,
-      ),
-      panel("pause", "guest pause", { name: "milliseconds", ms: 1 }, (r) => r.guestPauseMs, undefined),
+      panel("resume", "time to resume", TIMING_UNITS.resume, (r) => r.toResumeMs, model.ideal?.floorMs),
+      panel("pause", "guest pause", TIMING_UNITS.pause, (r) => r.guestPauseMs, undefined),
     ],
     spacing: 30,
   };

@@ -39,8 +39,10 @@ test("htmlReport: one SVG per plot, one bar per row for both timings, one throug
   // Every bar has its value label, and the rows but plain their ratio to it.
   const labels = markItems(html, "resume_labels_marks");
   assert.equal(labels.length, names.length);
-  assert.match(html, />1500 ms, 0\.29×</);
-  assert.match(html, />5200 ms</);
+  assert.match(html, />1\.50 s, 0\.29×</);
+  assert.match(html, />5\.20 s</);
+  assert.match(html, />140 ms, 0\.78×</);
+  assert.match(html, /<td class="figure">1\.50 s<\/td><td class="figure">140 ms<\/td>/);
   // The baseline's and the floor's rules, named.
   assert.equal(markItems(html, "resume_rules_layer_0_marks").length, 2);
   assert.match(html, /<text[^>]*>floor<\/text>/);
