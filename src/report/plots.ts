@@ -282,16 +282,7 @@ export function timingSpec(model: MigrationReportModel): TopLevelSpec {
             color: { condition: { test: "datum.isBaseline", value: BASELINE_COLOUR }, value: BAR_COLOUR },
           },
         },
-        {
-          name: `${name}_labels`,
-          data: { values },
-          mark: { type: "text" as const, align: "left" as const, dx: 4, fontSize: 11 },
-          encoding: {
-            y,
-            x: { field: "v", type: "quantitative" as const },
-            text: { field: "label", type: "nominal" as const },
-          },
-        },
+        // Rules under the labels, so that a label crossing a rule stays readable.
         ...(rules.length > 0
           ? [
               {
@@ -322,6 +313,16 @@ export function timingSpec(model: MigrationReportModel): TopLevelSpec {
               },
             ]
           : []),
+        {
+          name: `${name}_labels`,
+          data: { values },
+          mark: { type: "text" as const, align: "left" as const, dx: 4, fontSize: 11 },
+          encoding: {
+            y,
+            x: { field: "v", type: "quantitative" as const },
+            text: { field: "label", type: "nominal" as const },
+          },
+        },
       ],
     };
   };
