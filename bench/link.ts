@@ -3,6 +3,7 @@
  * vmprune, against the ideal and the link's floor. Not a test.
  *
  *   npm run bench:link -- [--kernel 6.1|6.12] [--qemu 7.2|10.0] [--runs 3] [--rate-mbit 1000] [--json]
+ *                         [--report FILE.html]
  *
  * The link (src/lab/shaped-link.ts): two network namespaces, `vmprune-<pid>-src-*` and `vmprune-<pid>-dst-*`,
  * joined by a veth pair shaped with tbf to 1 Gbit/s on both ends, 10.77.0.1/30 (src) and 10.77.0.2/30 (dst).
@@ -97,6 +98,7 @@ import {
   type MixedWorkloadSizes,
   runMixedWorkload,
 } from "../src/lab/workloads.ts";
+import type { PruneReport } from "../src/prune/pruning-processor.ts";
 import {
   guestPause,
   type MigrationResult,
@@ -106,7 +108,15 @@ import {
   waitDestinationState,
 } from "../src/qemu/migration.ts";
 import { QmpClient } from "../src/qemu/qmp.ts";
+import { pageTrafficOf } from "../src/report/page-traffic.ts";
+import {
+  type MigrationReportModel,
+  PAGE_TRAFFIC_CATEGORIES,
+  type PageTrafficBytes,
+  type ThroughputSample,
+} from "../src/report/report-model.ts";
 import { REPORT_WIDTH, table, wrap } from "../src/report/table.ts";
+import { DEFAULT_SAMPLE_INTERVAL_MS, ThroughputSampler } from "../src/report/throughput-sampler.ts";
 import { reportJson } from "../src/report/version.ts";
 import { LAB_OPTIONS, labTarget, median, requireSetup } from "./common.ts";
 import { migrateThroughInProcessSend, type SendRun } from "./send-run.ts";
@@ -162,6 +172,12 @@ export interface RunFigures {
   prepMs?: number;
   /** From the start of the command to the destination's RESUME: prepMs (0 for QEMU's own rows) + toResumeMs. */
   operatorWaitMs: number;
+  /** Guest pages by how they travelled (QEMU's page counters, send's pruning), for the HTML report. */
+  pageBytes?: PageTrafficBytes;
+  /** The src end of the veth's tx bytes per interval, ms from `migrate`, for the HTML report. */
+  throughput?: ThroughputSample[];
+  /** The source's STOP and the destination's RESUME in ms from `migrate`. */
+  pause?: { fromMs: number; toMs: number };
 }
 
 /** Everything a row's migration gets: the booted pair (workload done) and the link it must cross. */
@@ -175,6 +191,8 @@ export interface RowContext {
 export type RowMigrator = (ctx: RowContext) => Promise<
   Pick<RunFigures, "streamBytes" | "prunedPages" | "prepMs"> & {
     result: MigrationResult;
+    /** vmprune rows: send's pruning report. */
+    prune?: PruneReport;
   }
 >;
 
@@ -232,7 +250,13 @@ async function migrateMultifd(ctx: RowContext): Promise<{ streamBytes: number; r
 
 /** A vmprune row's figures: what the relay wrote towards the destination is its stream. */
 function rowFigures(run: SendRun): Awaited<ReturnType<RowMigrator>> {
-  return { streamBytes: run.wireBytes, prunedPages: run.prunedPages, prepMs: run.prepMs, result: run.result };
+  return {
+    streamBytes: run.wireBytes,
+    prunedPages: run.prunedPages,
+    prepMs: run.prepMs,
+    result: run.result,
+    prune: run.prune,
+  };
 }
 
 /**
@@ -444,7 +468,19 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
     const before = await txBytesOf(link);
     const startedAtMs = Date.now();
     const trace = process.env.VMPRUNE_BENCH_TRACE ? startLinkTrace() : undefined;
-    const { result, streamBytes, prunedPages, prepMs } = await migrate({ pair, link, qemu: options.qemu });
+    // The link's use over time for the HTML report: the same counter as linkBytes, read on a timer.
+    const sampler = new ThroughputSampler(
+      () => Number(readFileSync(`/sys/class/net/${SRC_IFNAME}/statistics/tx_bytes`, "utf8")),
+      DEFAULT_SAMPLE_INTERVAL_MS,
+    );
+    sampler.start();
+    const { result, streamBytes, prunedPages, prepMs, prune } = await migrate({
+      pair,
+      link,
+      qemu: options.qemu,
+    }).finally(() => sampler.stop());
+    const throughput = sampler.stop();
+    if (sampler.failure) log(`  ${spec.name}: ${sampler.failure}`);
     const after = await txBytesOf(link);
     const dst = pair.dst;
     if (!dst) throw new Error("no destination after the migration");
@@ -452,6 +488,12 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
     const pauseMs = pause.resumedAtMs - pause.stoppedAtMs;
     const toResumeMs = (result.info["total-time"] ?? result.wallMs) - (result.info.downtime ?? 0) + pauseMs;
     if (trace) log(trace.stop(startedAtMs, pause));
+    // The samples count from before the row's setup (destination, send's preparation); the report's plots count
+    // from `migrate`, as the time to resume does: when it was, from the RESUME back by the time to resume.
+    const migrateAtMs = pause.resumedAtMs - startedAtMs - toResumeMs;
+    const fromMigrate = throughput
+      .map((sample) => ({ ...sample, tMs: sample.tMs - migrateAtMs }))
+      .filter((sample) => sample.tMs > 0);
     const verified = await LabPair.verify(dst);
     if (!/^OK/m.test(verified))
       throw new Error(`${spec.name}: verify on the destination: ${verified.trim()}`);
@@ -469,6 +511,9 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
       freePages,
       ...(prunedPages !== undefined ? { prunedPages } : {}),
       ...(prepMs !== undefined ? { prepMs } : {}),
+      pageBytes: pageTrafficOf(result.info, prune ?? null),
+      throughput: fromMigrate,
+      pause: { fromMs: toResumeMs - pauseMs, toMs: toResumeMs },
     };
   } finally {
     await pair.stop();
@@ -607,9 +652,14 @@ export async function benchLink(options: BenchOptions): Promise<LinkBenchResult>
   };
 }
 
+/** The figures a median is taken of (the report's per-run series and breakdowns are not). */
+type NumericFigure = {
+  [K in keyof RunFigures]-?: RunFigures[K] extends number | undefined ? K : never;
+}[keyof RunFigures];
+
 /** The median of every figure over a row's runs (optional figures only when some run has them). */
 export function medianFigures(list: readonly RunFigures[]): RunFigures {
-  const m = (key: keyof RunFigures) => median(list.flatMap((r) => (r[key] === undefined ? [] : [r[key]])));
+  const m = (key: NumericFigure) => median(list.flatMap((r) => (r[key] === undefined ? [] : [r[key]])));
   const figures: RunFigures = {
     linkBytes: m("linkBytes"),
     linkReturnBytes: m("linkReturnBytes"),
@@ -778,6 +828,57 @@ export function formatTable(result: LinkBenchResult): string {
   ].join("\n");
 }
 
+/**
+ * The benchmark as an HTML report's model: each row's medians (time to resume, guest pause, link bytes, and
+ * guest pages by how they travelled, category by category), its first run's throughput on the link and pause,
+ * plain as the baseline, the ideal and the floor.
+ */
+export function linkReportModel(result: LinkBenchResult): MigrationReportModel {
+  const rows = result.rows.flatMap((r) => {
+    const m = r.median;
+    if (!m) return [];
+    const pageBytes: PageTrafficBytes = {};
+    for (const category of PAGE_TRAFFIC_CATEGORIES) {
+      const values = r.runs.flatMap((run) => (run.pageBytes ? [run.pageBytes[category] ?? 0] : []));
+      if (values.length > 0) pageBytes[category] = median(values);
+    }
+    const first = r.runs[0];
+    return [
+      {
+        name: r.row === "multifd+zstd" && result.multifdCompression === "zlib" ? "multifd+zlib" : r.row,
+        toResumeMs: m.toResumeMs,
+        guestPauseMs: m.guestPauseMs,
+        linkBytes: m.linkBytes,
+        pageBytes,
+        throughput: first?.throughput ?? [],
+        ...(first?.pause ? { pause: first.pause } : {}),
+      },
+    ];
+  });
+  const { link } = result;
+  return {
+    title: `vmprune bench:link: ${result.workload} workload`,
+    context: [
+      `${result.memoryMiB} MiB guest, kernel ${result.kernel}, QEMU ${result.qemu} (${result.accel}), ` +
+        `medians of ${result.runs} run${result.runs === 1 ? "" : "s"} per row.`,
+      `Link: veth ${link.srcIp} → ${link.dstIp}, tbf ${link.rateMbit} Mbit/s; measured ` +
+        `${link.measuredBefore.gbitPerSecond.toFixed(3)} Gbit/s before, ${link.measuredAfter.gbitPerSecond.toFixed(3)} after.`,
+    ],
+    rows,
+    ...(rows.some((r) => r.name === "plain") ? { baseline: "plain" } : {}),
+    ideal: { bytes: result.ideal.bytes, floorMs: result.ideal.atLinkRateMs },
+    throughputNote:
+      `each row's first run: the src end of the veth's tx bytes every ${DEFAULT_SAMPLE_INTERVAL_MS} ms, from ` +
+      "`migrate`; vmprune send's preparation before it is not shown",
+    notes: [
+      "Link bytes: every byte the src end of the veth sent during the migration. Guest pages: QEMU's own page " +
+        "counters (query-migrate normal and duplicate pages, xbzrle pages), split by vmprune send's pruning report.",
+      "Ideal: pages neither free, nor clean page cache, nor zero (a classification of the source right before " +
+        "each migration); floor: the ideal bytes at the link's slower measured rate.",
+    ],
+  };
+}
+
 /** Whether this process runs in the named namespace (its /proc/self/ns/net is the bind-mounted one). */
 async function inNamespace(name: string): Promise<boolean> {
   const [self, named] = await Promise.all([stat("/proc/self/ns/net"), stat(`/run/netns/${name}`)]);
@@ -811,7 +912,7 @@ async function outer(argv: string[], kernel: KernelId, qemu: QemuVersion, rateMb
 async function main(argv: string[]): Promise<void> {
   const usage =
     "usage: bench/link.ts [--kernel 6.1|6.12] [--qemu 7.2|10.0] [--runs 3] [--rate-mbit 1000] " +
-    "[--workload mixed|cache-heavy|idle-after-work|anon] [--rows NAME,NAME] [--json]";
+    "[--workload mixed|cache-heavy|idle-after-work|anon] [--rows NAME,NAME] [--json] [--report FILE.html]";
   const { values } = parseArgs({
     args: argv,
     options: {
@@ -820,6 +921,7 @@ async function main(argv: string[]): Promise<void> {
       workload: { type: "string", default: "mixed" },
       rows: { type: "string" },
       json: { type: "boolean", default: false },
+      report: { type: "string" },
     },
   });
   if (!isWorkloadName(values.workload)) throw new Error(`unknown workload ${values.workload} (${usage})`);
@@ -849,6 +951,11 @@ async function main(argv: string[]): Promise<void> {
     ...(rowNames ? { rows: rowNames } : {}),
   });
   process.stdout.write(values.json ? reportJson(result) : `${formatTable(result)}\n`);
+  if (values.report) {
+    const { htmlReport } = await import("../src/report/html-report.ts");
+    await writeFile(values.report, await htmlReport(linkReportModel(result)));
+    log(`HTML report written to ${values.report}`);
+  }
 }
 
 if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {

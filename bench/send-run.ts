@@ -7,6 +7,7 @@ import type { Category } from "../src/introspect/classifier.ts";
 import type { LabPair } from "../src/lab/lab-vm.ts";
 import type { Vm } from "../src/lab/vm.ts";
 import { startSend } from "../src/migrate/send.ts";
+import type { PruneReport } from "../src/prune/pruning-processor.ts";
 import { type MigrationResult, runMigration, waitDestinationState } from "../src/qemu/migration.ts";
 import { QmpClient } from "../src/qemu/qmp.ts";
 
@@ -17,6 +18,8 @@ export interface SendRun {
   prunedPages: number;
   /** startSend: the disk index and the guest's introspection, before the source's `migrate`. */
   prepMs: number;
+  /** send's pruning report (what it did to which pages). */
+  prune: PruneReport;
 }
 
 export async function migrateThroughInProcessSend(
@@ -62,7 +65,7 @@ export async function migrateThroughInProcessSend(
       const wireBytes = report.relay.channels.reduce((sum, c) => sum + c.bytesToDestination, 0);
       // Pages pruned on the main channel and, with multifd, on the multifd channels.
       const prunedPages = prune.pages.pruned + (prune.multifd?.pagesPruned ?? 0);
-      return { result, wireBytes, prunedPages, prepMs };
+      return { result, wireBytes, prunedPages, prepMs, prune };
     } finally {
       await send.relay.close();
     }

@@ -15,6 +15,7 @@ packages=(
   util-linux       # setpriv --pdeathsig
   iproute2 socat   # network namespaces and links for tests
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients  # libvirt lab: libvirtd + virsh (no system units)
+  chromium fonts-dejavu-core  # headless screenshots of the HTML report (test/integration/report-screenshot.test.ts)
 )
 missing=()
 for p in "${packages[@]}"; do

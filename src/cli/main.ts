@@ -16,11 +16,14 @@ import { sweepStaleRuns } from "../lab/vm.ts";
 import { libvirtMigrate } from "../libvirt/migrate.ts";
 import { MIN_PSK_BYTES } from "../link/handshake.ts";
 import { startReceive } from "../migrate/link-receive.ts";
-import { migrate } from "../migrate/migrate.ts";
+import { type MigrateReport, migrate } from "../migrate/migrate.ts";
 import { openReceiveDisks } from "../migrate/receive-disks.ts";
 import { DEFAULT_MAX_MIGRATIONS, ReceiveService } from "../migrate/receive-service.ts";
+import { migrateReportModel, migrateRowName, parseMigrateReport } from "../migrate/report-row.ts";
 import { CACHE_REF_SOURCES, type CacheRefSources, startSend } from "../migrate/send.ts";
 import { QmpClient } from "../qemu/qmp.ts";
+import type { MigrationReportModel } from "../report/report-model.ts";
+import { DEFAULT_SAMPLE_INTERVAL_MS } from "../report/throughput-sampler.ts";
 import { reportJson, vmpruneVersion, withOrigin } from "../report/version.ts";
 import type { BlockReader } from "../storage/block-reader.ts";
 import type { FilesystemDirectory } from "../storage/filesystem-directory.ts";
@@ -104,11 +107,39 @@ program
   .addOption(new Option("--qemu <version>", "QEMU version").argParser(qemuOption).default("7.2"))
   .addOption(new Option("--memory <MiB>", "guest RAM").argParser(positiveInt).default(512))
   .option("--json", "print the result as JSON")
-  .action(async (opts: { kernel: KernelId; qemu: QemuVersion; memory: number; json?: boolean }) => {
-    sweepStaleRuns();
-    const result = await runDemo({ kernel: opts.kernel, qemu: opts.qemu, memoryMiB: opts.memory, log });
-    process.stdout.write(opts.json ? reportJson(result) : renderDemo(result));
-  });
+  .option("--report <file.html>", "also write an HTML report with plots of the three migrations")
+  .action(
+    async (opts: {
+      kernel: KernelId;
+      qemu: QemuVersion;
+      memory: number;
+      json?: boolean;
+      report?: string;
+    }) => {
+      sweepStaleRuns();
+      const runs: { name: string; report: MigrateReport }[] = [];
+      const result = await runDemo({
+        kernel: opts.kernel,
+        qemu: opts.qemu,
+        memoryMiB: opts.memory,
+        log,
+        ...(opts.report
+          ? {
+              throughputSampleMs: DEFAULT_SAMPLE_INTERVAL_MS,
+              onMigrated: (label: string, report: MigrateReport) => runs.push({ name: label, report }),
+            }
+          : {}),
+      });
+      process.stdout.write(opts.json ? reportJson(result) : renderDemo(result));
+      if (opts.report) {
+        const model = migrateReportModel(runs, [
+          `${result.memoryMiB} MiB guest, mixed workload, kernel ${result.kernel}, QEMU ${result.qemu} ` +
+            `(${result.accel}), migrated on loopback three times, each to a fresh destination.`,
+        ]);
+        await writeHtmlReport(opts.report, { ...model, title: "vmprune demo" });
+      }
+    },
+  );
 
 const stream = program.command("stream").description("QEMU migration streams: inspect and re-encode");
 
@@ -425,6 +456,11 @@ program
     "do not turn on the return-path capability (then a cut stream may look completed to the source)",
   )
   .option("--json", "print the report as JSON")
+  .option("--report <file.html>", "also write an HTML report with plots (throughput over time, bytes, pause)")
+  .option(
+    "--compare <report.json>",
+    "with --report: an earlier `vmprune migrate --json` report of the same guest (e.g. its --baseline run), drawn first, as the baseline",
+  )
   .action(
     async (opts: {
       srcQmp: string;
@@ -436,10 +472,17 @@ program
       maxBandwidth?: number;
       returnPath: boolean;
       json?: boolean;
+      report?: string;
+      compare?: string;
     }) => {
       if (opts.baseline && opts.drop) throw new Error("give --drop or --baseline, not both");
       if (!opts.baseline && !opts.drop)
         throw new Error("give --drop free (prune) or --baseline (no pruning)");
+      if (opts.compare && !opts.report) throw new Error("--compare goes with --report FILE.html");
+      // Read before migrating: a wrong file must not cost a migration.
+      const compared = opts.compare
+        ? parseMigrateReport(await readFile(opts.compare, "utf8"), opts.compare)
+        : undefined;
       const tty = process.stderr.isTTY;
       let lastLine = 0;
       const report = await migrate({
@@ -450,6 +493,8 @@ program
         ...(opts.srcPid ? { srcPid: opts.srcPid } : {}),
         ...(opts.maxBandwidth ? { parameters: { "max-bandwidth": opts.maxBandwidth } } : {}),
         capabilities: { "return-path": opts.returnPath },
+        // Always: the JSON report then carries it for a later run's --compare (a timer, a few samples a second).
+        throughputSampleMs: DEFAULT_SAMPLE_INTERVAL_MS,
         log,
         onProgress: (p) => {
           if (tty) process.stderr.write(`\r${renderMigrateProgress(p)}\x1b[K`);
@@ -462,8 +507,32 @@ program
       if (tty) process.stderr.write("\n");
       process.stdout.write(opts.json ? reportJson(report) : renderMigrateReport(report));
       if (report.error || report.status !== "completed") process.exitCode = 1;
+      if (opts.report) {
+        const runs = [
+          ...(compared ? [{ name: `earlier ${migrateRowName(compared)}`, report: compared }] : []),
+          { name: migrateRowName(report), report },
+        ];
+        const context = [`${opts.srcQmp} → ${opts.dstQmp}, status ${report.status}.`];
+        await writeHtmlReport(opts.report, migrateReportModel(runs, context));
+      }
     },
   );
+
+/** Renders and writes the HTML report; says where on stderr. */
+async function writeHtmlReport(path: string, model: MigrationReportModel): Promise<void> {
+  // Loaded here: vega takes about half a second to load, which no other command should pay.
+  const { htmlReport } = await import("../report/html-report.ts");
+  const html = await htmlReport(model);
+  try {
+    await writeFile(path, html);
+  } catch (error) {
+    throw new Error(
+      `the HTML report could not be written to ${path} (${error instanceof Error ? error.message : String(error)}): ` +
+        "give --report a path in a writable directory",
+    );
+  }
+  log(`HTML report written to ${resolve(path)}`);
+}
 
 const libvirt = program.command("libvirt").description("libvirt domains: live migration through vmprune");
 libvirt

@@ -27,6 +27,10 @@ export interface DemoOptions {
   qemu: QemuVersion;
   memoryMiB: number;
   log: (line: string) => void;
+  /** Sample each migration's link throughput this often (migrate's `throughputSampleMs`), for a report. */
+  throughputSampleMs?: number;
+  /** Each migration's full report as it completes (e.g. for the HTML report), with its label. */
+  onMigrated?: (label: string, report: MigrateReport) => void;
 }
 
 export interface DemoRun {
@@ -111,6 +115,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
         drop,
         disk: join(pair.diskDir, "data.img"),
         parameters: LOOPBACK_PARAMETERS,
+        ...(options.throughputSampleMs ? { throughputSampleMs: options.throughputSampleMs } : {}),
         log: (line) => log(`  ${line}`),
       });
       if (report.error || report.status !== "completed")
@@ -118,6 +123,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
       const verify = (await LabPair.verify(dst)).trim();
       log(`  destination verify: ${verify}`);
       runs.push(demoRun(label, report, verify));
+      options.onMigrated?.(label, report);
       await pair.promoteDestination();
     }
     return {

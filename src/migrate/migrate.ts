@@ -17,8 +17,10 @@ import { join } from "node:path";
 import type { Category } from "../introspect/classifier.ts";
 import type { ReassemblerStats } from "../link/ref-reassembler.ts";
 import type { PruneReport } from "../prune/pruning-processor.ts";
-import { MigrationFailed, prepareIncoming, runMigration } from "../qemu/migration.ts";
+import { guestPause, MigrationFailed, prepareIncoming, runMigration } from "../qemu/migration.ts";
 import { type MigrationInfo, QmpClient } from "../qemu/qmp.ts";
+import type { ThroughputSample } from "../report/report-model.ts";
+import { ThroughputSampler } from "../report/throughput-sampler.ts";
 import type { StreamSummaryJson } from "../stream/summary.ts";
 import { startReceive } from "./link-receive.ts";
 import { openReceiveDisks } from "./receive-disks.ts";
@@ -38,6 +40,11 @@ export interface MigrateOptions {
   /** migrate-set-parameters on the source, e.g. max-bandwidth in bytes/s (default: QEMU's current settings). */
   parameters?: Record<string, unknown>;
   timeoutMs?: number;
+  /**
+   * Read the relay's bytes towards the destination this often during the migration, for the report's
+   * `linkThroughput` (a timer reading a counter the relay keeps anyway; nothing on the data path). Default: not.
+   */
+  throughputSampleMs?: number;
   onProgress?: (progress: MigrateProgress) => void;
   log?: (line: string) => void;
 }
@@ -74,6 +81,13 @@ export interface MigrateReport {
   receive: ReassemblerStats | null;
   /** Where the destination ended: "running", or "paused" when it was started with -S. */
   destinationStatus: string;
+  /**
+   * ms from `migrate` to the source's STOP and to the destination's RESUME (both QEMUs' events): the guest's
+   * pause is their difference, the time to resume the second. Null when the destination did not resume.
+   */
+  pause: { stopMs: number; resumeMs: number } | null;
+  /** The relay's bytes towards the destination per interval, from `migrate` (with `throughputSampleMs`). */
+  linkThroughput: ThroughputSample[] | null;
   info: MigrationInfo;
 }
 
@@ -131,7 +145,12 @@ export async function migrate(options: MigrateOptions): Promise<MigrateReport> {
     });
     let info: MigrationInfo = {};
     let error: string | null = null;
+    const sampler = options.throughputSampleMs
+      ? new ThroughputSampler(() => send.relay.upstreamDrain().sentBytes, options.throughputSampleMs)
+      : undefined;
+    const startedWallMs = Date.now();
     const started = performance.now();
+    sampler?.start();
     try {
       const result = await runMigration(src, `unix:${join(sockets, "source.sock")}`, {
         capabilities,
@@ -155,6 +174,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrateReport> {
       info = result.info;
     } catch (e) {
       if (!(e instanceof MigrationFailed)) {
+        sampler?.stop();
         send.relay.close();
         throw e;
       }
@@ -165,9 +185,12 @@ export async function migrate(options: MigrateOptions): Promise<MigrateReport> {
     if (error) send.relay.close();
     if (error) receive?.relay.close();
     const sent = await send.done;
+    const linkThroughput = sampler?.stop() ?? null;
+    if (sampler?.failure) log(`link throughput: ${sampler.failure}`);
     const received = receive ? await receive.done : null;
     await disks?.close();
     const destinationStatus = error ? "not resumed" : await settledStatus(dst);
+    const pause = destinationStatus === "running" ? await pauseOf(src, dst, startedWallMs, log) : null;
     return {
       mode: options.drop.length > 0 ? "pruned" : "baseline",
       status: info.status ?? "unknown",
@@ -181,12 +204,30 @@ export async function migrate(options: MigrateOptions): Promise<MigrateReport> {
       prune: sent.prune,
       receive: received ? received.refs : null,
       destinationStatus,
+      pause,
+      linkThroughput,
       info,
     };
   } finally {
     src.close();
     dst.close();
     if (sockets) await rm(sockets, { recursive: true, force: true });
+  }
+}
+
+/** When the guest stopped and resumed, in ms from `startedWallMs`; null (and a log line) if an event is missing. */
+async function pauseOf(
+  src: QmpClient,
+  dst: QmpClient,
+  startedWallMs: number,
+  log: (line: string) => void,
+): Promise<MigrateReport["pause"]> {
+  try {
+    const { stoppedAtMs, resumedAtMs } = await guestPause(src, dst, startedWallMs);
+    return { stopMs: stoppedAtMs - startedWallMs, resumeMs: resumedAtMs - startedWallMs };
+  } catch (error) {
+    log(`guest pause not measured: ${error instanceof Error ? error.message : String(error)}`);
+    return null;
   }
 }
 

@@ -10,9 +10,11 @@ import {
   type GoalName,
   judgeRows,
   type LinkBenchResult,
+  linkReportModel,
   type RunFigures,
   type WorkloadName,
 } from "../../bench/link.ts";
+import { htmlReport } from "../../src/report/html-report.ts";
 import { REPORT_WIDTH } from "../../src/report/table.ts";
 import { assertFiguresRightAligned, assertFits } from "./table-layout.ts";
 
@@ -100,14 +102,15 @@ test("goals by workload: the floor where there is much to prune, -75%/-92% on th
   assert.equal(goal("anon", "vmprune free", "resume -75%"), "-");
 });
 
-test("the table fits 100 columns, figures right-aligned, and shows prep and operator wait", () => {
+/** A LinkBenchResult of `runs` on the mixed workload, as benchLink returns it. */
+function benchResult(runs: ReadonlyMap<string, RunFigures[]>): LinkBenchResult {
   const { rows, idealBytes, idealFreeOnlyBytes, floorMs } = judgeRows(
-    [...RUNS.keys()],
-    RUNS,
+    [...runs.keys()],
+    runs,
     "mixed",
     LINK_BYTES_PER_SECOND,
   );
-  const result: LinkBenchResult = {
+  return {
     kernel: "6.1",
     qemu: "10.0",
     accel: "kvm",
@@ -128,7 +131,10 @@ test("the table fits 100 columns, figures right-aligned, and shows prep and oper
     rows,
     ideal: { bytes: idealBytes, freeOnlyBytes: idealFreeOnlyBytes, atLinkRateMs: floorMs },
   };
-  const out = formatTable(result);
+}
+
+test("the table fits 100 columns, figures right-aligned, and shows prep and operator wait", () => {
+  const out = formatTable(benchResult(RUNS));
   process.stdout.write(`bench:link's table:\n${out}\n`);
   assertFits(out, REPORT_WIDTH);
   assert.ok(assertFiguresRightAligned(out) >= 60, "the table's figures were checked");
@@ -142,4 +148,41 @@ test("the table fits 100 columns, figures right-aligned, and shows prep and oper
   assert.match(out, /^ +\/ floor( +\d+\.\d{3}){8} +1\.000 *$/m);
   assert.match(out, /^ {2}resume<=1\.2 floor +- +- +- +- +- +- +- +met *$/m);
   assert.doesNotMatch(out, /resume -75%/, "a goal no row of this workload has is left out");
+});
+
+test("--report: every row with its medians, the median pages by category, its first run's throughput and pause", async () => {
+  const withSeries = (f: RunFigures, sentMiB: number, freeMiB: number, rate: number): RunFigures => ({
+    ...f,
+    pageBytes: {
+      "sent whole": sentMiB * MIB,
+      "zero page": 4 * MIB,
+      ...(freeMiB ? { "free, pruned": freeMiB * MIB } : {}),
+    },
+    throughput: [200, 400, 600].map((tMs) => ({ tMs, bytesPerSec: rate })),
+    pause: { fromMs: f.toResumeMs - f.guestPauseMs, toMs: f.toResumeMs },
+  });
+  const plain = RUNS.get("plain")?.[0] as RunFigures;
+  const free = RUNS.get("vmprune free")?.[0] as RunFigures;
+  const runs = new Map<string, RunFigures[]>([
+    [
+      "plain",
+      [withSeries(plain, 540, 0, 110e6), withSeries(plain, 560, 0, 90e6), withSeries(plain, 550, 0, 100e6)],
+    ],
+    ["vmprune free", [withSeries(free, 210, 300, 50e6), withSeries(free, 200, 320, 60e6)]],
+  ]);
+  const model = linkReportModel(benchResult(runs));
+  assert.equal(model.baseline, "plain");
+  assert.deepEqual(
+    model.rows.map((r) => r.name),
+    ["plain", "vmprune free"],
+  );
+  const [p, v] = model.rows;
+  assert.equal(p?.pageBytes["sent whole"], 550 * MIB, "the median of 540, 560 and 550");
+  assert.equal(v?.pageBytes["free, pruned"], 310 * MIB, "the median of 300 and 320");
+  assert.equal(p?.throughput[0]?.bytesPerSec, 110e6, "the first run's curve");
+  assert.equal(v?.guestPauseMs, free.guestPauseMs);
+  assert.equal(model.ideal?.bytes, 96 * MIB);
+  const html = await htmlReport(model);
+  assert.equal(html.match(/<svg\b/g)?.length, 3);
+  assert.match(html, /veth 10\.77\.0\.1 → 10\.77\.0\.2, tbf 1000 Mbit\/s/);
 });
