@@ -21,10 +21,12 @@ export function pageTrafficOf(
 ): PageTrafficBytes {
   const fullPages = info.ram?.normal ?? 0;
   const pruning = prune?.mode === "prune" ? prune : null;
-  const referenced = pruning?.refs ?? 0;
-  // `pages.pruned` counts references too (pruning-processor.ts); multifd channels prune free pages only.
+  const multifd = pruning?.multifd;
+  const referenced = (pruning?.refs ?? 0) + (multifd?.pagesReferenced ?? 0);
+  // `pages.pruned` counts references too, on the main channel (pruning-processor.ts) as on multifd ones.
   const freePruned =
-    (pruning ? pruning.pages.pruned - pruning.refs : 0) + (pruning?.multifd?.pagesPruned ?? 0);
+    (pruning ? pruning.pages.pruned - pruning.refs : 0) +
+    (multifd ? multifd.pagesPruned - multifd.pagesReferenced : 0);
   const traffic: PageTrafficBytes = {
     "sent whole": Math.max(0, fullPages - freePruned - referenced) * pageSize,
     "zero page": (info.ram?.duplicate ?? 0) * pageSize,

@@ -84,7 +84,15 @@ function prune(mode: PruneReport["mode"], pruned: number, refs: number, multifdP
     unknownWarning: null,
     refused: {},
     ...(multifdPruned !== undefined
-      ? { multifd: { channels: [], pagesJudged: 0, pagesPruned: multifdPruned, bytesSaved: 0 } }
+      ? {
+          multifd: {
+            channels: [],
+            pagesJudged: 0,
+            pagesPruned: multifdPruned,
+            pagesReferenced: 0,
+            bytesSaved: 0,
+          },
+        }
       : {}),
   };
 }
