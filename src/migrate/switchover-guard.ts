@@ -35,6 +35,9 @@
  */
 import type { QmpClient } from "../qemu/qmp.ts";
 
+/** VMPRUNE_GUARD_TRACE=1: every tick is logged (what QEMU said, what the guard decided), for finding stalls. */
+const TRACE = process.env.VMPRUNE_GUARD_TRACE === "1";
+
 /** How often the guard samples the link and, when needed, corrects QEMU (QEMU re-estimates every 100 ms). */
 export const GUARD_INTERVAL_MS = 100;
 /** A higher rate is passed on only if it is this much above the one QEMU has (fewer QMP calls). */
@@ -186,6 +189,13 @@ export class SwitchoverGuard {
       this.readAheadBytes = readAheadBytes;
       if (readAheadBytes > this.peakReadAheadBytes) this.peakReadAheadBytes = readAheadBytes;
       const rate = far ? HOLD_AVAIL_BYTES_PER_SECOND : bytesPerSecond - readAheadBytes / limitSeconds;
+      if (TRACE)
+        this.log(
+          `switchover guard tick: remaining ${info.ram?.remaining ?? "?"} B, pass ${info.ram?.["dirty-sync-count"] ?? "?"}, ` +
+            `QEMU ${info.ram?.mbps?.toFixed(1) ?? "?"} Mbit/s, link ${(bytesPerSecond / 1e6).toFixed(1)} MB/s, ` +
+            `inflow peak ${((inflowPeakBytesPerSecond ?? 0) / 1e6).toFixed(1)} MB/s, ${far ? "far" : "near"}, ` +
+            `read-ahead ${readAheadBytes} B`,
+        );
       if (this.mode === "avail-switchover-bandwidth") {
         // The source may also be slower than the link (a busy host, a loopback "link"): then QEMU's own rate
         // (its last window) is the true one, and a higher avail would let it stop the guest with more left than
@@ -211,6 +221,7 @@ export class SwitchoverGuard {
     if (given !== undefined && rate >= given && rate <= given * (1 + RATE_CHANGE)) return;
     const bytesPerSecond = Math.max(HOLD_AVAIL_BYTES_PER_SECOND, Math.round(rate));
     await this.qmp.execute("migrate-set-parameters", { "avail-switchover-bandwidth": bytesPerSecond });
+    if (TRACE) this.log(`switchover guard: avail-switchover-bandwidth ${bytesPerSecond} B/s`);
     this.given(bytesPerSecond);
   }
 
