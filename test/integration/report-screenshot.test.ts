@@ -220,5 +220,7 @@ test("vmprune migrate --report: the page of two real migrations, screenshotted i
   assert.ok(baselineBars.lastY < freePruned.firstY, "the timing plot above the page plot");
   assert.ok(freePruned.lastY < throughput.firstY, "the page plot above the throughput plot");
   assert.ok(throughput.lastY < WINDOW.height - 20, "the page fits the window");
-  assert.equal(pauseBands.bands, 2, "each migration's pause, shaded on its panel");
+  // A pause band shows where no curve covers it: a short pause under a high curve (a loaded host) is hidden by the
+  // area drawn over it, so at least one must show; that every row has its band is report-html.test.ts's (SVG).
+  assert.ok(pauseBands.bands >= 1, "a migration's pause, shaded on its panel");
 });
