@@ -124,22 +124,22 @@ test("QEMU 10.0: held far from the end; near it, avail-switchover-bandwidth is t
       `1 MB/s less ${nearEnd} B / 0.3 s`,
     );
     assert.equal(readAheads.at(-1), nearEnd);
-    // A longer limit: more read-ahead, until the cap; QEMU's share is the rest (a limit long enough that the new
-    // rate is more than RATE_CHANGE above the last one, so the guard passes it on).
-    await pair.src.monitor.execute("migrate-set-parameters", { "downtime-limit": 60_000 });
+    // The operator lengthens the limit: the guard follows it (more read-ahead, same share).
+    await pair.src.monitor.execute("migrate-set-parameters", { "downtime-limit": 1000 });
     await until(
-      () => parameters(pair.src.monitor),
-      (p) => p["avail-switchover-bandwidth"] === Math.round(1_000_000 - maxReadAhead / 60),
-      "the read-ahead capped",
+      async () => readAheads.at(-1),
+      (bytes) => bytes === Math.floor(1_000_000 * READ_AHEAD_SHARE),
+      "the read-ahead is the share of 1 s at 1 MB/s",
     );
-    assert.equal(readAheads.at(-1), maxReadAhead);
-    // A link faster than the source: QEMU's own rate (its last window, about MAX_BANDWIDTH) is the true one.
+    // A link faster than the source: the read-ahead reaches its cap, and QEMU's own rate (its last window, about
+    // MAX_BANDWIDTH) is the true one.
     rate = 50_000_000;
     const raised = await until(
       () => parameters(pair.src.monitor),
       (p) => (p["avail-switchover-bandwidth"] ?? 0) > 1_000_000,
       "raised once the link is faster",
     );
+    assert.equal(readAheads.at(-1), maxReadAhead, "the read-ahead capped");
     const given = raised["avail-switchover-bandwidth"] ?? 0;
     assert.ok(
       given <= 2 * MAX_BANDWIDTH,
@@ -151,12 +151,12 @@ test("QEMU 10.0: held far from the end; near it, avail-switchover-bandwidth is t
     assert.equal(report.lowestGivenBytesPerSecond, HOLD_AVAIL_BYTES_PER_SECOND, "the hold");
     assert.equal(report.readAheadBytes, maxReadAhead);
     assert.equal(report.peakReadAheadBytes, maxReadAhead);
-    assert.ok(report.updates >= 4);
+    assert.ok(report.updates >= 3, `${report.updates} updates: the hold, near the end, raised`);
     assert.equal(report.errors, 0);
     assert.equal((await parameters(pair.src.monitor))["avail-switchover-bandwidth"], 0, "restored");
     assert.equal(
       (await parameters(pair.src.monitor))["downtime-limit"],
-      60_000,
+      1000,
       "the operator's limit untouched",
     );
   });

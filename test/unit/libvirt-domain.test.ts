@@ -161,7 +161,7 @@ test("a PID is the domain's QEMU only if its -name says guest=NAME", () => {
   assert.equal(cmdlineNamesDomain(["sleep", "100"], "plain"), false);
 });
 
-test("refusals: QEMU TLS, tunnelled, xbzrle, multithread compression, postcopy: each with its way out; multifd runs unpruned, said", () => {
+test("refusals: QEMU TLS, tunnelled, xbzrle, multithread compression, postcopy: each with its way out; multifd: when it is pruned and when not, said", () => {
   assert.deepEqual(refusalsForVirshOptions(["--unsafe", "--persistent", "--bandwidth", "100"]), []);
   const causes = (args: string[]) => refusalsForVirshOptions(args).map((r) => r.cause);
   assert.deepEqual(causes(["--tls"]), ["--tls"]);
@@ -169,10 +169,13 @@ test("refusals: QEMU TLS, tunnelled, xbzrle, multithread compression, postcopy: 
   assert.deepEqual(causes(["--compressed"]), ["--compressed"]);
   assert.deepEqual(causes(["--comp-methods", "mt,xbzrle"]), ["--comp-methods xbzrle", "--comp-methods mt"]);
   assert.deepEqual(causes(["--postcopy-after-precopy"]), ["--postcopy"]);
-  // multifd runs, unpruned (its channels are relayed as they are), and the operator is told so.
+  // multifd runs; the operator is told when its channels are pruned and when they are relayed as they are.
   assert.deepEqual(causes(["--parallel", "--parallel-connections", "4"]), []);
-  assert.match(unprunedNotes(["--parallel"], [])[0] ?? "", /relays unpruned/);
-  assert.match(unprunedNotes([], [{ capability: "multifd", state: true }])[0] ?? "", /relays unpruned/);
+  assert.match(
+    unprunedNotes(["--parallel"], [])[0] ?? "",
+    /writes zeros in their place.*relays them unpruned/,
+  );
+  assert.match(unprunedNotes([], [{ capability: "multifd", state: true }])[0] ?? "", /relays them unpruned/);
   assert.deepEqual(unprunedNotes(["--unsafe"], [{ capability: "multifd", state: false }]), []);
   const tls = describeRefusals(refusalsForVirshOptions(["--tls"]));
   assert.match(tls, /ciphertext/);
