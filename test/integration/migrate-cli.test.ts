@@ -1,17 +1,22 @@
 /**
  * `vmprune migrate` as an operator runs it, against lab VMs' second QMP sockets: a destination that is not waiting
  * for a migration is refused with a clear message; `--baseline` relays every byte; `--drop free` drops free pages,
- * reports them, and the guest runs and verifies on the destination.
+ * reports them, and the guest runs and verifies on the destination; `--drop free,cache` also rebuilds cache pages
+ * through receive, and its `--report` page (against the baseline's JSON, `--compare`) is looked at in headless
+ * Chromium (test/support/report-screenshot.ts).
  */
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
 import { promisify } from "node:util";
 import { LabPair } from "../../src/lab/lab-vm.ts";
 import { REPO_ROOT } from "../../src/lab/paths.ts";
-import { runMixedWorkload } from "../../src/lab/workloads.ts";
+import { MIXED_512M, runMixedWorkload, workload } from "../../src/lab/workloads.ts";
 import type { MigrateReport } from "../../src/migrate/migrate.ts";
+import { checkReportScreenshot, requireChromium } from "../support/report-screenshot.ts";
 
 const execFileAsync = promisify(execFile);
 
@@ -22,7 +27,13 @@ function vmprune(args: string[]) {
   });
 }
 
-test("vmprune migrate: --baseline, --drop free and --drop free,cache migrations that verify; a destination not waiting is refused", async (t) => {
+test("vmprune migrate: --baseline, --drop free and --drop free,cache migrations that verify; a destination not waiting is refused; the --report page shows its plots", async (t) => {
+  // Before booting anything: without Chromium the report cannot be looked at.
+  await requireChromium();
+  const work = await mkdtemp(join(tmpdir(), "vmprune-report-"));
+  t.after(() => rm(work, { recursive: true, force: true }));
+  const baselinePath = join(work, "baseline.json");
+  const html = join(work, "report.html");
   const pair = await LabPair.boot({ kernel: "6.1", qemu: "10.0", memoryMiB: 512 });
   t.after(() => pair.stop());
   await runMixedWorkload(pair.src.agent);
@@ -30,9 +41,18 @@ test("vmprune migrate: --baseline, --drop free and --drop free,cache migrations 
 
   const reports: MigrateReport[] = [];
   const disk = join(pair.diskDir, "data.img");
-  for (const mode of [["--baseline"], ["--drop", "free"], ["--drop", "free,cache", "--disk", disk]]) {
+  const withReport = ["--report", html, "--compare", baselinePath];
+  for (const mode of [
+    ["--baseline"],
+    ["--drop", "free"],
+    ["--drop", "free,cache", "--disk", disk, ...withReport],
+  ]) {
+    // A pruned migration leaves the guest's free pages zeroed (they arrive as zero pages): churn again first, so
+    // that every run starts with old data in free memory, as the demo does.
+    if (reports.length > 0)
+      await pair.src.agent.run(workload.churn(MIXED_512M.churn, MIXED_512M.churnLoops), 300_000);
     const dst = await pair.startDestination();
-    const { stdout } = await vmprune([
+    const { stdout, stderr } = await vmprune([
       "migrate",
       "--src-qmp",
       pair.src.toolQmpPath,
@@ -52,6 +72,8 @@ test("vmprune migrate: --baseline, --drop free and --drop free,cache migrations 
     assert.equal(report.error, null);
     assert.equal(report.destinationStatus, "running");
     assert.match(await LabPair.verify(dst), /^OK/m);
+    if (reports.length === 0) await writeFile(baselinePath, stdout);
+    if (mode.includes("--report")) assert.match(stderr, /HTML report written to /);
     reports.push(report);
     if (reports.length === 1)
       // The destination now runs the guest: as a destination again it is refused, with the way out.
@@ -85,4 +107,15 @@ test("vmprune migrate: --baseline, --drop free and --drop free,cache migrations 
     (withCache?.wireBytes ?? 0) < (pruned?.wireBytes ?? 0) * 0.9,
     "fewer bytes than free pages alone",
   );
+  // The page of the last run against the first: its pause and throughput were measured, three plots drawn.
+  assert.ok(
+    withCache?.pause && withCache.pause.resumeMs > withCache.pause.stopMs,
+    "the guest's pause was measured",
+  );
+  assert.ok((withCache?.linkThroughput?.length ?? 0) >= 3, "the link's throughput was sampled");
+  const page = await readFile(html, "utf8");
+  assert.equal(page.match(/<svg\b/g)?.length, 3, "three plots");
+  assert.match(page, /earlier baseline \(passthrough\)/);
+  assert.match(page, /vmprune --drop free,cache/);
+  await checkReportScreenshot(t, html, work);
 });

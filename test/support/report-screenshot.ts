@@ -1,34 +1,27 @@
 /**
- * The HTML report as a person sees it: two real `vmprune migrate` runs of a lab guest (the baseline, then
- * --drop free,cache with --report and --compare), the page opened in headless Chromium (Debian's `chromium`),
- * and its screenshot checked for the plots' own colours in the amounts three plots of two rows draw: bars of
- * the timing plot, the pruned and referenced segments of the page plot, the throughput areas and pause bands.
- * Without the plots, the page is text on white and every count below is 0.
+ * The HTML report as a person sees it: the page opened in headless Chromium (Debian's `chromium`), and its
+ * screenshot checked for the plots' own colours in the amounts three plots of two rows draw: bars of the timing
+ * plot, the pruned and referenced segments of the page plot, the throughput areas and a pause band. Without the
+ * plots, the page is text on white and every count below is 0.
  *
  * VMPRUNE_KEEP_SCREENSHOT=DIR copies the page and its screenshot there, to look at.
  */
 import assert from "node:assert/strict";
 import { type ChildProcess, spawn } from "node:child_process";
-import { access, constants, copyFile, mkdtemp, readFile, rm, stat, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { access, constants, copyFile, readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
-import { test } from "node:test";
-import { LabPair } from "../../src/lab/lab-vm.ts";
+import type { TestContext } from "node:test";
 import { REPO_ROOT } from "../../src/lab/paths.ts";
-import { runMixedWorkload } from "../../src/lab/workloads.ts";
-import type { MigrateReport } from "../../src/migrate/migrate.ts";
-import { decodePng } from "../support/png.ts";
+import { decodePng } from "./png.ts";
 
 /** Debian's chromium package puts its launcher here. */
-const CHROMIUM = "/usr/bin/chromium";
+export const CHROMIUM = "/usr/bin/chromium";
 
 /** The window Chromium renders the page in: the page's width (1000 px and margins), tall enough for all of it. */
 const WINDOW = { width: 1100, height: 2000 };
-/** A migration cap that makes the 512 MiB guest's migrations last seconds, so the throughput has a shape. */
-const MAX_BANDWIDTH = String(200 * 1024 * 1024);
 
 /** A child the test owns: its output, its end, and its stop by PID (its process group: Chromium forks). */
-function start(command: string, args: string[], timeoutMs: number) {
+export function start(command: string, args: string[], timeoutMs: number) {
   const child: ChildProcess = spawn(command, args, {
     cwd: REPO_ROOT,
     stdio: ["ignore", "pipe", "pipe"],
@@ -111,57 +104,15 @@ function countColour(
   return { pixels, firstY, lastY, bands };
 }
 
-test("vmprune migrate --report: the page of two real migrations, screenshotted in headless Chromium, shows its plots", async (t) => {
-  // Before booting anything: without Chromium the page cannot be looked at.
+/** Fails at once, before anything is booted, when Chromium is missing. */
+export async function requireChromium(): Promise<void> {
   await access(CHROMIUM, constants.X_OK).catch(() => {
     throw new Error(`${CHROMIUM} is missing: install Debian's chromium package (scripts/setup.sh does)`);
   });
-  const work = await mkdtemp(join(tmpdir(), "vmprune-report-"));
-  t.after(() => rm(work, { recursive: true, force: true }));
-  const pair = await LabPair.boot({ kernel: "6.1", qemu: "10.0", memoryMiB: 512 });
-  t.after(() => pair.stop());
-  await runMixedWorkload(pair.src.agent);
+}
 
-  const vmprune = (args: string[]) => {
-    const cli = start(
-      process.execPath,
-      ["--import", "tsx", join(REPO_ROOT, "src/cli/main.ts"), ...args],
-      300_000,
-    );
-    t.after(cli.stop);
-    return cli.done;
-  };
-  const migrateArgs = (dstQmp: string) => [
-    "migrate",
-    ...["--src-qmp", pair.src.toolQmpPath, "--dst-qmp", dstQmp, "--max-bandwidth", MAX_BANDWIDTH],
-  ];
-
-  const baselinePath = join(work, "baseline.json");
-  let dst = await pair.startDestination();
-  const baseline = await vmprune([...migrateArgs(dst.toolQmpPath), "--baseline", "--json"]);
-  await writeFile(baselinePath, baseline.stdout);
-  assert.equal((JSON.parse(baseline.stdout) as MigrateReport).status, "completed");
-  await pair.promoteDestination();
-
-  dst = await pair.startDestination();
-  const html = join(work, "report.html");
-  const pruned = await vmprune([
-    ...migrateArgs(dst.toolQmpPath),
-    ...["--drop", "free,cache", "--disk", join(pair.diskDir, "data.img")],
-    ...["--json", "--report", html, "--compare", baselinePath],
-  ]);
-  const report = JSON.parse(pruned.stdout) as MigrateReport;
-  assert.equal(report.status, "completed");
-  assert.match(await LabPair.verify(dst), /^OK/m);
-  assert.ok(report.pause && report.pause.resumeMs > report.pause.stopMs, "the guest's pause was measured");
-  assert.ok((report.linkThroughput?.length ?? 0) >= 3, "the link's throughput was sampled");
-  assert.match(pruned.stderr, /HTML report written to /);
-
-  const page = await readFile(html, "utf8");
-  assert.equal(page.match(/<svg\b/g)?.length, 3, "three plots");
-  assert.match(page, /earlier baseline \(passthrough\)/);
-  assert.match(page, /vmprune --drop free,cache/);
-
+/** Screenshots the report `html` (two rows: a baseline and a pruned run) in `work`, and checks what it shows. */
+export async function checkReportScreenshot(t: TestContext, html: string, work: string): Promise<void> {
   const png = join(work, "report.png");
   const profile = join(work, "chromium-profile");
   const chromium = start(
@@ -223,4 +174,4 @@ test("vmprune migrate --report: the page of two real migrations, screenshotted i
   // A pause band shows where no curve covers it: a short pause under a high curve (a loaded host) is hidden by the
   // area drawn over it, so at least one must show; that every row has its band is report-html.test.ts's (SVG).
   assert.ok(pauseBands.bands >= 1, "a migration's pause, shaded on its panel");
-});
+}
