@@ -14,6 +14,7 @@ packages=(
   gcc libc6-dev    # static guest programs
   util-linux       # setpriv --pdeathsig
   iproute2 socat   # network namespaces and links for tests
+  mmdebstrap       # the Debian guest's system disk (src/lab/debian-guest.ts)
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients  # libvirt lab: libvirtd + virsh (no system units)
 )
 missing=()
