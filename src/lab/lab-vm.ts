@@ -30,8 +30,9 @@ export interface LabVmOptions {
   kernel: KernelId;
   /**
    * "lab" (default): the busybox initramfs guest with the lab's data disk. "debian": the whole Debian system with
-   * PostgreSQL (src/lab/debian-guest.ts) on kernel 6.1, its system disk the shared disk (a qcow2 overlay per pair
-   * over the cached image, in the data disk's place).
+   * PostgreSQL (src/lab/debian-guest.ts) on kernel 6.1, its system disk the shared disk in the data disk's place:
+   * a qcow2 overlay per pair over the cached image (`data.qcow2`), or with `storage.format` "raw" a sparse copy
+   * of it (`data.img`).
    */
   guest?: "lab" | "debian";
   qemu: QemuVersion;
@@ -145,7 +146,8 @@ export class LabPair {
       memoryMiB: 512,
       vcpus: 1,
       ...opts,
-      ...(debian ? { storage: { ...opts.storage, format: "qcow2" as const } } : {}),
+      // The Debian guest's system disk is a qcow2 overlay unless a raw copy is asked for.
+      ...(debian ? { storage: { ...opts.storage, format: opts.storage?.format ?? ("qcow2" as const) } } : {}),
     };
     const [qemu, image] = await Promise.all([
       ensureQemu(options.qemu),
@@ -157,12 +159,15 @@ export class LabPair {
     trackPath(diskDir);
     let src: Vm | undefined;
     try {
-      if (debian)
+      if (debian && options.storage?.format === "qcow2")
         // The overlay's backing file is the cached image itself, which QEMU opens read-only: nothing to copy.
         await run("qemu-img", [
           ...["create", "-q", "-f", "qcow2", "-b", image.dataDisk, "-F", "raw"],
           join(diskDir, "data.qcow2"),
         ]);
+      else if (debian)
+        // A raw copy keeps the image's holes (~1.3 GiB of its 4 GiB are written).
+        await run("cp", ["--sparse=always", "--reflink=auto", image.dataDisk, join(diskDir, "data.img")]);
       else if (options.storage?.dataLayout)
         await buildDataDisk(image.programs.vmwork, join(diskDir, "data.img"), options.storage.dataLayout);
       else await copyFile(image.dataDisk, join(diskDir, "data.img"));

@@ -27,10 +27,10 @@ import {
 /** Seconds of pgbench before the migration starts. */
 const BEFORE_S = 10;
 /**
- * pgbench's whole run: BEFORE_S, the migration (~40 s under TCG on loopback, measured) with the RAM comparison,
- * and enough after it for a rate.
+ * pgbench's whole run: BEFORE_S, the migration with the RAM comparison (40 to 90 s under TCG on this 2-core host
+ * with other VMs running, measured), and some seconds after it for a rate.
  */
-const PGBENCH_S = 100;
+const PGBENCH_S = 150;
 
 test("PostgreSQL guest: pgbench runs through a vmprune free,cache migration with no failed transaction; pg_amcheck passes on the destination", async (t) => {
   const pair = await LabPair.boot({
@@ -67,12 +67,19 @@ test("PostgreSQL guest: pgbench runs through a vmprune free,cache migration with
   );
   assert.equal(m.result.status, "completed");
   assert.deepEqual(m.differingNotFree, [], "only free pages differ between source and destination RAM");
-  assert.ok((m.send.prune?.pages.pruned ?? 0) > 10_000, "free pages were dropped");
+  // A fresh guest's free memory is mostly zero pages, which QEMU sends as such: a few thousand hold old data.
+  const freeDropped = (m.send.prune?.pages.pruned ?? 0) - (m.send.prune?.refs ?? 0);
+  assert.ok(freeDropped > 1_000, `free pages were dropped (${freeDropped})`);
   assert.ok(
     (m.send.prune?.refs ?? 0) > 10_000,
     "clean cache pages (the database's files) went as references",
   );
-  assert.equal(m.receive.refs.refsResolved + m.receive.refs.refsNacked, m.send.prune?.refs);
+  assert.equal(
+    m.receive.refs.refsResolved + m.receive.refs.refsNacked,
+    m.send.prune?.refs,
+    "receive settled every reference",
+  );
+  assert.ok(m.receive.refs.refsResolved > 0, "receive rebuilt cache pages from the shared disk");
 
   const run = await waitPgbench(m.dst.agent, (PGBENCH_S + 120) * 1000);
   const phases = tpsPhases(run.progress, startedS, resumedS);
