@@ -30,7 +30,7 @@ const BEFORE_S = 10;
  * pgbench's whole run: BEFORE_S, the migration with the RAM comparison (40 to 90 s under TCG on this 2-core host
  * with other VMs running, measured), and some seconds after it for a rate.
  */
-const PGBENCH_S = 150;
+const PGBENCH_S = 120;
 
 test("PostgreSQL guest: pgbench runs through a vmprune free,cache migration with no failed transaction; pg_amcheck passes on the destination", async (t) => {
   const pair = await LabPair.boot({
