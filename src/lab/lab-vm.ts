@@ -88,6 +88,31 @@ function spareDiskBytes(memoryMiB: number): number {
   return 1024 * 1024 + Math.ceil(((memoryMiB + 4096) * 256 * 16) / 4096) * 4096;
 }
 
+/**
+ * The pair's data disk in `diskDir`: `data.img`, a copy of the lab's (or one made with `dataLayout`), with
+ * format "qcow2" `data.qcow2` over it. The Debian guest's system disk takes its place: `data.qcow2` directly over
+ * the cached image (which QEMU opens read-only as a backing file: nothing copied), or with "raw" a sparse copy.
+ */
+async function prepareDataDisk(
+  image: GuestImage,
+  diskDir: string,
+  debian: boolean,
+  storage: LabVmOptions["storage"],
+): Promise<void> {
+  const raw = join(diskDir, "data.img");
+  const overlay = (backing: string) =>
+    run("qemu-img", ["create", "-q", "-f", "qcow2", "-b", backing, "-F", "raw", join(diskDir, "data.qcow2")]);
+  if (debian) {
+    if (storage?.format === "raw")
+      await run("cp", ["--sparse=always", "--reflink=auto", image.dataDisk, raw]);
+    else await overlay(image.dataDisk);
+    return;
+  }
+  if (storage?.dataLayout) await buildDataDisk(image.programs.vmwork, raw, storage.dataLayout);
+  else await copyFile(image.dataDisk, raw);
+  if (storage?.format === "qcow2") await overlay(raw);
+}
+
 export class LabPair {
   dst: Vm | undefined;
   private stopped = false;
@@ -159,23 +184,7 @@ export class LabPair {
     trackPath(diskDir);
     let src: Vm | undefined;
     try {
-      if (debian && options.storage?.format === "qcow2")
-        // The overlay's backing file is the cached image itself, which QEMU opens read-only: nothing to copy.
-        await run("qemu-img", [
-          ...["create", "-q", "-f", "qcow2", "-b", image.dataDisk, "-F", "raw"],
-          join(diskDir, "data.qcow2"),
-        ]);
-      else if (debian)
-        // A raw copy keeps the image's holes (~1.3 GiB of its 4 GiB are written).
-        await run("cp", ["--sparse=always", "--reflink=auto", image.dataDisk, join(diskDir, "data.img")]);
-      else if (options.storage?.dataLayout)
-        await buildDataDisk(image.programs.vmwork, join(diskDir, "data.img"), options.storage.dataLayout);
-      else await copyFile(image.dataDisk, join(diskDir, "data.img"));
-      if (options.storage?.format === "qcow2" && !debian)
-        await run("qemu-img", [
-          ...["create", "-q", "-f", "qcow2", "-b", join(diskDir, "data.img"), "-F", "raw"],
-          join(diskDir, "data.qcow2"),
-        ]);
+      await prepareDataDisk(image, diskDir, debian, options.storage);
       if (options.storage?.second)
         await buildDataDisk(image.programs.vmwork, join(diskDir, "data2.img"), SECOND_DISK_LAYOUT);
       await writeFile(join(diskDir, "spare.img"), "");
