@@ -94,6 +94,7 @@ test("PostgreSQL guest: pgbench runs through a vmprune free,cache migration with
   assert.equal(run.summary?.failed, 0, "no failed transaction");
   assert.ok((run.summary?.transactions ?? 0) > 0, "transactions were processed");
   assert.ok(phases.before.seconds >= BEFORE_S && phases.after.seconds >= 5, "pgbench ran before and after");
+  assert.ok(phases.during.meanTps > 0, "transactions committed while the migration ran (it was live)");
   assert.ok(phases.after.meanTps > 0, "transactions committed on the destination");
 
   const amcheck = await runAmcheck(m.dst.agent, 600_000);
