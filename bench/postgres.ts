@@ -2,20 +2,21 @@
  * The PostgreSQL guest (src/lab/debian-guest.ts: Debian 12, systemd, PostgreSQL 15; 2 GiB, 2 vCPUs) migrated live
  * while pgbench drives it from inside, by plain QEMU and by vmprune. Not a test.
  *
- *   npm run bench:postgres -- [--qemu 10.0] [--runs 1] [--link] [--rate-mbit 1000] [--rows NAME,NAME] [--json]
+ *   npm run bench:postgres -- [--qemu 10.0] [--runs 1] [--link] [--rate-mbit 1000] [--disk qcow2|raw]
+ *                              [--rows NAME,NAME] [--json]
  *
  * Without --link the migration runs on loopback (QEMU's max-bandwidth 8 GiB/s, LOOPBACK_PARAMETERS); with --link
  * it crosses the 1 Gbit/s link of bench/link.ts (src/lab/shaped-link.ts: two network namespaces, a veth pair
  * shaped with tbf): this process creates the link and re-runs itself inside its src namespace, the destination
  * QEMU and vmprune receive run in the dst namespace, max-bandwidth 10 Gbit/s so that the link limits.
  * Each run of each row boots a fresh pair (the system disk a qcow2 overlay over the cached image, shared by both
- * QEMUs), reads the database into the page cache, starts pgbench (4 clients, 2 threads, progress every second)
+ * QEMUs; with --disk raw a sparse raw copy of it), reads the database into the page cache, starts pgbench (4 clients, 2 threads, progress every second)
  * and migrates once it has run BEFORE_S seconds. Rows:
  *   plain               source QEMU → destination QEMU;
  *   vmprune free        source QEMU → vmprune send --drop free (in this process) → destination QEMU;
  *   vmprune free+cache  source QEMU → vmprune send --drop free,cache (this process; the disk read through the
- *                       source QEMU's NBD export) → vmprune receive (a process on the destination's side, the
- *                       overlay read through qemu-nbd) → destination QEMU.
+ *                       source QEMU's NBD export, or the raw copy itself) → vmprune receive (a process on the
+ *                       destination's side, the overlay read through qemu-nbd, or the raw copy) → destination QEMU.
  * Figures, medians over --runs:
  *   bytes          what reached the destination's side: QEMU's ram.transferred for plain, what the relay wrote
  *                  towards the destination for vmprune; with --link also the frames that crossed the link;
@@ -84,6 +85,9 @@ const log = (line: string) => process.stderr.write(`${line}\n`);
 export const ROW_NAMES = ["plain", "vmprune free", "vmprune free+cache"] as const;
 export type RowName = (typeof ROW_NAMES)[number];
 const isRowName = (name: string): name is RowName => (ROW_NAMES as readonly string[]).includes(name);
+/** The system disk of each pair: a qcow2 overlay over the cached image (default), or a sparse raw copy. */
+type DiskFormat = "qcow2" | "raw";
+const isDiskFormat = (name: string): name is DiskFormat => name === "qcow2" || name === "raw";
 
 export interface RunFigures {
   /** What reached the destination's side (QEMU's ram.transferred, or the relay's bytes towards it). */
@@ -107,6 +111,7 @@ export interface RunFigures {
 /** Where the migration goes: the destination's address and QEMU's bandwidth cap for it. */
 interface Route {
   link?: LinkDescription;
+  diskFormat: DiskFormat;
   dstHost: string;
   parameters: Record<string, unknown>;
 }
@@ -139,8 +144,8 @@ async function migrateVmpruneFree(pair: LabPair, route: Route): Promise<RowMigra
 }
 
 /**
- * send finds cache pages through the source QEMU's read-only NBD export of the system disk (no --disk: it is a
- * qcow2 overlay); receive, a process on the destination's side, reads the same overlay through qemu-nbd.
+ * qcow2: send finds cache pages through the source QEMU's read-only NBD export of the system disk (no --disk);
+ * receive, a process on the destination's side, reads the same overlay through qemu-nbd. raw: both read the copy.
  */
 async function migrateVmpruneFreeCache(pair: LabPair, route: Route): Promise<RowMigration> {
   const dst = await pair.startDestination();
@@ -148,12 +153,16 @@ async function migrateVmpruneFreeCache(pair: LabPair, route: Route): Promise<Row
   const keyPath = join(pair.diskDir, "link.key");
   const psk = randomBytes(32);
   await writeFile(keyPath, psk, { mode: 0o600 });
+  const raw = join(pair.diskDir, "data.img");
   const receive = await SendProcess.start({
     command: "receive",
     ...(route.link ? { netns: route.link.dstNetns } : {}),
     listen: `${route.dstHost}:0`,
     to: `127.0.0.1:${tcpAddress(uri).port}`,
-    extraArgs: ["--link-key", keyPath, "--disk", `qcow2:${join(pair.diskDir, "data.qcow2")}`],
+    extraArgs: [
+      ...["--link-key", keyPath, "--disk"],
+      route.diskFormat === "raw" ? raw : `qcow2:${join(pair.diskDir, "data.qcow2")}`,
+    ],
   });
   try {
     const run = await migrateThroughInProcessSend(pair, dst, {
@@ -162,6 +171,7 @@ async function migrateVmpruneFreeCache(pair: LabPair, route: Route): Promise<Row
       drop: ["free", "cache"],
       parameters: route.parameters,
       link: { psk },
+      ...(route.diskFormat === "raw" ? { disk: raw } : {}),
     });
     const received = await receive.wait(120_000);
     const refs = (JSON.parse(received.stdout || "{}") as { refs?: { refsResolved?: number } }).refs;
@@ -192,6 +202,7 @@ async function runOnce(row: RowName, qemu: QemuVersion, route: Route): Promise<R
     qemu,
     memoryMiB: MEMORY_MIB,
     vcpus: VCPUS,
+    storage: { format: route.diskFormat },
     ...(route.link ? { netns: { src: route.link.srcNetns, dst: route.link.dstNetns } } : {}),
   });
   accelUsed = pair.accel;
@@ -250,6 +261,7 @@ export interface PostgresBenchResult {
   memoryMiB: number;
   vcpus: number;
   route: "loopback" | "link";
+  diskFormat: DiskFormat;
   link?: LinkDescription & { measuredGbitPerSecond: number };
   build: { buildMs: number; imageBytes: number; allocatedBytes: number };
   runs: number;
@@ -279,6 +291,7 @@ async function benchPostgres(options: {
   qemu: QemuVersion;
   runs: number;
   rows: readonly RowName[];
+  diskFormat: DiskFormat;
   link?: LinkDescription;
 }): Promise<PostgresBenchResult> {
   const image = await ensureDebianGuest();
@@ -290,10 +303,11 @@ async function benchPostgres(options: {
   const route: Route = options.link
     ? {
         link: options.link,
+        diskFormat: options.diskFormat,
         dstHost: options.link.dstIp,
         parameters: { "max-bandwidth": LINK_MAX_BANDWIDTH },
       }
-    : { dstHost: "127.0.0.1", parameters: LOOPBACK_PARAMETERS };
+    : { diskFormat: options.diskFormat, dstHost: "127.0.0.1", parameters: LOOPBACK_PARAMETERS };
   const runs = new Map<RowName, RunFigures[]>(options.rows.map((r) => [r, []]));
   for (let i = 0; i < options.runs; i++) {
     for (const row of options.rows) {
@@ -313,6 +327,7 @@ async function benchPostgres(options: {
     memoryMiB: MEMORY_MIB,
     vcpus: VCPUS,
     route: options.link ? "link" : "loopback",
+    diskFormat: options.diskFormat,
     ...(options.link && measured
       ? { link: { ...options.link, measuredGbitPerSecond: measured.gbitPerSecond } }
       : {}),
@@ -351,7 +366,8 @@ export function formatTable(result: PostgresBenchResult): string {
       ? `over a ${result.link.rateMbit} Mbit/s link (veth + tbf, measured ${result.link.measuredGbitPerSecond.toFixed(3)} Gbit/s)`
       : "on loopback";
   const head = [
-    `PostgreSQL guest (Debian 12, PostgreSQL 15, kernel ${DEBIAN_GUEST_KERNEL}), ${result.memoryMiB} MiB, ` +
+    `PostgreSQL guest (Debian 12, PostgreSQL 15, kernel ${DEBIAN_GUEST_KERNEL}, ${result.diskFormat} system ` +
+      `disk), ${result.memoryMiB} MiB, ` +
       `${result.vcpus} vCPUs, QEMU ${result.qemu} (${result.accel}), migrated ${where} while pgbench runs ` +
       `(4 clients); medians of ${result.runs} run(s) per row. Image: ${mib(result.build.allocatedBytes)} MiB ` +
       `allocated (${mib(result.build.imageBytes)} MiB nominal), built in ${seconds(result.build.buildMs)} s.`,
@@ -415,7 +431,8 @@ async function outer(argv: string[], qemu: QemuVersion, rateMbit: number): Promi
 
 async function main(argv: string[]): Promise<void> {
   const usage =
-    "usage: bench/postgres.ts [--qemu 7.2|10.0] [--runs 1] [--link] [--rate-mbit 1000] [--rows NAME,NAME] [--json]";
+    "usage: bench/postgres.ts [--qemu 7.2|10.0] [--runs 1] [--link] [--rate-mbit 1000] [--disk qcow2|raw] " +
+    "[--rows NAME,NAME] [--json]";
   const { values } = parseArgs({
     args: argv,
     options: {
@@ -423,6 +440,7 @@ async function main(argv: string[]): Promise<void> {
       runs: { type: "string", default: "1" },
       link: { type: "boolean", default: false },
       "rate-mbit": { type: "string", default: "1000" },
+      disk: { type: "string", default: "qcow2" },
       rows: { type: "string" },
       json: { type: "boolean", default: false },
     },
@@ -435,6 +453,8 @@ async function main(argv: string[]): Promise<void> {
   const unknown = rows.find((name) => !isRowName(name));
   if (unknown !== undefined)
     throw new Error(`unknown row ${unknown}: rows are ${ROW_NAMES.join(", ")} (${usage})`);
+  const diskFormat = values.disk;
+  if (!isDiskFormat(diskFormat)) throw new Error(`--disk is qcow2 or raw, not ${diskFormat} (${usage})`);
   const rateMbit = Number(values["rate-mbit"]);
   if (!(rateMbit > 0)) throw new Error(`--rate-mbit needs a positive number (${usage})`);
   requireSetup("bench:postgres", {
@@ -451,7 +471,13 @@ async function main(argv: string[]): Promise<void> {
   if (link && !(await inNamespace(link.srcNetns)))
     throw new Error(`${LINK_ENV} is set but this process is not in ${link.srcNetns}: do not set it by hand`);
   sweepStaleRuns();
-  const result = await benchPostgres({ qemu, runs, rows: rows.filter(isRowName), ...(link ? { link } : {}) });
+  const result = await benchPostgres({
+    qemu,
+    runs,
+    rows: rows.filter(isRowName),
+    diskFormat,
+    ...(link ? { link } : {}),
+  });
   process.stdout.write(values.json ? reportJson(result) : `${formatTable(result)}\n`);
 }
 
