@@ -46,7 +46,8 @@ export function startPgbenchCommand(run: PgbenchRun): string {
     PGBENCH_DATABASE.name,
   ].join(" ");
   const script = `cd /tmp; runuser -u postgres -- ${pgbench} > ${PGBENCH_LOG} 2>&1; echo "${EXIT_MARKER} $?" >> ${PGBENCH_LOG}`;
-  return `rm -f ${PGBENCH_LOG}; setsid -f sh -c '${script}' < /dev/null > /dev/null 2>&1; echo started`;
+  // The log exists (empty) before the command returns: a reader right after it must not race the detached shell.
+  return `: > ${PGBENCH_LOG}; setsid -f sh -c '${script}' < /dev/null > /dev/null 2>&1; echo started`;
 }
 
 export interface PgbenchProgress {
