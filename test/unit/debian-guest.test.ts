@@ -4,8 +4,11 @@
  * rate before / during / after a migration.
  */
 import assert from "node:assert/strict";
+import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { test } from "node:test";
-import { parseDeb822Sources } from "../../src/lab/apt.ts";
+import { parseDeb822Sources, systemSourceEntries } from "../../src/lab/apt.ts";
 import { agentUnit, bootstrapSources, customizeScript, rootInitScript } from "../../src/lab/debian-system.ts";
 import { DISK_SERIAL } from "../../src/lab/initramfs.ts";
 import { parsePgbenchLog, startPgbenchCommand, tpsPhases } from "../../src/lab/pgbench.ts";
@@ -36,6 +39,33 @@ test("bootstrap sources: the system's mirror for the release, -updates and -secu
     `deb ${key} http://mirror.example/debian-security bookworm-security main`,
   ]);
   assert.throws(() => bootstrapSources(SYSTEM_SOURCES, "trixie"), /no apt source for Debian 'trixie'/);
+});
+
+test("system sources: deb822 and one-line files of sources.list.d, then sources.list", async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), "vmprune-apt-"));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  await mkdir(join(dir, "sources.list.d"));
+  await writeFile(
+    join(dir, "sources.list.d", "debian.sources"),
+    "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm\nComponents: main\n",
+  );
+  await writeFile(
+    join(dir, "sources.list.d", "extra.list"),
+    "deb http://extra.example/debian bookworm-updates main\n",
+  );
+  await writeFile(
+    join(dir, "sources.list"),
+    "deb http://mirror.example/debian-security bookworm-security main\n",
+  );
+  const entries = await systemSourceEntries(dir);
+  assert.deepEqual(
+    entries.map((e) => `${e.uris[0]} ${e.suites.join(",")}`),
+    [
+      "http://mirror.example/debian bookworm",
+      "http://extra.example/debian bookworm-updates",
+      "http://mirror.example/debian-security bookworm-security",
+    ],
+  );
 });
 
 test("root initrd: mounts the disk with the data disk's serial read-write and hands over to systemd", () => {
