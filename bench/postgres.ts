@@ -268,7 +268,7 @@ export interface PostgresBenchResult {
   rows: RowResult[];
 }
 
-function medianFigures(list: readonly RunFigures[]): RunFigures {
+export function medianFigures(list: readonly RunFigures[]): RunFigures {
   const m = (key: keyof RunFigures) => median(list.flatMap((r) => (r[key] === undefined ? [] : [r[key]])));
   const figures: RunFigures = {
     streamBytes: m("streamBytes"),
