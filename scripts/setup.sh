@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything vmprune and its lab need on Debian 12 (run as root). Idempotent: a second run only
 # checks. Debian packages via apt, npm packages from the lockfile, then the lab (guest kernels 6.1 and 6.12,
-# initramfs, data disk, QEMU 10.0 beside the system's 7.2), which is cached under .cache/lab.
+# initramfs, data disk, the Debian guest with PostgreSQL, QEMU 10.0 beside the system's 7.2), cached under .cache/lab.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +14,7 @@ packages=(
   gcc libc6-dev    # static guest programs
   util-linux       # setpriv --pdeathsig
   iproute2 socat   # network namespaces and links for tests
+  mmdebstrap       # the Debian guest's system disk (src/lab/debian-guest.ts)
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients  # libvirt lab: libvirtd + virsh (no system units)
   chromium fonts-dejavu-core  # headless screenshots of the HTML report (test/integration/report-screenshot.test.ts)
 )
@@ -34,4 +35,4 @@ if [[ ! -f node_modules/.package-lock.json ]] || ! cmp -s <(node -e 'console.log
   npm ci --no-audit --no-fund >&2
 fi
 npm run --silent build >&2
-node dist/cli/main.js lab build
+node dist/cli/main.js lab build --debian-guest

@@ -131,6 +131,24 @@ export async function debianCodename(): Promise<string> {
   return codename;
 }
 
+/**
+ * The system's apt entries (sources.list.d/*.sources and *.list, then sources.list), as apt reads them: where
+ * the lab's private configurations and the Debian guest's bootstrap find the machine's mirror and keyring.
+ */
+export async function systemSourceEntries(systemAptDir = "/etc/apt"): Promise<SourceEntry[]> {
+  const entries: SourceEntry[] = [];
+  const parts = join(systemAptDir, "sources.list.d");
+  for (const name of existsSync(parts) ? (await readdir(parts)).sort() : []) {
+    if (name.endsWith(".sources"))
+      entries.push(...parseDeb822Sources(await readFile(join(parts, name), "utf8")));
+    else if (name.endsWith(".list"))
+      entries.push(...parseOneLineSources(await readFile(join(parts, name), "utf8")));
+  }
+  const sourcesList = join(systemAptDir, "sources.list");
+  if (existsSync(sourcesList)) entries.push(...parseOneLineSources(await readFile(sourcesList, "utf8")));
+  return entries;
+}
+
 /** Package lists older than this are refreshed (a day: the lab follows point and security updates). */
 const LISTS_MAX_AGE_MS = 24 * 3600_000;
 

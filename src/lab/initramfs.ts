@@ -81,6 +81,8 @@ export async function buildInitramfs(
   programs: GuestPrograms,
   outPath: string,
   drivers: readonly string[] = GUEST_DRIVERS,
+  /** The /init script; default the lab guest's ({@link initScript}). */
+  init: string = initScript(),
 ): Promise<void> {
   const stage = `${outPath}.stage`;
   await run("rm", ["-rf", stage]);
@@ -115,7 +117,7 @@ export async function buildInitramfs(
     loadOrder.push(plain);
   }
   await writeFile(join(stage, "lib", "modules", "load-order"), `${loadOrder.join("\n")}\n`);
-  await writeFile(join(stage, "init"), initScript(), { mode: 0o755 });
+  await writeFile(join(stage, "init"), init, { mode: 0o755 });
   await run("bash", [
     "-c",
     'set -o pipefail; cd "$1" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet > "$2"',

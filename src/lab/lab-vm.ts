@@ -17,6 +17,7 @@ import {
 import { detectAccelerator } from "./accel.ts";
 import { trackPath, untrackPath } from "./cleanup.ts";
 import { buildDataDisk, type DataDiskLayout } from "./data-disk.ts";
+import { DEBIAN_GUEST_KERNEL, ensureDebianGuest } from "./debian-guest.ts";
 import { run } from "./exec.ts";
 import { ensureGuestImage, type GuestImage } from "./guest-image.ts";
 import { DISK_SERIAL } from "./initramfs.ts";
@@ -27,6 +28,13 @@ import { workload } from "./workloads.ts";
 
 export interface LabVmOptions {
   kernel: KernelId;
+  /**
+   * "lab" (default): the busybox initramfs guest with the lab's data disk. "debian": the whole Debian system with
+   * PostgreSQL (src/lab/debian-guest.ts) on kernel 6.1, its system disk the shared disk in the data disk's place:
+   * a qcow2 overlay per pair over the cached image (`data.qcow2`), or with `storage.format` "raw" a sparse copy
+   * of it (`data.img`).
+   */
+  guest?: "lab" | "debian";
   qemu: QemuVersion;
   memoryMiB?: number;
   vcpus?: number;
@@ -63,6 +71,9 @@ export interface LabVmOptions {
   };
 }
 
+/** systemd and PostgreSQL under TCG take about a minute to come up (measured); twice that and some. */
+const DEBIAN_BOOT_TIMEOUT_MS = 300_000;
+
 /** The second data disk: smaller than the first, same kind of files (data-disk.ts). */
 const SECOND_DISK_LAYOUT: DataDiskLayout = { fileCount: 4, fileSizeMiB: 8, imageSizeMiB: 64 };
 
@@ -75,6 +86,31 @@ export function mountSecondDisk(): string {
 /** Spare raw disk per guest: room for a /proc/kpageflags + kpagecount dump (16 bytes per 4 KiB page). */
 function spareDiskBytes(memoryMiB: number): number {
   return 1024 * 1024 + Math.ceil(((memoryMiB + 4096) * 256 * 16) / 4096) * 4096;
+}
+
+/**
+ * The pair's data disk in `diskDir`: `data.img`, a copy of the lab's (or one made with `dataLayout`), with
+ * format "qcow2" `data.qcow2` over it. The Debian guest's system disk takes its place: `data.qcow2` directly over
+ * the cached image (which QEMU opens read-only as a backing file: nothing copied), or with "raw" a sparse copy.
+ */
+async function prepareDataDisk(
+  image: GuestImage,
+  diskDir: string,
+  debian: boolean,
+  storage: LabVmOptions["storage"],
+): Promise<void> {
+  const raw = join(diskDir, "data.img");
+  const overlay = (backing: string) =>
+    run("qemu-img", ["create", "-q", "-f", "qcow2", "-b", backing, "-F", "raw", join(diskDir, "data.qcow2")]);
+  if (debian) {
+    if (storage?.format === "raw")
+      await run("cp", ["--sparse=always", "--reflink=auto", image.dataDisk, raw]);
+    else await overlay(image.dataDisk);
+    return;
+  }
+  if (storage?.dataLayout) await buildDataDisk(image.programs.vmwork, raw, storage.dataLayout);
+  else await copyFile(image.dataDisk, raw);
+  if (storage?.format === "qcow2") await overlay(raw);
 }
 
 export class LabPair {
@@ -126,22 +162,29 @@ export class LabPair {
 
   /** Boots the source VM (with its own copy of the data disk) and waits for its agent. */
   static async boot(opts: LabVmOptions): Promise<LabPair> {
-    const options = { memoryMiB: 512, vcpus: 1, ...opts };
-    const [qemu, image] = await Promise.all([ensureQemu(options.qemu), ensureGuestImage(options.kernel)]);
+    const debian = opts.guest === "debian";
+    if (debian && opts.kernel !== DEBIAN_GUEST_KERNEL)
+      throw new Error(
+        `the Debian guest runs kernel ${DEBIAN_GUEST_KERNEL}, not ${opts.kernel}: ask for that one`,
+      );
+    const options = {
+      memoryMiB: 512,
+      vcpus: 1,
+      ...opts,
+      // The Debian guest's system disk is a qcow2 overlay unless a raw copy is asked for.
+      ...(debian ? { storage: { ...opts.storage, format: opts.storage?.format ?? ("qcow2" as const) } } : {}),
+    };
+    const [qemu, image] = await Promise.all([
+      ensureQemu(options.qemu),
+      debian ? ensureDebianGuest() : ensureGuestImage(options.kernel),
+    ]);
     const accel = options.accel ?? (await detectAccelerator(qemu, image)).accel;
     const diskDir = join(RUN_ROOT, `${process.pid}-disks-${randomBytes(3).toString("hex")}`);
     await mkdir(diskDir, { recursive: true });
     trackPath(diskDir);
     let src: Vm | undefined;
     try {
-      if (options.storage?.dataLayout)
-        await buildDataDisk(image.programs.vmwork, join(diskDir, "data.img"), options.storage.dataLayout);
-      else await copyFile(image.dataDisk, join(diskDir, "data.img"));
-      if (options.storage?.format === "qcow2")
-        await run("qemu-img", [
-          ...["create", "-q", "-f", "qcow2", "-b", join(diskDir, "data.img"), "-F", "raw"],
-          join(diskDir, "data.qcow2"),
-        ]);
+      await prepareDataDisk(image, diskDir, debian, options.storage);
       if (options.storage?.second)
         await buildDataDisk(image.programs.vmwork, join(diskDir, "data2.img"), SECOND_DISK_LAYOUT);
       await writeFile(join(diskDir, "spare.img"), "");
@@ -150,7 +193,8 @@ export class LabPair {
       const config = LabPair.config(options, qemu, image, accel, diskDir, "src", "src");
       if (options.frozen) config.extraArgs = [...(config.extraArgs ?? []), "-S"];
       src = await Vm.start(config);
-      if (!options.frozen) await src.waitBooted(options.bootTimeoutMs ?? 120_000);
+      if (!options.frozen)
+        await src.waitBooted(options.bootTimeoutMs ?? (debian ? DEBIAN_BOOT_TIMEOUT_MS : 120_000));
       return new LabPair(options, qemu, image, accel, diskDir, src, performance.now() - started);
     } catch (error) {
       await src?.stop();
