@@ -16,7 +16,7 @@ packages=(
   iproute2 socat   # network namespaces and links for tests
   mmdebstrap       # the Debian guest's system disk (src/lab/debian-guest.ts)
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients  # libvirt lab: libvirtd + virsh (no system units)
-  chromium fonts-dejavu-core  # headless screenshots of the HTML report (test/integration/report-screenshot.test.ts)
+  chromium fonts-dejavu-core  # headless screenshots of the HTML report (test/support/report-screenshot.ts)
 )
 missing=()
 for p in "${packages[@]}"; do
