@@ -76,15 +76,12 @@ import { guestBalloon } from "../src/lab/balloon.ts";
 import { ensureGuestImage } from "../src/lab/guest-image.ts";
 import type { KernelId } from "../src/lab/kernels.ts";
 import { LabPair } from "../src/lab/lab-vm.ts";
-import { sweepStaleNamespaces } from "../src/lab/netns.ts";
 import { ensureQemu, type QemuVersion } from "../src/lab/qemu-binaries.ts";
 import { SendProcess } from "../src/lab/send-process.ts";
 import {
   type LinkDescription,
   measureRateOf,
   type RateMeasurement,
-  runInNamespace,
-  ShapedLink,
   SRC_IFNAME,
   txBytesOf,
 } from "../src/lab/shaped-link.ts";
@@ -119,6 +116,7 @@ import { REPORT_WIDTH, table, wrap } from "../src/report/table.ts";
 import { DEFAULT_SAMPLE_INTERVAL_MS, ThroughputSampler } from "../src/report/throughput-sampler.ts";
 import { reportJson } from "../src/report/version.ts";
 import { LAB_OPTIONS, labTarget, median, requireSetup } from "./common.ts";
+import { linkOfThisProcess, runBehindLink } from "./linked-run.ts";
 import { migrateThroughInProcessSend, type SendRun } from "./send-run.ts";
 
 const MEMORY_MIB = 512;
@@ -137,8 +135,6 @@ const isWorkloadName = (name: string): name is WorkloadName => Object.hasOwn(WOR
 const PAGE_SIZE = 4096;
 /** 10 Gbit/s in bytes per second: far above the link, so the link limits (QEMU's default is 128 MiB/s). */
 const MAX_BANDWIDTH = 1_250_000_000;
-/** Set in the environment of the inner process: the link it runs in (LinkDescription as JSON). */
-const LINK_ENV = "VMPRUNE_BENCH_LINK";
 const log = (line: string) => process.stderr.write(`${line}\n`);
 
 /** What one migration of one row measured. */
@@ -879,36 +875,6 @@ export function linkReportModel(result: LinkBenchResult): MigrationReportModel {
   };
 }
 
-/** Whether this process runs in the named namespace (its /proc/self/ns/net is the bind-mounted one). */
-async function inNamespace(name: string): Promise<boolean> {
-  const [self, named] = await Promise.all([stat("/proc/self/ns/net"), stat(`/run/netns/${name}`)]);
-  return self.ino === named.ino && self.dev === named.dev;
-}
-
-/** Outer process: builds what needs the network, creates the link, re-runs this file inside its src side. */
-async function outer(argv: string[], kernel: KernelId, qemu: QemuVersion, rateMbit: number): Promise<number> {
-  // The inner process has no route but the link: anything that may need the network (apt lists) is done here.
-  await Promise.all([ensureQemu(qemu), ensureGuestImage(kernel)]);
-  const removed = await sweepStaleNamespaces();
-  if (removed.length > 0) log(`removed namespaces of earlier runs: ${removed.join(", ")}`);
-  const link = await ShapedLink.create({ rateMbit });
-  try {
-    log(`created ${link.src.name} and ${link.dst.name}: ${await link.qdiscs()}`);
-    const self = fileURLToPath(import.meta.url);
-    const { code, signal } = await runInNamespace(
-      link.src.name,
-      process.execPath,
-      [...process.execArgv, self, ...argv],
-      { ...process.env, [LINK_ENV]: JSON.stringify(link.describe()) },
-    );
-    if (signal) log(`the benchmark in ${link.src.name} ended by ${signal}`);
-    return code ?? 1;
-  } finally {
-    await link.destroy();
-    log(`deleted ${link.src.name} and ${link.dst.name}`);
-  }
-}
-
 async function main(argv: string[]): Promise<void> {
   const usage =
     "usage: bench/link.ts [--kernel 6.1|6.12] [--qemu 7.2|10.0] [--runs 3] [--rate-mbit 1000] " +
@@ -933,14 +899,17 @@ async function main(argv: string[]): Promise<void> {
   const rateMbit = Number(values["rate-mbit"]);
   if (!(rateMbit > 0)) throw new Error(`--rate-mbit needs a positive number (${usage})`);
   requireSetup("bench:link", { guests: [kernel], qemu: [qemu], commands: ["ip", "tc"], root: true });
-  const described = process.env[LINK_ENV];
-  if (!described) {
-    process.exitCode = await outer(argv, kernel, qemu, rateMbit);
+  const link = await linkOfThisProcess();
+  if (!link) {
+    process.exitCode = await runBehindLink({
+      file: fileURLToPath(import.meta.url),
+      argv,
+      rateMbit,
+      prepare: () => Promise.all([ensureQemu(qemu), ensureGuestImage(kernel)]),
+      log,
+    });
     return;
   }
-  const link = JSON.parse(described) as LinkDescription;
-  if (!(await inNamespace(link.srcNetns)))
-    throw new Error(`${LINK_ENV} is set but this process is not in ${link.srcNetns}: do not set it by hand`);
   sweepStaleRuns();
   const result = await benchLink({
     kernel,

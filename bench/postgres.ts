@@ -30,14 +30,13 @@
  */
 
 import { randomBytes } from "node:crypto";
-import { stat, writeFile } from "node:fs/promises";
+import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 import { DEBIAN_GUEST_KERNEL, ensureDebianGuest } from "../src/lab/debian-guest.ts";
 import { warmDatabaseCommand } from "../src/lab/debian-system.ts";
 import { LabPair } from "../src/lab/lab-vm.ts";
-import { sweepStaleNamespaces } from "../src/lab/netns.ts";
 import {
   guestClockS,
   pgbenchRun,
@@ -49,13 +48,7 @@ import {
 } from "../src/lab/pgbench.ts";
 import { ensureQemu, type QemuVersion } from "../src/lab/qemu-binaries.ts";
 import { SendProcess } from "../src/lab/send-process.ts";
-import {
-  type LinkDescription,
-  measureRateOf,
-  runInNamespace,
-  ShapedLink,
-  txBytesOf,
-} from "../src/lab/shaped-link.ts";
+import { type LinkDescription, measureRateOf, txBytesOf } from "../src/lab/shaped-link.ts";
 import { sweepStaleRuns } from "../src/lab/vm.ts";
 import {
   guestPause,
@@ -69,6 +62,7 @@ import {
 import { REPORT_WIDTH, table, wrap } from "../src/report/table.ts";
 import { reportJson } from "../src/report/version.ts";
 import { LAB_OPTIONS, labTarget, median, requireSetup } from "./common.ts";
+import { linkOfThisProcess, runBehindLink } from "./linked-run.ts";
 import { migrateThroughInProcessSend } from "./send-run.ts";
 
 const MEMORY_MIB = 2048;
@@ -78,8 +72,6 @@ const BEFORE_S = 15;
 const PGBENCH_S = 120;
 /** 10 Gbit/s in bytes per second: far above the 1 Gbit/s link, so the link limits (as bench/link.ts). */
 const LINK_MAX_BANDWIDTH = 1_250_000_000;
-/** Set in the environment of the inner process: the link it runs in (LinkDescription as JSON). */
-const LINK_ENV = "VMPRUNE_BENCH_LINK";
 const log = (line: string) => process.stderr.write(`${line}\n`);
 
 export const ROW_NAMES = ["plain", "vmprune free", "vmprune free+cache"] as const;
@@ -403,32 +395,6 @@ export function formatTable(result: PostgresBenchResult): string {
   ].join("\n");
 }
 
-async function inNamespace(name: string): Promise<boolean> {
-  const [self, named] = await Promise.all([stat("/proc/self/ns/net"), stat(`/run/netns/${name}`)]);
-  return self.ino === named.ino && self.dev === named.dev;
-}
-
-/** Outer process of a --link run: builds what needs the network, creates the link, re-runs this file inside it. */
-async function outer(argv: string[], qemu: QemuVersion, rateMbit: number): Promise<number> {
-  await Promise.all([ensureQemu(qemu), ensureDebianGuest()]);
-  const removed = await sweepStaleNamespaces();
-  if (removed.length > 0) log(`removed namespaces of earlier runs: ${removed.join(", ")}`);
-  const link = await ShapedLink.create({ rateMbit });
-  try {
-    const self = fileURLToPath(import.meta.url);
-    const { code, signal } = await runInNamespace(
-      link.src.name,
-      process.execPath,
-      [...process.execArgv, self, ...argv],
-      { ...process.env, [LINK_ENV]: JSON.stringify(link.describe()) },
-    );
-    if (signal) log(`the benchmark in ${link.src.name} ended by ${signal}`);
-    return code ?? 1;
-  } finally {
-    await link.destroy();
-  }
-}
-
 async function main(argv: string[]): Promise<void> {
   const usage =
     "usage: bench/postgres.ts [--qemu 7.2|10.0] [--runs 1] [--link] [--rate-mbit 1000] [--disk qcow2|raw] " +
@@ -462,14 +428,17 @@ async function main(argv: string[]): Promise<void> {
     commands: ["mmdebstrap", "qemu-img", "qemu-nbd", ...(values.link ? ["ip", "tc"] : [])],
     root: values.link,
   });
-  const described = process.env[LINK_ENV];
-  if (values.link && !described) {
-    process.exitCode = await outer(argv, qemu, rateMbit);
+  const link = await linkOfThisProcess();
+  if (values.link && !link) {
+    process.exitCode = await runBehindLink({
+      file: fileURLToPath(import.meta.url),
+      argv,
+      rateMbit,
+      prepare: () => Promise.all([ensureQemu(qemu), ensureDebianGuest()]),
+      log,
+    });
     return;
   }
-  const link = described ? (JSON.parse(described) as LinkDescription) : undefined;
-  if (link && !(await inNamespace(link.srcNetns)))
-    throw new Error(`${LINK_ENV} is set but this process is not in ${link.srcNetns}: do not set it by hand`);
   sweepStaleRuns();
   const result = await benchPostgres({
     qemu,
