@@ -5,7 +5,7 @@
  * system, and the init of the small initrd that mounts that disk as root.
  */
 import type { SourceEntry } from "./apt.ts";
-import { BOOT_MARKER, DISK_SERIAL } from "./initramfs.ts";
+import { BOOT_MARKER, DISK_SERIAL, INIT_PRELUDE } from "./initramfs.ts";
 
 /**
  * Packages on top of mmdebstrap's `apt` variant (Essential: yes + apt): systemd as init, udev (device units, module
@@ -142,13 +142,7 @@ rm -rf "$root/run/postgresql" "$root/tmp/pg-build.log"
  * serial is the lab's data disk as the root filesystem, read-write, and hand over to systemd.
  */
 export function rootInitScript(): string {
-  return `#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-while read -r module; do insmod "/lib/modules/$module" || echo "init: insmod $module failed"; done < /lib/modules/load-order
+  return `${INIT_PRELUDE}while read -r module; do insmod "/lib/modules/$module" || echo "init: insmod $module failed"; done < /lib/modules/load-order
 root=""
 for block in /sys/block/vd*; do
   [ "$(cat "$block/serial" 2>/dev/null)" = "${DISK_SERIAL.data}" ] && root="/dev/\${block##*/}"

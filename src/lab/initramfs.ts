@@ -53,14 +53,17 @@ export const DISK_SERIAL = { data: "vmprune-data", spare: "vmprune-spare", data2
 /** Printed on the console once init is done; the agent then answers on ttyS1. */
 export const BOOT_MARKER = "VMPRUNE-BOOTED";
 
-export function initScript(): string {
-  return `#!/bin/busybox sh
+/** What every lab init starts with: busybox's applets on PATH, and /proc, /sys and /dev mounted. */
+export const INIT_PRELUDE = `#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-mkdir -p /dev/shm /dev/pts /run /tmp /data /dev/disk/by-serial
+`;
+
+export function initScript(): string {
+  return `${INIT_PRELUDE}mkdir -p /dev/shm /dev/pts /run /tmp /data /dev/disk/by-serial
 mount -t tmpfs -o mode=1777 shm /dev/shm
 mount -t tmpfs run /run
 mount -t tmpfs tmp /tmp
