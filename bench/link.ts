@@ -62,7 +62,6 @@
  * Logs go to stderr; stdout gets the table, or with --json the figures.
  */
 
-import { randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { open, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
@@ -77,7 +76,6 @@ import { ensureGuestImage } from "../src/lab/guest-image.ts";
 import type { KernelId } from "../src/lab/kernels.ts";
 import { LabPair } from "../src/lab/lab-vm.ts";
 import { ensureQemu, type QemuVersion } from "../src/lab/qemu-binaries.ts";
-import { SendProcess } from "../src/lab/send-process.ts";
 import {
   type LinkDescription,
   measureRateOf,
@@ -117,7 +115,7 @@ import { DEFAULT_SAMPLE_INTERVAL_MS, ThroughputSampler } from "../src/report/thr
 import { reportJson } from "../src/report/version.ts";
 import { LAB_OPTIONS, labTarget, median, requireSetup } from "./common.ts";
 import { linkOfThisProcess, runBehindLink } from "./linked-run.ts";
-import { migrateThroughInProcessSend, type SendRun } from "./send-run.ts";
+import { migrateThroughInProcessSend, migrateThroughSendAndReceive, type SendRun } from "./send-run.ts";
 
 const MEMORY_MIB = 512;
 /**
@@ -292,36 +290,22 @@ async function migrateVmpruneFreeCache(ctx: RowContext, multifd = false): Return
     capabilities,
     ...(multifd ? { parameters } : {}),
   });
-  const { port } = tcpAddress(dstUri);
   const disk = join(ctx.pair.diskDir, "data.img");
-  const keyPath = join(ctx.pair.diskDir, "link.key");
-  const psk = randomBytes(32);
-  await writeFile(keyPath, psk, { mode: 0o600 });
-  const receive = await SendProcess.start({
-    command: "receive",
+  const run = await migrateThroughSendAndReceive(ctx.pair, dst, {
     netns: ctx.link.dstNetns,
-    listen: `${ctx.link.dstIp}:0`,
-    to: `127.0.0.1:${port}`,
-    extraArgs: ["--link-key", keyPath, "--disk", disk],
-  });
-  try {
-    const run = await migrateThroughInProcessSend(ctx.pair, dst, {
+    listenHost: ctx.link.dstIp,
+    dstPort: tcpAddress(dstUri).port,
+    receiveDisk: disk,
+    send: {
       listenHost: "127.0.0.1",
-      to: { host: ctx.link.dstIp, port: receive.listen.port },
       drop: ["free", "cache"],
       parameters: { "max-bandwidth": MAX_BANDWIDTH, ...parameters },
       capabilities,
-      link: { psk },
       disk,
-    });
-    const received = await receive.wait(60_000);
-    log(
-      `  receive: ${received.stdout.length > 0 ? JSON.stringify((JSON.parse(received.stdout) as { refs: unknown }).refs) : received.stderr.slice(-300)}`,
-    );
-    return rowFigures(run);
-  } finally {
-    await receive.stop();
-  }
+    },
+    log,
+  });
+  return rowFigures(run);
 }
 
 const ROWS: readonly RowSpec[] = [

@@ -29,8 +29,6 @@
  * Logs go to stderr; stdout gets the table, or with --json the figures.
  */
 
-import { randomBytes } from "node:crypto";
-import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
@@ -47,7 +45,6 @@ import {
   waitPgbenchProgress,
 } from "../src/lab/pgbench.ts";
 import { ensureQemu, type QemuVersion } from "../src/lab/qemu-binaries.ts";
-import { SendProcess } from "../src/lab/send-process.ts";
 import { type LinkDescription, measureRateOf, txBytesOf } from "../src/lab/shaped-link.ts";
 import { sweepStaleRuns } from "../src/lab/vm.ts";
 import {
@@ -63,7 +60,7 @@ import { REPORT_WIDTH, table, wrap } from "../src/report/table.ts";
 import { reportJson } from "../src/report/version.ts";
 import { LAB_OPTIONS, labTarget, median, requireSetup } from "./common.ts";
 import { linkOfThisProcess, runBehindLink } from "./linked-run.ts";
-import { migrateThroughInProcessSend } from "./send-run.ts";
+import { migrateThroughInProcessSend, migrateThroughSendAndReceive } from "./send-run.ts";
 
 const MEMORY_MIB = 2048;
 const VCPUS = 2;
@@ -142,41 +139,26 @@ async function migrateVmpruneFree(pair: LabPair, route: Route): Promise<RowMigra
 async function migrateVmpruneFreeCache(pair: LabPair, route: Route): Promise<RowMigration> {
   const dst = await pair.startDestination();
   const uri = await prepareIncoming(dst.monitor, { incomingUri: "tcp:127.0.0.1:0" });
-  const keyPath = join(pair.diskDir, "link.key");
-  const psk = randomBytes(32);
-  await writeFile(keyPath, psk, { mode: 0o600 });
   const raw = join(pair.diskDir, "data.img");
-  const receive = await SendProcess.start({
-    command: "receive",
+  const run = await migrateThroughSendAndReceive(pair, dst, {
     ...(route.link ? { netns: route.link.dstNetns } : {}),
-    listen: `${route.dstHost}:0`,
-    to: `127.0.0.1:${tcpAddress(uri).port}`,
-    extraArgs: [
-      ...["--link-key", keyPath, "--disk"],
-      route.diskFormat === "raw" ? raw : `qcow2:${join(pair.diskDir, "data.qcow2")}`,
-    ],
-  });
-  try {
-    const run = await migrateThroughInProcessSend(pair, dst, {
+    listenHost: route.dstHost,
+    dstPort: tcpAddress(uri).port,
+    receiveDisk: route.diskFormat === "raw" ? raw : `qcow2:${join(pair.diskDir, "data.qcow2")}`,
+    send: {
       listenHost: "127.0.0.1",
-      to: { host: route.dstHost, port: receive.listen.port },
       drop: ["free", "cache"],
       parameters: route.parameters,
-      link: { psk },
       ...(route.diskFormat === "raw" ? { disk: raw } : {}),
-    });
-    const received = await receive.wait(120_000);
-    const refs = (JSON.parse(received.stdout || "{}") as { refs?: { refsResolved?: number } }).refs;
-    log(`  receive: ${JSON.stringify(refs ?? received.stderr.slice(-300))}`);
-    return {
-      result: run.result,
-      streamBytes: run.wireBytes,
-      prunedPages: run.prunedPages,
-      cacheRefs: refs?.refsResolved ?? 0,
-    };
-  } finally {
-    await receive.stop();
-  }
+    },
+    log,
+  });
+  return {
+    result: run.result,
+    streamBytes: run.wireBytes,
+    prunedPages: run.prunedPages,
+    cacheRefs: run.refsResolved,
+  };
 }
 
 const MIGRATORS: Record<RowName, (pair: LabPair, route: Route) => Promise<RowMigration>> = {

@@ -3,8 +3,12 @@
  * through the source's second QMP socket) to an address on the destination side, and must prune; the figures are
  * what the relay wrote to the destination. Shared by bench/prune.ts and bench/link.ts.
  */
+import { randomBytes } from "node:crypto";
+import { writeFile } from "node:fs/promises";
+import { join } from "node:path";
 import type { Category } from "../src/introspect/classifier.ts";
 import type { LabPair } from "../src/lab/lab-vm.ts";
+import { SendProcess } from "../src/lab/send-process.ts";
 import type { Vm } from "../src/lab/vm.ts";
 import { startSend } from "../src/migrate/send.ts";
 import type { PruneReport } from "../src/prune/pruning-processor.ts";
@@ -71,5 +75,48 @@ export async function migrateThroughInProcessSend(
     }
   } finally {
     toolQmp.close();
+  }
+}
+
+/**
+ * The benchmarks' free+cache row: `vmprune receive` as a process (in `netns`, the destination's side of the
+ * link, when given) in front of the destination QEMU at 127.0.0.1:`dstPort`, reading `receiveDisk`, with a fresh
+ * key in the pair's folder; the source migrates through the in-process send (`send`'s options less the link),
+ * and receive's references are read from its report when it exits. receive is stopped by PID however it ends.
+ */
+export async function migrateThroughSendAndReceive(
+  pair: LabPair,
+  dst: Vm,
+  options: {
+    netns?: string;
+    listenHost: string;
+    dstPort: number;
+    receiveDisk: string;
+    send: Omit<Parameters<typeof migrateThroughInProcessSend>[2], "to" | "link">;
+    log: (line: string) => void;
+  },
+): Promise<SendRun & { refsResolved: number }> {
+  const keyPath = join(pair.diskDir, "link.key");
+  const psk = randomBytes(32);
+  await writeFile(keyPath, psk, { mode: 0o600 });
+  const receive = await SendProcess.start({
+    command: "receive",
+    ...(options.netns ? { netns: options.netns } : {}),
+    listen: `${options.listenHost}:0`,
+    to: `127.0.0.1:${options.dstPort}`,
+    extraArgs: ["--link-key", keyPath, "--disk", options.receiveDisk],
+  });
+  try {
+    const run = await migrateThroughInProcessSend(pair, dst, {
+      ...options.send,
+      to: { host: options.listenHost, port: receive.listen.port },
+      link: { psk },
+    });
+    const received = await receive.wait(120_000);
+    const refs = (JSON.parse(received.stdout || "{}") as { refs?: { refsResolved?: number } }).refs;
+    options.log(`  receive: ${refs ? JSON.stringify(refs) : received.stderr.slice(-300)}`);
+    return { ...run, refsResolved: refs?.refsResolved ?? 0 };
+  } finally {
+    await receive.stop();
   }
 }
