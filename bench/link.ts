@@ -63,14 +63,10 @@
  */
 
 import { readFileSync } from "node:fs";
-import { open, stat, writeFile } from "node:fs/promises";
+import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
-import { CATEGORY } from "../src/introspect/classifier.ts";
-import { blockOffsetToGpa } from "../src/introspect/guest-memory.ts";
-import { classifyGuest } from "../src/introspect/inspect.ts";
-import { openLiveVmMemory } from "../src/introspect/live-vm.ts";
 import { guestBalloon } from "../src/lab/balloon.ts";
 import { ensureGuestImage } from "../src/lab/guest-image.ts";
 import type { KernelId } from "../src/lab/kernels.ts";
@@ -102,7 +98,6 @@ import {
   tcpAddress,
   waitDestinationState,
 } from "../src/qemu/migration.ts";
-import { QmpClient } from "../src/qemu/qmp.ts";
 import { pageTrafficOf } from "../src/report/page-traffic.ts";
 import {
   type MigrationReportModel,
@@ -114,6 +109,7 @@ import { REPORT_WIDTH, table, wrap } from "../src/report/table.ts";
 import { DEFAULT_SAMPLE_INTERVAL_MS, ThroughputSampler } from "../src/report/throughput-sampler.ts";
 import { reportJson } from "../src/report/version.ts";
 import { LAB_OPTIONS, labTarget, median, requireSetup } from "./common.ts";
+import { idealBytes } from "./ideal.ts";
 import { linkOfThisProcess, runBehindLink } from "./linked-run.ts";
 import { migrateThroughInProcessSend, migrateThroughSendAndReceive, type SendRun } from "./send-run.ts";
 
@@ -130,7 +126,6 @@ const WORKLOADS = {
 } as const satisfies Record<string, MixedWorkloadSizes>;
 export type WorkloadName = keyof typeof WORKLOADS;
 const isWorkloadName = (name: string): name is WorkloadName => Object.hasOwn(WORKLOADS, name);
-const PAGE_SIZE = 4096;
 /** 10 Gbit/s in bytes per second: far above the link, so the link limits (QEMU's default is 128 MiB/s). */
 const MAX_BANDWIDTH = 1_250_000_000;
 const log = (line: string) => process.stderr.write(`${line}\n`);
@@ -322,68 +317,6 @@ const ROWS: readonly RowSpec[] = [
   { name: "vmprune free+cache", migrate: (ctx) => migrateVmpruneFreeCache(ctx) },
   { name: "vmprune free+cache multifd", migrate: (ctx) => migrateVmpruneFreeCache(ctx, true) },
 ];
-
-/**
- * Bytes of guest RAM that must travel: pages neither free nor clean page cache (by the guest kernel's own
- * struct pages) nor all zero. Read from the source's RAM file(s) while the guest is paused; RAMBlock offsets
- * not mapped into guest-physical memory (e.g. behind the VGA hole) count when non-zero.
- */
-export async function idealBytes(
-  pair: LabPair,
-): Promise<{ ideal: number; freeOnly: number; counts: string }> {
-  const qmp = await QmpClient.connect(pair.src.toolQmpPath);
-  try {
-    await qmp.execute("stop");
-    try {
-      const live = await openLiveVmMemory(qmp, pair.src.toolQmpPath);
-      try {
-        const { categories } = classifyGuest(live.memory);
-        let ideal = 0;
-        let freeOnly = 0;
-        const pages = { free: 0, cache: 0, zero: 0, other: 0 };
-        const zeroPage = Buffer.alloc(PAGE_SIZE);
-        const window = Buffer.alloc(4 << 20);
-        for (const [block, path] of Object.entries(live.sources)) {
-          if (path.startsWith("process ")) throw new Error(`block ${block} has no RAM file to read`);
-          const handle = await open(path, "r");
-          try {
-            const size = (await stat(path)).size;
-            for (let offset = 0; offset < size; offset += window.length) {
-              const { bytesRead } = await handle.read(
-                window,
-                0,
-                Math.min(window.length, size - offset),
-                offset,
-              );
-              for (let at = 0; at + PAGE_SIZE <= bytesRead; at += PAGE_SIZE) {
-                const gpa = blockOffsetToGpa(live.layout, block, offset + at);
-                const category = gpa === null ? CATEGORY.unknown : (categories[gpa / PAGE_SIZE] ?? 0);
-                const zero = window.compare(zeroPage, 0, PAGE_SIZE, at, at + PAGE_SIZE) === 0;
-                if (category === CATEGORY.free) pages.free++;
-                else if (zero) pages.zero++;
-                else if (category === CATEGORY.cache) pages.cache++;
-                else pages.other++;
-                if (category !== CATEGORY.free && !zero) {
-                  freeOnly += PAGE_SIZE;
-                  if (category !== CATEGORY.cache) ideal += PAGE_SIZE;
-                }
-              }
-            }
-          } finally {
-            await handle.close();
-          }
-        }
-        return { ideal, freeOnly, counts: JSON.stringify(pages) };
-      } finally {
-        live.memory.close();
-      }
-    } finally {
-      await qmp.execute("cont");
-    }
-  } finally {
-    qmp.close();
-  }
-}
 
 /**
  * Samples the src veth's tx counter every 50 ms (sysfs of this namespace) for a timeline of the link's use, and

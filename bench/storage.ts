@@ -26,12 +26,11 @@ import { parseArgs } from "node:util";
 import { dataFilePaths } from "../src/lab/data-disk.ts";
 import { run } from "../src/lab/exec.ts";
 import { LabPair } from "../src/lab/lab-vm.ts";
-import { SendProcess } from "../src/lab/send-process.ts";
 import { workload } from "../src/lab/workloads.ts";
-import type { SendReport } from "../src/migrate/send.ts";
-import { prepareIncoming, runMigration } from "../src/qemu/migration.ts";
+import { prepareIncoming } from "../src/qemu/migration.ts";
 import { REPORT_WIDTH, table, wrap } from "../src/report/table.ts";
 import { requireSetup } from "./common.ts";
+import { migrateThroughProcesses } from "./process-run.ts";
 
 const MIB = 1024 * 1024;
 const FILES = 19;
@@ -60,54 +59,36 @@ interface Row {
   indexEntries: number | null;
 }
 
-type Reported = SendReport & { vmprune: { peakRssBytes: number } };
-
 async function migrateOnce(pair: LabPair, key: string, mode: Row["mode"], sizeGiB: number): Promise<Row> {
   const disk = join(pair.diskDir, "data.img");
   const dst = await pair.startDestination();
   const dstUri = await prepareIncoming(dst.monitor, { incomingUri: "tcp:127.0.0.1:0" });
-  const receive = await SendProcess.start({
-    command: "receive",
-    to: dstUri,
-    extraArgs: ["--link-key", key, "--disk", disk],
-    built: true,
-  });
-  const send = await SendProcess.start({
-    to: `${receive.listen.host}:${receive.listen.port}`,
-    extraArgs: [
-      ...["--drop", "free,cache", "--qmp", pair.src.toolQmpPath, "--link-key", key],
-      ...["--disk", disk, "--cache-refs", mode],
-    ],
-    built: true,
+  const { result, send, receive } = await migrateThroughProcesses(pair, dstUri, {
+    drop: "free,cache",
+    key,
+    disk,
+    cacheRefs: mode,
+    migration: { timeoutMs: 600_000 },
     // The content index reads the whole image before send listens.
     startTimeoutMs: 900_000,
   });
-  try {
-    const result = await runMigration(pair.src.monitor, send.uri, { timeoutMs: 600_000 });
-    const [sent, received] = await Promise.all([send.wait(120_000), receive.wait(120_000)]);
-    const report = sent.report as Reported | null;
-    if (!report?.cacheRefs || !report.prune) throw new Error(`send printed no report: ${sent.stderr}`);
-    const receiveReport = JSON.parse(received.stdout) as { vmprune: { peakRssBytes: number } };
-    const refs = report.prune.refs;
-    const cachePages = report.prune.pages.byCategory.cache ?? 0;
-    await pair.promoteDestination();
-    return {
-      sizeGiB,
-      mode,
-      prepareMs: report.cacheRefs.prepareMs,
-      sendPeakRssMB: report.vmprune.peakRssBytes / MIB,
-      receivePeakRssMB: receiveReport.vmprune.peakRssBytes / MIB,
-      refs,
-      cachePages,
-      placedShare: cachePages > 0 ? refs / cachePages : 0,
-      notLocated: report.cacheRefs.notLocated as Record<string, number>,
-      totalMs: result.info["total-time"] ?? 0,
-      indexEntries: report.diskIndex?.entries ?? null,
-    };
-  } finally {
-    await send.stop();
-    await receive.stop();
-  }
+  if (!send.cacheRefs || !send.prune || !receive) throw new Error("send or receive reported no references");
+  const refs = send.prune.refs;
+  const cachePages = send.prune.pages.byCategory.cache ?? 0;
+  await pair.promoteDestination();
+  return {
+    sizeGiB,
+    mode,
+    prepareMs: send.cacheRefs.prepareMs,
+    sendPeakRssMB: send.vmprune.peakRssBytes / MIB,
+    receivePeakRssMB: receive.vmprune.peakRssBytes / MIB,
+    refs,
+    cachePages,
+    placedShare: cachePages > 0 ? refs / cachePages : 0,
+    notLocated: send.cacheRefs.notLocated as Record<string, number>,
+    totalMs: result.info["total-time"] ?? 0,
+    indexEntries: send.diskIndex?.entries ?? null,
+  };
 }
 
 const rows: Row[] = [];

@@ -3,7 +3,7 @@
  * mixed workload the demo and tests use.
  */
 
-import { dataFilePaths } from "./data-disk.ts";
+import { DATA_DISK_LAYOUT, type DataDiskLayout, dataFilePaths } from "./data-disk.ts";
 import type { GuestAgent } from "./guest-agent.ts";
 import { DISK_SERIAL } from "./initramfs.ts";
 
@@ -97,12 +97,61 @@ export const ANON_512M: MixedWorkloadSizes = {
   dirtyFiles: { size: "1M", count: 1 },
 };
 
-/** Runs the mixed workload; returns what each step printed. */
+/** A size in MiB, from the workloads' `64M`/`1G`/`4096K` notation. */
+function mib(size: Size): number {
+  const m = /^(\d+(?:\.\d+)?)([KMG]?)$/.exec(size);
+  if (!m?.[1]) throw new Error(`not a size: ${size}`);
+  const unit = m[2] === "G" ? 1024 : m[2] === "K" ? 1 / 1024 : m[2] === "M" ? 1 : 1 / (1024 * 1024);
+  return Number(m[1]) * unit;
+}
+
+/** The 512 MiB workload `sizes` scaled to a guest of `memoryMiB`, with the data disk its files need. */
+export interface ScaledWorkload {
+  sizes: MixedWorkloadSizes;
+  /** The data disk the pair needs (LabVmOptions.storage.dataLayout): as many files, each `factor` times larger. */
+  layout: DataDiskLayout;
+  factor: number;
+}
+
+/**
+ * Every amount of `sizes` (a 512 MiB guest's) times memoryMiB / 512, and the files it reads and maps as many but
+ * as much larger, so that a larger guest holds the same shares of free, cache, anonymous and tmpfs memory. The
+ * disk has room for the files, the dirty files and a quarter more.
+ */
+export function scaleWorkload(sizes: MixedWorkloadSizes, memoryMiB: number): ScaledWorkload {
+  const factor = memoryMiB / 512;
+  if (!Number.isInteger(factor) || factor < 1)
+    throw new Error(`a scaled workload needs a multiple of 512 MiB, not ${memoryMiB} MiB`);
+  const scale = (size: Size): Size => `${Math.round(mib(size) * factor)}M`;
+  const fileCount = Math.max(1, sizes.cacheFiles + sizes.mappedFiles);
+  const fileSizeMiB = DATA_DISK_LAYOUT.fileSizeMiB * factor;
+  const dirtyMiB = mib(sizes.dirtyFiles.size) * factor * sizes.dirtyFiles.count;
+  return {
+    factor,
+    sizes: {
+      ...sizes,
+      anon: scale(sizes.anon),
+      tmpfs: scale(sizes.tmpfs),
+      churn: scale(sizes.churn),
+      dirtyFiles: { size: scale(sizes.dirtyFiles.size), count: sizes.dirtyFiles.count },
+    },
+    layout: {
+      fileCount,
+      fileSizeMiB,
+      imageSizeMiB: Math.ceil(((fileCount * fileSizeMiB + dirtyMiB) * 1.25) / 64) * 64 + 64,
+    },
+  };
+}
+
+/**
+ * Runs the mixed workload; returns what each step printed. `files`: the data disk's files it reads and maps, in
+ * that order (default: the lab's data disk's).
+ */
 export async function runMixedWorkload(
   agent: GuestAgent,
   sizes: MixedWorkloadSizes = MIXED_512M,
+  files: readonly string[] = dataFilePaths(),
 ): Promise<string[]> {
-  const files = dataFilePaths();
   const cache = files.slice(0, sizes.cacheFiles);
   const mapped = files.slice(sizes.cacheFiles, sizes.cacheFiles + sizes.mappedFiles);
   // Churn last: the memory it fills and frees stays free with old non-zero data (what QEMU cannot see as
@@ -116,7 +165,9 @@ export async function runMixedWorkload(
     workload.churn(sizes.churn, sizes.churnLoops),
   ];
   const out: string[] = [];
-  for (const step of steps) out.push((await agent.run(step, 300_000)).trim());
+  // A step's time grows with the guest: 5 minutes per 512 MiB of the largest amount it writes, at least.
+  const timeoutMs = 300_000 * Math.max(1, Math.ceil(Math.max(mib(sizes.anon), mib(sizes.churn)) / 512));
+  for (const step of steps) out.push((await agent.run(step, timeoutMs)).trim());
   return out;
 }
 
