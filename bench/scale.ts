@@ -160,7 +160,7 @@ async function migrateRow(
   const times = await timeline(pair.src.monitor, dst.monitor, sinceMs);
   await waitDestinationState(dst.monitor, "paused", 60_000);
   log(`  ${row}: loaded in ${Math.round(times.loadedMs)} ms, ${bytes} B; comparing RAM`);
-  const oracle = await prunedRamOracle(pair.src.ramPath, dst.ramPath);
+  const oracle = await prunedRamOracle(pair.src, dst);
   let verified: string | null = null;
   if (last) {
     await dst.monitor.execute("cont");

@@ -88,7 +88,7 @@ export async function migrateThroughLink(
       ]);
       await waitDestinationState(dst.monitor, "paused");
       const [sent, received] = await Promise.all([send.done, receive.done]);
-      const oracle = await prunedRamOracle(pair.src.ramPath, dst.ramPath);
+      const oracle = await prunedRamOracle(pair.src, dst);
       return { dst, result, send: sent, receive: received, ...oracle };
     } finally {
       await send.relay.close();

@@ -9,7 +9,12 @@
  *   - oracle 2 is the caller's: resume the destination (`cont`) and run `verify` there.
  */
 import { CATEGORY } from "../introspect/classifier.ts";
-import { openRawSnapshot } from "../introspect/guest-memory.ts";
+import {
+  blockOffsetToGpa,
+  discoverQemuLayout,
+  openRawSnapshot,
+  type RamMapping,
+} from "../introspect/guest-memory.ts";
 import { classifyGuest } from "../introspect/inspect.ts";
 import {
   LOOPBACK_PARAMETERS,
@@ -49,29 +54,54 @@ export interface PrunedMigration {
   finalFree: number;
 }
 
+const PAGE_SIZE = 4096;
 const CATEGORY_BY_CODE = Object.fromEntries(Object.entries(CATEGORY).map(([name, code]) => [code, name]));
 
 /**
- * Oracle 1 over two paused guests' RAM files: the pages that differ, those of them that are not free in the
- * source's final classification (must be none), and how many pages are free at the end.
+ * Oracle 1 over two paused lab guests' RAM files (their one RAM block): the pages that differ, those of them that
+ * are not free in the source's final classification (must be none), and how many pages are free at the end. A
+ * file offset is a RAMBlock offset, not a guest-physical address once the guest's RAM is split around the PCI
+ * hole (q35 puts RAM above 2 GiB at 4 GiB when the guest has 2.75 GiB or more): the source QEMU's layout says
+ * which is which.
  */
 export async function prunedRamOracle(
-  srcRam: string,
-  dstRam: string,
+  src: Vm,
+  dst: Vm,
 ): Promise<Pick<PrunedMigration, "differing" | "differingNotFree" | "finalFree">> {
-  const diff = await compareRamFiles(srcRam, dstRam, Number.MAX_SAFE_INTEGER);
-  const memory = openRawSnapshot(srcRam);
+  const layout = await ramLayoutOf(src);
+  const block = src.config.ramBackendId ?? "ram0";
+  const diff = await compareRamFiles(src.ramPath, dst.ramPath, Number.MAX_SAFE_INTEGER);
+  const memory = openRawSnapshot(src.ramPath, layout, block);
   try {
     const final = classifyGuest(memory, { inferPcpFree: true }).categories;
-    const differingNotFree = diff.differing
-      .filter((pfn) => final[pfn] !== CATEGORY.free)
-      .map((pfn) => ({ pfn, category: CATEGORY_BY_CODE[final[pfn] ?? 0] ?? "?" }));
+    const pfnOf = (offsetPage: number): number | null => {
+      const gpa = blockOffsetToGpa(layout, block, offsetPage * PAGE_SIZE);
+      return gpa === null ? null : gpa / PAGE_SIZE;
+    };
+    const differingNotFree: { pfn: number; category: string }[] = [];
+    for (const page of diff.differing) {
+      const pfn = pfnOf(page);
+      // A RAMBlock page outside guest-physical memory holds no guest data the kernel can describe.
+      if (pfn === null) {
+        differingNotFree.push({ pfn: -page, category: "outside guest-physical memory" });
+        continue;
+      }
+      if (final[pfn] !== CATEGORY.free)
+        differingNotFree.push({ pfn, category: CATEGORY_BY_CODE[final[pfn] ?? 0] ?? "?" });
+    }
     let finalFree = 0;
     for (const c of final) if (c === CATEGORY.free) finalFree++;
     return { differing: diff.differing.length, differingNotFree, finalFree };
   } finally {
     memory.close();
   }
+}
+
+/** The guest-physical layout of a running lab VM's RAM (which RAMBlock offset is which address), for the oracle. */
+export function ramLayoutOf(vm: Vm): Promise<RamMapping[]> {
+  return discoverQemuLayout(async (commandLine) =>
+    String(await vm.monitor.executeUntyped("human-monitor-command", { "command-line": commandLine })),
+  );
 }
 
 export async function migrateThroughPruningSend(
@@ -116,7 +146,7 @@ export async function migrateThroughPruningSend(
     await during;
     await waitDestinationState(dst.monitor, "paused");
     const sent = await send.wait(60_000);
-    return { dst, result, sent, ...(await prunedRamOracle(pair.src.ramPath, dst.ramPath)) };
+    return { dst, result, sent, ...(await prunedRamOracle(pair.src, dst)) };
   } finally {
     await send.stop();
   }

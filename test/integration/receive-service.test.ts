@@ -113,10 +113,12 @@ test("receive service: two live migrations at once into their named destinations
       `guest ${"ab"[i]}: pruned ${prune?.pages.pruned} of ${prune?.pages.seen} pages, link ${sent.report?.relay.channels[0]?.bytesToDestination} B`,
     );
     assert.ok((prune?.pages.pruned ?? 0) > 1000, "free pages were dropped");
-    const oracle = await prunedRamOracle(pair.src.ramPath, pair.dst?.ramPath ?? "");
+    const dst = pair.dst;
+    assert.ok(dst, "the destination exists");
+    const oracle = await prunedRamOracle(pair.src, dst);
     assert.deepEqual(oracle.differingNotFree.slice(0, 10), [], "only free pages differ");
-    await pair.dst?.monitor.execute("cont");
-    assert.match(await LabPair.verify(pair.dst as NonNullable<typeof pair.dst>), /^OK/m);
+    await dst.monitor.execute("cont");
+    assert.match(await LabPair.verify(dst), /^OK/m);
   }
   // The service printed one JSON line per migration, each into the destination its send named.
   const served = service.stdoutLines().map((line) => JSON.parse(line) as ServedMigration);

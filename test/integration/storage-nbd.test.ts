@@ -432,7 +432,7 @@ test("live migration: receive rebuilds cache pages from the shared disk read thr
   });
   await migration.waitDestinationState(dst.monitor, "paused");
   const [sent, received] = await Promise.all([send.done, receive.done]);
-  const oracle = await prunedRamOracle(pair.src.ramPath, dst.ramPath);
+  const oracle = await prunedRamOracle(pair.src, dst);
   const p = sent.prune;
   t.diagnostic(`refs ${p?.refs}; receive ${JSON.stringify(received.refs)}; ${oracle.differing} pages differ`);
   assert.equal(result.status, "completed");
