@@ -31,6 +31,9 @@
  *                    (moved to the packets' zero lists; QEMU 9.0+);
  *   vmprune free+cache  source QEMU → vmprune send --drop free,cache (src namespace) → the link → vmprune receive
  *                    (a process in the dst namespace, rebuilding cache pages from the shared disk) → destination QEMU;
+ *   vmprune free+cache refs always  the same with `--refs-when always`: every placeable cache page a reference,
+ *                    whether or not bytes queue for the link (send's default, link-busy, sends them whole while
+ *                    the link has room);
  *   vmprune free+cache multifd  the same with multifd on (2 channels): free pages moved to the packets' zero
  *                    lists, cache pages inside packets as references (link 1.3);
  *   ideal            bytes of the guest's RAM pages that are neither free, nor clean page cache, nor all zero,
@@ -89,6 +92,7 @@ import {
   type MixedWorkloadSizes,
   runMixedWorkload,
 } from "../src/lab/workloads.ts";
+import type { RefsWhen } from "../src/migrate/link-send.ts";
 import type { PruneReport } from "../src/prune/pruning-processor.ts";
 import {
   guestPause,
@@ -276,7 +280,11 @@ async function migrateVmpruneFree(ctx: RowContext, multifd = false): ReturnType<
  * (a process in the dst namespace: it must sit on the destination's side of the link) → destination QEMU on the
  * dst namespace's loopback. Cache pages found on the shared data disk cross the link as references.
  */
-async function migrateVmpruneFreeCache(ctx: RowContext, multifd = false): ReturnType<RowMigrator> {
+async function migrateVmpruneFreeCache(
+  ctx: RowContext,
+  multifd = false,
+  refsWhen: RefsWhen = "link-busy",
+): ReturnType<RowMigrator> {
   const capabilities: Record<string, boolean> = multifd ? { multifd: true } : {};
   const parameters: Record<string, unknown> = multifd ? { "multifd-channels": MULTIFD_CHANNELS } : {};
   const dst = await ctx.pair.startDestination();
@@ -297,6 +305,7 @@ async function migrateVmpruneFreeCache(ctx: RowContext, multifd = false): Return
       parameters: { "max-bandwidth": MAX_BANDWIDTH, ...parameters },
       capabilities,
       disk,
+      refsWhen,
     },
     log,
   });
@@ -315,6 +324,10 @@ const ROWS: readonly RowSpec[] = [
   { name: "vmprune free", migrate: (ctx) => migrateVmpruneFree(ctx) },
   { name: "vmprune free multifd", migrate: (ctx) => migrateVmpruneFree(ctx, true) },
   { name: "vmprune free+cache", migrate: (ctx) => migrateVmpruneFreeCache(ctx) },
+  {
+    name: "vmprune free+cache refs always",
+    migrate: (ctx) => migrateVmpruneFreeCache(ctx, false, "always"),
+  },
   { name: "vmprune free+cache multifd", migrate: (ctx) => migrateVmpruneFreeCache(ctx, true) },
 ];
 
@@ -659,6 +672,7 @@ const SHORT_ROW_NAMES: Record<string, string> = {
   "vmprune free": "vm free",
   "vmprune free multifd": "vm mfd",
   "vmprune free+cache": "vm f+c",
+  "vmprune free+cache refs always": "vm f+c!",
 };
 
 /**

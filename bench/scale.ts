@@ -11,7 +11,8 @@
  * the same guest state, each into a fresh destination held paused (-S), the source resumed between them:
  *   plain              source QEMU → destination QEMU;
  *   vmprune free       source → `vmprune send --drop free` → destination;
- *   vmprune free+cache source → `vmprune send --drop free,cache` → `vmprune receive` (the shared disk) → destination.
+ *   vmprune free+cache source → `vmprune send --drop free,cache` → `vmprune receive` (the shared disk) → destination,
+ *                      with send's default `--refs-when link-busy` (on loopback most cache pages then go whole).
  * send and receive run from the build (dist/), their own processes, as operators run them (bench/process-run.ts).
  * Oracle 1 after every row (src/lab/prune-oracle.ts): source and destination RAM compared page by page; every
  * page that differs must be free in the source's final classification (for plain: none may differ). Oracle 2
@@ -88,6 +89,8 @@ interface RowFigures {
   judgeMs: number | null;
   pagesPruned: number | null;
   refs: number | null;
+  /** Cache pages sent whole because the link had room (send's default, --refs-when link-busy). */
+  cacheWhole: number | null;
   refsNacked: number | null;
 }
 
@@ -187,6 +190,7 @@ async function migrateRow(
     judgeMs: prune?.judgeMs ?? null,
     pagesPruned: prune ? prune.pages.pruned : null,
     refs: prune ? prune.refs : null,
+    cacheWhole: prune ? prune.cacheWhole : null,
     refsNacked: vmprune?.receive ? vmprune.receive.refs.refsNacked : null,
   };
 }

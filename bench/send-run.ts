@@ -10,6 +10,7 @@ import type { Category } from "../src/introspect/classifier.ts";
 import type { LabPair } from "../src/lab/lab-vm.ts";
 import { SendProcess } from "../src/lab/send-process.ts";
 import type { Vm } from "../src/lab/vm.ts";
+import type { RefsWhen } from "../src/migrate/link-send.ts";
 import { startSend } from "../src/migrate/send.ts";
 import type { PruneReport } from "../src/prune/pruning-processor.ts";
 import { type MigrationResult, runMigration, waitDestinationState } from "../src/qemu/migration.ts";
@@ -38,6 +39,8 @@ export async function migrateThroughInProcessSend(
     capabilities?: Record<string, boolean>;
     link?: { psk: Buffer };
     disk?: string;
+    /** When cache pages go as references (send's default: "link-busy"). */
+    refsWhen?: RefsWhen;
   },
 ): Promise<SendRun> {
   const toolQmp = await QmpClient.connect(pair.src.toolQmpPath);
@@ -50,6 +53,7 @@ export async function migrateThroughInProcessSend(
       guest: { qmp: { client: toolQmp, path: pair.src.toolQmpPath } },
       ...(options.link ? { link: options.link } : {}),
       ...(options.disk ? { disk: options.disk } : {}),
+      ...(options.refsWhen ? { refsWhen: options.refsWhen } : {}),
       ...(process.env.VMPRUNE_BENCH_TRACE
         ? { log: (line: string) => process.stderr.write(`  send @${Date.now()}: ${line}\n`) }
         : {}),

@@ -17,6 +17,7 @@ import { sweepStaleRuns } from "../lab/vm.ts";
 import { libvirtMigrate } from "../libvirt/migrate.ts";
 import { MIN_PSK_BYTES } from "../link/handshake.ts";
 import { startReceive } from "../migrate/link-receive.ts";
+import { REFS_WHEN, type RefsWhen } from "../migrate/link-send.ts";
 import { type MigrateReport, migrate } from "../migrate/migrate.ts";
 import { openReceiveDisks } from "../migrate/receive-disks.ts";
 import { DEFAULT_MAX_MIGRATIONS, ReceiveService } from "../migrate/receive-service.ts";
@@ -269,6 +270,17 @@ const TLS_CREDS_HELP = {
 const INSECURE_PLAINTEXT_HELP =
   "DANGER: no TLS; guest memory crosses the network readable by anyone on the path (the link stays authenticated with --link-key)";
 
+/** send's and migrate's --refs-when (link-send.ts RefsWhen). */
+const REFS_WHEN_OPTION = [
+  "--refs-when <when>",
+  "with --drop cache: when clean cache pages go as references: link-busy (default: only while bytes queue for the link, else whole, which is faster when the link has room) or always (the fewest bytes on the link)",
+  (value: string): RefsWhen => {
+    if (!(REFS_WHEN as readonly string[]).includes(value))
+      throw new InvalidArgumentError(`give one of ${REFS_WHEN.join(", ")}`);
+    return value as RefsWhen;
+  },
+] as const;
+
 const SOCKET_MODE_HELP = "with a unix-socket --listen: the socket file's mode, octal (e.g. 0660)";
 const SOCKET_OWNER_HELP =
   "with a unix-socket --listen: the socket file's owner, USER[:GROUP] or :GROUP (names or ids; needs root to give away)";
@@ -352,6 +364,7 @@ program
       return value as CacheRefSources;
     },
   )
+  .option(...REFS_WHEN_OPTION)
   .option("--capture <file>", "also write the main channel's stream, as received, to this file")
   .option(
     "--no-switchover-guard",
@@ -381,6 +394,7 @@ program
       target?: string;
       disk?: string;
       cacheRefs?: CacheRefSources;
+      refsWhen?: RefsWhen;
       json?: boolean;
     }) => {
       const link = await linkOptions(opts, "send");
@@ -415,6 +429,7 @@ program
           ...(link ? { link } : {}),
           ...(opts.disk ? { disk: opts.disk } : {}),
           ...(opts.cacheRefs ? { cacheRefSources: opts.cacheRefs } : {}),
+          ...(opts.refsWhen ? { refsWhen: opts.refsWhen } : {}),
           guardSwitchover: opts.switchoverGuard,
           log,
         });
@@ -457,6 +472,7 @@ program
     "--disk <image>",
     "with --drop cache: the shared raw disk image (vmprune receive runs beside the destination)",
   )
+  .option(...REFS_WHEN_OPTION)
   .option("--src-pid <pid>", "the source QEMU process (default: the owner of its QMP socket)", positiveInt)
   .option(
     "--max-bandwidth <bytes/s>",
@@ -480,6 +496,7 @@ program
       drop?: Category[];
       baseline?: boolean;
       disk?: string;
+      refsWhen?: RefsWhen;
       srcPid?: number;
       maxBandwidth?: number;
       returnPath: boolean;
@@ -502,6 +519,7 @@ program
         dstQmp: opts.dstQmp,
         drop: opts.drop ?? [],
         ...(opts.disk ? { disk: opts.disk } : {}),
+        ...(opts.refsWhen ? { refsWhen: opts.refsWhen } : {}),
         ...(opts.srcPid ? { srcPid: opts.srcPid } : {}),
         ...(opts.maxBandwidth ? { parameters: { "max-bandwidth": opts.maxBandwidth } } : {}),
         capabilities: { "return-path": opts.returnPath },

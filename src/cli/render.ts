@@ -192,9 +192,10 @@ export function renderPruneLines(p: PruneReport): string[] {
     `${dry ? "would drop" : "dropped"} ${p.pages.pruned} of ${p.pages.seen} pages (${p.drop.join(", ")}), ` +
       `${formatBytes(p.bytesSaved)} ${dry ? "could be" : ""} saved; ${p.batches} batches judged in ${p.judgeMs} ms`,
   ];
-  if (p.refs || p.cacheMisses)
+  if (p.refs || p.cacheMisses || p.cacheWhole)
     lines.push(
-      `cache pages: ${p.refs} sent as references to the shared disk, ${p.cacheMisses} not found there (sent whole)`,
+      `cache pages: ${p.refs} sent as references to the shared disk, ${p.cacheMisses} not found there (sent whole)` +
+        (p.cacheWhole ? `, ${p.cacheWhole} sent whole while the link had room (--refs-when link-busy)` : ""),
     );
   if (p.degraded) lines.push(`pruning off: ${p.degraded}`);
   if (p.multifd) lines.push(...renderMultifdLines(p.multifd, dry));

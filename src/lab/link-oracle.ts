@@ -6,6 +6,7 @@
 import { randomBytes } from "node:crypto";
 import { join } from "node:path";
 import { type ReceiveReport, startReceive } from "../migrate/link-receive.ts";
+import type { RefsWhen } from "../migrate/link-send.ts";
 import { openReceiveDisks } from "../migrate/receive-disks.ts";
 import { type CacheRefSources, type SendReport, startSend } from "../migrate/send.ts";
 import {
@@ -51,6 +52,11 @@ export async function migrateThroughLink(
     receiveDisks?: string[];
     /** send's and receive's log lines, prefixed "send: " and "receive: ". */
     log?: (line: string) => void;
+    /**
+     * When cache pages go as references (default "always": what these oracles test; send's own default,
+     * "link-busy", sends them whole whenever loopback has room, which it mostly has).
+     */
+    refsWhen?: RefsWhen;
   } = {},
 ): Promise<LinkedMigration> {
   const disk = join(pair.diskDir, "data.img");
@@ -76,6 +82,7 @@ export async function migrateThroughLink(
       link: { psk },
       ...(options.disksFromQemu ? {} : { disk }),
       ...(options.cacheRefSources ? { cacheRefSources: options.cacheRefSources } : {}),
+      refsWhen: options.refsWhen ?? "always",
       ...(options.log ? { log: (line: string) => options.log?.(`send: ${line}`) } : {}),
     });
     try {

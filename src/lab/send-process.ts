@@ -87,7 +87,12 @@ export class SendProcess {
     const command = options.command ?? "send";
     // VMPRUNE_PROFILE_DIR: each process writes a V8 CPU profile there (node --cpu-prof), for finding where time goes.
     const profileDir = process.env.VMPRUNE_PROFILE_DIR;
-    const profile = profileDir ? ["--cpu-prof", `--cpu-prof-dir=${profileDir}`] : [];
+    // VMPRUNE_NODE_FLAGS: more Node flags for each process (e.g. --max-old-space-size=64, to see whether its
+    // memory is live data or the collector's slack).
+    const profile = [
+      ...(profileDir ? ["--cpu-prof", `--cpu-prof-dir=${profileDir}`] : []),
+      ...(process.env.VMPRUNE_NODE_FLAGS?.split(/\s+/).filter((flag) => flag.length > 0) ?? []),
+    ];
     const args = options.built
       ? [...profile, join(REPO_ROOT, "dist/cli/main.js"), command]
       : [...profile, "--import", "tsx", join(REPO_ROOT, "src/cli/main.ts"), command];

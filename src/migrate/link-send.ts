@@ -34,6 +34,24 @@ import { describeTls } from "../transport/tls.ts";
 /** REF blockNumber unit: 512-byte disk sectors (link/protocol.ts stream rule 2). */
 export const REF_SECTOR_BYTES = 512;
 
+/**
+ * When clean cache pages go as references: "always", or "link-busy" (the default): only while bytes queue for the
+ * link. A reference costs both ends CPU to save the link 4 KiB: send hashes the page (SHA-256, ~6 µs here) and
+ * places it on the disk, receive reads the disk and hashes it again; with the rest, about 20-40 µs of the
+ * pipeline's time per reference on this lab's 2-core host (issue 12's notes), when 4 KiB crosses a 1 Gbit/s link
+ * in 33 µs. So a reference pays only while the link is what holds the migration back, and then the link keeps
+ * being fed by the pages sent whole in between.
+ */
+export const REFS_WHEN = ["link-busy", "always"] as const;
+export type RefsWhen = (typeof REFS_WHEN)[number];
+
+/**
+ * "link-busy": references while at least this much waits in this process for the link (the socket's user-space
+ * queue, which fills only once the kernel's send buffer is full): a quarter of the relay's per-socket buffer limit
+ * (stream/relay.ts DEFAULT_MAX_BUFFERED_BYTES, 8 MiB), so the queue never runs dry while references are made.
+ */
+export const REFS_WHEN_QUEUED_BYTES = 2 * 1024 * 1024;
+
 function describeRefs(refs: RefsAccepted): string {
   if (refs.index && refs.filesystem) return "references on (disk blocks and filesystem places)";
   if (refs.index) return "references on (disk blocks only: receive is older than link 1.2)";
@@ -54,6 +72,8 @@ export interface LinkSendOptions {
   readPage?: (page: PageRef) => Buffer;
   /** This migration's id and the destination it asks receive for (link/protocol.ts "Channel claims"). */
   claim?: { migration: Buffer; target: string };
+  /** When cache pages go as references (default "link-busy"). */
+  refsWhen?: RefsWhen;
   log?: (line: string) => void;
 }
 
@@ -71,7 +91,10 @@ export class LinkSendCodec implements ChannelCodec {
   private readonly decoder = new LinkDecoder();
   private ledger = new RefLedger<PageRef>(0);
   private refsAllowed: RefsAccepted = NO_REFS;
+  /** What the processors are told while the link has room ("link-busy"): no references, ZEROS as allowed. */
+  private refsWhileLinkHasRoom: RefsAccepted = NO_REFS;
   private source: Socket | undefined;
+  private upstream: Socket | undefined;
   private sentEof = false;
   private receivedEof = false;
   private paused = false;
@@ -84,6 +107,7 @@ export class LinkSendCodec implements ChannelCodec {
 
   async open({ source, upstream }: { source: Socket; upstream: Socket }): Promise<void> {
     this.source = source;
+    this.upstream = upstream;
     let session: Awaited<ReturnType<typeof clientHandshake>>;
     try {
       session = await clientHandshake(upstream, {
@@ -119,6 +143,12 @@ export class LinkSendCodec implements ChannelCodec {
         session.capabilities.includes(CAPABILITY.REF_FS_BARE),
       zeroFill: session.capabilities.includes(CAPABILITY.ZERO_FILL),
     };
+    const { zeroFill } = this.refsAllowed;
+    const anyRefs = this.refsAllowed.index || this.refsAllowed.filesystem;
+    this.refsWhileLinkHasRoom =
+      (this.options.refsWhen ?? "link-busy") === "link-busy" && anyRefs
+        ? { index: false, filesystem: false, multifd: false, zeroFill, linkHasRoom: true }
+        : this.refsAllowed;
     this.ledger = new RefLedger<PageRef>(session.windowBytes);
     const tls = describeTls(upstream);
     this.options.log?.(
@@ -130,7 +160,7 @@ export class LinkSendCodec implements ChannelCodec {
     const p = this.segmentProcessor();
     const other = this.index === 0 ? undefined : this.options.channelProcessor;
     const out = p
-      ? this.frames(p.pushSegments(chunk, this.refsAllowed))
+      ? this.frames(p.pushSegments(chunk, this.refsNow()))
       : this.dataFrames(other ? other.push(chunk) : [chunk]);
     this.pauseWhileWindowFull();
     return { toUpstream: out };
@@ -139,7 +169,7 @@ export class LinkSendCodec implements ChannelCodec {
   sourceEnded(): CodecOutput {
     const p = this.segmentProcessor();
     const other = this.index === 0 ? undefined : this.options.channelProcessor;
-    const out = p ? this.frames(p.endSegments(this.refsAllowed)) : other ? this.dataFrames(other.end()) : [];
+    const out = p ? this.frames(p.endSegments(this.refsNow())) : other ? this.dataFrames(other.end()) : [];
     out.push(encodeMessage({ type: MSG.EOF }));
     this.sentEof = true;
     return { toUpstream: out, endUpstream: this.doneSending() };
@@ -207,6 +237,12 @@ export class LinkSendCodec implements ChannelCodec {
     return other && isSegmentProcessor(other) && (this.refsAllowed.multifd || this.refsAllowed.zeroFill)
       ? other
       : undefined;
+  }
+
+  /** The references the processors may make now: all that receive takes, or none while the link has room. */
+  private refsNow(): RefsAccepted {
+    const queued = this.upstream?.writableLength ?? 0;
+    return queued >= REFS_WHEN_QUEUED_BYTES ? this.refsAllowed : this.refsWhileLinkHasRoom;
   }
 
   /** send half-closes the link after its EOF, once every REF is settled (a NACK may still need an answer). */

@@ -10,6 +10,7 @@
  * too, instead of looking "completed" there (invariant 5). Without `drop` (the baseline) the relay passes every
  * byte through, so the baseline pays the same relay cost as the pruned run.
  */
+
 import { randomBytes } from "node:crypto";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -23,6 +24,7 @@ import type { ThroughputSample } from "../report/report-model.ts";
 import { ThroughputSampler } from "../report/throughput-sampler.ts";
 import type { StreamSummaryJson } from "../stream/summary.ts";
 import { startReceive } from "./link-receive.ts";
+import type { RefsWhen } from "./link-send.ts";
 import { openReceiveDisks } from "./receive-disks.ts";
 import { startSend } from "./send.ts";
 
@@ -35,6 +37,8 @@ export interface MigrateOptions {
   drop: readonly Category[];
   /** The shared raw disk image (for "cache"). */
   disk?: string;
+  /** When cache pages go as references (link-send.ts RefsWhen; default "link-busy"). */
+  refsWhen?: RefsWhen;
   /** Migration capabilities on both ends (default: return-path on). */
   capabilities?: Record<string, boolean>;
   /** migrate-set-parameters on the source, e.g. max-bandwidth in bytes/s (default: QEMU's current settings). */
@@ -141,6 +145,7 @@ export async function migrate(options: MigrateOptions): Promise<MigrateReport> {
         qmp: { client: src, path: options.srcQmp, ...(options.srcPid ? { pid: options.srcPid } : {}) },
       },
       ...(receive && options.disk ? { link: { psk }, disk: options.disk } : {}),
+      ...(options.refsWhen ? { refsWhen: options.refsWhen } : {}),
       log,
     });
     let info: MigrationInfo = {};

@@ -28,7 +28,7 @@ import {
 } from "../transport/tls.ts";
 import { type GuestJudgeOptions, openGuestJudge } from "./guest-judge.ts";
 import { LinkRateMeter } from "./link-rate.ts";
-import { LinkSendCodec } from "./link-send.ts";
+import { LinkSendCodec, type RefsWhen } from "./link-send.ts";
 import { multifdZeroListVerdict } from "./multifd-zero-list.ts";
 import { type ExportSocketDir, exportSourceDisks } from "./source-disks.ts";
 import { SwitchoverGuard, type SwitchoverGuardReport } from "./switchover-guard.ts";
@@ -87,6 +87,11 @@ export interface SendOptions {
    * content index alone: D3's way, for comparisons).
    */
   cacheRefSources?: CacheRefSources;
+  /**
+   * When clean cache pages go as references (link-send.ts RefsWhen): "link-busy" (default) only while bytes queue
+   * for the link, else whole, which is faster when the link has room; "always" for the fewest bytes on the link.
+   */
+  refsWhen?: RefsWhen;
   /** Where the source QEMU's NBD server socket for its disk exports goes (source-disks.ts; default: a temp dir). */
   exportSocketDir?: ExportSocketDir;
   /**
@@ -334,6 +339,7 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
                 ...(index ? { blockOffset: (block: number) => (index as DiskIndex).offsetOf(block) } : {}),
                 ...(judge?.readPage ? { readPage: judge.readPage.bind(judge) } : {}),
                 claim: { migration: migrationId, target: link.target ?? "" },
+                ...(options.refsWhen ? { refsWhen: options.refsWhen } : {}),
                 log,
               });
               return codec;

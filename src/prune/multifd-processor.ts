@@ -102,6 +102,8 @@ export interface MultifdChannelReport {
   pagesReferenced: number;
   /** Cache pages looked up and not placed (they go whole). */
   cacheMisses: number;
+  /** Cache pages sent whole, not looked up, because the link had room for them (RefsAccepted.linkHasRoom). */
+  cacheWhole: number;
   /** Page bytes not sent (a reference's own bytes deducted). */
   bytesSaved: number;
   /** Why the channel (or its rest, from some packet on) passed unpruned, or null. */
@@ -154,6 +156,7 @@ export class MultifdPruningProcessor implements ChannelProcessor {
       pagesPruned: 0,
       pagesReferenced: 0,
       cacheMisses: 0,
+      cacheWhole: 0,
       bytesSaved: 0,
       unpruned: null,
     };
@@ -345,6 +348,8 @@ export class MultifdPruningProcessor implements ChannelProcessor {
       this.counts[category] = (this.counts[category] ?? 0) + 1;
       const i = indices[k] as number;
       if (category === CATEGORY.free && pruneFree) moved.add(i);
+      else if (category === CATEGORY.cache && this.dropCache && this.refs.linkHasRoom)
+        this.report_.cacheWhole++;
       else if (category === CATEGORY.cache && referenceCache) {
         const page = refs[k] as PageRef;
         const found = this.options.cacheIndex?.lookup(

@@ -63,6 +63,11 @@ export interface RefsAccepted {
   multifd?: boolean;
   /** Pages of zeros written in place by the receiver (link ZEROS, 1.3). */
   zeroFill?: boolean;
+  /**
+   * The receiver takes references, but the link has room now: clean cache pages go whole, which costs both ends
+   * less than a reference (link-send.ts, refs "link-busy"). Set with every reference kind above off.
+   */
+  linkHasRoom?: boolean;
 }
 export const NO_REFS: RefsAccepted = { index: false, filesystem: false };
 export const ALL_REFS: RefsAccepted = { index: true, filesystem: true, multifd: true, zeroFill: true };
@@ -110,6 +115,8 @@ export interface PruneReport {
   /** Cache pages sent as references to the shared disk, and cache pages looked up but not found there. */
   refs: number;
   cacheMisses: number;
+  /** Cache pages sent whole, not looked up, because the link had room for them (RefsAccepted.linkHasRoom). */
+  cacheWhole: number;
   /** Judge calls, and the time spent in them (reading struct pages and classifying). */
   batches: number;
   judgeMs: number;
@@ -145,6 +152,7 @@ export class PruningProcessor implements MainChannelProcessor {
   private degraded: string | null;
   private refs = 0;
   private cacheMisses = 0;
+  private cacheWhole = 0;
   /** The stream's RAM blocks, once the judge has accepted them (what multifd packets are judged against). */
   private ramBlocks: Map<string, RamBlock> | null = null;
 
@@ -322,7 +330,9 @@ export class PruningProcessor implements MainChannelProcessor {
       if (category === CATEGORY.cache) {
         // A clean cache page: a reference if its exact bytes are a block of the shared disk (the receiver checks
         // the hash again against the disk as it is then), else it goes in full.
-        if (!(refs.index || refs.filesystem) || !this.options.cacheIndex) continue;
+        if (!this.options.cacheIndex) continue;
+        if (refs.linkHasRoom) this.cacheWhole++;
+        if (!(refs.index || refs.filesystem)) continue;
         const ref: PageRef = { block: page.header.block, blockOffset: page.header.addr };
         const found = this.options.cacheIndex.lookup(page.data, judge.pfnOf?.(ref) ?? -1, refs);
         if (!found) {
@@ -418,6 +428,7 @@ export class PruningProcessor implements MainChannelProcessor {
       bytesSaved: this.bytesSaved,
       refs: this.refs,
       cacheMisses: this.cacheMisses,
+      cacheWhole: this.cacheWhole,
       batches: this.batches,
       judgeMs: Math.round(this.judgeMs),
       unknownWarning: this.unknownWarning(),

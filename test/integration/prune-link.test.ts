@@ -130,7 +130,10 @@ test("QEMU 10.0: vmprune receive killed mid-migration; the source keeps running 
   t.after(() => receive.stop());
   const send = await SendProcess.start({
     to: `${receive.listen.host}:${receive.listen.port}`,
-    extraArgs: ["--drop", "free,cache", "--qmp", pair.src.toolQmpPath, "--link-key", key, "--disk", disk],
+    extraArgs: [
+      ...["--drop", "free,cache", "--qmp", pair.src.toolQmpPath, "--link-key", key, "--disk", disk],
+      ...["--refs-when", "always"],
+    ],
   });
   t.after(() => send.stop());
   let killedAt = 0;

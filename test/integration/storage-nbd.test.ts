@@ -425,6 +425,8 @@ test("live migration: receive rebuilds cache pages from the shared disk read thr
     guest: { qmp: { client: qmp, path: pair.src.toolQmpPath } },
     link: { psk },
     disk,
+    // References, not whole pages, whatever room loopback has: they are what this test is about.
+    refsWhen: "always",
   });
   t.after(() => send.relay.close());
   const result = await migration.runMigration(pair.src.monitor, `tcp:127.0.0.1:${send.address.port}`, {

@@ -79,6 +79,7 @@ function prune(mode: PruneReport["mode"], pruned: number, refs: number, multifdP
     bytesSaved: 0,
     refs,
     cacheMisses: 0,
+    cacheWhole: 0,
     batches: 1,
     judgeMs: 1,
     unknownWarning: null,

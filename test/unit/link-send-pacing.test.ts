@@ -1,0 +1,181 @@
+/**
+ * When send makes references (link-send.ts RefsWhen), on a real link socket after a real handshake: with
+ * "link-busy" (the default), clean cache pages go whole while the link has room, and as references once bytes
+ * queue for it (the peer stops reading); with "always", as references from the first page. The pruning processor
+ * counts the pages it sent whole for that reason.
+ */
+import assert from "node:assert/strict";
+import { randomBytes } from "node:crypto";
+import { once } from "node:events";
+import { connect, createServer, Socket } from "node:net";
+import { type TestContext, test } from "node:test";
+import { CATEGORY } from "../../src/introspect/classifier.ts";
+import { serverHandshake } from "../../src/link/handshake.ts";
+import { CAPABILITY } from "../../src/link/protocol.ts";
+import { LinkSendCodec, REFS_WHEN_QUEUED_BYTES, type RefsWhen } from "../../src/migrate/link-send.ts";
+import type { PageJudge } from "../../src/prune/page-judge.ts";
+import { PruningProcessor } from "../../src/prune/pruning-processor.ts";
+import type { PageHeader, StreamRecord } from "../../src/stream/records.ts";
+import { encodeRecord } from "../../src/stream/writer.ts";
+
+const BLOCK = "ram0";
+const PAGES = 4096; // 16 MiB of cache pages, more than the queue that switches to references
+
+const header = (addr: number, first: boolean): PageHeader => ({
+  addr,
+  flags: 0x08 | (first ? 0 : 0x20),
+  idstr: first ? BLOCK : null,
+  block: BLOCK,
+});
+
+/** A stream's start (header, MEM_SIZE), then PAGES cache pages of distinct bytes, each its own chunk. */
+function streamChunks(): Buffer[] {
+  const start: StreamRecord[] = [
+    { kind: "header", offset: 0, version: 3 },
+    { kind: "configuration", offset: 0, machineType: "pc-q35-10.0", subsections: [] },
+    {
+      kind: "section",
+      offset: 0,
+      type: "START",
+      sectionId: 2,
+      idstr: "ram",
+      instanceId: 0,
+      versionId: 4,
+    },
+    {
+      kind: "ram",
+      type: "memSize",
+      offset: 0,
+      total: PAGES * 4096,
+      flags: 0x04,
+      blocks: [{ idstr: BLOCK, length: PAGES * 4096 }],
+    },
+    { kind: "ram", type: "eos", offset: 0, value: 0x10 },
+    { kind: "footer", offset: 0, sectionId: 2 },
+    {
+      kind: "section",
+      offset: 0,
+      type: "PART",
+      sectionId: 2,
+      idstr: null,
+      instanceId: null,
+      versionId: null,
+    },
+  ];
+  const chunks = [Buffer.concat(start.flatMap(encodeRecord))];
+  for (let i = 0; i < PAGES; i++) {
+    const data = Buffer.alloc(4096, i % 251);
+    data.writeUInt32LE(i, 0);
+    chunks.push(
+      Buffer.concat(
+        encodeRecord({ kind: "ram", type: "page", offset: 0, header: header(i * 4096, i === 0), data }),
+      ),
+    );
+  }
+  return chunks;
+}
+
+/** Every page is clean cache, and every one is on the shared disk. */
+function cacheProcessor(): PruningProcessor {
+  const judge: PageJudge = {
+    description: "all cache",
+    judge: (pages) => new Uint8Array(pages.length).fill(CATEGORY.cache),
+  };
+  const cacheIndex = {
+    lookup: (page: Buffer) => ({
+      target: { kind: "index" as const, block: page.readUInt32LE(0) },
+      hash: Buffer.alloc(32),
+    }),
+  };
+  return new PruningProcessor(judge, { drop: ["free", "cache"], cacheIndex });
+}
+
+/**
+ * A receive that completes the handshake and then reads nothing: bytes queue on send's side once the kernel's
+ * buffers are full.
+ */
+async function stalledReceive(t: TestContext, psk: Buffer): Promise<Socket> {
+  const server = createServer((socket) => {
+    socket.on("error", () => {});
+    void serverHandshake(socket, {
+      psk,
+      capabilities: [CAPABILITY.REF_SHA256, CAPABILITY.REF_FS_SHA256, CAPABILITY.ZERO_FILL],
+    }).then(() => socket.pause());
+    t.after(() => socket.destroy());
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  t.after(() => server.close());
+  const address = server.address();
+  assert.ok(address && typeof address === "object");
+  const upstream = connect({ host: "127.0.0.1", port: address.port });
+  upstream.on("error", () => {});
+  t.after(() => upstream.destroy());
+  await once(upstream, "connect");
+  return upstream;
+}
+
+/** Feeds the stream through a codec towards a receive that reads nothing; where the first reference came. */
+async function migrate(
+  t: TestContext,
+  refsWhen: RefsWhen | undefined,
+): Promise<{ processor: PruningProcessor; queuedAtFirstRef: number | null }> {
+  const psk = randomBytes(32);
+  const upstream = await stalledReceive(t, psk);
+  const processor = cacheProcessor();
+  const codec = new LinkSendCodec(0, { psk, processor, ...(refsWhen ? { refsWhen } : {}) });
+  await codec.open({ source: new Socket(), upstream });
+  let queuedAtFirstRef: number | null = null;
+  for (const chunk of streamChunks()) {
+    const queued = upstream.writableLength;
+    const before = processor.report().refs;
+    for (const frame of codec.fromSource(chunk).toUpstream ?? []) upstream.write(frame);
+    if (queuedAtFirstRef === null && processor.report().refs > before) queuedAtFirstRef = queued;
+    // Let the socket hand what it can to the kernel, as the event loop does between the source's reads.
+    if (queued < REFS_WHEN_QUEUED_BYTES) await new Promise((resolve) => setImmediate(resolve));
+  }
+  return { processor, queuedAtFirstRef };
+}
+
+test("link-busy: cache pages go whole while the link has room, as references once bytes queue for it", async (t) => {
+  const { processor, queuedAtFirstRef } = await migrate(t, undefined);
+  const r = processor.report();
+  t.diagnostic(
+    `${r.cacheWhole} whole, ${r.refs} references; first reference at ${queuedAtFirstRef} B queued`,
+  );
+  assert.ok(r.cacheWhole > 0, "pages went whole while the link had room");
+  assert.ok(r.refs > 0, "references once the link was backed up");
+  assert.ok(
+    queuedAtFirstRef !== null && queuedAtFirstRef >= REFS_WHEN_QUEUED_BYTES,
+    `no reference before ${REFS_WHEN_QUEUED_BYTES} B queued (first at ${queuedAtFirstRef})`,
+  );
+  assert.equal(r.cacheWhole + r.refs, PAGES, "every cache page went one way or the other");
+  assert.equal(r.cacheMisses, 0);
+});
+
+test("always: every cache page on the disk goes as a reference, from the first", async (t) => {
+  const { processor, queuedAtFirstRef } = await migrate(t, "always");
+  const r = processor.report();
+  assert.equal(r.refs, PAGES);
+  assert.equal(r.cacheWhole, 0);
+  assert.equal(queuedAtFirstRef, 0, "the first page was a reference, with nothing queued");
+});
+
+test("the processor sends cache pages whole when told the link has room, and says how many", () => {
+  const processor = cacheProcessor();
+  const input = streamChunks();
+  const out: Buffer[] = [];
+  for (const chunk of input)
+    for (const s of processor.pushSegments(chunk, {
+      index: false,
+      filesystem: false,
+      zeroFill: true,
+      linkHasRoom: true,
+    }))
+      if (s.kind === "bytes") out.push(...s.buffers);
+      else assert.fail(`a ${s.kind} segment while the link has room`);
+  assert.ok(Buffer.concat(out).equals(Buffer.concat(input)), "the stream goes on as it came");
+  const r = processor.report();
+  assert.equal(r.cacheWhole, PAGES);
+  assert.equal(r.refs, 0);
+  assert.equal(r.pages.byCategory.cache, PAGES);
+});
