@@ -30,17 +30,20 @@ import {
 } from "../prune/pruning-processor.ts";
 import type { ChannelCodec, ChannelProcessor, ChannelSide, CodecOutput } from "../stream/relay.ts";
 import { describeTls } from "../transport/tls.ts";
+import { LinkRateMeter } from "./link-rate.ts";
 
 /** REF blockNumber unit: 512-byte disk sectors (link/protocol.ts stream rule 2). */
 export const REF_SECTOR_BYTES = 512;
 
 /**
- * When clean cache pages go as references: "always", or "link-busy" (the default): only while bytes queue for the
- * link. A reference costs both ends CPU to save the link 4 KiB: send hashes the page (SHA-256, ~6 µs here) and
- * places it on the disk, receive reads the disk and hashes it again; with the rest, about 20-40 µs of the
- * pipeline's time per reference on this lab's 2-core host (issue 12's notes), when 4 KiB crosses a 1 Gbit/s link
- * in 33 µs. So a reference pays only while the link is what holds the migration back, and then the link keeps
- * being fed by the pages sent whole in between.
+ * When clean cache pages go as references: "always", or "link-busy" (the default): only while the link is what
+ * holds the migration back. A reference costs the pipeline more than a whole page: send hashes the page (SHA-256)
+ * and places it on the disk, receive reads the disk and hashes it again. Measured on the lab's 2-core host
+ * (bench:send-cpu, CPU profiles of send and receive in issue 12's notes): about 14 µs more of send's CPU and 10 µs
+ * more of receive's per reference, ~24 µs, while a 1 Gbit/s link carries 4 KiB in 33 µs and a 10 Gbit/s one in
+ * 3.3 µs. So a reference pays only while bytes queue for the link and the link drains slower than
+ * {@link REFS_PAY_BELOW_BYTES_PER_SECOND}; otherwise the whole page is faster, and the pages sent whole in
+ * between keep the link fed.
  */
 export const REFS_WHEN = ["link-busy", "always"] as const;
 export type RefsWhen = (typeof REFS_WHEN)[number];
@@ -51,6 +54,14 @@ export type RefsWhen = (typeof REFS_WHEN)[number];
  * (stream/relay.ts DEFAULT_MAX_BUFFERED_BYTES, 8 MiB), so the queue never runs dry while references are made.
  */
 export const REFS_WHEN_QUEUED_BYTES = 2 * 1024 * 1024;
+
+/**
+ * "link-busy": the link rate (bytes/s, LinkRateMeter over this channel's upstream) at which a reference and a
+ * whole page cost the same: 4096 B / ~24 µs (the doc of REFS_WHEN). A link measured faster than this (a fast
+ * network, or a receive on this host, whose own CPU is what drains it) gets whole pages even while bytes queue;
+ * until a rate is measured (500 ms of backlog), a backed-up link gets references.
+ */
+export const REFS_PAY_BELOW_BYTES_PER_SECOND = 170_000_000;
 
 function describeRefs(refs: RefsAccepted): string {
   if (refs.index && refs.filesystem) return "references on (disk blocks and filesystem places)";
@@ -74,6 +85,8 @@ export interface LinkSendOptions {
   claim?: { migration: Buffer; target: string };
   /** When cache pages go as references (default "link-busy"). */
   refsWhen?: RefsWhen;
+  /** "link-busy": the link rate above which whole pages are cheaper (default REFS_PAY_BELOW_BYTES_PER_SECOND). */
+  refsPayBelowBytesPerSecond?: number;
   log?: (line: string) => void;
 }
 
@@ -95,6 +108,8 @@ export class LinkSendCodec implements ChannelCodec {
   private refsWhileLinkHasRoom: RefsAccepted = NO_REFS;
   private source: Socket | undefined;
   private upstream: Socket | undefined;
+  /** How fast this channel's link drains while bytes queue for it ("link-busy"). */
+  private readonly linkRate = new LinkRateMeter();
   private sentEof = false;
   private receivedEof = false;
   private paused = false;
@@ -241,8 +256,20 @@ export class LinkSendCodec implements ChannelCodec {
 
   /** The references the processors may make now: all that receive takes, or none while the link has room. */
   private refsNow(): RefsAccepted {
-    const queued = this.upstream?.writableLength ?? 0;
-    return queued >= REFS_WHEN_QUEUED_BYTES ? this.refsAllowed : this.refsWhileLinkHasRoom;
+    const upstream = this.upstream;
+    if (!upstream || this.refsWhileLinkHasRoom === this.refsAllowed) return this.refsAllowed;
+    const queuedBytes = upstream.writableLength;
+    this.linkRate.sample(performance.now(), {
+      sentBytes: upstream.bytesWritten - queuedBytes,
+      queuedBytes,
+      receivedBytes: 0,
+    });
+    if (queuedBytes < REFS_WHEN_QUEUED_BYTES) return this.refsWhileLinkHasRoom;
+    const rate = this.linkRate.bytesPerSecond;
+    return rate !== undefined &&
+      rate > (this.options.refsPayBelowBytesPerSecond ?? REFS_PAY_BELOW_BYTES_PER_SECOND)
+      ? this.refsWhileLinkHasRoom
+      : this.refsAllowed;
   }
 
   /** send half-closes the link after its EOF, once every REF is settled (a NACK may still need an answer). */

@@ -1,8 +1,9 @@
 /**
  * When send makes references (link-send.ts RefsWhen), on a real link socket after a real handshake: with
  * "link-busy" (the default), clean cache pages go whole while the link has room, and as references once bytes
- * queue for it (the peer stops reading); with "always", as references from the first page. The pruning processor
- * counts the pages it sent whole for that reason.
+ * queue for it (the peer stops reading), unless the link was measured draining faster than references pay for;
+ * with "always", as references from the first page. The pruning processor counts the pages it sent whole for
+ * that reason.
  */
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
@@ -91,16 +92,21 @@ function cacheProcessor(): PruningProcessor {
 }
 
 /**
- * A receive that completes the handshake and then reads nothing: bytes queue on send's side once the kernel's
- * buffers are full.
+ * A receive that completes the handshake and then reads nothing (or, with `readEveryMs`, 4 KiB that often):
+ * bytes queue on send's side once the kernel's buffers are full.
  */
-async function stalledReceive(t: TestContext, psk: Buffer): Promise<Socket> {
+async function stalledReceive(t: TestContext, psk: Buffer, readEveryMs?: number): Promise<Socket> {
   const server = createServer((socket) => {
     socket.on("error", () => {});
     void serverHandshake(socket, {
       psk,
       capabilities: [CAPABILITY.REF_SHA256, CAPABILITY.REF_FS_SHA256, CAPABILITY.ZERO_FILL],
-    }).then(() => socket.pause());
+    }).then(() => {
+      socket.pause();
+      if (readEveryMs === undefined) return;
+      const timer = setInterval(() => socket.read(4096), readEveryMs);
+      t.after(() => clearInterval(timer));
+    });
     t.after(() => socket.destroy());
   });
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
@@ -118,22 +124,34 @@ async function stalledReceive(t: TestContext, psk: Buffer): Promise<Socket> {
 async function migrate(
   t: TestContext,
   refsWhen: RefsWhen | undefined,
-): Promise<{ processor: PruningProcessor; queuedAtFirstRef: number | null }> {
+  slow?: { readEveryMs: number; waitMs: number; refsPayBelowBytesPerSecond: number },
+): Promise<{ processor: PruningProcessor; queuedAtFirstRef: number | null; wholeAfterRefs: number }> {
   const psk = randomBytes(32);
-  const upstream = await stalledReceive(t, psk);
+  const upstream = await stalledReceive(t, psk, slow?.readEveryMs);
   const processor = cacheProcessor();
-  const codec = new LinkSendCodec(0, { psk, processor, ...(refsWhen ? { refsWhen } : {}) });
+  const codec = new LinkSendCodec(0, {
+    psk,
+    processor,
+    ...(refsWhen ? { refsWhen } : {}),
+    ...(slow ? { refsPayBelowBytesPerSecond: slow.refsPayBelowBytesPerSecond } : {}),
+  });
   await codec.open({ source: new Socket(), upstream });
   let queuedAtFirstRef: number | null = null;
+  let wholeAfterRefs = 0;
   for (const chunk of streamChunks()) {
     const queued = upstream.writableLength;
-    const before = processor.report().refs;
+    const before = processor.report();
     for (const frame of codec.fromSource(chunk).toUpstream ?? []) upstream.write(frame);
-    if (queuedAtFirstRef === null && processor.report().refs > before) queuedAtFirstRef = queued;
-    // Let the socket hand what it can to the kernel, as the event loop does between the source's reads.
+    const after = processor.report();
+    if (queuedAtFirstRef === null && after.refs > before.refs) queuedAtFirstRef = queued;
+    if (queuedAtFirstRef !== null && queued >= REFS_WHEN_QUEUED_BYTES)
+      wholeAfterRefs += after.cacheWhole - before.cacheWhole;
+    // Let the socket hand what it can to the kernel, as the event loop does between the source's reads; with a
+    // slow receive, the source waits as the relay's backpressure would make it.
     if (queued < REFS_WHEN_QUEUED_BYTES) await new Promise((resolve) => setImmediate(resolve));
+    else if (slow) await new Promise((resolve) => setTimeout(resolve, slow.waitMs));
   }
-  return { processor, queuedAtFirstRef };
+  return { processor, queuedAtFirstRef, wholeAfterRefs };
 }
 
 test("link-busy: cache pages go whole while the link has room, as references once bytes queue for it", async (t) => {
@@ -150,6 +168,24 @@ test("link-busy: cache pages go whole while the link has room, as references onc
   );
   assert.equal(r.cacheWhole + r.refs, PAGES, "every cache page went one way or the other");
   assert.equal(r.cacheMisses, 0);
+});
+
+test("link-busy: a backed-up link measured faster than references pay for gets whole pages again", async (t) => {
+  // The receive reads 4 KiB every 2 ms, slower than the source: bytes queue, and the link drains at a rate the
+  // meter can measure; any
+  // measured rate counts as fast here (1 B/s), so once 500 ms of backlog gave a rate, pages go whole again.
+  const { processor, queuedAtFirstRef, wholeAfterRefs } = await migrate(t, undefined, {
+    readEveryMs: 2,
+    waitMs: 1,
+    refsPayBelowBytesPerSecond: 1,
+  });
+  const r = processor.report();
+  t.diagnostic(
+    `${r.cacheWhole} whole, ${r.refs} references, ${wholeAfterRefs} whole with bytes queued after`,
+  );
+  assert.ok(queuedAtFirstRef !== null, "references while the link's rate was unknown");
+  assert.ok(wholeAfterRefs > 0, "whole pages with bytes queued, once the link measured fast");
+  assert.equal(r.cacheWhole + r.refs, PAGES);
 });
 
 test("always: every cache page on the disk goes as a reference, from the first", async (t) => {
