@@ -42,6 +42,8 @@ export async function migrateThroughProcesses(
     startTimeoutMs?: number;
     /** How long each process may take to exit after the migration. */
     exitTimeoutMs?: number;
+    /** Called with send's PID once it listens, before the migration starts (e.g. to sample its writes). */
+    onSendStarted?: (pid: number) => void;
   },
 ): Promise<ProcessRun> {
   const linked = options.drop === "free,cache";
@@ -67,6 +69,7 @@ export async function migrateThroughProcesses(
       built: true,
       ...(options.startTimeoutMs ? { startTimeoutMs: options.startTimeoutMs } : {}),
     });
+    options.onSendStarted?.(send.pid);
     const result = await runMigration(pair.src.monitor, send.uri, options.migration ?? {});
     const exitMs = options.exitTimeoutMs ?? 120_000;
     const [sent, received] = await Promise.all([send.wait(exitMs), receive?.wait(exitMs)]);

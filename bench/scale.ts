@@ -4,6 +4,7 @@
  * receive's peak memory, and the judge's time per GiB. Not a test.
  *
  *   npm run bench:scale -- [--memory 2,4,8] [--kernel 6.1] [--qemu 10.0] [--vcpus 1] [--json]
+ *                          [--report FILE.html]
  *
  * Per size, one guest (booted once, its workload run once: at 8 GiB under TCG that takes minutes): the mixed
  * workload's every amount times size / 512 MiB (scaleWorkload), its files as many and as much larger, on a data
@@ -24,9 +25,13 @@
  *   bytes        what left the source side: QEMU's ram.transferred for plain, the bytes send wrote for vmprune;
  *   send / receive peak RSS  the processes' own getrusage (target: 256 MB or less each, whatever the size);
  *   judge        send's time in the judge (struct pages read and classified), per GiB of guest RAM.
+ * `--report FILE.html`: the HTML page of each size (FILE-8gib.html etc. when there are several): the rows' times
+ * and pauses against plain, guest pages by how they travelled, and each row's throughput over time, read as the
+ * bytes the source side wrote (/proc/PID/io wchar, every 100 ms: the source QEMU's for plain, send's for vmprune).
  * Logs go to stderr; stdout gets the table, or with --json the figures.
  */
 import { randomBytes } from "node:crypto";
+import { readFileSync } from "node:fs";
 import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
@@ -38,15 +43,19 @@ import { prunedRamOracle } from "../src/lab/prune-oracle.ts";
 import { isQemuVersion, type QemuVersion } from "../src/lab/qemu-binaries.ts";
 import { MIXED_512M, runMixedWorkload, scaleWorkload } from "../src/lab/workloads.ts";
 import { prepareIncoming, runMigration, waitDestinationState } from "../src/qemu/migration.ts";
-import type { QmpClient, QmpEvent } from "../src/qemu/qmp.ts";
+import type { MigrationInfo, QmpClient, QmpEvent } from "../src/qemu/qmp.ts";
+import { pageTrafficOf } from "../src/report/page-traffic.ts";
+import type { MigrationReportModel, PageTrafficBytes, ThroughputSample } from "../src/report/report-model.ts";
 import { REPORT_WIDTH, table, wrap } from "../src/report/table.ts";
+import { DEFAULT_SAMPLE_INTERVAL_MS, ThroughputSampler } from "../src/report/throughput-sampler.ts";
 import { reportJson } from "../src/report/version.ts";
 import { requireSetup } from "./common.ts";
 import { idealBytes } from "./ideal.ts";
 import { migrateThroughProcesses } from "./process-run.ts";
 
 const MIB = 1024 * 1024;
-const USAGE = "npm run bench:scale -- [--memory 2,4,8] [--kernel 6.1] [--qemu 10.0] [--vcpus 1] [--json]";
+const USAGE =
+  "npm run bench:scale -- [--memory 2,4,8] [--kernel 6.1] [--qemu 10.0] [--vcpus 1] [--json] [--report FILE.html]";
 /** The target of issue 14 for each of send and receive, whatever the guest's size. */
 const PEAK_RSS_TARGET_MB = 256;
 const ROWS = ["plain", "vmprune free", "vmprune free+cache"] as const;
@@ -60,6 +69,7 @@ const { values } = parseArgs({
     qemu: { type: "string", default: "10.0" },
     vcpus: { type: "string", default: "1" },
     json: { type: "boolean", default: false },
+    report: { type: "string" },
   },
 });
 const sizesGiB = values.memory.split(",").map(Number);
@@ -92,6 +102,9 @@ interface RowFigures {
   /** Cache pages sent whole because the link had room (send's default, --refs-when link-busy). */
   cacheWhole: number | null;
   refsNacked: number | null;
+  /** Guest pages by how they travelled, and the source side's writes over time, for the HTML report. */
+  pageBytes: PageTrafficBytes;
+  throughput: ThroughputSample[];
 }
 
 interface SizeFigures {
@@ -117,7 +130,7 @@ async function timeline(
   src: QmpClient,
   dst: QmpClient,
   sinceMs: number,
-): Promise<{ loadedMs: number; pauseMs: number }> {
+): Promise<{ loadedMs: number; pauseMs: number; migrateAtMs: number }> {
   const after = (e: QmpEvent) => eventMs(e) >= sinceMs;
   const setup = src.events().find((e) => e.event === "MIGRATION" && after(e) && migrationEvent("setup")(e));
   const stops = src.events().filter((e) => e.event === "STOP" && after(e));
@@ -128,7 +141,52 @@ async function timeline(
     (e) => after(e) && migrationEvent("completed")(e),
     60_000,
   );
-  return { loadedMs: eventMs(completed) - eventMs(setup), pauseMs: eventMs(completed) - eventMs(stop) };
+  return {
+    loadedMs: eventMs(completed) - eventMs(setup),
+    pauseMs: eventMs(completed) - eventMs(stop),
+    migrateAtMs: eventMs(setup),
+  };
+}
+
+/** Bytes a process wrote so far (sockets included): `wchar` of /proc/PID/io. */
+function bytesWrittenBy(pid: number): number {
+  const m = /^wchar:\s+(\d+)$/m.exec(readFileSync(`/proc/${pid}/io`, "utf8"));
+  if (!m?.[1]) throw new Error(`/proc/${pid}/io has no wchar`);
+  return Number(m[1]);
+}
+
+/** One size's rows as the HTML report's model. */
+function scaleReportModel(s: SizeFigures): MigrationReportModel {
+  return {
+    title: `vmprune bench:scale: ${s.sizeGiB} GiB guest, mixed workload`,
+    context: [
+      `${s.sizeGiB} GiB guest (kernel ${kernel}, QEMU ${qemu}, ${vcpus} vCPU), the 512 MiB mixed workload scaled ` +
+        `${s.sizeGiB * 2} times; loopback, one run per row, each into a destination held paused.`,
+    ],
+    rows: s.rows.map((r) => ({
+      name: r.row,
+      toResumeMs: r.loadedMs,
+      guestPauseMs: r.pauseMs,
+      linkBytes: r.bytes,
+      pageBytes: r.pageBytes,
+      throughput: r.throughput,
+      pause: { fromMs: r.loadedMs - r.pauseMs, toMs: r.loadedMs },
+    })),
+    baseline: "plain",
+    ideal: { bytes: s.idealBytes },
+    throughputNote: `bytes the source side wrote every ${DEFAULT_SAMPLE_INTERVAL_MS} ms (/proc/PID/io wchar: the source QEMU's for plain, send's for vmprune), from \`migrate\``,
+    notes: [
+      "Time to resume here is `migrate` to the destination's MIGRATION completed: the destination is held paused (-S) for the RAM-compare oracle, so it never resumes; the pause is the source's STOP to that moment.",
+    ],
+  };
+}
+
+/** FILE.html for one size, FILE-8gib.html for each of several. */
+function reportPath(path: string, sizeGiB: number): string {
+  if (sizesGiB.length === 1) return path;
+  return /\.html?$/i.test(path)
+    ? path.replace(/(\.html?)$/i, `-${sizeGiB}gib$1`)
+    : `${path}-${sizeGiB}gib.html`;
 }
 
 async function migrateRow(
@@ -146,21 +204,39 @@ async function migrateRow(
   });
   const migration = { capabilities: { events: true }, timeoutMs };
   const sinceMs = Date.now();
+  // What the source side wrote: the source QEMU's migration stream (plain), or send's link (vmprune).
+  let writer: number | undefined = row === "plain" ? pair.src.pid : undefined;
+  const sampler = new ThroughputSampler(() => (writer === undefined ? 0 : bytesWrittenBy(writer)));
+  sampler.start();
   let bytes: number;
+  let info: MigrationInfo;
   let vmprune: Awaited<ReturnType<typeof migrateThroughProcesses>> | null = null;
-  if (row === "plain") {
-    const result = await runMigration(pair.src.monitor, dstUri, migration);
-    bytes = result.info.ram?.transferred ?? 0;
-  } else {
-    vmprune = await migrateThroughProcesses(pair, dstUri, {
-      drop: row === "vmprune free" ? "free" : "free,cache",
-      key,
-      disk: join(pair.diskDir, "data.img"),
-      migration,
-    });
-    bytes = vmprune.send.relay.channels.reduce((sum, c) => sum + c.bytesToDestination, 0);
+  let samples: ThroughputSample[] = [];
+  try {
+    if (row === "plain") {
+      const result = await runMigration(pair.src.monitor, dstUri, migration);
+      bytes = result.info.ram?.transferred ?? 0;
+      info = result.info;
+    } else {
+      vmprune = await migrateThroughProcesses(pair, dstUri, {
+        drop: row === "vmprune free" ? "free" : "free,cache",
+        key,
+        disk: join(pair.diskDir, "data.img"),
+        migration,
+        onSendStarted: (pid) => {
+          writer = pid;
+        },
+      });
+      bytes = vmprune.send.relay.channels.reduce((sum, c) => sum + c.bytesToDestination, 0);
+      info = vmprune.result.info;
+    }
+  } finally {
+    samples = sampler.stop();
   }
   const times = await timeline(pair.src.monitor, dst.monitor, sinceMs);
+  // The samples count from the sampler's start (before send started); the report counts from `migrate`.
+  const shiftMs = times.migrateAtMs - sinceMs;
+  const throughput = samples.map((s) => ({ ...s, tMs: s.tMs - shiftMs })).filter((s) => s.tMs >= 0);
   await waitDestinationState(dst.monitor, "paused", 60_000);
   log(`  ${row}: loaded in ${Math.round(times.loadedMs)} ms, ${bytes} B; comparing RAM`);
   const oracle = await prunedRamOracle(pair.src, dst);
@@ -177,10 +253,11 @@ async function migrateRow(
     await waitDestinationState(pair.src.monitor, "running");
   }
   const prune = vmprune?.send.prune;
+  const { migrateAtMs: _, ...figures } = times;
   return {
     sizeGiB,
     row,
-    ...times,
+    ...figures,
     bytes,
     differing: oracle.differing,
     differingNotFree: oracle.differingNotFree.length,
@@ -191,6 +268,8 @@ async function migrateRow(
     pagesPruned: prune ? prune.pages.pruned : null,
     refs: prune ? prune.refs : null,
     cacheWhole: prune ? prune.cacheWhole : null,
+    pageBytes: pageTrafficOf(info, prune ?? null),
+    throughput,
     refsNacked: vmprune?.receive ? vmprune.receive.refs.refsNacked : null,
   };
 }
@@ -295,5 +374,14 @@ if (values.json) {
   process.stdout.write(
     `${wrap(`peak RSS target: ${PEAK_RSS_TARGET_MB} MB each; oracle failures: ${failures.length === 0 ? "none" : failures.join("; ")}`, REPORT_WIDTH).join("\n")}\n`,
   );
+}
+if (values.report) {
+  // Loaded here: vega takes about half a second to load.
+  const { htmlReport } = await import("../src/report/html-report.ts");
+  for (const s of sizes) {
+    const path = reportPath(values.report, s.sizeGiB);
+    await writeFile(path, await htmlReport(scaleReportModel(s)));
+    log(`bench:scale: wrote ${path}`);
+  }
 }
 if (failures.length > 0) process.exitCode = 1;
