@@ -27,7 +27,8 @@
  *   judge        send's time in the judge (struct pages read and classified), per GiB of guest RAM.
  * `--report FILE.html`: the HTML page of each size (FILE-8gib.html etc. when there are several): the rows' times
  * and pauses against plain, guest pages by how they travelled, and each row's throughput over time, read as the
- * bytes the source side wrote (/proc/PID/io wchar, every 100 ms: the source QEMU's for plain, send's for vmprune).
+ * bytes the source side sent, every 100 ms (the source QEMU's ram.transferred for plain, send's writes for
+ * vmprune: /proc/PID/io wchar).
  * Logs go to stderr; stdout gets the table, or with --json the figures.
  */
 import { randomBytes } from "node:crypto";
@@ -47,7 +48,12 @@ import type { MigrationInfo, QmpClient, QmpEvent } from "../src/qemu/qmp.ts";
 import { pageTrafficOf } from "../src/report/page-traffic.ts";
 import type { MigrationReportModel, PageTrafficBytes, ThroughputSample } from "../src/report/report-model.ts";
 import { REPORT_WIDTH, table, wrap } from "../src/report/table.ts";
-import { DEFAULT_SAMPLE_INTERVAL_MS, ThroughputSampler } from "../src/report/throughput-sampler.ts";
+import {
+  type CounterReading,
+  DEFAULT_SAMPLE_INTERVAL_MS,
+  ThroughputSampler,
+  throughputOf,
+} from "../src/report/throughput-sampler.ts";
 import { reportJson } from "../src/report/version.ts";
 import { requireSetup } from "./common.ts";
 import { idealBytes } from "./ideal.ts";
@@ -174,7 +180,7 @@ function scaleReportModel(s: SizeFigures): MigrationReportModel {
     })),
     baseline: "plain",
     ideal: { bytes: s.idealBytes },
-    throughputNote: `bytes the source side wrote every ${DEFAULT_SAMPLE_INTERVAL_MS} ms (/proc/PID/io wchar: the source QEMU's for plain, send's for vmprune), from \`migrate\``,
+    throughputNote: `bytes the source side sent, every ${DEFAULT_SAMPLE_INTERVAL_MS} ms, from \`migrate\`: QEMU's ram.transferred for plain, what send wrote for vmprune (/proc/PID/io wchar)`,
     notes: [
       "Time to resume here is `migrate` to the destination's MIGRATION completed: the destination is held paused (-S) for the RAM-compare oracle, so it never resumes; the pause is the source's STOP to that moment.",
     ],
@@ -204,9 +210,12 @@ async function migrateRow(
   });
   const migration = { capabilities: { events: true }, timeoutMs };
   const sinceMs = Date.now();
-  // What the source side wrote: the source QEMU's migration stream (plain), or send's link (vmprune).
-  let writer: number | undefined = row === "plain" ? pair.src.pid : undefined;
+  // What the source side sent: QEMU's own count for plain (its socket writes are sendmsg, which /proc/PID/io
+  // does not count), the bytes send wrote for vmprune (node writes with write/writev, which it counts).
+  let writer: number | undefined;
   const sampler = new ThroughputSampler(() => (writer === undefined ? 0 : bytesWrittenBy(writer)));
+  const transferred: CounterReading[] = [];
+  const startedMs = performance.now();
   sampler.start();
   let bytes: number;
   let info: MigrationInfo;
@@ -214,7 +223,11 @@ async function migrateRow(
   let samples: ThroughputSample[] = [];
   try {
     if (row === "plain") {
-      const result = await runMigration(pair.src.monitor, dstUri, migration);
+      const result = await runMigration(pair.src.monitor, dstUri, {
+        ...migration,
+        onProgress: (progress) =>
+          transferred.push({ atMs: performance.now(), bytes: progress.ram?.transferred ?? 0 }),
+      });
       bytes = result.info.ram?.transferred ?? 0;
       info = result.info;
     } else {
@@ -231,7 +244,8 @@ async function migrateRow(
       info = vmprune.result.info;
     }
   } finally {
-    samples = sampler.stop();
+    samples = row === "plain" ? throughputOf(transferred, startedMs) : sampler.stop();
+    sampler.stop();
   }
   const times = await timeline(pair.src.monitor, dst.monitor, sinceMs);
   // The samples count from the sampler's start (before send started); the report counts from `migrate`.
