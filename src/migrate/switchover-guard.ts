@@ -20,7 +20,8 @@
  *   ahead, and QEMU is told not to switch yet (it would not anyway: R is far above any threshold; the hold
  *   keeps a threshold of a few bytes, never 0, see HOLD_AVAIL_BYTES_PER_SECOND);
  * - near the end: the relay may hold C = min(max, r·L·READ_AHEAD_SHARE) (a reader paused over its bound resumes only once the
- *   socket drained, so the backlog falls below C before QEMU moves on), and QEMU may count on r − C/L:
+ *   socket holds less than half of it, stream/relay.ts RESUME_BELOW_SHARE, so the backlog falls below C before
+ *   QEMU moves on), and QEMU may count on r − C/L:
  * - QEMU ≥ 8.2: migration parameter `avail-switchover-bandwidth` = min(r − C/L, q) (bytes/s; qapi/migration.json,
  *   "Since 8.2": used only for the switchover decision, not a limit), q being QEMU's own rate in its last window.
  *   QEMU's test `remaining ≤ avail × L` then reads `remaining + C ≤ r × L` and `remaining ≤ q × L`: the pause

@@ -9,13 +9,16 @@ import { readFile, rm } from "node:fs/promises";
 import { connect, createServer, type Server, type ServerOpts, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { Writable } from "node:stream";
 import { type TestContext, test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
 import {
   type ChannelCodec,
   type CodecOutlet,
+  hold,
   type MainChannelProcessor,
   MULTIFD_MAGIC,
+  RESUME_BELOW_SHARE,
   Relay,
   type RelayOptions,
 } from "../../src/stream/relay.ts";
@@ -286,6 +289,43 @@ test("backpressure: a destination that does not read stalls the source; the rela
   const report = await relay.done;
   assert.equal(report.error, undefined);
   assert.equal(report.channels[0]?.bytesToDestination, total);
+});
+
+test("a source paused for its destination resumes once that holds less than the low mark, before it is empty", async () => {
+  // A destination whose writes complete only when the test says: 8 MiB queued, then drained 1 MiB at a time.
+  const done: (() => void)[] = [];
+  const destination = new Writable({
+    highWaterMark: 1,
+    write(_chunk, _encoding, callback) {
+      done.push(callback);
+    },
+  });
+  for (let i = 0; i < 8; i++) destination.write(Buffer.alloc(MiB));
+  let paused = false;
+  const source = {
+    destroyed: false,
+    pause() {
+      paused = true;
+      return this as unknown as Socket;
+    },
+    resume() {
+      paused = false;
+      return this as unknown as Socket;
+    },
+  };
+  hold(source, destination, new Set(), () => 8 * MiB * RESUME_BELOW_SHARE);
+  assert.equal(paused, true);
+  const resumedAt: number[] = [];
+  while (done.length > 0) {
+    done.shift()?.();
+    await sleep(20); // several of the hold's checks
+    if (!paused && resumedAt.length === 0) resumedAt.push(destination.writableLength);
+  }
+  assert.deepEqual(
+    resumedAt,
+    [3 * MiB],
+    "resumed with 3 MiB still queued: the first time below half of 8 MiB",
+  );
 });
 
 test("no probe: the relay opens no connection to the destination before a source connects", {
