@@ -52,8 +52,11 @@ export type RefsWhen = (typeof REFS_WHEN)[number];
  * "link-busy": references while at least this much waits in this process for the link (the socket's user-space
  * queue, which fills only once the kernel's send buffer is full): a quarter of the relay's per-socket buffer limit
  * (stream/relay.ts DEFAULT_MAX_BUFFERED_BYTES, 8 MiB), so the queue never runs dry while references are made.
+ * A quarter of the relay's bound when that is lower (the switchover guard's near-end read-ahead on a slow link
+ * can be a few hundred KiB): else a slow link, where references pay most, would never get them near the end.
  */
 export const REFS_WHEN_QUEUED_BYTES = 2 * 1024 * 1024;
+const REFS_WHEN_QUEUED_SHARE_OF_BOUND = 0.25;
 
 /**
  * "link-busy": the link rate (bytes/s, LinkRateMeter over this channel's upstream) at which a reference and a
@@ -87,6 +90,8 @@ export interface LinkSendOptions {
   refsWhen?: RefsWhen;
   /** "link-busy": the link rate above which whole pages are cheaper (default REFS_PAY_BELOW_BYTES_PER_SECOND). */
   refsPayBelowBytesPerSecond?: number;
+  /** "link-busy": the relay's current bound on what a channel may queue (Relay.maxBufferedBytes). */
+  queueBoundBytes?: () => number;
   log?: (line: string) => void;
 }
 
@@ -264,7 +269,12 @@ export class LinkSendCodec implements ChannelCodec {
       queuedBytes,
       receivedBytes: 0,
     });
-    if (queuedBytes < REFS_WHEN_QUEUED_BYTES) return this.refsWhileLinkHasRoom;
+    const bound = this.options.queueBoundBytes?.();
+    const busyAt =
+      bound === undefined
+        ? REFS_WHEN_QUEUED_BYTES
+        : Math.min(REFS_WHEN_QUEUED_BYTES, bound * REFS_WHEN_QUEUED_SHARE_OF_BOUND);
+    if (queuedBytes < busyAt) return this.refsWhileLinkHasRoom;
     const rate = this.linkRate.bytesPerSecond;
     return rate !== undefined &&
       rate > (this.options.refsPayBelowBytesPerSecond ?? REFS_PAY_BELOW_BYTES_PER_SECOND)

@@ -340,6 +340,7 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
                 ...(judge?.readPage ? { readPage: judge.readPage.bind(judge) } : {}),
                 claim: { migration: migrationId, target: link.target ?? "" },
                 ...(options.refsWhen ? { refsWhen: options.refsWhen } : {}),
+                queueBoundBytes: () => relay.maxBufferedBytes,
                 log,
               });
               return codec;

@@ -731,6 +731,11 @@ export class Relay {
     return { bufferedBytes, peakDirectionBytes: this.#peakBuffered };
   }
 
+  /** The bound of rule 5 now (bytes a channel's writer may hold before its reader pauses). */
+  get maxBufferedBytes(): number {
+    return this.#maxBufferedBytes;
+  }
+
   /** Changes the bound of rule 5 for every channel from now on (a reader paused under the old one resumes on
    *  'drain' as before). */
   setMaxBufferedBytes(bytes: number): void {

@@ -125,6 +125,7 @@ async function migrate(
   t: TestContext,
   refsWhen: RefsWhen | undefined,
   slow?: { readEveryMs: number; waitMs: number; refsPayBelowBytesPerSecond: number },
+  queueBoundBytes?: number,
 ): Promise<{ processor: PruningProcessor; queuedAtFirstRef: number | null; wholeAfterRefs: number }> {
   const psk = randomBytes(32);
   const upstream = await stalledReceive(t, psk, slow?.readEveryMs);
@@ -134,6 +135,7 @@ async function migrate(
     processor,
     ...(refsWhen ? { refsWhen } : {}),
     ...(slow ? { refsPayBelowBytesPerSecond: slow.refsPayBelowBytesPerSecond } : {}),
+    ...(queueBoundBytes ? { queueBoundBytes: () => queueBoundBytes } : {}),
   });
   await codec.open({ source: new Socket(), upstream });
   let queuedAtFirstRef: number | null = null;
@@ -148,7 +150,8 @@ async function migrate(
       wholeAfterRefs += after.cacheWhole - before.cacheWhole;
     // Let the socket hand what it can to the kernel, as the event loop does between the source's reads; with a
     // slow receive, the source waits as the relay's backpressure would make it.
-    if (queued < REFS_WHEN_QUEUED_BYTES) await new Promise((resolve) => setImmediate(resolve));
+    const busyAt = Math.min(REFS_WHEN_QUEUED_BYTES, (queueBoundBytes ?? Number.POSITIVE_INFINITY) / 4);
+    if (queued < busyAt) await new Promise((resolve) => setImmediate(resolve));
     else if (slow) await new Promise((resolve) => setTimeout(resolve, slow.waitMs));
   }
   return { processor, queuedAtFirstRef, wholeAfterRefs };
@@ -168,6 +171,20 @@ test("link-busy: cache pages go whole while the link has room, as references onc
   );
   assert.equal(r.cacheWhole + r.refs, PAGES, "every cache page went one way or the other");
   assert.equal(r.cacheMisses, 0);
+});
+
+test("link-busy under a small relay bound (a slow link near the end): references from a quarter of it", async (t) => {
+  const bound = 512 * 1024;
+  const { processor, queuedAtFirstRef } = await migrate(t, undefined, undefined, bound);
+  const r = processor.report();
+  t.diagnostic(
+    `${r.cacheWhole} whole, ${r.refs} references; first reference at ${queuedAtFirstRef} B queued`,
+  );
+  assert.ok(r.refs > 0, "references although 2 MiB never queue under this bound");
+  assert.ok(
+    queuedAtFirstRef !== null && queuedAtFirstRef >= bound / 4 && queuedAtFirstRef < REFS_WHEN_QUEUED_BYTES,
+    `the first reference at a quarter of the bound (${queuedAtFirstRef} B queued)`,
+  );
 });
 
 test("link-busy: a backed-up link measured faster than references pay for gets whole pages again", async (t) => {
