@@ -31,6 +31,10 @@ const INTERLEAVED_PAGES = 48;
  * Guest shell: two files written one 4 KiB page at a time in turn, each write fsynced. mb_stream_req is raised so
  * that mballoc serves both files from the per-CPU group preallocation (fs/ext4/mballoc.c ext4_mb_group_or_file)
  * instead of a per-inode one: their blocks interleave and each file gets ~48 extents (> 4: an index level).
+ * Then /data is remounted read-only and back: that checkpoints ext4's journal (ext4_mark_recovery_complete flushes
+ * it), so the inodes and extent blocks are at their home places when debugfs reads the image below. `sync` alone
+ * only commits them to the journal; a suite once saw debugfs find fragA with no index level, the inode as of an
+ * older checkpoint.
  */
 const WRITE_INTERLEAVED = [
   "for f in /sys/fs/ext4/*/mb_stream_req; do echo 1000000 > $f; done",
@@ -39,6 +43,7 @@ const WRITE_INTERLEAVED = [
   `while [ $i -lt ${INTERLEAVED_PAGES} ]; do for n in A B; do dd if=/dev/urandom of=/data/scratch/frag$n bs=4k count=1 seek=$i conv=notrunc,fsync 2>/dev/null || exit 1; done; i=$((i+1)); done`,
   "sync",
   "sync",
+  "mount -o remount,ro /data && mount -o remount,rw /data",
 ].join("\n");
 
 /** A BlockDevice that, like the NBD one, reads only asynchronously. */
