@@ -212,40 +212,38 @@ async function migrateRow(
   const sinceMs = Date.now();
   // What the source side sent: QEMU's own count for plain (its socket writes are sendmsg, which /proc/PID/io
   // does not count), the bytes send wrote for vmprune (node writes with write/writev, which it counts).
-  let writer: number | undefined;
-  const sampler = new ThroughputSampler(() => (writer === undefined ? 0 : bytesWrittenBy(writer)));
-  const transferred: CounterReading[] = [];
   const startedMs = performance.now();
-  sampler.start();
   let bytes: number;
   let info: MigrationInfo;
-  let vmprune: Awaited<ReturnType<typeof migrateThroughProcesses>> | null = null;
   let samples: ThroughputSample[] = [];
-  try {
-    if (row === "plain") {
-      const result = await runMigration(pair.src.monitor, dstUri, {
-        ...migration,
-        onProgress: (progress) =>
-          transferred.push({ atMs: performance.now(), bytes: progress.ram?.transferred ?? 0 }),
-      });
-      bytes = result.info.ram?.transferred ?? 0;
-      info = result.info;
-    } else {
-      vmprune = await migrateThroughProcesses(pair, dstUri, {
-        drop: row === "vmprune free" ? "free" : "free,cache",
-        key,
-        disk: join(pair.diskDir, "data.img"),
-        migration,
-        onSendStarted: (pid) => {
-          writer = pid;
-        },
-      });
-      bytes = vmprune.send.relay.channels.reduce((sum, c) => sum + c.bytesToDestination, 0);
-      info = vmprune.result.info;
-    }
-  } finally {
-    samples = row === "plain" ? throughputOf(transferred, startedMs) : sampler.stop();
-    sampler.stop();
+  let vmprune: Awaited<ReturnType<typeof migrateThroughProcesses>> | null = null;
+  if (row === "plain") {
+    const transferred: CounterReading[] = [];
+    const result = await runMigration(pair.src.monitor, dstUri, {
+      ...migration,
+      onProgress: (progress) =>
+        transferred.push({ atMs: performance.now(), bytes: progress.ram?.transferred ?? 0 }),
+    });
+    bytes = result.info.ram?.transferred ?? 0;
+    info = result.info;
+    samples = throughputOf(transferred, startedMs);
+  } else {
+    let writer: number | undefined;
+    const sampler = new ThroughputSampler(() => (writer === undefined ? 0 : bytesWrittenBy(writer)));
+    sampler.start();
+    vmprune = await migrateThroughProcesses(pair, dstUri, {
+      drop: row === "vmprune free" ? "free" : "free,cache",
+      key,
+      disk: join(pair.diskDir, "data.img"),
+      migration,
+      onSendStarted: (pid) => {
+        writer = pid;
+      },
+    }).finally(() => {
+      samples = sampler.stop();
+    });
+    bytes = vmprune.send.relay.channels.reduce((sum, c) => sum + c.bytesToDestination, 0);
+    info = vmprune.result.info;
   }
   const times = await timeline(pair.src.monitor, dst.monitor, sinceMs);
   // The samples count from the sampler's start (before send started); the report counts from `migrate`.

@@ -99,9 +99,7 @@ export async function prunedRamOracle(
 
 /** The guest-physical layout of a running lab VM's RAM (which RAMBlock offset is which address), for the oracle. */
 export function ramLayoutOf(vm: Vm): Promise<RamMapping[]> {
-  return discoverQemuLayout(async (commandLine) =>
-    String(await vm.monitor.executeUntyped("human-monitor-command", { "command-line": commandLine })),
-  );
+  return discoverQemuLayout((commandLine) => vm.monitor.hmp(commandLine));
 }
 
 export async function migrateThroughPruningSend(

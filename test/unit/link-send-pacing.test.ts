@@ -16,8 +16,9 @@ import { CAPABILITY } from "../../src/link/protocol.ts";
 import { LinkSendCodec, REFS_WHEN_QUEUED_BYTES, type RefsWhen } from "../../src/migrate/link-send.ts";
 import type { PageJudge } from "../../src/prune/page-judge.ts";
 import { PruningProcessor } from "../../src/prune/pruning-processor.ts";
-import type { PageHeader, StreamRecord } from "../../src/stream/records.ts";
+import type { PageHeader } from "../../src/stream/records.ts";
 import { encodeRecord } from "../../src/stream/writer.ts";
+import { ramStreamOpening } from "../support/stream-records.ts";
 
 const BLOCK = "ram0";
 const PAGES = 4096; // 16 MiB of cache pages, more than the queue that switches to references
@@ -31,38 +32,7 @@ const header = (addr: number, first: boolean): PageHeader => ({
 
 /** A stream's start (header, MEM_SIZE), then PAGES cache pages of distinct bytes, each its own chunk. */
 function streamChunks(): Buffer[] {
-  const start: StreamRecord[] = [
-    { kind: "header", offset: 0, version: 3 },
-    { kind: "configuration", offset: 0, machineType: "pc-q35-10.0", subsections: [] },
-    {
-      kind: "section",
-      offset: 0,
-      type: "START",
-      sectionId: 2,
-      idstr: "ram",
-      instanceId: 0,
-      versionId: 4,
-    },
-    {
-      kind: "ram",
-      type: "memSize",
-      offset: 0,
-      total: PAGES * 4096,
-      flags: 0x04,
-      blocks: [{ idstr: BLOCK, length: PAGES * 4096 }],
-    },
-    { kind: "ram", type: "eos", offset: 0, value: 0x10 },
-    { kind: "footer", offset: 0, sectionId: 2 },
-    {
-      kind: "section",
-      offset: 0,
-      type: "PART",
-      sectionId: 2,
-      idstr: null,
-      instanceId: null,
-      versionId: null,
-    },
-  ];
+  const start = ramStreamOpening([{ idstr: BLOCK, length: PAGES * 4096 }]);
   const chunks = [Buffer.concat(start.flatMap(encodeRecord))];
   for (let i = 0; i < PAGES; i++) {
     const data = Buffer.alloc(4096, i % 251);

@@ -14,6 +14,7 @@ import { PruningProcessor } from "../../src/prune/pruning-processor.ts";
 import { StreamParser } from "../../src/stream/parser.ts";
 import type { PageHeader, StreamRecord } from "../../src/stream/records.ts";
 import { encodeRecord } from "../../src/stream/writer.ts";
+import { ramStreamOpening } from "../support/stream-records.ts";
 
 const MiB = 1024 * 1024;
 const BLOCK = "ram0";
@@ -40,21 +41,7 @@ const eos: StreamRecord[] = [
 
 /** header, configuration, ram START (MEM_SIZE), PART with `pages` pages (non-zero data), [XBZRLE], END, EOF. */
 function stream(pages: number, options: { xbzrleAt?: number } = {}): Buffer {
-  const records: StreamRecord[] = [
-    { kind: "header", offset: 0, version: 3 },
-    { kind: "configuration", offset: 0, machineType: "pc-q35-10.0", subsections: [] },
-    section("START"),
-    {
-      kind: "ram",
-      type: "memSize",
-      offset: 0,
-      total: 2 * MiB,
-      flags: 0x04,
-      blocks: [{ idstr: BLOCK, length: 2 * MiB }],
-    },
-    ...eos,
-    section("PART"),
-  ];
+  const records: StreamRecord[] = ramStreamOpening([{ idstr: BLOCK, length: 2 * MiB }]);
   for (let i = 0; i < pages; i++)
     records.push({
       kind: "ram",
