@@ -588,6 +588,7 @@ libvirt
     categoryList,
   )
   .option("--disk <image>", "with --drop cache: the shared raw disk image")
+  .option(...REFS_WHEN_OPTION)
   .option(
     "--qmp <socket>",
     "a QMP socket for the domain's QEMU other than libvirt's (default: the -qmp of the domain's <qemu:commandline>)",
@@ -625,6 +626,7 @@ libvirt
         connect?: string;
         drop?: Category[];
         disk?: string;
+        refsWhen?: RefsWhen;
         qmp?: string;
         pidFile?: string;
         listenPath?: string;
@@ -650,6 +652,7 @@ libvirt
         ramFromProcess: opts.ramFromProcess ?? false,
         ...(opts.connect ? { connectUri: opts.connect } : {}),
         ...(opts.disk ? { disk: opts.disk } : {}),
+        ...(opts.refsWhen ? { refsWhen: opts.refsWhen } : {}),
         ...(opts.qmp ? { qmpSocket: opts.qmp } : {}),
         ...(opts.pidFile ? { pidFile: opts.pidFile } : {}),
         ...(opts.listenPath ? { listenPath: opts.listenPath } : {}),

@@ -55,9 +55,7 @@ export interface LiveVmMemory {
 }
 
 export async function openLiveVmMemory(qmp: QmpClient, qmpPath: string, pid?: number): Promise<LiveVmMemory> {
-  const hmp = async (commandLine: string) =>
-    String(await qmp.executeUntyped("human-monitor-command", { "command-line": commandLine }));
-  const layout = await discoverQemuLayout(hmp);
+  const layout = await discoverQemuLayout((commandLine) => qmp.hmp(commandLine));
   const files: Record<string, string> = {};
   for (const block of new Set(layout.map((m) => m.block))) {
     try {

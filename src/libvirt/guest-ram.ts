@@ -28,9 +28,7 @@ async function qomGet(qmp: QmpClient, id: string, property: string): Promise<unk
 
 /** How each guest RAM block (from `info mtree -f`) is backed, by QEMU's own account. */
 export async function ramBlockSources(qmp: QmpClient): Promise<RamBlockSource[]> {
-  const hmp = async (commandLine: string) =>
-    String(await qmp.executeUntyped("human-monitor-command", { "command-line": commandLine }));
-  const layout = await discoverQemuLayout(hmp);
+  const layout = await discoverQemuLayout((commandLine) => qmp.hmp(commandLine));
   const sizes = new Map<string, number>();
   for (const m of layout) sizes.set(m.block, (sizes.get(m.block) ?? 0) + m.size);
   const sources: RamBlockSource[] = [];

@@ -16,6 +16,7 @@ import { readlinkSync } from "node:fs";
 import { dirname } from "node:path";
 import type { Category } from "../introspect/classifier.ts";
 import { PruningRefused } from "../migrate/guest-judge.ts";
+import type { RefsWhen } from "../migrate/link-send.ts";
 import { type SendReport, startSend } from "../migrate/send.ts";
 import type { ExportSocketDir } from "../migrate/source-disks.ts";
 import { QmpClient } from "../qemu/qmp.ts";
@@ -49,6 +50,8 @@ export interface LibvirtMigrateOptions {
   /** The link to vmprune receive; `target`: the destination to ask a receive service for (send --target). */
   link?: { psk?: Buffer; security?: LinkSecurity; target?: string };
   drop: readonly Category[];
+  /** With cache dropped: when clean cache pages go as references (send's --refs-when; default link-busy). */
+  refsWhen?: RefsWhen;
   disk?: string;
   /** A QMP socket to use instead of the domain's second monitor (e.g. virt-qemu-qmp-proxy's). */
   qmpSocket?: string;
@@ -213,6 +216,7 @@ export async function libvirtMigrate(options: LibvirtMigrateOptions): Promise<Li
       // Only the domain's QEMU (its user) may connect: 0600, owned by that user (libvirt runs QEMU as its own).
       unixSocket: { mode: 0o600, owner: { uid: facts.process.uid, gid: facts.process.gid } },
       drop: options.drop,
+      ...(options.refsWhen ? { refsWhen: options.refsWhen } : {}),
       ...(qmp && facts.monitorPath
         ? {
             guest: {

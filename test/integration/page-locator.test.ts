@@ -13,12 +13,12 @@
  *   synchronously it first misses with "extent-index-pending", then locates the same pages after the reads.
  */
 import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
 import { join } from "node:path";
 import { test } from "node:test";
 import { CATEGORY, CATEGORY_NAMES } from "../../src/introspect/classifier.ts";
 import { openRawSnapshot } from "../../src/introspect/guest-memory.ts";
 import { classifyPresent, openClassifier } from "../../src/introspect/inspect.ts";
-import { run } from "../../src/lab/exec.ts";
 import { LabPair } from "../../src/lab/lab-vm.ts";
 import { runMixedWorkload } from "../../src/lab/workloads.ts";
 import { type BlockDevice, RawFileDevice } from "../../src/storage/block-device.ts";
@@ -46,7 +46,15 @@ const WRITE_INTERLEAVED = [
   "mount -o remount,ro /data && mount -o remount,rw /data",
 ].join("\n");
 
-/** A BlockDevice that, like the NBD one, reads only asynchronously. */
+/** debugfs's answer to one request on `image`, its standard output and error together. */
+function debugfs(image: string, request: string): Promise<string> {
+  return new Promise((resolve, reject) =>
+    execFile("debugfs", ["-R", request, image], { encoding: "utf8" }, (error, stdout, stderr) =>
+      error ? reject(error) : resolve(`${stdout}${stderr}`),
+    ),
+  );
+}
+
 /** A BlockDevice that counts what is read through it (the locator must never read the whole disk). */
 function counting(device: BlockDevice): BlockDevice & { bytesRead: number } {
   const counted = {
@@ -68,6 +76,7 @@ function counting(device: BlockDevice): BlockDevice & { bytesRead: number } {
   return counted;
 }
 
+/** A BlockDevice that, like the NBD one, reads only asynchronously. */
 function asyncOnly(device: BlockDevice): BlockDevice {
   return {
     name: `${device.name} (async only)`,
@@ -86,17 +95,21 @@ for (const kernel of ["6.12", "6.1"] as const) {
     await agent.run("sync; echo 3 > /proc/sys/vm/drop_caches");
     await runMixedWorkload(agent);
     await agent.run("cat /data/scratch/fragA /data/scratch/fragB > /dev/null; sync; sleep 1");
+    const guestView = await agent.run("ls -li /data/scratch");
     await pair.src.monitor.execute("stop");
 
     const image = join(pair.diskDir, "data.img");
-    const depthOf = async (file: string) => {
-      const out = await run("debugfs", ["-R", `ex ${file}`, image]);
-      return Number(/^\s*\d+\/\s*(\d+)/m.exec(out)?.[1] ?? 0);
-    };
-    assert.ok(
-      (await depthOf("/scratch/fragA")) >= 1,
-      "the interleaved file's extent tree has an index level",
-    );
+    // debugfs prints its errors (a file not found, a bad checksum) on stderr and exits 0: both streams go into
+    // the message, with the guest's own view of the directory, so a failure here says which of them varied.
+    const extents = await debugfs(image, "ex /scratch/fragA");
+    const depth = /^\s*\d+\/\s*(\d+)/m.exec(extents)?.[1];
+    if (depth === undefined || Number(depth) < 1) {
+      assert.fail(
+        `the interleaved file's extent tree has an index level: debugfs says\n${extents}\n` +
+          `debugfs stat: ${await debugfs(image, "stat /scratch/fragA")}\n` +
+          `debugfs ls: ${await debugfs(image, "ls -l /scratch")}\nthe guest before its stop: ${guestView}`,
+      );
+    }
 
     const memory = openRawSnapshot(pair.src.ramPath);
     t.after(() => memory.close());
