@@ -23,7 +23,7 @@
  *   │ ◀── AUTH(HMAC(psk, "vmprune-link receive" ‖ T))         │
  *   │ READY                                               ──▶ │  (send verified receive's MAC first)
  *   │ ═════════ stream: DATA, REF, PAGE_DATA, EOF ═════════▶ │ ──▶ destination QEMU (DATA bytes; REF → PAGE record)
- *   │ ◀════════ RETURN, NACK, ACK, EOF ══════════════════════ │ ◀── destination QEMU's return path
+ *   │ ◀════════ RETURN, NACK, ACK, LOAD, EOF ════════════════ │ ◀── destination QEMU's return path
  *   │ ERROR (either side, any time after READY), then the sender of ERROR destroys the socket
  * ```
  * `T` (the transcript) is `be32 len(helloC) ‖ helloC ‖ be32 len(helloS) ‖ helloS` over the two HELLO payloads
@@ -52,6 +52,7 @@
  * | RETURN | 0x20 | receive → send | QEMU return-path bytes, forwarded as they are |
  * | NACK | 0x21 | receive → send | be64 refId, u8 reason ({@link NACK_REASON}) |
  * | ACK | 0x22 | receive → send | be64 refId: every REF up to this id is settled |
+ * | LOAD | 0x23 | receive → send | be16 busyPermille, be32 destinationQueuedBytes: how busy receive is (1.4, capability {@link CAPABILITY.LOAD_REPORT}) |
  * | EOF | 0x30 | both | (empty): no more QEMU bytes in this direction (half-close) |
  * | ERROR | 0x31 | both | be16 code ({@link ERROR_CODE}), UTF-8 message (≤ 4 KiB) |
  *
@@ -74,6 +75,15 @@
  * pages' bytes. A clean cache page there is a REF_FS whose pageHeader is empty: receive writes the 4096 bytes it
  * reads in the page's place, so the packet QEMU gets is the one QEMU sent. Only a receive that offered the
  * capability gets them; everything else (rules 1-7, the hash check, NACK and PAGE_DATA) is as for any REF_FS.
+ *
+ * ## Load reports (1.4, capability {@link CAPABILITY.LOAD_REPORT})
+ * A reference saves the link 4096 bytes and costs both ends CPU (hashing, a disk read): it pays only while the
+ * link is what holds the migration back. send sees bytes queue for the link, but a queue means only that
+ * something downstream is slower: the network, or receive itself (its CPU, or a destination QEMU slow to read).
+ * So receive tells: every {@link LOAD_REPORT_INTERVAL_MS} while the stream flows, a LOAD with the share of that
+ * interval its event loop was busy (per mille) and the bytes waiting in it for the destination QEMU on this
+ * connection. LOAD settles nothing and asks for no answer; send only weighs it (migrate/link-send.ts). Only a
+ * send that listed the capability gets LOADs (an older one would take it for a protocol error).
  *
  * ## Stream rules (capability {@link CAPABILITY.REF_SHA256}; without it send sends only DATA and EOF)
  * 1. Order is sacred: receive writes DATA bytes, and for each REF `pageHeader` followed by the block's 4096
@@ -109,8 +119,11 @@ import { LinkError } from "./errors.ts";
 /** HELLO's first 8 bytes. */
 export const LINK_MAGIC = Buffer.from("vmprlink", "latin1");
 export const PROTOCOL_MAJOR = 1;
-/** 1.1: send's HELLO carries a {@link ChannelClaim}. 1.2: REF_FS. 1.3: bare REF_FS and ZEROS (multifd packets). */
-export const PROTOCOL_MINOR = 3;
+/**
+ * 1.1: send's HELLO carries a {@link ChannelClaim}. 1.2: REF_FS. 1.3: bare REF_FS and ZEROS (multifd packets).
+ * 1.4: LOAD (receive's load reports).
+ */
+export const PROTOCOL_MINOR = 4;
 
 /** Frame header: u8 type, be32 length. */
 export const FRAME_HEADER_BYTES = 5;
@@ -149,6 +162,7 @@ export const MSG = {
   RETURN: 0x20,
   NACK: 0x21,
   ACK: 0x22,
+  LOAD: 0x23,
   EOF: 0x30,
   ERROR: 0x31,
 } as const;
@@ -167,7 +181,14 @@ export const CAPABILITY = {
   REF_FS_BARE: "ref-fs-bare",
   /** ZEROS: pages of zeros receive writes in place (free pages in a 7.2 source's multifd packets, 1.3). */
   ZERO_FILL: "zero-fill",
+  /** LOAD: receive reports how busy it is, so send makes references only while the link holds things back (1.4). */
+  LOAD_REPORT: "load-report",
 } as const;
+
+/** How often receive sends a LOAD while the stream flows (link "Load reports"). */
+export const LOAD_REPORT_INTERVAL_MS = 100;
+/** LOAD's busyPermille is a share: 0..1000. */
+export const MAX_BUSY_PERMILLE = 1000;
 
 /** Why receive could not rebuild a REF'd page. */
 export const NACK_REASON = {
@@ -277,6 +298,13 @@ export interface Ack {
   type: typeof MSG.ACK;
   refId: number;
 }
+export interface Load {
+  type: typeof MSG.LOAD;
+  /** The share of the last interval receive's event loop was busy, in 1/1000 (0..1000). */
+  busyPermille: number;
+  /** Bytes waiting in receive for the destination QEMU on this connection (capped at 2^32 - 1). */
+  destinationQueuedBytes: number;
+}
 export interface Eof {
   type: typeof MSG.EOF;
 }
@@ -298,12 +326,13 @@ export type Message =
   | Return
   | Nack
   | Ack
+  | Load
   | Eof
   | ErrorMessage;
 /** What send may send after READY. */
 export type SendMessage = Data | Zeros | Ref | RefFs | PageData | Eof | ErrorMessage;
 /** What receive may send after READY. */
-export type ReceiveMessage = Return | Nack | Ack | Eof | ErrorMessage;
+export type ReceiveMessage = Return | Nack | Ack | Load | Eof | ErrorMessage;
 
 /** One message type: its wire value, its payload bounds, and how it reads and writes its payload. */
 export interface MessageCodec<M extends Message> {
@@ -644,6 +673,29 @@ export const ACK_CODEC: MessageCodec<Ack> = {
   },
 };
 
+export const LOAD_CODEC: MessageCodec<Load> = {
+  type: MSG.LOAD,
+  name: "LOAD",
+  minPayloadBytes: 6,
+  maxPayloadBytes: 6,
+  encode(m) {
+    if (!Number.isInteger(m.busyPermille) || m.busyPermille < 0 || m.busyPermille > MAX_BUSY_PERMILLE)
+      throw new RangeError(`LOAD busyPermille ${m.busyPermille} (0..${MAX_BUSY_PERMILLE})`);
+    if (!Number.isInteger(m.destinationQueuedBytes) || m.destinationQueuedBytes < 0)
+      throw new RangeError(`LOAD destinationQueuedBytes ${m.destinationQueuedBytes}`);
+    const out = Buffer.alloc(6);
+    out.writeUInt16BE(m.busyPermille, 0);
+    out.writeUInt32BE(Math.min(m.destinationQueuedBytes, 0xffff_ffff), 2);
+    return out;
+  },
+  decode(p, at) {
+    const busyPermille = p.readUInt16BE(0);
+    if (busyPermille > MAX_BUSY_PERMILLE)
+      throw badPayload("LOAD", at, `busyPermille ${busyPermille} is above ${MAX_BUSY_PERMILLE}`);
+    return { type: MSG.LOAD, busyPermille, destinationQueuedBytes: p.readUInt32BE(2) };
+  },
+};
+
 export const ERROR_CODEC: MessageCodec<ErrorMessage> = {
   type: MSG.ERROR,
   name: "ERROR",
@@ -676,6 +728,7 @@ const CODECS: CodecTable = {
   [MSG.RETURN]: RETURN_CODEC,
   [MSG.NACK]: NACK_CODEC,
   [MSG.ACK]: ACK_CODEC,
+  [MSG.LOAD]: LOAD_CODEC,
   [MSG.EOF]: EOF_CODEC,
   [MSG.ERROR]: ERROR_CODEC,
 };

@@ -9,10 +9,19 @@
  * goes on waiting for the real send (relay rule 9): the first comer to the port cannot end the migration's wait.
  */
 import type { Socket } from "node:net";
+import { type EventLoopUtilization, performance } from "node:perf_hooks";
 import { LinkDecoder } from "../link/decoder.ts";
 import { LinkError } from "../link/errors.ts";
 import { handshakeKey, type LinkSession, refuseLink, serverHandshake } from "../link/handshake.ts";
-import { CAPABILITY, ERROR_CODE, encodeBytesFrames, encodeMessage, MSG } from "../link/protocol.ts";
+import {
+  CAPABILITY,
+  ERROR_CODE,
+  encodeBytesFrames,
+  encodeMessage,
+  LOAD_REPORT_INTERVAL_MS,
+  MAX_BUSY_PERMILLE,
+  MSG,
+} from "../link/protocol.ts";
 import {
   emptyReassemblerStats,
   type ReassemblerOutput,
@@ -77,14 +86,31 @@ export type ReceiveCodecOptions = Pick<ReceiveOptions, "psk" | "disk" | "filesys
 
 /**
  * The capabilities receive offers: references only with a disk (REF) or its filesystems (REF_FS) to read; pages
- * of zeros (ZEROS) always.
+ * of zeros (ZEROS) and load reports (LOAD, which only references make useful) always.
  */
 export function receiveCapabilities(options: Pick<ReceiveOptions, "disk" | "filesystems">): string[] {
   return [
     ...(options.disk ? [CAPABILITY.REF_SHA256] : []),
     ...(options.filesystems ? [CAPABILITY.REF_FS_SHA256, CAPABILITY.REF_FS_BARE] : []),
     CAPABILITY.ZERO_FILL,
+    CAPABILITY.LOAD_REPORT,
   ];
+}
+
+/**
+ * The share of the time since the last call this process's event loop was busy, in 1/1000: where receive spends
+ * its CPU (decrypting, rebuilding references, hashing, writing to QEMU) and, with send in the same process
+ * (`vmprune migrate`), send's too.
+ */
+export class EventLoopBusy {
+  private last: EventLoopUtilization = performance.eventLoopUtilization();
+
+  sample(): number {
+    const now = performance.eventLoopUtilization();
+    const since = performance.eventLoopUtilization(now, this.last);
+    this.last = now;
+    return Math.max(0, Math.min(MAX_BUSY_PERMILLE, Math.round(since.utilization * MAX_BUSY_PERMILLE)));
+  }
 }
 
 /** REF_FS → the page, from the filesystem the reference names, checked (null: NACK). */
@@ -109,6 +135,11 @@ export class LinkReceiveCodec implements ChannelCodec {
   private readonly decoder = new LinkDecoder();
   private reassembler: RefReassembler | undefined;
   private outlet: CodecOutlet | undefined;
+  /** The destination QEMU's connection (for LOAD's queued bytes). */
+  private destination: Socket | undefined;
+  /** Whether send takes LOADs (capability LOAD_REPORT), and the timer that sends them while the stream flows. */
+  private loadReports = false;
+  private loadTimer: NodeJS.Timeout | undefined;
 
   /** `session`: the handshake already made by whoever accepted the connection (receive-service.ts). */
   constructor(
@@ -135,6 +166,7 @@ export class LinkReceiveCodec implements ChannelCodec {
       refuseLink(source, ERROR_CODE.DESTINATION, reason);
       throw new ToldPeerError(reason);
     }
+    this.loadReports = session.capabilities.includes(CAPABILITY.LOAD_REPORT);
     const disk = this.options.disk;
     this.reassembler = new RefReassembler({
       windowBytes: session.windowBytes,
@@ -159,17 +191,40 @@ export class LinkReceiveCodec implements ChannelCodec {
     const reassembler = this.reassembler;
     if (!reassembler) throw new LinkError("unexpected-message", "link data before the handshake");
     const messages = this.decoder.push(chunk);
+    if (this.loadTimer && messages.some((m) => m.type === MSG.EOF)) this.stopLoadReports();
     const error = messages.find((m) => m.type === MSG.ERROR);
     if (error && error.type === MSG.ERROR)
       throw new LinkError("peer-error", `send aborted the migration: ${error.message} (code ${error.code})`);
     return codecOutput(reassembler.push(messages));
   }
 
+  async open({ upstream }: { source: Socket; upstream: Socket }): Promise<void> {
+    this.destination = upstream;
+  }
+
   attach(outlet: CodecOutlet): void {
     this.outlet = outlet;
+    if (!this.loadReports) return;
+    // link/protocol.ts "Load reports": until send's EOF (no more stream to weigh) or the channel's close.
+    const busy = new EventLoopBusy();
+    this.loadTimer = setInterval(() => {
+      const load = {
+        type: MSG.LOAD,
+        busyPermille: busy.sample(),
+        destinationQueuedBytes: this.destination?.writableLength ?? 0,
+      } as const;
+      outlet.emit({ toSource: [encodeMessage(load)] });
+    }, LOAD_REPORT_INTERVAL_MS);
+    this.loadTimer.unref();
+  }
+
+  private stopLoadReports(): void {
+    clearInterval(this.loadTimer);
+    this.loadTimer = undefined;
   }
 
   sourceEnded(): CodecOutput {
+    this.stopLoadReports();
     this.decoder.end();
     // send half-closes only after its EOF and the last ACK: by then everything reached QEMU, or (a send that
     // did not wait for the ACK) waits only for reads in flight, which end the stream through the outlet.
@@ -179,6 +234,7 @@ export class LinkReceiveCodec implements ChannelCodec {
   }
 
   closed(): void {
+    this.stopLoadReports();
     this.reassembler?.close();
   }
 

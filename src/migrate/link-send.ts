@@ -16,6 +16,7 @@ import {
   ERROR_CODE,
   encodeBytesFrames,
   encodeMessage,
+  LOAD_REPORT_INTERVAL_MS,
   MAX_ZERO_PAGES,
   MSG,
   PAGE_BYTES,
@@ -37,7 +38,8 @@ export const REF_SECTOR_BYTES = 512;
 
 /**
  * When clean cache pages go as references: "always", or "link-busy" (the default): only while the link is what
- * holds the migration back. A reference costs the pipeline more than a whole page: send hashes the page (SHA-256)
+ * holds the migration back (bytes queue for it, it drains slowly, and receive says it is not itself the slow one:
+ * {@link RECEIVE_BUSY_PERMILLE}). A reference costs the pipeline more than a whole page: send hashes the page (SHA-256)
  * and places it on the disk, receive reads the disk and hashes it again. Measured on the lab's 2-core host
  * (bench:send-cpu, CPU profiles of send and receive in issue 12's notes): about 14 µs more of send's CPU and 10 µs
  * more of receive's per reference, ~24 µs, while a 1 Gbit/s link carries 4 KiB in 33 µs and a 10 Gbit/s one in
@@ -66,6 +68,16 @@ const REFS_WHEN_QUEUED_SHARE_OF_BOUND = 0.25;
  */
 export const REFS_PAY_BELOW_BYTES_PER_SECOND = 170_000_000;
 
+/**
+ * "link-busy", with a receive that reports its load (link/protocol.ts "Load reports"): bytes queue for the link
+ * but receive's event loop was busy at least this share of its last interval (per mille), so receive, not the
+ * network, drains the link: a reference would only add receive's disk read and hash to what holds the migration
+ * back. Whole pages then. Below it receive has room, waits on the link, and references pay.
+ */
+export const RECEIVE_BUSY_PERMILLE = 800;
+/** A LOAD older than this many report intervals no longer says anything (receive stopped, or is stalled). */
+const LOAD_FRESH_INTERVALS = 3;
+
 function describeRefs(refs: RefsAccepted): string {
   if (refs.index && refs.filesystem) return "references on (disk blocks and filesystem places)";
   if (refs.index) return "references on (disk blocks only: receive is older than link 1.2)";
@@ -92,6 +104,8 @@ export interface LinkSendOptions {
   refsPayBelowBytesPerSecond?: number;
   /** "link-busy": the relay's current bound on what a channel may queue (Relay.maxBufferedBytes). */
   queueBoundBytes?: () => number;
+  /** "link-busy": how long receive's LOAD counts (default LOAD_FRESH_INTERVALS report intervals). */
+  loadFreshMs?: number;
   log?: (line: string) => void;
 }
 
@@ -115,6 +129,11 @@ export class LinkSendCodec implements ChannelCodec {
   private upstream: Socket | undefined;
   /** How fast this channel's link drains while bytes queue for it ("link-busy"). */
   private readonly linkRate = new LinkRateMeter();
+  /** receive's last LOAD on this connection, with when it arrived (performance.now()). */
+  private receiveLoad: { busyPermille: number; destinationQueuedBytes: number; atMs: number } | undefined;
+  /** receive's LOADs, and those that said receive, not the link, was what drained slowly (whole pages then). */
+  loadReports = 0;
+  receiveBusyReports = 0;
   private sentEof = false;
   private receivedEof = false;
   private paused = false;
@@ -137,6 +156,7 @@ export class LinkSendCodec implements ChannelCodec {
           CAPABILITY.REF_FS_SHA256,
           CAPABILITY.REF_FS_BARE,
           CAPABILITY.ZERO_FILL,
+          CAPABILITY.LOAD_REPORT,
         ],
         ...(this.options.claim ? { claim: { ...this.options.claim, channel: this.index } } : {}),
       });
@@ -217,6 +237,15 @@ export class LinkSendCodec implements ChannelCodec {
           );
           break;
         }
+        case MSG.LOAD:
+          this.receiveLoad = {
+            busyPermille: m.busyPermille,
+            destinationQueuedBytes: m.destinationQueuedBytes,
+            atMs: performance.now(),
+          };
+          this.loadReports++;
+          if (this.receiveBusy(this.receiveLoad.atMs)) this.receiveBusyReports++;
+          break;
         case MSG.EOF:
           this.receivedEof = true;
           endSource = true;
@@ -237,6 +266,13 @@ export class LinkSendCodec implements ChannelCodec {
   upstreamEnded(): CodecOutput {
     if (!this.receivedEof) throw new LinkError("closed", "receive closed the link before its EOF");
     return { endSource: true };
+  }
+
+  closed(): void {
+    if (this.receiveBusyReports > 0 && this.refsWhileLinkHasRoom !== this.refsAllowed)
+      this.options.log?.(
+        `link #${this.index}: receive reported itself busy in ${this.receiveBusyReports} of ${this.loadReports} load reports; cache pages went whole meanwhile`,
+      );
   }
 
   /** The source QEMU's connection failed: receive hears why (ERROR), and resets the destination QEMU's. */
@@ -274,12 +310,25 @@ export class LinkSendCodec implements ChannelCodec {
       bound === undefined
         ? REFS_WHEN_QUEUED_BYTES
         : Math.min(REFS_WHEN_QUEUED_BYTES, bound * REFS_WHEN_QUEUED_SHARE_OF_BOUND);
-    if (queuedBytes < busyAt) return this.refsWhileLinkHasRoom;
+    if (queuedBytes < busyAt || this.receiveBusy(performance.now())) return this.refsWhileLinkHasRoom;
     const rate = this.linkRate.bytesPerSecond;
     return rate !== undefined &&
       rate > (this.options.refsPayBelowBytesPerSecond ?? REFS_PAY_BELOW_BYTES_PER_SECOND)
       ? this.refsWhileLinkHasRoom
       : this.refsAllowed;
+  }
+
+  /**
+   * Whether receive's latest fresh LOAD says it is what drains slowly: its event loop busy, or bytes backed up
+   * towards a destination QEMU that reads slowly. Without LOADs (an older receive): false.
+   */
+  private receiveBusy(nowMs: number): boolean {
+    const load = this.receiveLoad;
+    const freshMs = this.options.loadFreshMs ?? LOAD_FRESH_INTERVALS * LOAD_REPORT_INTERVAL_MS;
+    if (!load || nowMs - load.atMs > freshMs) return false;
+    return (
+      load.busyPermille >= RECEIVE_BUSY_PERMILLE || load.destinationQueuedBytes >= REFS_WHEN_QUEUED_BYTES
+    );
   }
 
   /** send half-closes the link after its EOF, once every REF is settled (a NACK may still need an answer). */

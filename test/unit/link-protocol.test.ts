@@ -85,6 +85,7 @@ const samples: Message[] = [
   { type: MSG.RETURN, bytes: Buffer.from([0, 3, 0, 4, 1, 2, 3, 4]) },
   { type: MSG.NACK, refId: 7, reason: NACK_REASON.UNVERIFIED },
   { type: MSG.ACK, refId: 6 },
+  { type: MSG.LOAD, busyPermille: 1000, destinationQueuedBytes: 3 * 1024 * 1024 },
   { type: MSG.EOF },
   {
     type: MSG.ERROR,
@@ -317,4 +318,28 @@ test("ZEROS: 1 to MAX_ZERO_PAGES pages (no more than a DATA frame's bytes); 0 or
     frame.writeUInt32BE(pages, FRAME_HEADER_BYTES);
     expectLinkError(() => new LinkDecoder().push(frame), "bad-payload", 0);
   }
+});
+
+test("LOAD: busyPermille 0..1000 and a queue that fits be32; out of range is refused both ways", () => {
+  assert.throws(
+    () => encodeMessage({ type: MSG.LOAD, busyPermille: 1001, destinationQueuedBytes: 0 }),
+    RangeError,
+  );
+  assert.throws(
+    () => encodeMessage({ type: MSG.LOAD, busyPermille: -1, destinationQueuedBytes: 0 }),
+    RangeError,
+  );
+  assert.throws(
+    () => encodeMessage({ type: MSG.LOAD, busyPermille: 5, destinationQueuedBytes: -1 }),
+    RangeError,
+  );
+  // A queue beyond be32 is sent as the largest value, not wrapped.
+  const [big] = new LinkDecoder().push(
+    encodeMessage({ type: MSG.LOAD, busyPermille: 5, destinationQueuedBytes: 2 ** 40 }),
+  );
+  assert.deepEqual(big, { type: MSG.LOAD, busyPermille: 5, destinationQueuedBytes: 0xffffffff });
+  const frame = encodeMessage({ type: MSG.LOAD, busyPermille: 0, destinationQueuedBytes: 0 });
+  frame.writeUInt16BE(1001, FRAME_HEADER_BYTES);
+  expectLinkError(() => new LinkDecoder().push(frame), "bad-payload", 0);
+  assert.equal(CAPABILITY.LOAD_REPORT, "load-report");
 });

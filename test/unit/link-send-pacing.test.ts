@@ -12,7 +12,7 @@ import { connect, createServer, Socket } from "node:net";
 import { type TestContext, test } from "node:test";
 import { CATEGORY } from "../../src/introspect/classifier.ts";
 import { serverHandshake } from "../../src/link/handshake.ts";
-import { CAPABILITY } from "../../src/link/protocol.ts";
+import { CAPABILITY, encodeMessage, type Load, MSG } from "../../src/link/protocol.ts";
 import { LinkSendCodec, REFS_WHEN_QUEUED_BYTES, type RefsWhen } from "../../src/migrate/link-send.ts";
 import type { PageJudge } from "../../src/prune/page-judge.ts";
 import { PruningProcessor } from "../../src/prune/pruning-processor.ts";
@@ -61,18 +61,40 @@ function cacheProcessor(): PruningProcessor {
   return new PruningProcessor(judge, { drop: ["free", "cache"], cacheIndex });
 }
 
+/** What a receive says in its LOADs (link "Load reports"), sent every LOAD_EVERY_MS after the handshake. */
+type ReceiveLoad = Omit<Load, "type">;
+const LOAD_EVERY_MS = 20;
+
 /**
  * A receive that completes the handshake and then reads nothing (or, with `readEveryMs`, 4 KiB that often):
- * bytes queue on send's side once the kernel's buffers are full.
+ * bytes queue on send's side once the kernel's buffers are full. With `load`, it offers load reports and sends
+ * that LOAD over and over.
  */
-async function stalledReceive(t: TestContext, psk: Buffer, readEveryMs?: number): Promise<Socket> {
+async function stalledReceive(
+  t: TestContext,
+  psk: Buffer,
+  readEveryMs?: number,
+  load?: ReceiveLoad,
+): Promise<Socket> {
   const server = createServer((socket) => {
     socket.on("error", () => {});
     void serverHandshake(socket, {
       psk,
-      capabilities: [CAPABILITY.REF_SHA256, CAPABILITY.REF_FS_SHA256, CAPABILITY.ZERO_FILL],
+      capabilities: [
+        CAPABILITY.REF_SHA256,
+        CAPABILITY.REF_FS_SHA256,
+        CAPABILITY.ZERO_FILL,
+        ...(load ? [CAPABILITY.LOAD_REPORT] : []),
+      ],
     }).then(() => {
       socket.pause();
+      if (load) {
+        const loads = setInterval(
+          () => socket.write(encodeMessage({ type: MSG.LOAD, ...load })),
+          LOAD_EVERY_MS,
+        );
+        t.after(() => clearInterval(loads));
+      }
       if (readEveryMs === undefined) return;
       const timer = setInterval(() => socket.read(4096), readEveryMs);
       t.after(() => clearInterval(timer));
@@ -96,9 +118,10 @@ async function migrate(
   refsWhen: RefsWhen | undefined,
   slow?: { readEveryMs: number; waitMs: number; refsPayBelowBytesPerSecond: number },
   queueBoundBytes?: number,
+  load?: ReceiveLoad,
 ): Promise<{ processor: PruningProcessor; queuedAtFirstRef: number | null; wholeAfterRefs: number }> {
   const psk = randomBytes(32);
-  const upstream = await stalledReceive(t, psk, slow?.readEveryMs);
+  const upstream = await stalledReceive(t, psk, slow?.readEveryMs, load);
   const processor = cacheProcessor();
   const codec = new LinkSendCodec(0, {
     psk,
@@ -106,8 +129,16 @@ async function migrate(
     ...(refsWhen ? { refsWhen } : {}),
     ...(slow ? { refsPayBelowBytesPerSecond: slow.refsPayBelowBytesPerSecond } : {}),
     ...(queueBoundBytes ? { queueBoundBytes: () => queueBoundBytes } : {}),
+    // A loaded test host may stall longer than the default freshness between two LOADs.
+    loadFreshMs: 60_000,
   });
   await codec.open({ source: new Socket(), upstream });
+  if (load) {
+    // receive's answers go to the codec, as the relay hands them over; start once the first LOAD arrived.
+    upstream.on("data", (chunk: Buffer) => codec.fromUpstream(chunk));
+    upstream.resume();
+    while (codec.loadReports === 0) await new Promise((resolve) => setTimeout(resolve, LOAD_EVERY_MS));
+  }
   let queuedAtFirstRef: number | null = null;
   let wholeAfterRefs = 0;
   for (const chunk of streamChunks()) {
@@ -174,6 +205,28 @@ test("link-busy: a backed-up link measured faster than references pay for gets w
   assert.ok(wholeAfterRefs > 0, "whole pages with bytes queued, once the link measured fast");
   assert.equal(r.cacheWhole + r.refs, PAGES);
 });
+
+for (const { name, load, refs } of [
+  { name: "its event loop busy", load: { busyPermille: 900, destinationQueuedBytes: 0 }, refs: false },
+  {
+    name: "bytes backed up towards its QEMU",
+    load: { busyPermille: 100, destinationQueuedBytes: 4 * 1024 * 1024 },
+    refs: false,
+  },
+  { name: "room (waiting on the link)", load: { busyPermille: 100, destinationQueuedBytes: 0 }, refs: true },
+]) {
+  test(`link-busy: a backed-up link whose receive reports ${name} gets ${refs ? "references" : "whole pages"}`, async (t) => {
+    const { processor, queuedAtFirstRef } = await migrate(t, undefined, undefined, undefined, load);
+    const r = processor.report();
+    t.diagnostic(
+      `${r.cacheWhole} whole, ${r.refs} references; first reference at ${queuedAtFirstRef} B queued`,
+    );
+    assert.equal(r.cacheWhole + r.refs, PAGES);
+    if (refs)
+      assert.ok(r.refs > 0 && queuedAtFirstRef !== null && queuedAtFirstRef >= REFS_WHEN_QUEUED_BYTES);
+    else assert.equal(r.refs, 0, "no reference while receive said it was what drained slowly");
+  });
+}
 
 test("always: every cache page on the disk goes as a reference, from the first", async (t) => {
   const { processor, queuedAtFirstRef } = await migrate(t, "always");
