@@ -25,6 +25,8 @@ export interface SendResult {
   stderr: string;
 }
 
+const CHILD_LOGS = process.env.VMPRUNE_CHILD_LOGS === "1";
+
 export class SendProcess {
   private constructor(
     private readonly child: ChildProcess,
@@ -114,6 +116,8 @@ export class SendProcess {
     const listening = new Promise<Endpoint>((resolve, reject) => {
       child.stderr?.setEncoding("utf8").on("data", (d: string) => {
         stderr += d;
+        // VMPRUNE_CHILD_LOGS=1: the process's log also goes to ours as it comes (with VMPRUNE_GUARD_TRACE=1, say).
+        if (CHILD_LOGS) process.stderr.write(d.replace(/^(?=.)/gm, `[${command} ${pid}] `));
         const m =
           /(?:vmprune (?:send|receive)|receive service): listening on (unix:\S+?|[\d.]+:\d+)[,;]/.exec(
             stderr,
