@@ -331,7 +331,8 @@ class Channel {
     source.on("error", (error) => this.#onError("source", error));
     source.on("close", () => {
       this.#sourceClosed = true;
-      if (!closedCleanly(source) && this.#upstream && !this.#endPassedOn("source")) this.#upstream.destroy();
+      if (!closedCleanly(source) && this.#upstream && !this.#endPassedOn("source"))
+        this.#cutOther("source", this.#upstream, "destroy");
       this.#checkClosed();
     });
   }
@@ -379,7 +380,8 @@ class Channel {
       upstream.on("close", () => {
         resolve(); // destroyed while connecting
         this.#upstreamState = "closed";
-        if (!closedCleanly(upstream) && !this.#endPassedOn("destination")) source.destroy();
+        if (!closedCleanly(upstream) && !this.#endPassedOn("destination"))
+          this.#cutOther("destination", source, "destroy");
         this.#checkClosed();
       });
     });
@@ -567,6 +569,10 @@ class Channel {
       );
       return;
     }
+    if (this.#endFramedOnOther(side)) {
+      this.#cutOther(side, side === "source" ? this.#upstream : this.#source, "reset", error);
+      return;
+    }
     this.#end(`${side} error: ${errorCode(error)}`);
     this.errors.push(`${side} side of channel #${this.index}: ${error.message}`);
     this.ctx.log(`relay #${this.index}: ${side} error: ${error.message}`);
@@ -580,6 +586,40 @@ class Channel {
     for (const chunk of told) other.write(chunk);
     other.end();
     setTimeout(() => reset(other), TOLD_FAILURE_LINGER_MS).unref();
+  }
+
+  /**
+   * `side`'s peer ended its stream and the codec already passed that end on, framed, to the other side (the link's
+   * EOF: a codec that tells failures, ChannelCodec.sideFailed, frames its ends too), which is now half-closed; but
+   * bytes still went to `side` after its end, and `side` then closed uncleanly (a QEMU closing a multifd channel
+   * with its last bytes unread, once the migration is done). The other peer has its end, and a reset of the other
+   * side now would only destroy that end still queued for it (issue 11, leg 3: send then failed a migration QEMU
+   * had completed, "receive closed the link before its EOF").
+   */
+  #endFramedOnOther(side: ChannelSide): boolean {
+    const from = side === "source" ? this.#source : this.#upstream;
+    const to = side === "source" ? this.#upstream : this.#source;
+    if (this.codec.sideFailed === undefined || !from?.readableEnded || !to) return false;
+    return to.writableEnded && !to.destroyed;
+  }
+
+  /**
+   * `side` closed uncleanly: cut the other side (`how`), unless its end already went to it framed
+   * (#endFramedOnOther): then it drains what it holds and closes on its own, reset only if it has not after
+   * TOLD_FAILURE_LINGER_MS.
+   */
+  #cutOther(side: ChannelSide, other: Socket | undefined, how: "reset" | "destroy", error?: Error): void {
+    if (!other) return;
+    if (this.#endFramedOnOther(side)) {
+      this.ctx.log(
+        `relay #${this.index}: ${side} ${error ? errorCode(error) : "closed"} after its end, with bytes sent to it ` +
+          "after that end unread; its end had already gone on, framed: the other side drains and closes",
+      );
+      setTimeout(() => reset(other), TOLD_FAILURE_LINGER_MS).unref();
+      return;
+    }
+    if (how === "reset") reset(other);
+    else other.destroy();
   }
 
   /**
