@@ -195,7 +195,9 @@ export function renderPruneLines(p: PruneReport): string[] {
   if (p.refs || p.cacheMisses || p.cacheWhole)
     lines.push(
       `cache pages: ${p.refs} sent as references to the shared disk, ${p.cacheMisses} not found there (sent whole)` +
-        (p.cacheWhole ? `, ${p.cacheWhole} sent whole while the link was not what held the migration back (--refs-when link-busy)` : ""),
+        (p.cacheWhole
+          ? `, ${p.cacheWhole} sent whole while the link was not what held the migration back (--refs-when link-busy)`
+          : ""),
     );
   if (p.degraded) lines.push(`pruning off: ${p.degraded}`);
   if (p.multifd) lines.push(...renderMultifdLines(p.multifd, dry));
