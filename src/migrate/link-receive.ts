@@ -243,6 +243,8 @@ export class LinkReceiveCodec implements ChannelCodec {
   }
 
   upstreamEnded(): CodecOutput {
+    // The destination is done: nothing more to weigh, and the link's write side ends with this EOF.
+    this.stopLoadReports();
     return { toSource: [encodeMessage({ type: MSG.EOF })], endSource: true };
   }
 

@@ -111,7 +111,12 @@ test("a destination that resets after its end: receive's EOF still reaches send,
   const ended = once(link, "end").then(() => "end");
   const closed = once(link, "close").then(() => "close");
   link.resume();
-  const how = await Promise.race([ended, closed, sleep(8_000).then(() => "timeout")]);
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<string>((resolve) => {
+    timer = setTimeout(() => resolve("timeout"), 8_000);
+  });
+  const how = await Promise.race([ended, closed, timeout]);
+  clearTimeout(timer);
   t.diagnostic(`${returned} return bytes, EOF ${eof}, link ${how}${linkError ? ` (${linkError})` : ""}`);
   assert.equal(returned, RETURN_BYTES, "every return-path byte reached send");
   assert.ok(eof, "receive's EOF reached send");
