@@ -43,6 +43,8 @@ const TRACE = process.env.VMPRUNE_GUARD_TRACE === "1";
 export const GUARD_INTERVAL_MS = 100;
 /** A higher rate is passed on only if it is this much above the one QEMU has (fewer QMP calls). */
 const RATE_CHANGE = 0.1;
+/** downtime-limit mode: a limit within this share of the one QEMU has (or 1 ms) is left as it is. */
+const LIMIT_JITTER = 0.02;
 /**
  * The share of the downtime budget (r·L) the relay may hold as read-ahead near the end; the rest is QEMU's. The
  * guest's pause is what QEMU still has to send when it stops (at most its share) plus what the relay holds then
@@ -238,7 +240,9 @@ export class SwitchoverGuard {
       this.operatorLimit,
       Math.max(1, Math.floor((this.operatorLimit * rate) / qemuRate)),
     );
-    if (want === current) return;
+    // A want that only jitters with QEMU's rate (a ms or two) is not written: every write is a read-modify-write
+    // an operator's own change on another monitor can fall into (two suites saw their new limit lost that way).
+    if (current !== undefined && Math.abs(want - current) <= Math.max(1, current * LIMIT_JITTER)) return;
     // Read-modify-write against an operator on another monitor: the limit read at the start of the tick may have
     // been changed since (two QMP round trips ago, longer on a busy host). Check again right before writing, so
     // that a limit the operator just set is adopted, not overwritten with one scaled from the old limit.

@@ -217,19 +217,11 @@ test("QEMU 7.2: downtime-limit scaled by link rate / QEMU's fastest rate while a
     );
     const limit = lowered["downtime-limit"] ?? 0;
     assert.ok(limit >= 30 && limit <= 150, `about 300 / 4 ms, got ${limit}`);
-    // The operator sets another limit meanwhile: the guard scales that one, and restores it. QEMU 7.2's window
-    // rate is about MAX_BANDWIDTH, but a suite once saw it at 3.4x that (the guard then gave 74 ms): the range
-    // follows QEMU's rate as QMP reports it at each poll, from a third of 1000 x link / QEMU's rate up to 500 ms.
+    // The operator sets another limit meanwhile: the guard scales that one, and restores it.
     await pair.src.monitor.execute("migrate-set-parameters", { "downtime-limit": 1000 });
     await until(
-      async () => ({
-        limit: (await parameters(pair.src.monitor))["downtime-limit"] ?? 0,
-        qemuRate: Math.max(
-          MAX_BANDWIDTH,
-          (((await pair.src.monitor.execute("query-migrate")).ram?.mbps ?? 0) * 1e6) / 8,
-        ),
-      }),
-      ({ limit, qemuRate }) => limit >= (1000 * (MAX_BANDWIDTH / 4)) / qemuRate / 3 && limit <= 500,
+      () => parameters(pair.src.monitor),
+      (p) => (p["downtime-limit"] ?? 0) >= 100 && (p["downtime-limit"] ?? 0) <= 500,
       "the operator's 1000 ms scaled",
     );
     // Once the relay was fed 4x faster than QEMU's last window (a free stretch), that rate counts: 1000 / 16.
