@@ -129,8 +129,8 @@ export class LinkSendCodec implements ChannelCodec {
   private upstream: Socket | undefined;
   /** How fast this channel's link drains while bytes queue for it ("link-busy"). */
   private readonly linkRate = new LinkRateMeter();
-  /** receive's last LOAD on this connection, with when it arrived (performance.now()). */
-  private receiveLoad: { busyPermille: number; destinationQueuedBytes: number; atMs: number } | undefined;
+  /** Until when (performance.now()) receive's last LOAD says it is the slow end; 0: it does not. */
+  private receiveBusyUntilMs = 0;
   /** receive's LOADs, and those that said receive, not the link, was what drained slowly (whole pages then). */
   loadReports = 0;
   receiveBusyReports = 0;
@@ -237,15 +237,16 @@ export class LinkSendCodec implements ChannelCodec {
           );
           break;
         }
-        case MSG.LOAD:
-          this.receiveLoad = {
-            busyPermille: m.busyPermille,
-            destinationQueuedBytes: m.destinationQueuedBytes,
-            atMs: performance.now(),
-          };
+        case MSG.LOAD: {
+          // receive is the slow end while its event loop is busy, or bytes back up towards a slow QEMU.
+          const busy =
+            m.busyPermille >= RECEIVE_BUSY_PERMILLE || m.destinationQueuedBytes >= REFS_WHEN_QUEUED_BYTES;
+          const freshMs = this.options.loadFreshMs ?? LOAD_FRESH_INTERVALS * LOAD_REPORT_INTERVAL_MS;
+          this.receiveBusyUntilMs = busy ? performance.now() + freshMs : 0;
           this.loadReports++;
-          if (this.receiveBusy(this.receiveLoad.atMs)) this.receiveBusyReports++;
+          if (busy) this.receiveBusyReports++;
           break;
+        }
         case MSG.EOF:
           this.receivedEof = true;
           endSource = true;
@@ -310,25 +311,12 @@ export class LinkSendCodec implements ChannelCodec {
       bound === undefined
         ? REFS_WHEN_QUEUED_BYTES
         : Math.min(REFS_WHEN_QUEUED_BYTES, bound * REFS_WHEN_QUEUED_SHARE_OF_BOUND);
-    if (queuedBytes < busyAt || this.receiveBusy(performance.now())) return this.refsWhileLinkHasRoom;
+    if (queuedBytes < busyAt || performance.now() < this.receiveBusyUntilMs) return this.refsWhileLinkHasRoom;
     const rate = this.linkRate.bytesPerSecond;
     return rate !== undefined &&
       rate > (this.options.refsPayBelowBytesPerSecond ?? REFS_PAY_BELOW_BYTES_PER_SECOND)
       ? this.refsWhileLinkHasRoom
       : this.refsAllowed;
-  }
-
-  /**
-   * Whether receive's latest fresh LOAD says it is what drains slowly: its event loop busy, or bytes backed up
-   * towards a destination QEMU that reads slowly. Without LOADs (an older receive): false.
-   */
-  private receiveBusy(nowMs: number): boolean {
-    const load = this.receiveLoad;
-    const freshMs = this.options.loadFreshMs ?? LOAD_FRESH_INTERVALS * LOAD_REPORT_INTERVAL_MS;
-    if (!load || nowMs - load.atMs > freshMs) return false;
-    return (
-      load.busyPermille >= RECEIVE_BUSY_PERMILLE || load.destinationQueuedBytes >= REFS_WHEN_QUEUED_BYTES
-    );
   }
 
   /** send half-closes the link after its EOF, once every REF is settled (a NACK may still need an answer). */

@@ -332,7 +332,7 @@ class Channel {
     source.on("close", () => {
       this.#sourceClosed = true;
       if (!closedCleanly(source) && this.#upstream && !this.#endPassedOn("source"))
-        this.#cutOther("source", this.#upstream, "destroy");
+        this.#cutOther("source", this.#upstream);
       this.#checkClosed();
     });
   }
@@ -381,7 +381,7 @@ class Channel {
         resolve(); // destroyed while connecting
         this.#upstreamState = "closed";
         if (!closedCleanly(upstream) && !this.#endPassedOn("destination"))
-          this.#cutOther("destination", source, "destroy");
+          this.#cutOther("destination", source);
         this.#checkClosed();
       });
     });
@@ -569,14 +569,14 @@ class Channel {
       );
       return;
     }
-    if (this.#endFramedOnOther(side)) {
-      this.#cutOther(side, side === "source" ? this.#upstream : this.#source, "reset", error);
+    const other = side === "source" ? this.#upstream : this.#source;
+    if (other && this.#endFramedOnOther(side)) {
+      this.#letOtherDrain(side, other, error);
       return;
     }
     this.#end(`${side} error: ${errorCode(error)}`);
     this.errors.push(`${side} side of channel #${this.index}: ${error.message}`);
     this.ctx.log(`relay #${this.index}: ${side} error: ${error.message}`);
-    const other = side === "source" ? this.#upstream : this.#source;
     if (!other) return;
     const told = other.destroyed || other.writableEnded ? undefined : this.codec.sideFailed?.(side, error);
     if (!told) {
@@ -604,22 +604,22 @@ class Channel {
   }
 
   /**
-   * `side` closed uncleanly: cut the other side (`how`), unless its end already went to it framed
+   * `side` closed uncleanly: destroy the other side, unless its end already went to it framed
    * (#endFramedOnOther): then it drains what it holds and closes on its own, reset only if it has not after
    * TOLD_FAILURE_LINGER_MS.
    */
-  #cutOther(side: ChannelSide, other: Socket | undefined, how: "reset" | "destroy", error?: Error): void {
-    if (!other) return;
-    if (this.#endFramedOnOther(side)) {
-      this.ctx.log(
-        `relay #${this.index}: ${side} ${error ? errorCode(error) : "closed"} after its end, with bytes sent to it ` +
-          "after that end unread; its end had already gone on, framed: the other side drains and closes",
-      );
-      setTimeout(() => reset(other), TOLD_FAILURE_LINGER_MS).unref();
-      return;
-    }
-    if (how === "reset") reset(other);
+  #cutOther(side: ChannelSide, other: Socket): void {
+    if (this.#endFramedOnOther(side)) this.#letOtherDrain(side, other);
     else other.destroy();
+  }
+
+  /** #endFramedOnOther holds: the other side drains and closes on its own, reset after TOLD_FAILURE_LINGER_MS. */
+  #letOtherDrain(side: ChannelSide, other: Socket, error?: Error): void {
+    this.ctx.log(
+      `relay #${this.index}: ${side} ${error ? errorCode(error) : "closed"} after its end, with bytes sent to it ` +
+        "after that end unread; its end had already gone on, framed: the other side drains and closes",
+    );
+    setTimeout(() => reset(other), TOLD_FAILURE_LINGER_MS).unref();
   }
 
   /**
