@@ -60,7 +60,8 @@
  * and link bytes within 10% of the ideal everywhere; mixed and cache-heavy: vmprune free+cache resumes within
  * 1.2 x the floor; idle-after-work: vmprune resumes 75% sooner than plain and sends 92% fewer bytes; anon:
  * vmprune resumes at most 3% later than plain. After each migration the destination must run and pass `verify`.
- * With VMPRUNE_BENCH_TRACE=1 in the environment, each migration also logs the link's use every 50 ms.
+ * With VMPRUNE_BENCH_TRACE=1 in the environment, each migration also logs the link's use every 50 ms, and vmprune
+ * rows send's judging (pages, batches, time in the judge, references).
  *
  * Logs go to stderr; stdout gets the table, or with --json the figures.
  */
@@ -414,6 +415,10 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
     const pauseMs = pause.resumedAtMs - pause.stoppedAtMs;
     const toResumeMs = (result.info["total-time"] ?? result.wallMs) - (result.info.downtime ?? 0) + pauseMs;
     if (trace) log(trace.stop(startedAtMs, pause));
+    if (trace && prune)
+      log(
+        `  send's pruning: ${prune.pages.seen} pages seen, ${prune.batches} batches judged in ${Math.round(prune.judgeMs)} ms, ${prune.refs} references, ${prune.cacheWhole} cache pages whole`,
+      );
     // The samples count from before the row's setup (destination, send's preparation); the report's plots count
     // from `migrate`, as the time to resume does: when it was, from the RESUME back by the time to resume.
     const migrateAtMs = pause.resumedAtMs - startedAtMs - toResumeMs;

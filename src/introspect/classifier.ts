@@ -81,6 +81,11 @@ interface HeadVerdict {
   pages: number;
 }
 
+/** A verdict for `pages` pages (a plain function, not a closure per page: headVerdict runs for every page). */
+function covering(category: number, attributes: number, pages: number): HeadVerdict {
+  return { category, attributes, pages };
+}
+
 export class PageClassifier {
   /** Each flag's bit in the low word of page->flags (0 for a flag this kernel lacks or keeps above bit 31). */
   private readonly bit: Record<PageFlag, number>;
@@ -184,13 +189,16 @@ export class PageClassifier {
 
   /**
    * Whether the page at `pfn` could be the tail of a free buddy block, judged from its own struct page: no flags,
-   * no references, no page type, no mapping. Only such a page needs the search for a buddy head below it.
+   * no references, no page type, no mapping, and not the tail of a compound page (freeing a compound clears its
+   * tails' compound_head, free_tail_page_prepare in mm/page_alloc.c). Only such a page needs the search for a
+   * buddy head below it.
    */
   mayBeInsideFreeBlock(pfn: number, firstPfn: number, pages: Buffer): boolean {
     const at = (pfn - firstPfn) * this.size;
     const off = this.off;
     return (
       (pages.readUInt32LE(at + off.flags) & this.layout.flagsMask) === 0 &&
+      (pages.readUInt32LE(at + off.tail) & 1) === 0 &&
       pages.readInt32LE(at + off.refcount) === 0 &&
       pages.readInt32LE(at + off.mapcount) === -1 &&
       pages.readUInt32LE(at + off.mapping) === 0 &&
@@ -266,7 +274,6 @@ export class PageClassifier {
       const order = buf[at + p.compoundOrderOffset] ?? 0;
       if (order >= 1 && order <= MAX_COMPOUND_ORDER && pfn % 2 ** order === 0) pages = 2 ** order;
     }
-    const verdict = (category: number, attributes = 0): HeadVerdict => ({ category, attributes, pages });
 
     if (type === "buddy") {
       // The buddy order lives in page->private (set_buddy_order, mm/page_alloc.c).
@@ -274,12 +281,12 @@ export class PageClassifier {
       if (order < 0 || pfn % 2 ** order !== 0) return { category: CATEGORY.unknown, attributes: 0, pages: 1 };
       return { category: CATEGORY.free, attributes: ATTR.buddy, pages: 2 ** order };
     }
-    if (type === "offline" || type === "unaccepted") return verdict(CATEGORY.free);
-    if (type === "slab" || type === "other") return verdict(CATEGORY.kernel);
-    if ((flagsLo & this.bit.slab) !== 0) return verdict(CATEGORY.kernel);
+    if (type === "offline" || type === "unaccepted") return covering(CATEGORY.free, 0, pages);
+    if (type === "slab" || type === "other") return covering(CATEGORY.kernel, 0, pages);
+    if ((flagsLo & this.bit.slab) !== 0) return covering(CATEGORY.kernel, 0, pages);
     if (type === "hugetlb" || (isHead && this.isHugetlbHead(buf, at)))
-      return verdict(refcount === 0 ? CATEGORY.free : CATEGORY.anonymous);
-    if ((flagsLo & this.bit.reserved) !== 0) return verdict(CATEGORY.kernel);
+      return covering(refcount === 0 ? CATEGORY.free : CATEGORY.anonymous, 0, pages);
+    if ((flagsLo & this.bit.reserved) !== 0) return covering(CATEGORY.kernel, 0, pages);
 
     const mapped = this.isMapped(buf, at, mapcountWord, isHead && pages > 1);
     let attributes = mapped ? ATTR.mapped : 0;
@@ -290,9 +297,9 @@ export class PageClassifier {
     const mappingLow = mappingLo & 3;
     const hasMapping = mappingLo !== 0 || mappingHi !== 0;
     if (hasMapping && (mappingLow & PAGE_MAPPING_ANON) === PAGE_MAPPING_ANON)
-      return verdict(CATEGORY.anonymous, attributes); // anon, KSM
+      return covering(CATEGORY.anonymous, attributes, pages); // anon, KSM
     if (hasMapping && mappingLow === 0) {
-      if ((flagsLo & this.bit.swapbacked) !== 0) return verdict(CATEGORY.shmem, attributes);
+      if ((flagsLo & this.bit.swapbacked) !== 0) return covering(CATEGORY.shmem, attributes, pages);
       // Without the flags that tell a clean page (no BTF), no file page is called droppable.
       const droppable =
         this.cacheOn &&
@@ -304,16 +311,16 @@ export class PageClassifier {
         (flagsLo & this.bit.private2) === 0 &&
         (flagsLo & this.bit.swapcache) === 0 &&
         !mapped;
-      return verdict(droppable ? CATEGORY.cache : CATEGORY.inode, attributes);
+      return covering(droppable ? CATEGORY.cache : CATEGORY.inode, attributes, pages);
     }
-    if (hasMapping) return verdict(CATEGORY.kernel, attributes); // non-LRU movable (zsmalloc, balloon)
+    if (hasMapping) return covering(CATEGORY.kernel, attributes, pages); // non-LRU movable (zsmalloc, balloon)
     const flagless = (flagsLo & p.flagsMask) === 0;
     if (refcount === 0 && flagless && (mapcountWord | 0) === -1 && !isHead) {
       return this.options.inferPcpFree
-        ? verdict(CATEGORY.free, ATTR.pcpInferred)
-        : verdict(CATEGORY.kernel, ATTR.pcpInferred);
+        ? covering(CATEGORY.free, ATTR.pcpInferred, pages)
+        : covering(CATEGORY.kernel, ATTR.pcpInferred, pages);
     }
-    return verdict(CATEGORY.kernel, attributes);
+    return covering(CATEGORY.kernel, attributes, pages);
   }
 
   /** Whether a compound head (page[1] right after it in `buf`) is a hugetlb folio, by the layout's test. */
@@ -388,21 +395,40 @@ export function classifyPfns(
       if (pfn >= end) end = Math.min(maxPfn, pfn - (pfn % span) + span);
       j++;
     }
-    // Read from the window's aligned start (where a buddy block holding these PFNs has its head) to just past the
-    // last requested PFN (a head's first tail holds its order); classify only the requested PFNs.
+    // Read the requested PFNs' own struct pages, to just past the last one (a head's first tail holds its order).
+    // Only a PFN that looks like the tail of a free block needs the struct pages below it, back to its span's
+    // aligned start where such a block has its head (the window's start: later spans start above `first`): those
+    // are read when one comes. Most batches are not free pages, and reading from the aligned start every time
+    // cost up to 64 KiB per batch, for the few hundred bytes of the batch's own struct pages.
     const last = pfns[order[j - 1] ?? 0] ?? start;
-    const count = Math.min(maxPfn, last + 2) - start;
-    if (structPageScratch.length < count * size) structPageScratch = Buffer.allocUnsafe(count * size);
-    const pages = structPageScratch.subarray(0, count * size);
-    const readable = source.read(start, count, pages);
+    const stop = Math.min(maxPfn, last + 2);
+    let from = first;
+    let pages = readStructPages(source, from, stop - from, size);
     const found: FreeBlockMemo = { head: -1, end: -1 };
     for (let i = k; i < j; i++) {
       const index = order[i] ?? 0;
-      out[index] = readable
-        ? classifier.classifyOne(pfns[index] ?? 0, start, count, pages, found).category
+      const pfn = pfns[index] ?? 0;
+      if (
+        pages !== null &&
+        pfn - (pfn % span) < from &&
+        !(pfn >= found.head && pfn < found.end) &&
+        classifier.mayBeInsideFreeBlock(pfn, from, pages)
+      ) {
+        from = start;
+        pages = readStructPages(source, from, stop - from, size);
+      }
+      out[index] = pages
+        ? classifier.classifyOne(pfn, from, stop - from, pages, found).category
         : CATEGORY.unknown;
     }
     k = j;
   }
   return out;
+}
+
+/** Struct pages of PFNs [pfn, pfn+count) into the shared scratch buffer, or null if the source cannot read them. */
+function readStructPages(source: StructPageSource, pfn: number, count: number, size: number): Buffer | null {
+  if (structPageScratch.length < count * size) structPageScratch = Buffer.allocUnsafe(count * size);
+  const pages = structPageScratch.subarray(0, count * size);
+  return source.read(pfn, count, pages) ? pages : null;
 }

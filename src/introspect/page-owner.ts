@@ -240,22 +240,21 @@ export class PageOwnerReader {
     const w = this.inodeWindow;
     const bytes = this.inodeBytesOf(inode);
     if (!bytes) return { ok: false, reason: "bad-kernel-object" };
-    const field = (m: Member) => this.need(m) - w.start;
     // The inode must still own this mapping: a freed and reused inode would name another file.
-    if (bytes.readBigUInt64LE(field("inode.i_mapping")) !== mapping) {
+    if (bytes.readBigUInt64LE(this.inodeField("inode.i_mapping")) !== mapping) {
       this.hosts.delete(mapping);
       this.inodes.delete(inode);
       return { ok: false, reason: "bad-kernel-object" };
     }
-    const sizeBytes = bytes.readBigInt64LE(field("inode.i_size"));
-    const ino = bytes.readBigUInt64LE(field("inode.i_ino"));
+    const sizeBytes = bytes.readBigInt64LE(this.inodeField("inode.i_size"));
+    const ino = bytes.readBigUInt64LE(this.inodeField("inode.i_ino"));
     if (
       sizeBytes < 0n ||
       sizeBytes > BigInt(Number.MAX_SAFE_INTEGER) ||
       ino > BigInt(Number.MAX_SAFE_INTEGER)
     )
       return { ok: false, reason: "bad-kernel-object" };
-    const superBlock = this.superBlock(bytes.readBigUInt64LE(field("inode.i_sb")));
+    const superBlock = this.superBlock(bytes.readBigUInt64LE(this.inodeField("inode.i_sb")));
     if (!superBlock) return { ok: false, reason: "bad-kernel-object" };
     return {
       ok: true,
@@ -266,7 +265,7 @@ export class PageOwnerReader {
         mapping,
         inode,
         ino: Number(ino),
-        mode: bytes.readUInt16LE(field("inode.i_mode")),
+        mode: bytes.readUInt16LE(this.inodeField("inode.i_mode")),
         sizeBytes: Number(sizeBytes),
         superBlock,
         hasPrivate: (flags & this.privateMask) !== 0,
@@ -322,6 +321,11 @@ export class PageOwnerReader {
     if (!cached && this.inodes.size >= MAX_CACHED_INODES) this.inodes.clear();
     this.inodes.set(inode, { bytes, readAt: now });
     return bytes;
+  }
+
+  /** Where `member` (an inode's) is in the inode's window of bytes (inodeBytesOf). */
+  private inodeField(member: Member): number {
+    return this.need(member) - this.inodeWindow.start;
   }
 
   private need(member: Member): number {

@@ -212,6 +212,43 @@ test("classifyPfns: scattered PFNs (a batch of page records) get the same verdic
   assert.equal(sparse[2], CATEGORY.free);
 });
 
+test("classifyPfns: a batch reads its own struct pages, and below them only for a page that may be a free tail", () => {
+  const m = new Memmap(8192);
+  layout61(m);
+  m.set(2048, { mapcount: -129, private: 10 });
+  for (let p = 2049; p < 3072; p++) m.set(p, { mapcount: -1 });
+  m.set(1024, { flags: bits(16, 19, 4, 2), mapping: ANON, refcount: 4 });
+  for (let p = 1025; p < 1028; p++) m.set(p, { head: (VMEMMAP + 1024n * 64n) | 1n });
+  m.buf[1025 * 64 + 17] = 2;
+  const reads: Array<[number, number]> = [];
+  const counting: StructPageSource = {
+    read: (pfn, count, into) => {
+      reads.push([pfn, count]);
+      return m.read(pfn, count, into);
+    },
+    pfnOfStructPage: (address) => m.pfnOfStructPage(address),
+    structPageAddress: (pfn) => m.structPageAddress(pfn),
+  };
+  const classifier = new PageClassifier(P61, counting);
+  // Pages deep inside the order-10 block at 2048: free, found through a read back to the block's head.
+  assert.deepEqual([...classifyPfns(classifier, counting, [2500, 2600, 2501], 8192)], [1, 1, 1]);
+  assert.ok(
+    reads.some(([pfn]) => pfn === 2048),
+    "the struct pages from the span's start were read for a page that looks like a free tail",
+  );
+  // Pages far into their span that do not look free: their own struct pages, not the ~800 from the span's start.
+  m.set(1800, { flags: bits(16, 19, 4, 2), mapping: ANON, refcount: 4 });
+  for (let p = 1801; p < 1804; p++) m.set(p, { head: (VMEMMAP + 1800n * 64n) | 1n });
+  m.buf[1801 * 64 + 17] = 2;
+  reads.length = 0;
+  const batch = classifyPfns(classifier, counting, [1801, 1802, 1803], 8192);
+  const fresh = classifier.classifyRange(0, 8192, m.range(0, 8192)).categories;
+  assert.deepEqual([...batch], [fresh[1801], fresh[1802], fresh[1803]]);
+  assert.equal(batch[0], CATEGORY.anonymous, "a tail resolves to its head");
+  const pagesRead = reads.reduce((sum, [, count]) => sum + count, 0);
+  assert.ok(pagesRead <= 16, `read ${pagesRead} struct pages for 3 PFNs: ${JSON.stringify(reads)}`);
+});
+
 test("classifyPfns: PFNs beyond guest RAM (ROM mapped high) or negative are unknown, and the call ends", () => {
   const m = new Memmap(4096);
   layout61(m);
