@@ -69,6 +69,7 @@
 import { readFileSync } from "node:fs";
 import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
+import { performance } from "node:perf_hooks";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 import { guestBalloon } from "../src/lab/balloon.ts";
@@ -395,6 +396,9 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
     const before = await txBytesOf(link);
     const startedAtMs = Date.now();
     const trace = process.env.VMPRUNE_BENCH_TRACE ? startLinkTrace() : undefined;
+    // This process's CPU and event loop over the migration: vmprune send runs here (the rows' other work is small).
+    const cpuBefore = process.cpuUsage();
+    const loopBefore = performance.eventLoopUtilization();
     // The link's use over time for the HTML report: the same counter as linkBytes, read on a timer.
     const sampler = new ThroughputSampler(
       () => Number(readFileSync(`/sys/class/net/${SRC_IFNAME}/statistics/tx_bytes`, "utf8")),
@@ -415,6 +419,14 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
     const pauseMs = pause.resumedAtMs - pause.stoppedAtMs;
     const toResumeMs = (result.info["total-time"] ?? result.wallMs) - (result.info.downtime ?? 0) + pauseMs;
     if (trace) log(trace.stop(startedAtMs, pause));
+    if (trace) {
+      const cpu = process.cpuUsage(cpuBefore);
+      const loop = performance.eventLoopUtilization(loopBefore);
+      log(
+        `  this process (send) over the migration: ${Math.round((cpu.user + cpu.system) / 1000)} ms CPU ` +
+          `(${Math.round(cpu.system / 1000)} ms system), event loop busy ${(100 * loop.utilization).toFixed(0)}% of ${Math.round(loop.idle + loop.active)} ms`,
+      );
+    }
     if (trace && prune)
       log(
         `  send's pruning: ${prune.pages.seen} pages seen, ${prune.batches} batches judged in ${Math.round(prune.judgeMs)} ms, ${prune.refs} references, ${prune.cacheWhole} cache pages whole`,

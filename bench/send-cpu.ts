@@ -106,8 +106,9 @@ async function main(): Promise<void> {
           try {
             const judge = opened?.judge ?? "passthrough: nothing to drop";
             let references: CacheReferences | undefined;
+            let locator: PageLocator | undefined;
             if (row === "free+cache" && judge instanceof IntrospectionJudge && judge.guest.types) {
-              const locator = await PageLocator.open({
+              locator = await PageLocator.open({
                 kernel: judge.guest.kernel,
                 types: judge.guest.types,
                 layout: judge.guest.layout,
@@ -132,7 +133,8 @@ async function main(): Promise<void> {
             };
             log(
               `${row} run ${run + 1}: ${result.cpuMs.toFixed(0)} ms CPU, ${result.wallMs.toFixed(0)} ms wall, ` +
-                `${result.pruned} pruned, ${result.refs} refs, ${result.batches} batches`,
+                `${result.pruned} pruned, ${result.refs} refs, ${result.batches} batches` +
+                (locator ? `; locator ${JSON.stringify(locator.stats())}` : ""),
             );
             if (!best || result.cpuMs < best.cpuMs) best = result;
           } finally {
