@@ -9,7 +9,6 @@
  * goes on waiting for the real send (relay rule 9): the first comer to the port cannot end the migration's wait.
  */
 import type { Socket } from "node:net";
-import { type EventLoopUtilization, performance } from "node:perf_hooks";
 import { LinkDecoder } from "../link/decoder.ts";
 import { LinkError } from "../link/errors.ts";
 import { handshakeKey, type LinkSession, refuseLink, serverHandshake } from "../link/handshake.ts";
@@ -19,7 +18,6 @@ import {
   encodeBytesFrames,
   encodeMessage,
   LOAD_REPORT_INTERVAL_MS,
-  MAX_BUSY_PERMILLE,
   MSG,
 } from "../link/protocol.ts";
 import {
@@ -49,6 +47,7 @@ import {
   PLAINTEXT_WARNING,
   tlsServer,
 } from "../transport/tls.ts";
+import { EventLoopBusy } from "./event-loop-busy.ts";
 
 export interface ReceiveOptions {
   /** Where `vmprune send` connects: TCP or a unix socket (transport/endpoint.ts). */
@@ -95,22 +94,6 @@ export function receiveCapabilities(options: Pick<ReceiveOptions, "disk" | "file
     CAPABILITY.ZERO_FILL,
     CAPABILITY.LOAD_REPORT,
   ];
-}
-
-/**
- * The share of the time since the last call this process's event loop was busy, in 1/1000: where receive spends
- * its CPU (decrypting, rebuilding references, hashing, writing to QEMU) and, with send in the same process
- * (`vmprune migrate`), send's too.
- */
-export class EventLoopBusy {
-  private last: EventLoopUtilization = performance.eventLoopUtilization();
-
-  sample(): number {
-    const now = performance.eventLoopUtilization();
-    const since = performance.eventLoopUtilization(now, this.last);
-    this.last = now;
-    return Math.max(0, Math.min(MAX_BUSY_PERMILLE, Math.round(since.utilization * MAX_BUSY_PERMILLE)));
-  }
 }
 
 /** REF_FS → the page, from the filesystem the reference names, checked (null: NACK). */
