@@ -137,14 +137,21 @@ export class StreamParser {
         const consumed = this.continuedPages(chunk, pos, out);
         pos += consumed;
         if (consumed > 0) continue;
+        // Most chunks end inside a continued PAGE record whose header is already here: wait for the rest of it
+        // without the general path, which would find out by throwing (once per chunk, a third of the parser's
+        // time in a live migration's profile).
+        const needed = this.straddlingPageBytes(chunk, pos);
+        if (needed > 0) {
+          this.needed = needed;
+          this.hold(chunk.subarray(pos));
+          return out;
+        }
       }
       const before = this.offset;
       const step = this.step(chunk, pos, out, Buffer.alloc(0));
       if (step === "raw") return out;
       if (step === "need") {
-        const rest = chunk.subarray(pos);
-        this.pending = { buf: Buffer.allocUnsafe(Math.max(this.needed, 64)), len: 0 };
-        this.append(rest);
+        this.hold(chunk.subarray(pos));
         return out;
       }
       pos += this.offset - before;
@@ -162,6 +169,27 @@ export class StreamParser {
     const raw = this.pending ? this.pending.buf.subarray(0, this.pending.len) : Buffer.alloc(0);
     this.pending = null;
     return this.fail(error, raw, Buffer.alloc(0));
+  }
+
+  /** Starts a record that straddles the chunk's end: `rest` waits until `needed` bytes of it are here. */
+  private hold(rest: Buffer): void {
+    this.pending = { buf: Buffer.allocUnsafe(Math.max(this.needed, 64)), len: 0 };
+    this.append(rest);
+  }
+
+  /**
+   * The length of the continued PAGE record at `p` if its header is complete here but its page is not (what
+   * continuedPageAt would parse once it is), else 0: anything else takes the general path.
+   */
+  private straddlingPageBytes(buf: Buffer, p: number): number {
+    const block = this.lastBlock;
+    const pageSize = this.pageSize;
+    if (!block || buf.length - p < 8 || buf.length - p >= 8 + pageSize) return 0;
+    const hi = buf.readUInt32BE(p);
+    const lo = buf.readUInt32BE(p + 4);
+    const flags = lo & (pageSize - 1);
+    if (flags !== (RAM_FLAG.PAGE | RAM_FLAG.CONTINUE) || hi > MAX_SAFE_HI) return 0;
+    return hi * TWO_32 + (lo - flags) + pageSize > block.length ? 0 : 8 + pageSize;
   }
 
   private append(bytes: Buffer): void {
