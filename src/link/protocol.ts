@@ -761,14 +761,32 @@ export function encodeMessage(message: Message): Buffer {
 }
 
 /**
- * DATA (or RETURN) frames for `bytes` of any length, split at {@link MAX_PAYLOAD_BYTES}: header and payload
- * Buffers alternate, the payloads being views into `bytes` (no copy); write them corked. Empty input: none.
+ * DATA (or RETURN) frames for `bytes` of any length (one Buffer, or several in order, e.g. views of the chunks a
+ * record batch spans), split at {@link MAX_PAYLOAD_BYTES}: a header, then the payload as views of the input (no
+ * copy: TLS copies what it encrypts anyway); write them corked. Empty input: none.
  */
-export function encodeBytesFrames(type: typeof MSG.DATA | typeof MSG.RETURN, bytes: Buffer): Buffer[] {
+export function encodeBytesFrames(
+  type: typeof MSG.DATA | typeof MSG.RETURN,
+  bytes: Buffer | readonly Buffer[],
+): Buffer[] {
+  const parts = Buffer.isBuffer(bytes) ? [bytes] : bytes;
+  let total = 0;
+  for (const part of parts) total += part.length;
   const frames: Buffer[] = [];
-  for (let o = 0; o < bytes.length; o += MAX_PAYLOAD_BYTES) {
-    const payload = bytes.subarray(o, o + MAX_PAYLOAD_BYTES);
-    frames.push(frameHeader(type, payload.length), payload);
+  /** Payload bytes the frame whose header went out last still needs. */
+  let owed = 0;
+  for (const part of parts) {
+    for (let o = 0; o < part.length; ) {
+      if (owed === 0) {
+        owed = Math.min(MAX_PAYLOAD_BYTES, total);
+        total -= owed;
+        frames.push(frameHeader(type, owed));
+      }
+      const n = Math.min(owed, part.length - o);
+      frames.push(o === 0 && n === part.length ? part : part.subarray(o, o + n));
+      o += n;
+      owed -= n;
+    }
   }
   return frames;
 }

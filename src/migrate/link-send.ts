@@ -368,11 +368,11 @@ export class LinkSendCodec implements ChannelCodec {
   }
 
   private dataFrames(buffers: Buffer[]): Buffer[] {
-    if (buffers.length === 0) return [];
-    const bytes = buffers.length === 1 ? (buffers[0] as Buffer) : Buffer.concat(buffers);
-    if (bytes.length === 0) return [];
-    this.ledger.data(bytes.length);
-    return encodeBytesFrames(MSG.DATA, bytes);
+    let length = 0;
+    for (const b of buffers) length += b.length;
+    if (length === 0) return [];
+    this.ledger.data(length);
+    return encodeBytesFrames(MSG.DATA, buffers);
   }
 
   private frames(segments: Segment[]): Buffer[] {

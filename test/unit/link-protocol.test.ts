@@ -172,6 +172,26 @@ test("DATA larger than one frame is split into frames whose payloads are views o
   assert.deepEqual(encodeBytesFrames(MSG.RETURN, Buffer.alloc(0)), []);
 });
 
+test("DATA of several buffers: frames across their boundaries, payloads still views, the bytes in order", () => {
+  const parts = [randomBytes(100), Buffer.alloc(0), randomBytes(MAX_PAYLOAD_BYTES), randomBytes(5000)];
+  const frames = encodeBytesFrames(MSG.DATA, parts);
+  assert.ok(
+    frames.some((f) => f.buffer === parts[2]?.buffer),
+    "no copy of the input",
+  );
+  const got = new LinkDecoder().push(Buffer.concat(frames));
+  assert.deepEqual(
+    got.map((m) => (m.type === MSG.DATA ? m.bytes.length : -1)),
+    [MAX_PAYLOAD_BYTES, 5100],
+  );
+  assert.ok(
+    Buffer.concat(got.map((m) => (m.type === MSG.DATA ? m.bytes : Buffer.alloc(0)))).equals(
+      Buffer.concat(parts),
+    ),
+  );
+  assert.deepEqual(encodeBytesFrames(MSG.DATA, [Buffer.alloc(0), Buffer.alloc(0)]), []);
+});
+
 test("malformed input: each case is a typed LinkError at the offending frame's offset", () => {
   const ready = encodeMessage({ type: MSG.READY });
   const header = (type: number, length: number) => {
