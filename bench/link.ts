@@ -339,6 +339,8 @@ const ROWS: readonly RowSpec[] = [
  */
 function startLinkTrace(): {
   stop(startMs: number, pause: { stoppedAtMs: number; resumedAtMs: number }): string;
+  /** Stops sampling (stop() may still format what was sampled). */
+  cancel(): void;
 } {
   const path = `/sys/class/net/${SRC_IFNAME}/statistics/tx_bytes`;
   const samples: [number, number][] = [];
@@ -360,6 +362,9 @@ function startLinkTrace(): {
   sample();
   const timer = setInterval(sample, 50);
   return {
+    cancel() {
+      clearInterval(timer);
+    },
     stop(startMs, pause) {
       clearInterval(timer);
       sample();
@@ -409,7 +414,11 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
       pair,
       link,
       qemu: options.qemu,
-    }).finally(() => sampler.stop());
+    }).finally(() => {
+      sampler.stop();
+      // A failed migration must not leave the trace's timer keeping this process alive.
+      trace?.cancel();
+    });
     const throughput = sampler.stop();
     if (sampler.failure) log(`  ${spec.name}: ${sampler.failure}`);
     const after = await txBytesOf(link);
