@@ -115,6 +115,10 @@ export async function migrateThroughSendAndReceive(
       ...options.send,
       to: { host: options.listenHost, port: receive.listen.port },
       link: { psk },
+    }).catch((error: unknown) => {
+      // What receive said is half of why a linked migration failed (VMPRUNE_CHILD_LOGS=1 shows it as it comes).
+      options.log(`  receive's log up to the failure:\n${receive.stderr.slice(-4000)}`);
+      throw error;
     });
     const received = await receive.wait(120_000);
     const refs = (JSON.parse(received.stdout || "{}") as { refs?: { refsResolved?: number } }).refs;
