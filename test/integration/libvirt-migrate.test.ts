@@ -140,7 +140,11 @@ test("libvirt 9.0: a share=off domain is refused with the way out; a lab domain 
     key,
     "--drop",
     "free,cache",
-    // No --disk: send reads the domain's disks through its QEMU's own read-only NBD exports.
+    // No --disk: send reads the domain's disks through its QEMU's own read-only NBD exports. --refs-when always:
+    // this leg checks references through those exports; link-busy (the default) sends cache pages whole while
+    // send itself is busy, as it is beside two TCG guests (unit-tested in link-send-pacing).
+    "--refs-when",
+    "always",
     "--json",
     "--",
     "--unsafe",
