@@ -76,6 +76,12 @@ export const REFS_PAY_BELOW_BYTES_PER_SECOND = 170_000_000;
  * back. Whole pages then. Below it receive has room, waits on the link, and references pay.
  */
 export const RECEIVE_BUSY_PERMILLE = 800;
+/**
+ * "link-busy": how often the link rate meter is sampled (ms), at most: its 500 ms window (link-rate.ts) needs a
+ * few dozen samples, not one per chunk.
+ */
+const LINK_RATE_SAMPLE_MS = 10;
+
 /** A LOAD older than this many report intervals no longer says anything (receive stopped, or is stalled). */
 const LOAD_FRESH_INTERVALS = 3;
 
@@ -146,6 +152,8 @@ export class LinkSendCodec implements ChannelCodec {
   private upstream: Socket | undefined;
   /** How fast this channel's link drains while bytes queue for it ("link-busy"). */
   private readonly linkRate = new LinkRateMeter();
+  /** When the link rate meter was last sampled (LINK_RATE_SAMPLE_MS). */
+  private rateSampledAtMs = Number.NEGATIVE_INFINITY;
   /** Until when (performance.now()) receive's last LOAD says it is the slow end; 0: it does not. */
   private receiveBusyUntilMs = 0;
   /** receive's LOADs, and those that said receive, not the link, was what drained slowly (whole pages then). */
@@ -332,17 +340,22 @@ export class LinkSendCodec implements ChannelCodec {
     const upstream = this.upstream;
     if (!upstream || this.refsWhileLinkHasRoom === this.refsAllowed) return this.refsAllowed;
     const queuedBytes = upstream.writableLength;
-    this.linkRate.sample(performance.now(), {
-      sentBytes: upstream.bytesWritten - queuedBytes,
-      queuedBytes,
-      receivedBytes: 0,
-    });
+    const now = performance.now();
+    // Node's bytesWritten walks the socket's whole queue of writes (a copy of it, each call): on a slow link that
+    // is thousands of frames, once per chunk (138 ms of send's 4 s at 500 Mbit/s). The meter needs far fewer.
+    if (now - this.rateSampledAtMs >= LINK_RATE_SAMPLE_MS) {
+      this.rateSampledAtMs = now;
+      this.linkRate.sample(now, {
+        sentBytes: upstream.bytesWritten - queuedBytes,
+        queuedBytes,
+        receivedBytes: 0,
+      });
+    }
     const bound = this.options.queueBoundBytes?.();
     const busyAt =
       bound === undefined
         ? REFS_WHEN_QUEUED_BYTES
         : Math.min(REFS_WHEN_QUEUED_BYTES, bound * REFS_WHEN_QUEUED_SHARE_OF_BOUND);
-    const now = performance.now();
     if (now - this.ownSampledAtMs >= LOAD_REPORT_INTERVAL_MS) this.sampleOwnLoad(now);
     if (queuedBytes < busyAt || now < this.receiveBusyUntilMs || this.ownBusy)
       return this.refsWhileLinkHasRoom;
