@@ -7,8 +7,8 @@ import { MAX_BUSY_PERMILLE } from "../link/protocol.ts";
 
 /**
  * The share of the time since the last call this process's event loop was busy, in 1/1000: where receive spends
- * its CPU (decrypting, rebuilding references, hashing, writing to QEMU) and send its own (parsing, judging,
- * placing and hashing references, encrypting); with both in one process (`vmprune migrate`), both.
+ * its CPU (decrypting, rebuilding references, hashing, writing to QEMU) and, with send in the same process
+ * (`vmprune migrate`), send's too. receive's load reports (LOAD) carry it.
  */
 export class EventLoopBusy {
   private last: EventLoopUtilization = performance.eventLoopUtilization();

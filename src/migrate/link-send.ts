@@ -31,7 +31,6 @@ import {
 } from "../prune/pruning-processor.ts";
 import type { ChannelCodec, ChannelProcessor, ChannelSide, CodecOutput } from "../stream/relay.ts";
 import { describeTls } from "../transport/tls.ts";
-import { EventLoopBusy } from "./event-loop-busy.ts";
 import { LinkRateMeter } from "./link-rate.ts";
 
 /** REF blockNumber unit: 512-byte disk sectors (link/protocol.ts stream rule 2). */
@@ -85,17 +84,6 @@ const LINK_RATE_SAMPLE_MS = 10;
 /** A LOAD older than this many report intervals no longer says anything (receive stopped, or is stalled). */
 const LOAD_FRESH_INTERVALS = 3;
 
-/**
- * "link-busy": bytes queue for the link, but send's own event loop was busy at least this share of its last
- * interval (per mille, sampled every LOAD_REPORT_INTERVAL_MS as receive samples its own): send itself is near
- * what it can do, and a reference costs it about twice a whole page (placing it and SHA-256: ~12 µs against
- * ~5 µs for the rest of a page, bench:send-cpu). References would make send what holds the migration back, with
- * the link idle behind it (issue 12's notes: on the lab's 2-core host 36,857 references took 1.6 s of a
- * saturated send, 43 µs each, where a 1 Gbit/s link carries a whole page in 34 µs). Whole pages then; references
- * only from the CPU send has to spare. The same threshold as receive's.
- */
-export const SEND_BUSY_PERMILLE = RECEIVE_BUSY_PERMILLE;
-
 function describeRefs(refs: RefsAccepted): string {
   if (refs.index && refs.filesystem) return "references on (disk blocks and filesystem places)";
   if (refs.index) return "references on (disk blocks only: receive is older than link 1.2)";
@@ -124,11 +112,6 @@ export interface LinkSendOptions {
   queueBoundBytes?: () => number;
   /** "link-busy": how long receive's LOAD counts (default LOAD_FRESH_INTERVALS report intervals). */
   loadFreshMs?: number;
-  /**
-   * "link-busy": how busy send's own event loop was since the last call, per mille (default: EventLoopBusy,
-   * sampled every LOAD_REPORT_INTERVAL_MS while bytes flow); tests inject their own.
-   */
-  ownBusyPermille?: () => number;
   log?: (line: string) => void;
 }
 
@@ -159,12 +142,6 @@ export class LinkSendCodec implements ChannelCodec {
   /** receive's LOADs, and those that said receive, not the link, was what drained slowly (whole pages then). */
   loadReports = 0;
   receiveBusyReports = 0;
-  /** send's own load ("link-busy"): when it was last sampled, whether it was busy then, and how often it was. */
-  private readonly ownBusyPermille: () => number;
-  private ownSampledAtMs = 0;
-  private ownBusy = false;
-  ownSamples = 0;
-  ownBusySamples = 0;
   private sentEof = false;
   private receivedEof = false;
   private paused = false;
@@ -173,10 +150,7 @@ export class LinkSendCodec implements ChannelCodec {
   constructor(
     private readonly index: number,
     private readonly options: LinkSendOptions,
-  ) {
-    const busy = options.ownBusyPermille ? undefined : new EventLoopBusy();
-    this.ownBusyPermille = options.ownBusyPermille ?? (() => busy?.sample() ?? 0);
-  }
+  ) {}
 
   async open({ source, upstream }: { source: Socket; upstream: Socket }): Promise<void> {
     this.source = source;
@@ -309,10 +283,6 @@ export class LinkSendCodec implements ChannelCodec {
       this.options.log?.(
         `link #${this.index}: receive reported itself busy in ${this.receiveBusyReports} of ${this.loadReports} load reports; cache pages went whole meanwhile`,
       );
-    if (this.ownBusySamples > 0)
-      this.options.log?.(
-        `link #${this.index}: send's own event loop was busy in ${this.ownBusySamples} of ${this.ownSamples} intervals; cache pages went whole meanwhile`,
-      );
   }
 
   /** The source QEMU's connection failed: receive hears why (ERROR), and resets the destination QEMU's. */
@@ -356,23 +326,12 @@ export class LinkSendCodec implements ChannelCodec {
       bound === undefined
         ? REFS_WHEN_QUEUED_BYTES
         : Math.min(REFS_WHEN_QUEUED_BYTES, bound * REFS_WHEN_QUEUED_SHARE_OF_BOUND);
-    if (now - this.ownSampledAtMs >= LOAD_REPORT_INTERVAL_MS) this.sampleOwnLoad(now);
-    if (queuedBytes < busyAt || now < this.receiveBusyUntilMs || this.ownBusy)
-      return this.refsWhileLinkHasRoom;
+    if (queuedBytes < busyAt || now < this.receiveBusyUntilMs) return this.refsWhileLinkHasRoom;
     const rate = this.linkRate.bytesPerSecond;
     return rate !== undefined &&
       rate > (this.options.refsPayBelowBytesPerSecond ?? REFS_PAY_BELOW_BYTES_PER_SECOND)
       ? this.refsWhileLinkHasRoom
       : this.refsAllowed;
-  }
-
-  /** Whether send's own event loop was busy over the interval that just ended (SEND_BUSY_PERMILLE). */
-  private sampleOwnLoad(now: number): void {
-    // The first sample covers the time since the codec was made, mostly the handshake's wait: not busy.
-    this.ownBusy = this.ownBusyPermille() >= SEND_BUSY_PERMILLE;
-    this.ownSamples++;
-    if (this.ownBusy) this.ownBusySamples++;
-    this.ownSampledAtMs = now;
   }
 
   /** send half-closes the link after its EOF, once every REF is settled (a NACK may still need an answer). */
