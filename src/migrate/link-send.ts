@@ -278,8 +278,7 @@ export class LinkSendCodec implements ChannelCodec {
   }
 
   closed(): void {
-    if (this.refsWhileLinkHasRoom === this.refsAllowed) return;
-    if (this.receiveBusyReports > 0)
+    if (this.receiveBusyReports > 0 && this.refsWhileLinkHasRoom !== this.refsAllowed)
       this.options.log?.(
         `link #${this.index}: receive reported itself busy in ${this.receiveBusyReports} of ${this.loadReports} load reports; cache pages went whole meanwhile`,
       );

@@ -182,14 +182,8 @@ export class StreamParser {
    * continuedPageAt would parse once it is), else 0: anything else takes the general path.
    */
   private straddlingPageBytes(buf: Buffer, p: number): number {
-    const block = this.lastBlock;
-    const pageSize = this.pageSize;
-    if (!block || buf.length - p < 8 || buf.length - p >= 8 + pageSize) return 0;
-    const hi = buf.readUInt32BE(p);
-    const lo = buf.readUInt32BE(p + 4);
-    const flags = lo & (pageSize - 1);
-    if (flags !== (RAM_FLAG.PAGE | RAM_FLAG.CONTINUE) || hi > MAX_SAFE_HI) return 0;
-    return hi * TWO_32 + (lo - flags) + pageSize > block.length ? 0 : 8 + pageSize;
+    if (buf.length - p >= 8 + this.pageSize || this.continuedAddrAt(buf, p) < 0) return 0;
+    return this.continuedFlags === (RAM_FLAG.PAGE | RAM_FLAG.CONTINUE) ? 8 + this.pageSize : 0;
   }
 
   private append(bytes: Buffer): void {
@@ -590,16 +584,34 @@ export class StreamParser {
     }
   }
 
+  /** The flags of the header continuedAddrAt last read. */
+  private continuedFlags = 0;
+
+  /**
+   * The page address in the current block of the record header (be64 address | flags) at `p` of `buf`, its flags
+   * in continuedFlags; -1 without a current block, a whole header, or an address inside the block.
+   */
+  private continuedAddrAt(buf: Buffer, p: number): number {
+    const block = this.lastBlock;
+    const pageSize = this.pageSize;
+    if (!block || buf.length - p < 8) return -1;
+    const hi = buf.readUInt32BE(p);
+    const lo = buf.readUInt32BE(p + 4);
+    const flags = lo & (pageSize - 1);
+    if (hi > MAX_SAFE_HI) return -1;
+    const addr = hi * TWO_32 + (lo - flags);
+    if (addr + pageSize > block.length) return -1;
+    this.continuedFlags = flags;
+    return addr;
+  }
+
   private continuedPageAt(buf: Buffer, p: number, at: number): RamRecord | null {
     const block = this.lastBlock;
     const pageSize = this.pageSize;
     if (!block || buf.length - p < 9) return null;
-    const hi = buf.readUInt32BE(p);
-    const lo = buf.readUInt32BE(p + 4);
-    const flags = lo & (pageSize - 1);
-    if (hi > MAX_SAFE_HI) return null;
-    const addr = hi * TWO_32 + (lo - flags);
-    if (addr + pageSize > block.length) return null;
+    const addr = this.continuedAddrAt(buf, p);
+    if (addr < 0) return null;
+    const flags = this.continuedFlags;
     if (flags === (RAM_FLAG.PAGE | RAM_FLAG.CONTINUE) && buf.length - p >= 8 + pageSize) {
       this.continuedEnd = p + 8 + pageSize;
       const header: PageHeader = { addr, flags, idstr: null, block: block.idstr };

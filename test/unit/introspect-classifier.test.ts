@@ -187,15 +187,20 @@ test("garbage struct pages give unknown or bounded verdicts, never a crash or a 
   assert.equal(c.categories.length, 64);
 });
 
-test("classifyPfns: scattered PFNs (a batch of page records) get the same verdicts as a full pass", () => {
+/** 8192 frames of 6.1 with a large buddy block far away (order 10 at 2048) and an anon compound of order 2 at 1024. */
+function batchMemmap(): Memmap {
   const m = new Memmap(8192);
   layout61(m);
-  // A large buddy block far away (order 10 at 2048) and an anon compound of order 2 at 1024.
   m.set(2048, { mapcount: -129, private: 10 });
   for (let p = 2049; p < 3072; p++) m.set(p, { mapcount: -1 });
   m.set(1024, { flags: bits(16, 19, 4, 2), mapping: ANON, refcount: 4 });
   for (let p = 1025; p < 1028; p++) m.set(p, { head: (VMEMMAP + 1024n * 64n) | 1n });
   m.buf[1025 * 64 + 17] = 2;
+  return m;
+}
+
+test("classifyPfns: scattered PFNs (a batch of page records) get the same verdicts as a full pass", () => {
+  const m = batchMemmap();
   const classifier = new PageClassifier(P61, m);
   const full = classifier.classifyRange(0, 8192, m.range(0, 8192)).categories;
   const pfns = [3000, 17, 1025, 9, 2500, 16, 4095, 1024, 2048, 28, 31];
@@ -213,13 +218,7 @@ test("classifyPfns: scattered PFNs (a batch of page records) get the same verdic
 });
 
 test("classifyPfns: a batch reads its own struct pages, and below them only for a page that may be a free tail", () => {
-  const m = new Memmap(8192);
-  layout61(m);
-  m.set(2048, { mapcount: -129, private: 10 });
-  for (let p = 2049; p < 3072; p++) m.set(p, { mapcount: -1 });
-  m.set(1024, { flags: bits(16, 19, 4, 2), mapping: ANON, refcount: 4 });
-  for (let p = 1025; p < 1028; p++) m.set(p, { head: (VMEMMAP + 1024n * 64n) | 1n });
-  m.buf[1025 * 64 + 17] = 2;
+  const m = batchMemmap();
   const reads: Array<[number, number]> = [];
   const counting: StructPageSource = {
     read: (pfn, count, into) => {
