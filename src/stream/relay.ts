@@ -47,6 +47,7 @@ import { type Endpoint, formatEndpoint, isUnixEndpoint, type TcpEndpoint } from 
 import {
   connect,
   describePeer,
+  halfClose,
   listen,
   listeningEndpoint,
   resetSocket,
@@ -506,8 +507,8 @@ class Channel {
         hold(upstream, source, this.#toSourceHolds);
       }
     }
-    if (out.endUpstream && !upstream.destroyed && !upstream.writableEnded) upstream.end();
-    if (out.endSource && !source.destroyed && !source.writableEnded) source.end();
+    if (out.endUpstream && !upstream.destroyed && !upstream.writableEnded) halfClose(upstream);
+    if (out.endSource && !source.destroyed && !source.writableEnded) halfClose(source);
   }
 
   /** Writes `chunks` to the destination; true if the source must pause. */
@@ -584,7 +585,7 @@ class Channel {
       return;
     }
     for (const chunk of told) other.write(chunk);
-    other.end();
+    halfClose(other);
     setTimeout(() => reset(other), TOLD_FAILURE_LINGER_MS).unref();
   }
 
