@@ -30,6 +30,7 @@ import {
   type Segment,
 } from "../prune/pruning-processor.ts";
 import type { ChannelCodec, ChannelProcessor, ChannelSide, CodecOutput } from "../stream/relay.ts";
+import { bytesToKernel } from "../transport/socket.ts";
 import { describeTls } from "../transport/tls.ts";
 import { LinkRateMeter } from "./link-rate.ts";
 
@@ -310,12 +311,12 @@ export class LinkSendCodec implements ChannelCodec {
     if (!upstream || this.refsWhileLinkHasRoom === this.refsAllowed) return this.refsAllowed;
     const queuedBytes = upstream.writableLength;
     const now = performance.now();
-    // Node's bytesWritten walks the socket's whole queue of writes (a copy of it, each call): on a slow link that
-    // is thousands of frames, once per chunk (138 ms of send's 4 s at 500 Mbit/s). The meter needs far fewer.
+    // Sampled every LINK_RATE_SAMPLE_MS, not per chunk: the meter needs far fewer (and Node's socket.bytesWritten,
+    // which an earlier meter read, walks the socket's whole write queue on each call: 138 ms of send's 4 s).
     if (now - this.rateSampledAtMs >= LINK_RATE_SAMPLE_MS) {
       this.rateSampledAtMs = now;
       this.linkRate.sample(now, {
-        sentBytes: upstream.bytesWritten - queuedBytes,
+        sentBytes: bytesToKernel(upstream),
         queuedBytes,
         receivedBytes: 0,
       });

@@ -45,6 +45,7 @@ import type { Writable } from "node:stream";
 import type { ConnectionOptions } from "node:tls";
 import { type Endpoint, formatEndpoint, isUnixEndpoint, type TcpEndpoint } from "../transport/endpoint.ts";
 import {
+  bytesToKernel,
   connect,
   describePeer,
   halfClose,
@@ -407,7 +408,7 @@ class Channel {
     const up = this.#upstream;
     const receivedBytes = this.bytesFromSource;
     if (!up) return { sentBytes: 0, queuedBytes: 0, receivedBytes };
-    return { sentBytes: up.bytesWritten - up.writableLength, queuedBytes: up.writableLength, receivedBytes };
+    return { sentBytes: bytesToKernel(up), queuedBytes: up.writableLength, receivedBytes };
   }
 
   report(): ChannelReport {
