@@ -269,25 +269,35 @@ export function connect(endpoint: Endpoint, options: ConnectOptions = {}): Socke
   });
 }
 
-/** The two counters of a libuv stream handle (TCPWrap, PipeWrap, TLSWrap) that {@link bytesToKernel} reads. */
+/** The counters of a libuv stream handle (TCPWrap, PipeWrap) that {@link bytesToKernel} reads. */
 interface HandleCounters {
-  bytesWritten?: unknown;
-  writeQueueSize?: unknown;
+  bytesWritten: number;
+  writeQueueSize: number;
+}
+
+function counters(handle: unknown): HandleCounters | undefined {
+  if (typeof handle !== "object" || handle === null) return undefined;
+  const h = handle as Partial<Record<keyof HandleCounters, unknown>>;
+  return typeof h.bytesWritten === "number" && typeof h.writeQueueSize === "number"
+    ? (h as HandleCounters)
+    : undefined;
 }
 
 /**
- * Bytes of `socket`'s writes that have left this process (the kernel took them; for TLS, the plaintext whose
- * records it took), byte-exact as the kernel drains the socket: the handle's bytesWritten (all handed to libuv)
- * less its writeQueueSize (what libuv still holds). Not `socket.bytesWritten - socket.writableLength`: Node
- * hands its whole queue to libuv as one writev and counts it off only once all of it went out, so that figure
- * moves in steps of the queue's size. With the relay's 64 MiB read-ahead the steps were 64 MB, and a 500 ms
- * window over them read a 120 MB/s link as up to 225 MB/s (measured over the lab's shaped veth; the handle's
- * counters read 120-121). Falls back to that figure where the handle does not have the counters.
+ * Bytes of `socket`'s writes that have left this process (the kernel took them), byte-exact as the kernel drains
+ * the socket: the stream handle's bytesWritten (all handed to libuv) less its writeQueueSize (what libuv still
+ * holds). Not `socket.bytesWritten - socket.writableLength`: Node hands its whole queue to libuv as one writev and
+ * counts it off only once all of it went out, so that figure moves in steps of the queue's size. With the relay's
+ * 64 MiB read-ahead the steps were 64 MB, and a 500 ms window over them read a 120 MB/s link as up to 225 MB/s
+ * (measured over the lab's shaped veth; the handle's counters read 120-121). A TLS socket's own handle (TLSWrap)
+ * counts the same steps, so for TLS this reads the TCP handle under it (`_parent`): TLS record bytes, the
+ * plaintext plus ~0.1% of record framing (and the handshake's few KiB). Falls back to the socket's figure where
+ * neither handle has the counters.
  */
 export function bytesToKernel(socket: Socket): number {
-  const handle = (socket as Socket & { _handle?: HandleCounters | null })._handle;
-  if (handle && typeof handle.bytesWritten === "number" && typeof handle.writeQueueSize === "number")
-    return handle.bytesWritten - handle.writeQueueSize;
+  const handle = (socket as Socket & { _handle?: { _parent?: unknown } | null })._handle;
+  const stream = counters(handle?._parent) ?? (socket instanceof TLSSocket ? undefined : counters(handle));
+  if (stream) return stream.bytesWritten - stream.writeQueueSize;
   return socket.bytesWritten - socket.writableLength;
 }
 
