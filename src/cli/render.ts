@@ -324,7 +324,11 @@ export function renderSwitchover(g: SwitchoverGuardReport): string {
     g.mode === "avail-switchover-bandwidth"
       ? `avail-switchover-bandwidth set ${g.updates} times, lowest ${mb(g.lowestGivenBytesPerSecond ?? 0)}/s (relay read-ahead ${mb(g.readAheadBytes)} deducted)`
       : `downtime-limit lowered ${g.updates} times, to ${g.lowestDowntimeLimitMs ?? "-"} ms at least`;
-  return `switchover guard: link measured at ${mb(g.linkBytesPerSecond)}/s; ${told}${g.errors > 0 ? `; ${g.errors} QMP errors` : ""}`;
+  const glided =
+    g.glidingTicks > 0
+      ? `; near the end, ${g.glidingTicks} ticks let the link run ahead of QEMU's pass end`
+      : "";
+  return `switchover guard: link measured at ${mb(g.linkBytesPerSecond)}/s; ${told}${glided}${g.errors > 0 ? `; ${g.errors} QMP errors` : ""}`;
 }
 
 /**

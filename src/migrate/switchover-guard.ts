@@ -21,13 +21,20 @@
  *   keeps a threshold of a few bytes, never 0, see HOLD_AVAIL_BYTES_PER_SECOND);
  * - near the end: the relay may hold C = min(max, r·L·READ_AHEAD_SHARE) (a reader paused over its bound resumes only once the
  *   socket holds less than half of it, stream/relay.ts RESUME_BELOW_SHARE, so the backlog falls below C before
- *   QEMU moves on), and QEMU may count on r − C/L:
- * - QEMU ≥ 8.2: migration parameter `avail-switchover-bandwidth` = min(r − C/L, q) (bytes/s; qapi/migration.json,
- *   "Since 8.2": used only for the switchover decision, not a limit), q being QEMU's own rate in its last window.
- *   QEMU's test `remaining ≤ avail × L` then reads `remaining + C ≤ r × L` and `remaining ≤ q × L`: the pause
- *   stays within L however full the relay is, and however slowly the source itself writes.
+ *   QEMU moves on), plus what the link can carry before QEMU can possibly reach the end of its pass: QEMU needs at
+ *   least R/v for what it has left, v being the fastest it ever fed the relay, so the relay may hold
+ *   B = min(max, C + r·(R/v − h)), h ({@link GLIDE_HORIZON_SECONDS}) covering the time until the guard's next
+ *   tick. B glides down to C as R shrinks, and whenever QEMU ends its pass (and may stop the guest) the relay
+ *   holds no more than C. With C alone from here on, the link idled through every pruned stretch near the end of
+ *   the first pass, about 0.2 s each on the mixed guest (bench:link trace, issue 12): QEMU walks those at
+ *   300-400 MB/s and sends the relay almost nothing to forward. QEMU may count on r − B/L:
+ * - QEMU ≥ 8.2: migration parameter `avail-switchover-bandwidth` = min(r − B/L, q) (bytes/s; qapi/migration.json,
+ *   "Since 8.2": used only for the switchover decision, not a limit), q being QEMU's own rate in its last window,
+ *   the hold while that is not positive. QEMU's test `remaining ≤ avail × L` then reads `remaining + B ≤ r × L`
+ *   and `remaining ≤ q × L`: the pause stays within L however full the relay is, and however slowly the source
+ *   itself writes.
  * - Older QEMU (7.2): the threshold can only be moved through `downtime-limit`, so while the migration is active
- *   the guard sets it to L × (r − C/L) / QEMU's rate, never above the operator's limit, at least 1 ms. QEMU's rate
+ *   the guard sets it to L × (r − B/L) / QEMU's rate, never above the operator's limit, at least 1 ms. QEMU's rate
  *   is the fastest it has been (query-migrate `ram.mbps` of its last window, or the peak the relay was fed): it
  *   jumps between dense and free stretches faster than the guard can follow, and a limit computed from a slow
  *   window would let a fast one overshoot. A `downtime-limit` someone else sets meanwhile becomes the new
@@ -60,6 +67,12 @@ export const READ_AHEAD_SHARE = 0.1;
  */
 const FAR_HORIZON_SECONDS = 0.3;
 /**
+ * Near the end, the read-ahead B set at one tick must still hold when QEMU could have reached its pass end: the
+ * guard's next tick comes after GUARD_INTERVAL_MS (100 ms), later on a busy event loop (20-30 ms late seen in
+ * bench:link's guard traces), so B counts only what the link carries from h after this tick on.
+ */
+export const GLIDE_HORIZON_SECONDS = 0.15;
+/**
  * The "hold on" rate: the least avail-switchover-bandwidth that still leaves QEMU a non-zero switchover threshold.
  * 0 means "estimate it yourself" (qapi/migration.json). QEMU 10.0 computes threshold = avail / 1000 (integer
  * division, bytes per ms) × downtime-limit (migration/migration.c migration_update_counters), so anything below
@@ -84,6 +97,8 @@ export interface SwitchoverGuardReport {
   readAheadBytes: number;
   /** The largest read-ahead bound set (far from the end). */
   peakReadAheadBytes: number;
+  /** Ticks near the end whose read-ahead was above C: the link carried ahead of QEMU's pass end (see the top). */
+  glidingTicks: number;
   /** downtime-limit mode: the lowest limit set (ms), null if never lowered. */
   lowestDowntimeLimitMs: number | null;
   /** QMP calls that failed (the guard keeps going; the source QEMU decides as it would without it). */
@@ -112,6 +127,7 @@ export class SwitchoverGuard {
   private lastLinkRate: number | undefined;
   private readAheadBytes = 0;
   private peakReadAheadBytes = 0;
+  private glidingTicks = 0;
   private updates = 0;
   private operatorLimit: number;
   private setLimit: number | undefined;
@@ -187,10 +203,17 @@ export class SwitchoverGuard {
         ? 0
         : far
           ? this.readAhead.maxBytes
-          : Math.floor(Math.min(this.readAhead.maxBytes, budgetBytes * READ_AHEAD_SHARE));
+          : this.nearReadAhead(
+              this.readAhead.maxBytes,
+              budgetBytes,
+              bytesPerSecond,
+              info.ram?.remaining,
+              inflowPeakBytesPerSecond,
+            );
       this.readAhead?.set(readAheadBytes);
       this.readAheadBytes = readAheadBytes;
       if (readAheadBytes > this.peakReadAheadBytes) this.peakReadAheadBytes = readAheadBytes;
+      // Not positive while the read-ahead holds more than the link carries within the limit: the hold, then.
       const rate = far ? HOLD_AVAIL_BYTES_PER_SECOND : bytesPerSecond - readAheadBytes / limitSeconds;
       if (TRACE)
         this.log(
@@ -216,6 +239,25 @@ export class SwitchoverGuard {
       if (this.errors === 1)
         this.log(`switchover guard: ${error instanceof Error ? error.message : String(error)}`);
     }
+  }
+
+  /** Near the end: C, plus what the link carries before QEMU can reach its pass end (B at the top). */
+  private nearReadAhead(
+    maxBytes: number,
+    budgetBytes: number,
+    linkBytesPerSecond: number,
+    remainingBytes: number | undefined,
+    inflowPeakBytesPerSecond: number | undefined,
+  ): number {
+    const near = Math.min(maxBytes, budgetBytes * READ_AHEAD_SHARE);
+    const secondsToPassEnd =
+      remainingBytes !== undefined && inflowPeakBytesPerSecond !== undefined && inflowPeakBytesPerSecond > 0
+        ? remainingBytes / inflowPeakBytesPerSecond
+        : 0;
+    const glide = linkBytesPerSecond * (secondsToPassEnd - GLIDE_HORIZON_SECONDS);
+    if (glide <= 0 || near >= maxBytes) return Math.floor(near);
+    this.glidingTicks++;
+    return Math.floor(Math.min(maxBytes, near + glide));
   }
 
   private async tickAvail(rate: number): Promise<void> {
@@ -283,6 +325,7 @@ export class SwitchoverGuard {
       updates: this.updates,
       readAheadBytes: this.readAheadBytes,
       peakReadAheadBytes: this.peakReadAheadBytes,
+      glidingTicks: this.glidingTicks,
       lowestDowntimeLimitMs: this.lowestLimit ?? null,
       errors: this.errors,
     };
