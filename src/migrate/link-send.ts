@@ -41,11 +41,12 @@ export const REF_SECTOR_BYTES = 512;
  * When clean cache pages go as references: "always", or "link-busy" (the default): only while the link is what
  * holds the migration back (bytes queue for it, it drains slowly, and receive says it is not itself the slow one:
  * {@link RECEIVE_BUSY_PERMILLE}). A reference costs the pipeline more than a whole page: send hashes the page (SHA-256)
- * and places it on the disk, receive reads the disk and hashes it again. Measured on the lab's 2-core host
- * (bench:send-cpu, CPU profiles of send and receive in issue 12's notes): about 14 µs more of send's CPU and 10 µs
- * more of receive's per reference, ~24 µs, while a 1 Gbit/s link carries 4 KiB in 33 µs and a 10 Gbit/s one in
- * 3.3 µs. So a reference pays only while bytes queue for the link and the link drains slower than
- * {@link REFS_PAY_BELOW_BYTES_PER_SECOND}; otherwise the whole page is faster, and the pages sent whole in
+ * and places it on the disk, receive reads the disk and hashes it again. Measured on the lab's 2-core host: about
+ * 14 µs more of send's CPU and 10 µs more of receive's per reference in isolation (bench:send-cpu, CPU profiles),
+ * and 43 µs of the live pipeline's time per reference (bench:link, refs always: 36,857 references in 1.6 s with
+ * send saturated and the link idle; issue 12's notes), while a 1 Gbit/s link carries 4 KiB in 34 µs and a
+ * 10 Gbit/s one in 3.4 µs. So a reference pays only while bytes queue for the link and the link drains slower
+ * than {@link REFS_PAY_BELOW_BYTES_PER_SECOND}; otherwise the whole page is faster, and the pages sent whole in
  * between keep the link fed.
  */
 export const REFS_WHEN = ["link-busy", "always"] as const;
@@ -63,11 +64,14 @@ const REFS_WHEN_QUEUED_SHARE_OF_BOUND = 0.25;
 
 /**
  * "link-busy": the link rate (bytes/s, LinkRateMeter over this channel's upstream) at which a reference and a
- * whole page cost the same: 4096 B / ~24 µs (the doc of REFS_WHEN). A link measured faster than this (a fast
- * network, or a receive on this host, whose own CPU is what drains it) gets whole pages even while bytes queue;
- * until a rate is measured (500 ms of backlog), a backed-up link gets references.
+ * whole page cost the same: 4096 B / 43 µs, the live pipeline's time per reference (the doc of REFS_WHEN). A link
+ * measured faster than this (1 Gbit/s and up, or a receive on this host, whose own CPU is what drains it) gets
+ * whole pages even while bytes queue; until a rate is measured (500 ms of backlog), a backed-up link gets
+ * references. (It was 170 MB/s from the isolated ~24 µs, while the meter read a 1 Gbit/s link as 146-185 MB/s and
+ * so mostly kept references off there; once the meter read 120 MB/s, link-busy made 8-11k references per mixed
+ * migration and resumed later: 3.88 s against 3.64-3.68 s with none, bench:link medians of 3.)
  */
-export const REFS_PAY_BELOW_BYTES_PER_SECOND = 170_000_000;
+export const REFS_PAY_BELOW_BYTES_PER_SECOND = 95_000_000;
 
 /**
  * "link-busy", with a receive that reports its load (link/protocol.ts "Load reports"): bytes queue for the link
