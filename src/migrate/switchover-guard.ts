@@ -199,17 +199,21 @@ export class SwitchoverGuard {
         this.readAhead !== undefined &&
         inflowPeakBytesPerSecond !== undefined &&
         (info.ram?.remaining ?? 0) > budgetBytes + inflowPeakBytesPerSecond * FAR_HORIZON_SECONDS;
+      const nearBytes = this.readAhead
+        ? Math.floor(Math.min(this.readAhead.maxBytes, budgetBytes * READ_AHEAD_SHARE))
+        : 0;
       const readAheadBytes = !this.readAhead
         ? 0
         : far
           ? this.readAhead.maxBytes
-          : this.nearReadAhead(
+          : this.glide(
               this.readAhead.maxBytes,
-              budgetBytes,
+              nearBytes,
               bytesPerSecond,
               info.ram?.remaining,
               inflowPeakBytesPerSecond,
             );
+      if (!far && readAheadBytes > nearBytes) this.glidingTicks++;
       this.readAhead?.set(readAheadBytes);
       this.readAheadBytes = readAheadBytes;
       if (readAheadBytes > this.peakReadAheadBytes) this.peakReadAheadBytes = readAheadBytes;
@@ -242,22 +246,19 @@ export class SwitchoverGuard {
   }
 
   /** Near the end: C, plus what the link carries before QEMU can reach its pass end (B at the top). */
-  private nearReadAhead(
+  private glide(
     maxBytes: number,
-    budgetBytes: number,
+    nearBytes: number,
     linkBytesPerSecond: number,
     remainingBytes: number | undefined,
     inflowPeakBytesPerSecond: number | undefined,
   ): number {
-    const near = Math.min(maxBytes, budgetBytes * READ_AHEAD_SHARE);
     const secondsToPassEnd =
       remainingBytes !== undefined && inflowPeakBytesPerSecond !== undefined && inflowPeakBytesPerSecond > 0
         ? remainingBytes / inflowPeakBytesPerSecond
         : 0;
-    const glide = linkBytesPerSecond * (secondsToPassEnd - GLIDE_HORIZON_SECONDS);
-    if (glide <= 0 || near >= maxBytes) return Math.floor(near);
-    this.glidingTicks++;
-    return Math.floor(Math.min(maxBytes, near + glide));
+    const ahead = Math.max(0, linkBytesPerSecond * (secondsToPassEnd - GLIDE_HORIZON_SECONDS));
+    return Math.floor(Math.min(maxBytes, nearBytes + ahead));
   }
 
   private async tickAvail(rate: number): Promise<void> {

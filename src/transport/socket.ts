@@ -296,7 +296,7 @@ function counters(handle: unknown): HandleCounters | undefined {
  */
 export function bytesToKernel(socket: Socket): number {
   const handle = (socket as Socket & { _handle?: { _parent?: unknown } | null })._handle;
-  const stream = counters(handle?._parent) ?? (socket instanceof TLSSocket ? undefined : counters(handle));
+  const stream = counters(socket instanceof TLSSocket ? handle?._parent : handle);
   if (stream) return stream.bytesWritten - stream.writeQueueSize;
   return socket.bytesWritten - socket.writableLength;
 }

@@ -6,11 +6,11 @@
 import { randomBytes } from "node:crypto";
 import { once } from "node:events";
 import { mkdtempSync, rmSync } from "node:fs";
-import { connect, createServer, type Server, type Socket } from "node:net";
+import { connect, createServer, type Server, type ServerOpts, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { TestContext } from "node:test";
-import { type Endpoint, isUnixEndpoint } from "../../src/transport/endpoint.ts";
+import { type Endpoint, isUnixEndpoint, type TcpEndpoint } from "../../src/transport/endpoint.ts";
 
 export const MiB = 1024 * 1024;
 
@@ -18,6 +18,32 @@ export function tempDir(t: TestContext): string {
   const dir = mkdtempSync(join(tmpdir(), "vmprune-test-"));
   t.after(() => rmSync(dir, { recursive: true, force: true }));
   return dir;
+}
+
+/**
+ * A TCP server on 127.0.0.1 (any port) for one test, half-open by default: `onConnection` gets each accepted
+ * socket (an error on it is the test's to check, never an uncaught one); the server and its sockets go when the
+ * test ends.
+ */
+export async function localServer(
+  t: TestContext,
+  onConnection: (socket: Socket, index: number) => void,
+  options: ServerOpts = {},
+): Promise<{ endpoint: TcpEndpoint; server: Server; sockets: Socket[] }> {
+  const sockets: Socket[] = [];
+  const server = createServer({ allowHalfOpen: true, ...options }, (socket) => {
+    socket.on("error", () => {});
+    sockets.push(socket);
+    onConnection(socket, sockets.length - 1);
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  t.after(() => {
+    for (const socket of sockets) socket.destroy();
+    server.close();
+  });
+  const address = server.address();
+  if (!address || typeof address !== "object") throw new Error("the test server has no TCP address");
+  return { endpoint: { host: "127.0.0.1", port: address.port }, server, sockets };
 }
 
 export interface FakeDestination {

@@ -5,30 +5,17 @@
  */
 import assert from "node:assert/strict";
 import { once } from "node:events";
-import { connect, createServer, type Socket } from "node:net";
+import { connect, type Socket } from "node:net";
 import { type TestContext, test } from "node:test";
 import { type ChannelCodec, Relay } from "../../src/stream/relay.ts";
 import type { TcpEndpoint } from "../../src/transport/endpoint.ts";
-import { MiB } from "../support/fake-peers.ts";
+import { localServer, MiB } from "../support/fake-peers.ts";
 
 const HOST = "127.0.0.1";
 
 /** A destination that runs `onConnection` for each accepted socket. */
 async function destination(t: TestContext, onConnection: (socket: Socket) => void): Promise<TcpEndpoint> {
-  const sockets: Socket[] = [];
-  const server = createServer({ allowHalfOpen: true }, (socket) => {
-    socket.on("error", () => {});
-    sockets.push(socket);
-    onConnection(socket);
-  });
-  await new Promise<void>((resolve) => server.listen(0, HOST, resolve));
-  t.after(() => {
-    for (const s of sockets) s.destroy();
-    server.close();
-  });
-  const address = server.address();
-  assert.ok(address && typeof address === "object");
-  return { host: HOST, port: address.port };
+  return (await localServer(t, onConnection)).endpoint;
 }
 
 /** The plain relay's codec, optionally with what it tells the source when the destination fails. */

@@ -22,6 +22,7 @@ import {
   Relay,
   type RelayOptions,
 } from "../../src/stream/relay.ts";
+import { localServer } from "../support/fake-peers.ts";
 
 const MiB = 1024 * 1024;
 /** Per test, so that a regression fails instead of hanging the suite. */
@@ -41,20 +42,8 @@ async function fakeDestination(
   onConnection: (socket: Socket, index: number) => void = () => {},
   options: ServerOpts = {},
 ): Promise<FakeDestination> {
-  const sockets: Socket[] = [];
-  const server = createServer({ allowHalfOpen: true, ...options }, (socket) => {
-    socket.on("error", () => {});
-    sockets.push(socket);
-    onConnection(socket, sockets.length - 1);
-  });
-  await new Promise<void>((resolve) => server.listen(0, HOST, resolve));
-  t.after(() => {
-    for (const socket of sockets) socket.destroy();
-    server.close();
-  });
-  const address = server.address();
-  assert.ok(address && typeof address === "object");
-  return { port: address.port, server, sockets };
+  const { endpoint, server, sockets } = await localServer(t, onConnection, options);
+  return { port: endpoint.port, server, sockets };
 }
 
 async function startRelay(t: TestContext, port: number, options: Partial<RelayOptions> = {}): Promise<Relay> {

@@ -8,32 +8,23 @@
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { once } from "node:events";
-import { createServer, type Socket } from "node:net";
+import type { Socket } from "node:net";
 import { test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
 import { bytesToKernel, connect } from "../../src/transport/socket.ts";
 import { type LinkSecurity, tlsClientOptions, tlsServer } from "../../src/transport/tls.ts";
-
-const MiB = 1024 * 1024;
+import { localServer, MiB } from "../support/fake-peers.ts";
 
 for (const mode of ["plain TCP", "TLS"] as const) {
   test(`bytesToKernel follows what the kernel took, not Node's writev steps (${mode})`, async (t) => {
     const security: LinkSecurity = { mode: "psk", key: randomBytes(32) };
     const secure = mode === "TLS" ? tlsServer(security) : undefined;
     const accepted: Promise<Socket>[] = [];
-    const raws: Socket[] = [];
-    const server = createServer({ pauseOnConnect: true, allowHalfOpen: true }, (raw) => {
-      raws.push(raw);
-      accepted.push(secure ? secure(raw) : Promise.resolve(raw));
-    });
-    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-    t.after(() => {
-      for (const s of raws) s.destroy();
-      server.close();
-    });
-    const address = server.address();
-    assert.ok(address && typeof address === "object");
-    const endpoint = { host: "127.0.0.1", port: address.port };
+    const { endpoint } = await localServer(
+      t,
+      (raw) => accepted.push(secure ? secure(raw) : Promise.resolve(raw)),
+      { pauseOnConnect: true },
+    );
     const tls = secure ? tlsClientOptions(security, endpoint) : undefined;
     const writer = connect(endpoint, tls ? { tls } : {});
     t.after(() => writer.destroy());

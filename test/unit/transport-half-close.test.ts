@@ -8,12 +8,13 @@
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { once } from "node:events";
-import { createServer, type Server, type Socket } from "node:net";
+import type { Socket } from "node:net";
 import { type TestContext, test } from "node:test";
 import { type ChannelCodec, Relay } from "../../src/stream/relay.ts";
 import type { TcpEndpoint } from "../../src/transport/endpoint.ts";
 import { halfClose, connect as transportConnect } from "../../src/transport/socket.ts";
 import { type LinkSecurity, tlsClientOptions, tlsServer } from "../../src/transport/tls.ts";
+import { localServer } from "../support/fake-peers.ts";
 
 const HOST = "127.0.0.1";
 /** Many small writes back to back: each is a TLS record of its own, and several arrive in one read. */
@@ -24,26 +25,25 @@ const RECORD_BYTES = 100;
 async function burstingTlsServer(t: TestContext, security: LinkSecurity): Promise<TcpEndpoint> {
   const secure = tlsServer(security);
   assert.ok(secure);
-  const sockets: Socket[] = [];
-  const server: Server = createServer({ allowHalfOpen: true, pauseOnConnect: true }, (raw) => {
-    raw.on("error", () => {});
-    void secure(raw).then((socket) => {
-      sockets.push(socket);
-      socket.on("error", () => {});
-      socket.resume(); // reads the client's end
-      const record = Buffer.alloc(RECORD_BYTES, 0x5a);
-      for (let i = 0; i < RECORDS; i++) socket.write(record);
-      socket.end();
-    });
-  });
-  await new Promise<void>((resolve) => server.listen(0, HOST, resolve));
+  const secured: Socket[] = [];
+  const server = await localServer(
+    t,
+    (raw) => {
+      void secure(raw).then((socket) => {
+        secured.push(socket);
+        socket.on("error", () => {});
+        socket.resume(); // reads the client's end
+        const record = Buffer.alloc(RECORD_BYTES, 0x5a);
+        for (let i = 0; i < RECORDS; i++) socket.write(record);
+        socket.end();
+      });
+    },
+    { pauseOnConnect: true },
+  );
   t.after(() => {
-    for (const s of sockets) s.destroy();
-    server.close();
+    for (const s of secured) s.destroy();
   });
-  const address = server.address();
-  assert.ok(address && typeof address === "object");
-  return { host: HOST, port: address.port };
+  return server.endpoint;
 }
 
 test("halfClose from a TLS socket's own 'data' handler loses none of that read; a plain socket ends at once", async (t) => {
@@ -66,12 +66,8 @@ test("halfClose from a TLS socket's own 'data' handler loses none of that read; 
   );
   assert.ok(client.writableEnded, "and the client did half-close");
 
-  const plain = createServer((s) => s.resume());
-  await new Promise<void>((resolve) => plain.listen(0, HOST, resolve));
-  t.after(() => plain.close());
-  const address = plain.address();
-  assert.ok(address && typeof address === "object");
-  const socket = transportConnect({ host: HOST, port: address.port });
+  const plain = await localServer(t, (s) => s.resume());
+  const socket = transportConnect(plain.endpoint);
   t.after(() => socket.destroy());
   await once(socket, "connect");
   halfClose(socket);
