@@ -318,8 +318,12 @@ export function renderReceiveReport(r: ReceiveReport): string {
 /** What the switchover guard told the source QEMU (migrate/switchover-guard.ts). */
 export function renderSwitchover(g: SwitchoverGuardReport): string {
   if (g.linkBytesPerSecond === null)
-    return "switchover guard: no link-bound stretch measured; QEMU decided on its own estimate";
+    return "switchover guard: the link never carried a whole window; QEMU decided on its own estimate";
   const mb = (bytes: number) => `${(bytes / 1e6).toFixed(1)} MB`;
+  const rate =
+    g.linkRateSource === "carried"
+      ? `no link-bound stretch (send was the slower side), counted on what the link carried, ${mb(g.linkBytesPerSecond)}/s`
+      : `link measured at ${mb(g.linkBytesPerSecond)}/s`;
   const told =
     g.mode === "avail-switchover-bandwidth"
       ? `avail-switchover-bandwidth set ${g.updates} times, lowest ${mb(g.lowestGivenBytesPerSecond ?? 0)}/s (relay read-ahead ${mb(g.readAheadBytes)} deducted)`
@@ -328,7 +332,7 @@ export function renderSwitchover(g: SwitchoverGuardReport): string {
     g.glidingTicks > 0
       ? `; near the end, ${g.glidingTicks} ticks let the link run ahead of QEMU's pass end`
       : "";
-  return `switchover guard: link measured at ${mb(g.linkBytesPerSecond)}/s; ${told}${glided}${g.errors > 0 ? `; ${g.errors} QMP errors` : ""}`;
+  return `switchover guard: ${rate}; ${told}${glided}${g.errors > 0 ? `; ${g.errors} QMP errors` : ""}`;
 }
 
 /**

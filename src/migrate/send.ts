@@ -371,6 +371,7 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
           meter.sample(performance.now(), started.upstreamDrain());
           return {
             bytesPerSecond: meter.bytesPerSecond,
+            carriedBytesPerSecond: meter.carriedBytesPerSecond,
             inflowPeakBytesPerSecond: meter.inflowPeakBytesPerSecond,
           };
         },

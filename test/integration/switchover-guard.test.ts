@@ -4,9 +4,10 @@
  *   can feed in 0.3 s) the relay may read far ahead and QEMU is held (avail-switchover-bandwidth 1000 B/s); near
  *   it, `avail-switchover-bandwidth` is the link's rate less the relay's read-ahead per downtime limit (half what
  *   the link carries within the limit, capped), never more than QEMU's own rate, follows a changed
- *   downtime-limit, and goes back to 0 at the end. While QEMU could not reach its pass end within the glide
- *   horizon even at its fastest, the read-ahead is larger by what the link carries meanwhile, and QEMU counts on
- *   that much less.
+ *   downtime-limit, and goes back to 0 at the end. Until a window is link-bound, the rate is what the link
+ *   carried (send the slower side), and the same rules apply to it. While QEMU could not reach its pass end
+ *   within the glide horizon even at its fastest, the read-ahead is larger by what the link carries meanwhile,
+ *   and QEMU counts on that much less.
  * - QEMU 10.0, a guest that keeps dirtying memory and a faster migration: the hold lasts through pass ends (a
  *   hold of 1 B/s made QEMU's threshold 0, and QEMU then stopped the guest at the end of the first pass with
  *   everything dirtied meanwhile unsent).
@@ -90,13 +91,18 @@ test("QEMU 10.0: held far from the end; near it, avail-switchover-bandwidth is t
   await withMigratingGuest("10.0", async (pair, tool) => {
     assert.equal((await parameters(pair.src.monitor))["avail-switchover-bandwidth"], 0, "QEMU's default");
     let rate: number | undefined;
+    let carried: number | undefined;
     let inflow: number | undefined;
     const readAheads: number[] = [];
     // A small read-ahead cap, so that it binds at limits QEMU cannot reach with what it has left.
     const maxReadAhead = 256 << 10;
     const guard = await SwitchoverGuard.start({
       qmp: tool,
-      link: () => ({ bytesPerSecond: rate, inflowPeakBytesPerSecond: inflow }),
+      link: () => ({
+        bytesPerSecond: rate,
+        carriedBytesPerSecond: carried,
+        inflowPeakBytesPerSecond: inflow,
+      }),
       readAhead: { maxBytes: maxReadAhead, set: (bytes) => readAheads.push(bytes) },
     });
     assert.equal(guard.mode, "avail-switchover-bandwidth");
@@ -107,6 +113,24 @@ test("QEMU 10.0: held far from the end; near it, avail-switchover-bandwidth is t
       "no link-bound window yet: QEMU decides on its own",
     );
     assert.deepEqual(readAheads, [], "and the relay keeps its default bound");
+    // The link carried 2 MB/s in a window, but never with bytes waiting throughout (send was the slower side):
+    // the guard counts on what it carried. Far from the end, the hold; near it, 2 MB/s less its read-ahead.
+    carried = 2_000_000;
+    inflow = 0;
+    await until(
+      () => parameters(pair.src.monitor),
+      (p) => p["avail-switchover-bandwidth"] === HOLD_AVAIL_BYTES_PER_SECOND,
+      "QEMU held on what the link carried, with no link-bound window",
+    );
+    inflow = 1e15;
+    const nearEndCarried = Math.floor(2_000_000 * 0.3 * READ_AHEAD_SHARE);
+    await until(
+      () => parameters(pair.src.monitor),
+      (p) => p["avail-switchover-bandwidth"] === Math.round(2_000_000 - nearEndCarried / 0.3),
+      `what the link carried, 2 MB/s, less ${nearEndCarried} B / 0.3 s`,
+    );
+    assert.equal(readAheads.at(-1), nearEndCarried);
+    // A link-bound window, once there is one, is the rate (below, 1 MB/s: less than the link carried here).
     // Far from the end: a 1 MB/s link carries 0.3 MB within 300 ms, and QEMU has far more left.
     rate = 1_000_000;
     inflow = 0;
@@ -177,6 +201,7 @@ test("QEMU 10.0: held far from the end; near it, avail-switchover-bandwidth is t
     assert.equal((await pair.src.monitor.execute("query-migrate")).status, "active");
     const report = await guard.stop();
     assert.equal(report.linkBytesPerSecond, 50_000_000);
+    assert.equal(report.linkRateSource, "link-bound");
     assert.equal(report.lowestGivenBytesPerSecond, HOLD_AVAIL_BYTES_PER_SECOND, "the hold");
     assert.equal(report.readAheadBytes, maxReadAhead);
     assert.equal(report.peakReadAheadBytes, maxReadAhead);

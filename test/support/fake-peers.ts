@@ -109,11 +109,13 @@ export async function fakeDestination(
 /**
  * Connects to a unix socket path (or any endpoint), writes `payload` (honouring backpressure), half-closes;
  * resolves with the replies once the socket has closed, with `error` set if it did not end cleanly (a refused
- * connection is cut).
+ * connection is cut). `connected` is called once connected; the half-close waits for `endAfter` (a source that
+ * keeps its main channel open while its multifd channels connect, as QEMU does).
  */
 export async function sourceSends(
   to: string | Endpoint,
   payload: Buffer,
+  options: { connected?: () => void; endAfter?: Promise<unknown> } = {},
 ): Promise<{ replies: Buffer; error?: string }> {
   const endpoint = endpointOf(to);
   const socket = isUnixEndpoint(endpoint)
@@ -131,12 +133,14 @@ export async function sourceSends(
     socket.once("connect", resolve);
     socket.once("close", resolve);
   });
+  options.connected?.();
   for (let at = 0; at < payload.length && !socket.destroyed; at += MiB)
     if (!socket.write(payload.subarray(at, at + MiB)))
       await new Promise<void>((resolve) => {
         socket.once("drain", resolve);
         socket.once("close", resolve);
       });
+  await options.endAfter;
   if (!socket.destroyed) socket.end();
   await closed;
   return { replies: Buffer.concat(replies), ...(error ? { error } : {}) };

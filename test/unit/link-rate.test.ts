@@ -1,6 +1,7 @@
 /**
  * LinkRateMeter: the link's rate is the fastest the relay's upstream drained over a whole window during which
- * bytes waited at every sample; stretches without a backlog (the source was the slow side) never count.
+ * bytes waited at every sample; stretches without a backlog (the source was the slow side) never count. Beside
+ * it, what the link carried: the fastest whole window, backlog or not.
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
@@ -67,4 +68,23 @@ test("inflow peak: the fastest the source fed the relay between two samples, bac
   meter.sample(100, { sentBytes: 0, queuedBytes: 0, receivedBytes: 38_000_000 });
   meter.sample(200, { sentBytes: 0, queuedBytes: 1, receivedBytes: 40_000_000 });
   assert.equal(meter.inflowPeakBytesPerSecond, 380_000_000);
+});
+
+test("carried: the fastest whole window, backlog or not, while the link-bound rate stays unknown", () => {
+  const meter = new LinkRateMeter(500);
+  // send is the slow side: its output comes in bursts, and the queue empties between them.
+  let at = feed(meter, { atMs: 0, sent: 0 }, 4, 100, 2_000_000, 0);
+  assert.equal(meter.carriedBytesPerSecond, undefined, "400 ms of a 500 ms window");
+  for (let i = 0; i < 10; i++) at = feed(meter, at, 1, 100, 8_000_000, i % 2 === 0 ? 4096 : 0);
+  assert.equal(meter.bytesPerSecond, undefined, "never link-bound for a whole window");
+  assert.ok(
+    Math.abs((meter.carriedBytesPerSecond ?? 0) - 80_000_000) < 1,
+    `80 MB/s carried, got ${meter.carriedBytesPerSecond}`,
+  );
+  // A slower stretch does not lower it; a link-bound one is measured beside it.
+  at = feed(meter, at, 10, 100, 1_000_000, 0);
+  assert.ok(Math.abs((meter.carriedBytesPerSecond ?? 0) - 80_000_000) < 1, "kept the fastest");
+  feed(meter, at, 6, 100, 11_000_000, 1 << 20);
+  assert.ok(Math.abs((meter.bytesPerSecond ?? 0) - 110_000_000) < 1, `link-bound ${meter.bytesPerSecond}`);
+  assert.ok(Math.abs((meter.carriedBytesPerSecond ?? 0) - 110_000_000) < 1, "carried follows it up");
 });

@@ -84,10 +84,16 @@ test("two migrations at once, each into the destination its send names, channels
   const mainB = fakeStream(5 * MiB);
   const multifdA = Buffer.concat([Buffer.alloc(4), randomBytes(2 * MiB)]);
   multifdA.writeUInt32BE(MULTIFD_MAGIC, 0);
-  const sentA = sourceSends(sendA.source, mainA);
+  // A's main channel stays open until its multifd one connected, as QEMU's does (a send whose only channel
+  // closed is done).
+  let connected = () => {};
+  const multifdConnected = new Promise<void>((resolve) => {
+    connected = resolve;
+  });
+  const sentA = sourceSends(sendA.source, mainA, { endAfter: multifdConnected });
   const sentB = sourceSends(sendB.source, mainB);
   await new Promise((resolve) => setTimeout(resolve, 50));
-  const sentMultifdA = sourceSends(sendA.source, multifdA);
+  const sentMultifdA = sourceSends(sendA.source, multifdA, { connected });
 
   for (const sent of await Promise.all([sentA, sentB, sentMultifdA]))
     assert.deepEqual(sent, { replies: Buffer.from("PONG") }, "each return path reached its source");

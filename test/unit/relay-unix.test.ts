@@ -31,10 +31,16 @@ test("relay: unix socket in, unix socket out: bytes intact both ways, half-close
   const main = fakeStream(8 * MiB);
   const multifd = Buffer.concat([Buffer.alloc(4), randomBytes(2 * MiB)]);
   multifd.writeUInt32BE(MULTIFD_MAGIC, 0);
-  const mainSent = sourceSends(listenPath, main);
+  // The main channel stays open until the multifd one connected, as QEMU's does: a relay whose only channel
+  // closed is done and stops listening.
+  let connected = () => {};
+  const multifdConnected = new Promise<void>((resolve) => {
+    connected = resolve;
+  });
+  const mainSent = sourceSends(listenPath, main, { endAfter: multifdConnected });
   // The second connection is accepted after the first: the relay keeps that order upstream (rule 1).
   await new Promise((resolve) => setTimeout(resolve, 50));
-  const multifdSent = sourceSends(listenPath, multifd);
+  const multifdSent = sourceSends(listenPath, multifd, { connected });
 
   assert.deepEqual(await mainSent, { replies: Buffer.from("PONG") }, "the return path reached the source");
   assert.deepEqual(await multifdSent, { replies: Buffer.from("PONG") });
