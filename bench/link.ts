@@ -66,6 +66,7 @@
  * Logs go to stderr; stdout gets the table, or with --json the figures.
  */
 
+import { execFileSync } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
@@ -355,7 +356,13 @@ function startLinkTrace(): {
       .filter((l) => l.startsWith("TcpExt:"));
     const en = (ext[0] ?? "").split(" ");
     const ev = (ext[1] ?? "").split(" ");
-    return `retrans ${values[names.indexOf("RetransSegs")]} timeouts ${ev[en.indexOf("TCPTimeouts")]} lost ${ev[en.indexOf("TCPLostRetransmit")]}`;
+    const qdisc = /dropped (\d+)/.exec(
+      execFileSync("tc", ["-s", "qdisc", "show", "dev", SRC_IFNAME], { encoding: "utf8" }),
+    )?.[1];
+    return (
+      `retrans ${values[names.indexOf("RetransSegs")]} timeouts ${ev[en.indexOf("TCPTimeouts")]} lost ${ev[en.indexOf("TCPLostRetransmit")]} ` +
+      `loss probes ${ev[en.indexOf("TCPLossProbes")]} fast ${ev[en.indexOf("TCPFastRetrans")]} qdisc drops ${qdisc ?? "?"}`
+    );
   };
   const tcpBefore = tcp();
   const sample = () => samples.push([Date.now(), Number(readFileSync(path, "utf8"))]);
