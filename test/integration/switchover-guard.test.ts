@@ -206,6 +206,10 @@ test("QEMU 10.0: held far from the end; near it, avail-switchover-bandwidth is t
     assert.equal(report.readAheadBytes, maxReadAhead);
     assert.equal(report.peakReadAheadBytes, maxReadAhead);
     assert.ok(report.glidingTicks >= 1, `${report.glidingTicks} ticks glided`);
+    assert.ok(
+      (report.walkPeakBytesPerSecond ?? 0) > 0,
+      `QEMU's remaining was seen falling: walk peak ${report.walkPeakBytesPerSecond} B/s`,
+    );
     assert.ok(report.updates >= 3, `${report.updates} updates: the hold, near the end, raised`);
     assert.equal(report.errors, 0);
     assert.equal((await parameters(pair.src.monitor))["avail-switchover-bandwidth"], 0, "restored");
