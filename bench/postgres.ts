@@ -124,7 +124,7 @@ async function migrateVmpruneFree(pair: LabPair, route: Route): Promise<RowMigra
   const dst = await pair.startDestination();
   const uri = await prepareIncoming(dst.monitor, { incomingUri: `tcp:${route.dstHost}:0` });
   const run = await migrateThroughInProcessSend(pair, dst, {
-    listenHost: "127.0.0.1",
+    listen: { host: "127.0.0.1" },
     to: { host: route.dstHost, port: tcpAddress(uri).port },
     drop: ["free"],
     parameters: route.parameters,
@@ -143,10 +143,10 @@ async function migrateVmpruneFreeCache(pair: LabPair, route: Route): Promise<Row
   const run = await migrateThroughSendAndReceive(pair, dst, {
     ...(route.link ? { netns: route.link.dstNetns } : {}),
     listenHost: route.dstHost,
-    dstPort: tcpAddress(uri).port,
+    destination: `127.0.0.1:${tcpAddress(uri).port}`,
     receiveDisk: route.diskFormat === "raw" ? raw : `qcow2:${join(pair.diskDir, "data.qcow2")}`,
     send: {
-      listenHost: "127.0.0.1",
+      listen: { host: "127.0.0.1" },
       drop: ["free", "cache"],
       parameters: route.parameters,
       ...(route.diskFormat === "raw" ? { disk: raw } : {}),

@@ -89,7 +89,7 @@ async function migrateThroughSend(pair: LabPair, freePages: number): Promise<Run
   const dst = await pair.startDestination();
   const dstUri = await prepareIncoming(dst.monitor, { incomingUri: `tcp:${HOST}:0` });
   const run = await migrateThroughInProcessSend(pair, dst, {
-    listenHost: HOST,
+    listen: { host: HOST },
     to: tcpAddress(dstUri),
     drop: ["free"],
   });

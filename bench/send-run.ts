@@ -31,7 +31,8 @@ export async function migrateThroughInProcessSend(
   pair: LabPair,
   dst: Vm,
   options: {
-    listenHost: string;
+    /** Where send listens for the source QEMU: a loopback TCP host, or a unix socket path (`{ path }`). */
+    listen: { host: string } | { path: string };
     to: { host: string; port: number };
     drop: readonly Category[];
     parameters?: Record<string, unknown>;
@@ -47,7 +48,8 @@ export async function migrateThroughInProcessSend(
   try {
     const prepStarted = performance.now();
     const send = await startSend({
-      listen: { host: options.listenHost, port: 0 },
+      listen:
+        "path" in options.listen ? { path: options.listen.path } : { host: options.listen.host, port: 0 },
       to: options.to,
       drop: options.drop,
       guest: { qmp: { client: toolQmp, path: pair.src.toolQmpPath } },
@@ -60,7 +62,11 @@ export async function migrateThroughInProcessSend(
     });
     const prepMs = performance.now() - prepStarted;
     try {
-      const result = await runMigration(pair.src.monitor, `tcp:${options.listenHost}:${send.address.port}`, {
+      const uri =
+        "path" in options.listen
+          ? `unix:${options.listen.path}`
+          : `tcp:${options.listen.host}:${send.address.port}`;
+      const result = await runMigration(pair.src.monitor, uri, {
         ...(options.parameters ? { parameters: options.parameters } : {}),
         ...(options.capabilities ? { capabilities: options.capabilities } : {}),
       });
@@ -84,7 +90,8 @@ export async function migrateThroughInProcessSend(
 
 /**
  * The benchmarks' free+cache row: `vmprune receive` as a process (in `netns`, the destination's side of the
- * link, when given) in front of the destination QEMU at 127.0.0.1:`dstPort`, reading `receiveDisk`, with a fresh
+ * link, when given) in front of the destination QEMU at `destination` (127.0.0.1:PORT or unix:PATH), reading
+ * `receiveDisk`, with a fresh
  * key in the pair's folder; the source migrates through the in-process send (`send`'s options less the link),
  * and receive's references are read from its report when it exits. receive is stopped by PID however it ends.
  */
@@ -94,7 +101,8 @@ export async function migrateThroughSendAndReceive(
   options: {
     netns?: string;
     listenHost: string;
-    dstPort: number;
+    /** The destination QEMU's incoming address, as receive's `--to` takes it. */
+    destination: string;
     receiveDisk: string;
     send: Omit<Parameters<typeof migrateThroughInProcessSend>[2], "to" | "link">;
     log: (line: string) => void;
@@ -107,7 +115,7 @@ export async function migrateThroughSendAndReceive(
     command: "receive",
     ...(options.netns ? { netns: options.netns } : {}),
     listen: `${options.listenHost}:0`,
-    to: `127.0.0.1:${options.dstPort}`,
+    to: options.destination,
     extraArgs: ["--link-key", keyPath, "--disk", options.receiveDisk],
   });
   try {
