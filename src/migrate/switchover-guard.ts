@@ -13,9 +13,9 @@
  * hold for the link when the guest stops: they are downtime too, and QEMU does not know of them. Until the relay
  * has seen a window in which bytes waited for the link throughout, r is the most the link carried in a window:
  * less than the link's capacity when send, not the link, is the slower side, and then the truer figure for what
- * the pipeline delivers during the pause. The relay's
- * backlog changes far faster than QEMU re-reads its parameters (every 100 ms) and the guard samples (every
- * 100 ms): a QEMU emitting 380 MB/s fills tens of MB between two updates. So the guard does not chase the
+ * the pipeline delivers during the pause. The relay's backlog changes far faster than QEMU re-reads its
+ * parameters (every 100 ms) and the guard samples (every 100 ms): a QEMU emitting 380 MB/s fills tens of MB
+ * between two updates. So the guard does not chase the
  * backlog; it bounds it, in two phases, by what QEMU still has to send (query-migrate `ram.remaining`, R), with
  * the operator's downtime-limit L:
  * - far from the end (R > r·L + v × 0.3 s, v below, so QEMU cannot reach its
@@ -237,8 +237,8 @@ export class SwitchoverGuard {
       // How fast QEMU can get through what it has left: the faster of what it fed the relay and how fast its
       // remaining fell. Through zero pages QEMU writes almost nothing and its remaining falls far faster than it
       // feeds the relay (730 MB/s against a 369 MB/s peak feed seen in bench:link anon): counted by the feed
-      // alone, the glide below kept 16.6 MB of read-ahead when QEMU was 0.13 s from its pass end, and stopped the
-      // guest with ~10 MB in the relay.
+      // alone, the glide below kept 16.6 MB of read-ahead when QEMU was 0.13 s from its pass end, and QEMU
+      // stopped the guest with ~10 MB in the relay.
       const fastestBytesPerSecond =
         inflowPeakBytesPerSecond === undefined && walkPeak === undefined
           ? undefined
