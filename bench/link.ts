@@ -21,6 +21,10 @@
  * autotuned) held bytes neither QEMU nor the relay counts, and a burst from receive's side met a destination QEMU
  * busy loading: free+cache's guest pause on anon was 145-460 ms (10 runs), against 166-255 ms (5 runs) with unix
  * sockets, plain QEMU 102-182 ms.
+ * Destinations' guest RAM is anonymous memory (VmConfig.anonymousRam), as production guests have it; the source's
+ * is the lab's /dev/shm file, which send reads. With a /dev/shm file at the destination too, a read of an untouched
+ * page allocates and clears it, and QEMU reads every page a ZERO record names: half of the destination QEMU's CPU
+ * (perf, cache-heavy free+cache), and free+cache's pause there was 321-412 ms against 136-181 ms with anonymous RAM.
  * A 512 MiB lab guest (1 vCPU) runs the mixed workload (src/lab/workloads.ts); a fresh pair per migration, rows
  * alternating within each run. Migration `max-bandwidth` is 10 Gbit/s, so the link, not QEMU's cap, limits.
  * Rows:
@@ -399,6 +403,9 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
     qemu: options.qemu,
     memoryMiB: MEMORY_MIB,
     netns: { src: link.srcNetns, dst: link.dstNetns },
+    // Destinations in anonymous memory, as production guests have it (VmConfig.anonymousRam): no oracle here reads
+    // their RAM, and a /dev/shm file made every ZERO record cost the destination a page allocation.
+    anonymousDestinationRam: true,
     ...(spec.balloon ? { balloon: spec.balloon } : {}),
   });
   accelUsed = pair.accel;

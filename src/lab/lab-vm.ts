@@ -53,6 +53,11 @@ export interface LabVmOptions {
   /** Start the source with -S and do not wait for the guest: RAM holds only firmware (tiny streams). */
   frozen?: boolean;
   /**
+   * Destinations' guest RAM in anonymous memory (VmConfig.anonymousRam), for benchmarks whose destinations no
+   * oracle reads and which are never promoted to sources.
+   */
+  anonymousDestinationRam?: boolean;
+  /**
    * Network namespaces (src/lab/netns.ts) to start the source and the destination QEMU in (VmConfig.netns), so
    * that their migration traffic crosses a link between them (src/lab/shaped-link.ts). Absent: this process's
    * namespace. Give `migratePlain` an `incomingUri` on the destination's address then.
@@ -157,6 +162,7 @@ export class LabPair {
       ...(options.ramBackendId ? { ramBackendId: options.ramBackendId } : {}),
       ...(options.balloon ? { balloon: options.balloon } : {}),
       ...(options.netns?.[role] ? { netns: options.netns[role] } : {}),
+      ...(role === "dst" && options.anonymousDestinationRam ? { anonymousRam: true } : {}),
     };
   }
 

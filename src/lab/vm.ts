@@ -55,6 +55,15 @@ export interface VmConfig {
    */
   dimmMiB?: number;
   /**
+   * Guest RAM in anonymous memory (memory-backend-ram), as most production guests have it, instead of the shared
+   * /dev/shm file: nothing outside QEMU can read it then (no RAM-compare oracle, no pruning with this VM as the
+   * source). For destinations whose cost to load should be a production one: a read of an untouched shmem page
+   * allocates and clears it, where anonymous memory maps the shared zero page, and QEMU reads every page a ZERO
+   * record names (ram_handle_zero): in bench:link (cache-heavy, free+cache) that was half the destination QEMU's
+   * CPU (perf), and most of the guest's pause.
+   */
+  anonymousRam?: boolean;
+  /**
    * A virtio-balloon device. "free-page-hint": with VIRTIO_BALLOON_F_FREE_PAGE_HINT (QEMU's `free-page-hint=on`,
    * which needs an iothread), so during precopy QEMU asks the guest's virtio_balloon driver for free page blocks
    * and skips them (QEMU's own alternative to pruning). Source and destination must both have it: it is migrated
@@ -129,11 +138,15 @@ export function qemuArgs(
     "-m",
     config.dimmMiB ? `${ramSize},slots=1,maxmem=${config.memoryMiB + config.dimmMiB}M` : ramSize,
     "-object",
-    `memory-backend-file,id=${ramId},size=${ramSize},mem-path=${files.ramPath},share=on`,
+    config.anonymousRam
+      ? `memory-backend-ram,id=${ramId},size=${ramSize}`
+      : `memory-backend-file,id=${ramId},size=${ramSize},mem-path=${files.ramPath},share=on`,
     ...(config.dimmMiB
       ? [
           "-object",
-          `memory-backend-file,id=dimm0,size=${config.dimmMiB}M,mem-path=${dimmPath(files.ramPath)},share=on`,
+          config.anonymousRam
+            ? `memory-backend-ram,id=dimm0,size=${config.dimmMiB}M`
+            : `memory-backend-file,id=dimm0,size=${config.dimmMiB}M,mem-path=${dimmPath(files.ramPath)},share=on`,
           "-device",
           "pc-dimm,id=dimm0dev,memdev=dimm0",
         ]

@@ -84,3 +84,11 @@ test("a free-page-hint balloon: virtio-balloon-pci with free-page-hint on its ow
     ]);
   }
 });
+
+test("anonymous guest RAM: a memory-backend-ram of the same size and id, no file, the dimm too", () => {
+  const args = qemuArgs({ ...base, anonymousRam: true, dimmMiB: 128 }, files);
+  const objects = flagValues(args, "-object");
+  assert.ok(objects.includes("memory-backend-ram,id=ram0,size=512M"), objects.join(" | "));
+  assert.ok(objects.includes("memory-backend-ram,id=dimm0,size=128M"), objects.join(" | "));
+  assert.ok(!args.some((a) => a.includes(files.ramPath)), "no RAM file");
+});
