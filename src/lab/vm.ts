@@ -124,6 +124,10 @@ export function qemuArgs(
 ): string[] {
   const ramSize = `${config.memoryMiB}M`;
   const ramId = config.ramBackendId ?? "ram0";
+  const backend = (id: string, size: string, path: string) =>
+    config.anonymousRam
+      ? `memory-backend-ram,id=${id},size=${size}`
+      : `memory-backend-file,id=${id},size=${size},mem-path=${path},share=on`;
   const cpu = config.cpu ?? defaultCpu(config);
   const args = [
     ...config.qemu.firmwareDirs.flatMap((d) => ["-L", d]),
@@ -138,15 +142,11 @@ export function qemuArgs(
     "-m",
     config.dimmMiB ? `${ramSize},slots=1,maxmem=${config.memoryMiB + config.dimmMiB}M` : ramSize,
     "-object",
-    config.anonymousRam
-      ? `memory-backend-ram,id=${ramId},size=${ramSize}`
-      : `memory-backend-file,id=${ramId},size=${ramSize},mem-path=${files.ramPath},share=on`,
+    backend(ramId, ramSize, files.ramPath),
     ...(config.dimmMiB
       ? [
           "-object",
-          config.anonymousRam
-            ? `memory-backend-ram,id=dimm0,size=${config.dimmMiB}M`
-            : `memory-backend-file,id=dimm0,size=${config.dimmMiB}M,mem-path=${dimmPath(files.ramPath)},share=on`,
+          backend("dimm0", `${config.dimmMiB}M`, dimmPath(files.ramPath)),
           "-device",
           "pc-dimm,id=dimm0dev,memdev=dimm0",
         ]

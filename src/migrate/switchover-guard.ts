@@ -15,13 +15,12 @@
  * less than the link's capacity when send, not the link, is the slower side, and then the truer figure for what
  * the pipeline delivers during the pause. The relay's backlog changes far faster than QEMU re-reads its
  * parameters (every 100 ms) and the guard samples (every 100 ms): a QEMU emitting 380 MB/s fills tens of MB
- * between two updates. So the guard does not chase the
- * backlog; it bounds it, in two phases, by what QEMU still has to send (query-migrate `ram.remaining`, R), with
- * the operator's downtime-limit L:
- * - far from the end (R > r·L + v × 0.3 s, v below, so QEMU cannot reach its
- *   switchover point before the guard's next word takes effect): the relay may read up to `readAhead.maxBytes`
- *   ahead, and QEMU is told not to switch yet (it would not anyway: R is far above any threshold; the hold
- *   keeps a threshold of a few bytes, never 0, see HOLD_AVAIL_BYTES_PER_SECOND);
+ * between two updates. So the guard does not chase the backlog; it bounds it, in two phases, by what QEMU still
+ * has to send (query-migrate `ram.remaining`, R), with the operator's downtime-limit L:
+ * - far from the end (R > r·L + v × 0.3 s, v below, so QEMU cannot reach its switchover point before the guard's
+ *   next word takes effect): the relay may read up to `readAhead.maxBytes` ahead, and QEMU is told not to switch
+ *   yet (it would not anyway: R is far above any threshold; the hold keeps a threshold of a few bytes, never 0,
+ *   see HOLD_AVAIL_BYTES_PER_SECOND);
  * - near the end: the relay may hold C = min(max, r·L·READ_AHEAD_SHARE) (a reader paused over its bound resumes only once the
  *   socket holds less than half of it, stream/relay.ts RESUME_BELOW_SHARE, so the backlog falls below C before
  *   QEMU moves on), plus what the link can carry before QEMU can possibly reach the end of its pass: QEMU needs at
@@ -138,6 +137,15 @@ interface MigrationParameters {
   "downtime-limit"?: number;
 }
 
+/** The link-bound rate once there is one, else what the link carried; undefined while neither is known. */
+function rateToCountOn(measure: LinkMeasure): { source: LinkRateSource; bytesPerSecond: number } | undefined {
+  if (measure.bytesPerSecond !== undefined)
+    return { source: "link-bound", bytesPerSecond: measure.bytesPerSecond };
+  if (measure.carriedBytesPerSecond !== undefined)
+    return { source: "carried", bytesPerSecond: measure.carriedBytesPerSecond };
+  return undefined;
+}
+
 export class SwitchoverGuard {
   private timer: NodeJS.Timeout | undefined;
   private ticking: Promise<void> = Promise.resolve();
@@ -209,14 +217,9 @@ export class SwitchoverGuard {
     // window may never come, and QEMU's own rate (into send, through cheaply pruned stretches) would let it stop
     // the guest with far more left than the pipeline delivers within the limit (bench:link idle-after-work, refs
     // always: 0.7-1.2 s pauses with a 300 ms limit, no link-bound window in those runs).
-    const source: LinkRateSource | undefined =
-      measure.bytesPerSecond !== undefined
-        ? "link-bound"
-        : measure.carriedBytesPerSecond !== undefined
-          ? "carried"
-          : undefined;
-    const bytesPerSecond = measure.bytesPerSecond ?? measure.carriedBytesPerSecond;
-    if (source === undefined || bytesPerSecond === undefined) return;
+    const counted = rateToCountOn(measure);
+    if (!counted) return;
+    const { source, bytesPerSecond } = counted;
     if (source !== this.lastRateSource)
       this.log(
         source === "link-bound"

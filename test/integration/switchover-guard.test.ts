@@ -51,6 +51,15 @@ async function until<T>(
   assert.fail(`${what}: last ${JSON.stringify(last)}`);
 }
 
+/** Polls until QEMU's avail-switchover-bandwidth is `expected` (B/s), or fails with the last parameters. */
+function untilAvail(qmp: QmpClient, expected: number, what: string): Promise<Record<string, number>> {
+  return until(
+    () => parameters(qmp),
+    (p) => p["avail-switchover-bandwidth"] === expected,
+    what,
+  );
+}
+
 async function withMigratingGuest(
   qemu: QemuVersion,
   body: (pair: LabPair, tool: QmpClient) => Promise<void>,
@@ -117,16 +126,16 @@ test("QEMU 10.0: held far from the end; near it, avail-switchover-bandwidth is t
     // the guard counts on what it carried. Far from the end, the hold; near it, 2 MB/s less its read-ahead.
     carried = 2_000_000;
     inflow = 0;
-    await until(
-      () => parameters(pair.src.monitor),
-      (p) => p["avail-switchover-bandwidth"] === HOLD_AVAIL_BYTES_PER_SECOND,
+    await untilAvail(
+      pair.src.monitor,
+      HOLD_AVAIL_BYTES_PER_SECOND,
       "QEMU held on what the link carried, with no link-bound window",
     );
     inflow = 1e15;
     const nearEndCarried = Math.floor(2_000_000 * 0.3 * READ_AHEAD_SHARE);
-    await until(
-      () => parameters(pair.src.monitor),
-      (p) => p["avail-switchover-bandwidth"] === Math.round(2_000_000 - nearEndCarried / 0.3),
+    await untilAvail(
+      pair.src.monitor,
+      Math.round(2_000_000 - nearEndCarried / 0.3),
       `what the link carried, 2 MB/s, less ${nearEndCarried} B / 0.3 s`,
     );
     assert.equal(readAheads.at(-1), nearEndCarried);
@@ -134,9 +143,9 @@ test("QEMU 10.0: held far from the end; near it, avail-switchover-bandwidth is t
     // Far from the end: a 1 MB/s link carries 0.3 MB within 300 ms, and QEMU has far more left.
     rate = 1_000_000;
     inflow = 0;
-    await until(
-      () => parameters(pair.src.monitor),
-      (p) => p["avail-switchover-bandwidth"] === HOLD_AVAIL_BYTES_PER_SECOND,
+    await untilAvail(
+      pair.src.monitor,
+      HOLD_AVAIL_BYTES_PER_SECOND,
       "QEMU held while it has far more left than the link carries within the limit",
     );
     assert.equal(readAheads.at(-1), maxReadAhead, "the relay reads far ahead");
@@ -144,9 +153,9 @@ test("QEMU 10.0: held far from the end; near it, avail-switchover-bandwidth is t
     // the link carries 0.3 MB within the limit; READ_AHEAD_SHARE of it is the relay's. (QEMU writes about 4 MB/s.)
     inflow = 1e15;
     const nearEnd = Math.floor(1_000_000 * 0.3 * READ_AHEAD_SHARE);
-    await until(
-      () => parameters(pair.src.monitor),
-      (p) => p["avail-switchover-bandwidth"] === Math.round(1_000_000 - nearEnd / 0.3),
+    await untilAvail(
+      pair.src.monitor,
+      Math.round(1_000_000 - nearEnd / 0.3),
       `1 MB/s less ${nearEnd} B / 0.3 s`,
     );
     assert.equal(readAheads.at(-1), nearEnd);
@@ -171,11 +180,7 @@ test("QEMU 10.0: held far from the end; near it, avail-switchover-bandwidth is t
     );
     // Back to QEMU that could finish at once: the near-end bound alone.
     inflow = 1e15;
-    await until(
-      () => parameters(pair.src.monitor),
-      (p) => p["avail-switchover-bandwidth"] === Math.round(1_000_000 - nearEnd / 0.3),
-      "near-end bound again",
-    );
+    await untilAvail(pair.src.monitor, Math.round(1_000_000 - nearEnd / 0.3), "near-end bound again");
     assert.equal(readAheads.at(-1), nearEnd);
     // The operator lengthens the limit: the guard follows it (more read-ahead, same share).
     await pair.src.monitor.execute("migrate-set-parameters", { "downtime-limit": 1000 });
@@ -232,11 +237,7 @@ test("QEMU 10.0: the hold lasts through pass ends while the guest dirties memory
         readAhead: { maxBytes: 64 << 20, set: () => undefined },
       });
       try {
-        await until(
-          () => parameters(pair.src.monitor),
-          (p) => p["avail-switchover-bandwidth"] === HOLD_AVAIL_BYTES_PER_SECOND,
-          "held",
-        );
+        await untilAvail(pair.src.monitor, HOLD_AVAIL_BYTES_PER_SECOND, "held");
         // Every pass ends with QEMU's estimate at 0; each is one more dirty sync. Three of them, still active.
         const info = await until(
           () => pair.src.monitor.execute("query-migrate"),

@@ -106,6 +106,15 @@ export async function fakeDestination(
   return { server, sockets, received, endpoint };
 }
 
+/** A promise and the call that settles it (Node 20 has no Promise.withResolvers). */
+export function signal(): { promise: Promise<void>; fire: () => void } {
+  let fire = () => {};
+  const promise = new Promise<void>((resolve) => {
+    fire = resolve;
+  });
+  return { promise, fire };
+}
+
 /**
  * Connects to a unix socket path (or any endpoint), writes `payload` (honouring backpressure), half-closes;
  * resolves with the replies once the socket has closed, with `error` set if it did not end cleanly (a refused

@@ -16,7 +16,7 @@ import { startReceive } from "../../src/migrate/link-receive.ts";
 import { ReceiveService, type ServedMigration } from "../../src/migrate/receive-service.ts";
 import { startSend } from "../../src/migrate/send.ts";
 import { MULTIFD_MAGIC } from "../../src/stream/relay.ts";
-import { fakeDestination, fakeStream, MiB, sourceSends, tempDir } from "../support/fake-peers.ts";
+import { fakeDestination, fakeStream, MiB, signal, sourceSends, tempDir } from "../support/fake-peers.ts";
 
 const timeout = 30_000;
 const psk = randomBytes(32);
@@ -86,14 +86,11 @@ test("two migrations at once, each into the destination its send names, channels
   multifdA.writeUInt32BE(MULTIFD_MAGIC, 0);
   // A's main channel stays open until its multifd one connected, as QEMU's does (a send whose only channel
   // closed is done).
-  let connected = () => {};
-  const multifdConnected = new Promise<void>((resolve) => {
-    connected = resolve;
-  });
-  const sentA = sourceSends(sendA.source, mainA, { endAfter: multifdConnected });
+  const multifdConnected = signal();
+  const sentA = sourceSends(sendA.source, mainA, { endAfter: multifdConnected.promise });
   const sentB = sourceSends(sendB.source, mainB);
   await new Promise((resolve) => setTimeout(resolve, 50));
-  const sentMultifdA = sourceSends(sendA.source, multifdA, { connected });
+  const sentMultifdA = sourceSends(sendA.source, multifdA, { connected: multifdConnected.fire });
 
   for (const sent of await Promise.all([sentA, sentB, sentMultifdA]))
     assert.deepEqual(sent, { replies: Buffer.from("PONG") }, "each return path reached its source");

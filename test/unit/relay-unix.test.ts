@@ -13,7 +13,7 @@ import { test } from "node:test";
 import { startReceive } from "../../src/migrate/link-receive.ts";
 import { startSend } from "../../src/migrate/send.ts";
 import { MULTIFD_MAGIC, Relay } from "../../src/stream/relay.ts";
-import { fakeDestination, fakeStream, MiB, sourceSends, tempDir } from "../support/fake-peers.ts";
+import { fakeDestination, fakeStream, MiB, signal, sourceSends, tempDir } from "../support/fake-peers.ts";
 
 const timeout = 30_000;
 
@@ -33,14 +33,11 @@ test("relay: unix socket in, unix socket out: bytes intact both ways, half-close
   multifd.writeUInt32BE(MULTIFD_MAGIC, 0);
   // The main channel stays open until the multifd one connected, as QEMU's does: a relay whose only channel
   // closed is done and stops listening.
-  let connected = () => {};
-  const multifdConnected = new Promise<void>((resolve) => {
-    connected = resolve;
-  });
-  const mainSent = sourceSends(listenPath, main, { endAfter: multifdConnected });
+  const multifdConnected = signal();
+  const mainSent = sourceSends(listenPath, main, { endAfter: multifdConnected.promise });
   // The second connection is accepted after the first: the relay keeps that order upstream (rule 1).
   await new Promise((resolve) => setTimeout(resolve, 50));
-  const multifdSent = sourceSends(listenPath, multifd, { connected });
+  const multifdSent = sourceSends(listenPath, multifd, { connected: multifdConnected.fire });
 
   assert.deepEqual(await mainSent, { replies: Buffer.from("PONG") }, "the return path reached the source");
   assert.deepEqual(await multifdSent, { replies: Buffer.from("PONG") });
