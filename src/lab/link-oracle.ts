@@ -20,7 +20,7 @@ import {
 } from "../qemu/migration.ts";
 import { QmpClient } from "../qemu/qmp.ts";
 import type { LabPair } from "./lab-vm.ts";
-import { prunedRamOracle } from "./prune-oracle.ts";
+import { type PrunedMigration, prunedRamOracle, tapOnQemu72 } from "./prune-oracle.ts";
 import type { Vm } from "./vm.ts";
 
 export interface LinkedMigration {
@@ -29,7 +29,8 @@ export interface LinkedMigration {
   send: SendReport;
   receive: ReceiveReport;
   differing: number;
-  differingNotFree: { pfn: number; category: string }[];
+  differingNotFree: PrunedMigration["differingNotFree"];
+  qemuUnsent: PrunedMigration["qemuUnsent"];
   finalFree: number;
 }
 
@@ -85,9 +86,10 @@ export async function migrateThroughLink(
       refsWhen: options.refsWhen ?? "always",
       ...(options.log ? { log: (line: string) => options.log?.(`send: ${line}`) } : {}),
     });
+    const tap = await tapOnQemu72(pair.src, `tcp:127.0.0.1:${send.address.port}`);
     try {
       const [result] = await Promise.all([
-        runMigration(pair.src.monitor, `tcp:127.0.0.1:${send.address.port}`, {
+        runMigration(pair.src.monitor, tap?.uri ?? `tcp:127.0.0.1:${send.address.port}`, {
           parameters: LOOPBACK_PARAMETERS,
           ...options.migration,
         }),
@@ -95,9 +97,10 @@ export async function migrateThroughLink(
       ]);
       await waitDestinationState(dst.monitor, "paused");
       const [sent, received] = await Promise.all([send.done, receive.done]);
-      const oracle = await prunedRamOracle(pair.src, dst);
+      const oracle = await prunedRamOracle(pair.src, dst, tap?.pages);
       return { dst, result, send: sent, receive: received, ...oracle };
     } finally {
+      await tap?.stop();
       await send.relay.close();
     }
   } finally {

@@ -7,7 +7,11 @@
  *     drop itself but which a page can reach after it was judged free: the allocator moves buddy pages to the
  *     per-CPU lists in bulk without writing them;
  *   - oracle 2 is the caller's: resume the destination (`cont`) and run `verify` there.
+ * On QEMU 7.2, which loses dirty pages by itself under TCG, a tap between the source QEMU and send records what
+ * QEMU last sent for each page (sent-pages.ts): a differing page whose destination bytes are exactly that is
+ * QEMU's own loss, reported apart (`qemuUnsent`), not vmprune's.
  */
+import { open } from "node:fs/promises";
 import { CATEGORY } from "../introspect/classifier.ts";
 import {
   blockOffsetToGpa,
@@ -27,6 +31,7 @@ import {
 import type { LabPair } from "./lab-vm.ts";
 import { compareRamFiles } from "./ram-compare.ts";
 import { SendProcess, type SendResult } from "./send-process.ts";
+import { type SentPages, SentPagesTap } from "./sent-pages.ts";
 import type { Vm } from "./vm.ts";
 
 /**
@@ -48,8 +53,16 @@ export interface PrunedMigration {
   sent: SendResult;
   /** Pages whose bytes differ between source and destination. */
   differing: number;
-  /** Differing pages that are not free in the final classification (must be none). */
-  differingNotFree: { pfn: number; category: string }[];
+  /**
+   * Differing pages that are not free in the final classification and not QEMU's own loss (must be none); on 7.2,
+   * what the destination holds against what QEMU last sent.
+   */
+  differingNotFree: { pfn: number; category: string; destination?: string }[];
+  /**
+   * Differing pages, not free, whose destination bytes are exactly what the source QEMU last sent: QEMU 7.2 never
+   * sent the newer bytes (its own loss under TCG, see sent-pages.ts). Always empty on 10.0.
+   */
+  qemuUnsent: { pfn: number; category: string }[];
   /** Pages free in the final classification. */
   finalFree: number;
 }
@@ -67,7 +80,8 @@ const CATEGORY_BY_CODE = Object.fromEntries(Object.entries(CATEGORY).map(([name,
 export async function prunedRamOracle(
   src: Vm,
   dst: Vm,
-): Promise<Pick<PrunedMigration, "differing" | "differingNotFree" | "finalFree">> {
+  sent?: SentPages,
+): Promise<Pick<PrunedMigration, "differing" | "differingNotFree" | "qemuUnsent" | "finalFree">> {
   const layout = await ramLayoutOf(src);
   const block = src.config.ramBackendId ?? "ram0";
   const diff = await compareRamFiles(src.ramPath, dst.ramPath, Number.MAX_SAFE_INTEGER);
@@ -78,7 +92,8 @@ export async function prunedRamOracle(
       const gpa = blockOffsetToGpa(layout, block, offsetPage * PAGE_SIZE);
       return gpa === null ? null : gpa / PAGE_SIZE;
     };
-    const differingNotFree: { pfn: number; category: string }[] = [];
+    const differingNotFree: PrunedMigration["differingNotFree"] = [];
+    const notFree: { page: number; pfn: number; category: string }[] = [];
     for (const page of diff.differing) {
       const pfn = pfnOf(page);
       // A RAMBlock page outside guest-physical memory holds no guest data the kernel can describe.
@@ -87,14 +102,71 @@ export async function prunedRamOracle(
         continue;
       }
       if (final[pfn] !== CATEGORY.free)
-        differingNotFree.push({ pfn, category: CATEGORY_BY_CODE[final[pfn] ?? 0] ?? "?" });
+        notFree.push({ page, pfn, category: CATEGORY_BY_CODE[final[pfn] ?? 0] ?? "?" });
+    }
+    const seen = await againstLastSent(
+      src,
+      dst,
+      block,
+      sent,
+      notFree.map((p) => p.page),
+    );
+    const qemuUnsent: { pfn: number; category: string }[] = [];
+    for (const { page, pfn, category } of notFree) {
+      const destination = seen.get(page);
+      if (destination === AS_LAST_SENT) qemuUnsent.push({ pfn, category });
+      else differingNotFree.push({ pfn, category, ...(destination ? { destination } : {}) });
     }
     let finalFree = 0;
     for (const c of final) if (c === CATEGORY.free) finalFree++;
-    return { differing: diff.differing.length, differingNotFree, finalFree };
+    return { differing: diff.differing.length, differingNotFree, qemuUnsent, finalFree };
   } finally {
     memory.close();
   }
+}
+
+/**
+ * What the destination holds of each given differing page (RAMBlock page indices) against what the source QEMU
+ * last sent for it, when a complete record of a 7.2 source says: "as QEMU last sent" (QEMU's own loss), or how it
+ * differs from that. Empty otherwise.
+ */
+async function againstLastSent(
+  src: Vm,
+  dst: Vm,
+  block: string,
+  sent: SentPages | undefined,
+  pages: number[],
+): Promise<Map<number, string>> {
+  const seen = new Map<number, string>();
+  if (!sent || src.config.qemu.version !== "7.2" || !sent.complete || pages.length === 0) return seen;
+  const file = await open(dst.ramPath, "r");
+  try {
+    const bytes = Buffer.alloc(PAGE_SIZE);
+    for (const page of pages) {
+      await file.read(bytes, 0, PAGE_SIZE, page * PAGE_SIZE);
+      const last = sent.lastSent(block, page * PAGE_SIZE);
+      if (sent.deliveredAsSent(block, page * PAGE_SIZE, bytes)) seen.set(page, AS_LAST_SENT);
+      else if (last.kind !== "bytes") seen.set(page, `QEMU's last record: ${last.kind}`);
+      else
+        seen.set(
+          page,
+          `destination holds ${bytes.every((b) => b === 0) ? "zeros" : "other bytes"}, not what QEMU last sent`,
+        );
+    }
+  } finally {
+    await file.close();
+  }
+  return seen;
+}
+
+const AS_LAST_SENT = "as QEMU last sent";
+
+/**
+ * On a QEMU 7.2 source, a SentPagesTap in front of `uri` (send's listening address), so that the oracle can tell
+ * QEMU's own lost pages from vmprune's; null on 10.0, whose migrations then go straight to send.
+ */
+export function tapOnQemu72(src: Vm, uri: string): Promise<SentPagesTap> | null {
+  return src.config.qemu.version === "7.2" ? SentPagesTap.start(uri) : null;
 }
 
 /** The guest-physical layout of a running lab VM's RAM (which RAMBlock offset is which address), for the oracle. */
@@ -120,8 +192,9 @@ export async function migrateThroughPruningSend(
     to: dstUri,
     extraArgs: options.sendArgs ?? ["--drop", "free", "--qmp", pair.src.toolQmpPath],
   });
+  const tap = await tapOnQemu72(pair.src, send.uri);
   try {
-    const migration = runMigration(pair.src.monitor, send.uri, {
+    const migration = runMigration(pair.src.monitor, tap?.uri ?? send.uri, {
       parameters: LOOPBACK_PARAMETERS,
       ...options.migration,
     });
@@ -144,8 +217,9 @@ export async function migrateThroughPruningSend(
     await during;
     await waitDestinationState(dst.monitor, "paused");
     const sent = await send.wait(60_000);
-    return { dst, result, sent, ...(await prunedRamOracle(pair.src, dst)) };
+    return { dst, result, sent, ...(await prunedRamOracle(pair.src, dst, tap?.pages)) };
   } finally {
+    await tap?.stop();
     await send.stop();
   }
 }

@@ -49,7 +49,7 @@ for (const [qemu, kernel, workload, sizes] of [
     const p = m.send.prune;
     t.diagnostic(
       `refs ${p?.refs} (not on disk ${p?.cacheMisses}), dropped ${p?.pages.pruned}; receive ${JSON.stringify(m.receive.refs)}; ` +
-        `locator ${JSON.stringify(m.send.cacheRefs)}; index ${JSON.stringify(m.send.diskIndex)}; link ${m.send.relay.channels[0]?.bytesToDestination} B, QEMU ${m.result.info.ram?.transferred} B; ${m.differing} differ`,
+        `locator ${JSON.stringify(m.send.cacheRefs)}; index ${JSON.stringify(m.send.diskIndex)}; link ${m.send.relay.channels[0]?.bytesToDestination} B, QEMU ${m.result.info.ram?.transferred} B; ${m.differing} differ, ${m.qemuUnsent.length} of them QEMU's own loss`,
     );
     assert.equal(m.result.status, "completed");
     assert.ok((p?.refs ?? 0) > sizes.cacheFiles * 3_000, "cache pages went as references");

@@ -2,7 +2,8 @@
  * `vmprune send --drop free` on real guests, QEMU 7.2 and 10.0, kernels 6.1 and 6.12 (1 vCPU: the RAM-compare
  * oracle on 7.2, see ram-oracle.test.ts). The mixed workload leaves tens of thousands of free pages, many holding
  * old non-zero data. Oracle 1: every page that differs between source and destination RAM is free in the final
- * classification, and every other page is identical. Oracle 2: the destination guest passes `verify` and keeps
+ * classification, and every other page is identical (on 7.2, but for pages QEMU itself never sent again: the oracle
+ * tells them apart, see sent-pages.ts). Oracle 2: the destination guest passes `verify` and keeps
  * running workloads. The last case is a 3 GiB guest: q35 puts its RAM above 2 GiB at 4 GiB (around the PCI hole), so
  * a RAM file offset is not a guest-physical address there, for send's judge nor for the oracle.
  */
@@ -40,7 +41,8 @@ for (const [qemu, kernel, memoryMiB] of [
         `saved ${prune?.bytesSaved} B, judged in ${prune?.judgeMs} ms over ${prune?.batches} batches; ` +
         `QEMU: ${ram?.normal} normal, ${ram?.duplicate} zero, ${ram?.transferred} B, ${m.result.info["total-time"]} ms; ` +
         `relay sent ${m.sent.report?.relay.channels[0]?.bytesToDestination} B; ` +
-        `${m.differing} pages differ, ${m.finalFree} free at the end`,
+        `${m.differing} pages differ, ${m.finalFree} free at the end; ` +
+        `QEMU's own loss (7.2: not free, destination holds what QEMU last sent): ${JSON.stringify(m.qemuUnsent)}`,
     );
     assert.equal(m.result.status, "completed");
     assert.ok(prune, `send printed a pruning report (stderr: ${m.sent.stderr})`);
@@ -54,7 +56,7 @@ for (const [qemu, kernel, memoryMiB] of [
     assert.equal(received - wire, prune.bytesSaved);
     assert.deepEqual(m.differingNotFree, [], "only free pages may differ");
     assert.ok(m.differing > 1000, `dropped pages that held old data now differ (${m.differing})`);
-    assert.ok(m.differing <= prune.pages.pruned);
+    assert.ok(m.differing - m.qemuUnsent.length <= prune.pages.pruned);
 
     await m.dst.monitor.execute("cont");
     const verified = await LabPair.verify(m.dst);

@@ -1,0 +1,190 @@
+/**
+ * What the source QEMU last sent for each page, for the RAM-compare oracle on QEMU 7.2.
+ *
+ * QEMU 7.2 under TCG loses dirty pages on its own (ram-oracle.test.ts: 1 to 458 pages stale in each of 5 plain
+ * migrations, 1 vCPU, none on 10.0): a page the guest (or only its kernel) wrote after QEMU last sent it is never
+ * sent again. On 7.2 a pruning oracle therefore cannot blame every differing page on vmprune. This tap sits
+ * between the source QEMU and vmprune send, passes every byte on unchanged in both directions, and keeps a
+ * SHA-1 of the last record QEMU sent for each page of the main channel. A differing page whose destination bytes
+ * are exactly what QEMU last sent was delivered faithfully: vmprune did not drop or alter it (a dropped page
+ * arrives as zeros), and QEMU never sent the newer bytes. Every other differing page stays vmprune's to explain.
+ *
+ * Only the main channel is recorded. Multifd channels are passed on but not parsed, so once one connects the
+ * record is incomplete (`complete` false) and exonerates nothing.
+ */
+import { hash } from "node:crypto";
+import { connect, createServer, type Server, type Socket } from "node:net";
+import { tcpAddress } from "../qemu/migration.ts";
+import { StreamParser } from "../stream/parser.ts";
+import { FILE_MAGIC } from "../stream/wire.ts";
+
+const PAGE_SIZE = 4096;
+const DIGEST_BYTES = 20;
+
+/** The last record QEMU sent for one page, as the bytes it leaves on the destination. */
+type LastSent = { kind: "none" } | { kind: "other" } | { kind: "bytes"; sha1: Buffer };
+
+/** Per RAM block: for each page, 0 nothing sent, 1 a record this tap cannot replay (XBZRLE, compressed), 2 bytes. */
+class BlockRecord {
+  readonly state: Uint8Array;
+  readonly digests: Buffer;
+
+  constructor(pages: number) {
+    this.state = new Uint8Array(pages);
+    this.digests = Buffer.alloc(pages * DIGEST_BYTES);
+  }
+}
+
+function sha1(bytes: Buffer): Buffer {
+  return hash("sha1", bytes, "buffer");
+}
+
+const zeroDigests = new Map<number, Buffer>();
+function filledPageDigest(fill: number): Buffer {
+  let digest = zeroDigests.get(fill);
+  if (!digest) {
+    digest = sha1(Buffer.alloc(PAGE_SIZE, fill));
+    zeroDigests.set(fill, digest);
+  }
+  return digest;
+}
+
+export class SentPages {
+  private readonly blocks = new Map<string, BlockRecord>();
+  private readonly parser = new StreamParser({ onError: "passthrough" });
+  private mainChannels = 0;
+  private ramSectionId: number | null = null;
+  /** QEMU sent the RAM section's END: its last RAM records (what follows is device state, left unparsed). */
+  private ramEnded = false;
+  private otherChannels = 0;
+
+  /** True when the record holds the whole migration: one main channel, fully parsed, and no multifd channel. */
+  get complete(): boolean {
+    return this.mainChannels === 1 && this.otherChannels === 0 && this.ramEnded && this.parser.error === null;
+  }
+
+  /** Why the record is not complete, for the oracle's diagnostics (null when it is). */
+  get incompleteBecause(): string | null {
+    if (this.otherChannels > 0) return `${this.otherChannels} multifd channel(s) not recorded`;
+    if (this.mainChannels !== 1) return `${this.mainChannels} main channels`;
+    if (this.parser.error) return `the main channel did not parse: ${this.parser.error.message}`;
+    if (!this.ramEnded) return "the main channel did not reach the RAM section's END";
+    return null;
+  }
+
+  /** The last record QEMU sent for the page at `offset` (bytes) of RAM block `block`. */
+  lastSent(block: string, offset: number): LastSent {
+    const record = this.blocks.get(block);
+    const page = offset / PAGE_SIZE;
+    const state = record?.state[page] ?? 0;
+    if (!record || state === 0) return { kind: "none" };
+    if (state === 1) return { kind: "other" };
+    return { kind: "bytes", sha1: record.digests.subarray(page * DIGEST_BYTES, (page + 1) * DIGEST_BYTES) };
+  }
+
+  /** Whether `bytes` (a destination page) are exactly what QEMU last sent for that page. */
+  deliveredAsSent(block: string, offset: number, bytes: Buffer): boolean {
+    const last = this.lastSent(block, offset);
+    return last.kind === "bytes" && last.sha1.equals(sha1(bytes));
+  }
+
+  /** @internal the tap's view of one source connection's first bytes. */
+  channelOpened(firstBytes: Buffer): "main" | "other" {
+    if (this.mainChannels === 0 && firstBytes.length >= 4 && firstBytes.readUInt32BE(0) === FILE_MAGIC) {
+      this.mainChannels++;
+      return "main";
+    }
+    this.otherChannels++;
+    return "other";
+  }
+
+  /** @internal records the RAM records of a main-channel chunk. */
+  record(chunk: Buffer): void {
+    for (const r of this.parser.push(chunk)) {
+      if (r.kind === "section" && r.idstr === "ram" && r.type === "START") this.ramSectionId = r.sectionId;
+      if (r.kind === "section" && r.type === "END" && r.sectionId === this.ramSectionId) this.ramEnded = true;
+      if (r.kind !== "ram") continue;
+      switch (r.type) {
+        case "memSize":
+          for (const b of r.blocks)
+            this.blocks.set(b.idstr, new BlockRecord(Math.ceil(b.length / PAGE_SIZE)));
+          break;
+        case "page":
+          this.set(r.header.block, r.header.addr, r.data.length === PAGE_SIZE ? sha1(r.data) : null);
+          break;
+        case "zero":
+          this.set(r.header.block, r.header.addr, filledPageDigest(r.fill));
+          break;
+        case "xbzrle":
+        case "compress":
+          this.set(r.header.block, r.header.addr, null);
+          break;
+      }
+    }
+  }
+
+  /** The page's last record: bytes whose digest is `digest`, or (null) a record this tap cannot replay. */
+  private set(blockId: string, offset: number, digest: Buffer | null): void {
+    const block = this.blocks.get(blockId);
+    const page = offset / PAGE_SIZE;
+    if (!block || page >= block.state.length) return;
+    block.state[page] = digest ? 2 : 1;
+    digest?.copy(block.digests, page * DIGEST_BYTES);
+  }
+}
+
+/**
+ * A tap on 127.0.0.1 (any free port) that forwards every connection to `to` (tcp:HOST:PORT) and records the
+ * main channel in `pages`. Point the source QEMU's `migrate` at `uri`.
+ */
+export class SentPagesTap {
+  readonly pages = new SentPages();
+  private readonly sockets = new Set<Socket>();
+
+  private constructor(
+    private readonly server: Server,
+    readonly uri: string,
+  ) {}
+
+  static async start(to: string): Promise<SentPagesTap> {
+    const target = tcpAddress(to);
+    let tap: SentPagesTap | undefined;
+    // Half-open both ways: either side may finish writing while the other still answers.
+    const server = createServer({ allowHalfOpen: true }, (source) => tap?.forward(source, target));
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", reject);
+      server.listen(0, "127.0.0.1", () => resolve());
+    });
+    const address = server.address();
+    if (address === null || typeof address === "string") throw new Error("sent-pages tap: no TCP address");
+    tap = new SentPagesTap(server, `tcp:127.0.0.1:${address.port}`);
+    return tap;
+  }
+
+  private forward(source: Socket, target: { host: string; port: number }): void {
+    const onward = connect({ port: target.port, host: target.host, allowHalfOpen: true });
+    for (const s of [source, onward]) {
+      this.sockets.add(s);
+      s.on("close", () => this.sockets.delete(s));
+    }
+    let channel: "main" | "other" | null = null;
+    source.on("data", (chunk: Buffer) => {
+      channel ??= this.pages.channelOpened(chunk);
+      if (channel === "main") this.pages.record(chunk);
+      if (!onward.write(chunk)) {
+        source.pause();
+        onward.once("drain", () => source.resume());
+      }
+    });
+    onward.pipe(source);
+    source.on("end", () => onward.end());
+    // A reset on either side ends both: the migration under test sees its peer go, as it would without the tap.
+    source.on("error", () => onward.destroy());
+    onward.on("error", () => source.destroy());
+  }
+
+  async stop(): Promise<void> {
+    for (const s of this.sockets) s.destroy();
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+  }
+}
