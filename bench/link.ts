@@ -349,30 +349,46 @@ const ROWS: readonly RowSpec[] = [
  * Samples the src veth's tx counter every 50 ms (sysfs of this namespace) for a timeline of the link's use, and
  * this namespace's TCP retransmission counters before and after (a stalled link: loss, or nothing to send?).
  */
-function startLinkTrace(): {
+function startLinkTrace(dstNetns: string): {
   stop(startMs: number, pause: { stoppedAtMs: number; resumedAtMs: number }): string;
   /** Stops sampling (stop() may still format what was sampled). */
   cancel(): void;
 } {
   const path = `/sys/class/net/${SRC_IFNAME}/statistics/tx_bytes`;
   const samples: [number, number][] = [];
+  /** The named counters of a /proc/net/{snmp,netstat} text's lines starting with `prefix`. */
+  const counters = (text: string, prefix: string, names: string[]) => {
+    const lines = text.split("\n").filter((l) => l.startsWith(prefix));
+    const keys = (lines[0] ?? "").split(" ");
+    const values = (lines[1] ?? "").split(" ");
+    return names.map((n) => `${n} ${values[keys.indexOf(n)] ?? "?"}`).join(" ");
+  };
+  // The receiving end's drops, in the destination's namespace: a socket over its receive buffer (RcvQDrop,
+  // pruning), its backlog full while the reader holds the lock, out-of-order data; and the host's per-CPU input
+  // backlogs (softnet_stat's second column: a veth delivers through them).
+  const receiverSide = () => {
+    const netstat = execFileSync("ip", ["netns", "exec", dstNetns, "cat", "/proc/net/netstat"], {
+      encoding: "utf8",
+    });
+    const softnetDrops = readFileSync("/proc/net/softnet_stat", "utf8")
+      .split("\n")
+      .filter((l) => l.trim())
+      .reduce((n, l) => n + Number.parseInt(l.split(" ")[1] ?? "0", 16), 0);
+    return (
+      `receiver ${counters(netstat, "TcpExt:", ["TCPRcvQDrop", "TCPBacklogDrop", "PruneCalled", "RcvPruned", "TCPOFOQueue", "TCPOFODrop", "TCPZeroWindowDrop", "TCPRcvCoalesce"])} ` +
+      `softnet drops ${softnetDrops}`
+    );
+  };
   const tcp = () => {
-    const snmp = readFileSync("/proc/net/snmp", "utf8")
-      .split("\n")
-      .filter((l) => l.startsWith("Tcp:"));
-    const names = (snmp[0] ?? "").split(" ");
-    const values = (snmp[1] ?? "").split(" ");
-    const ext = readFileSync("/proc/net/netstat", "utf8")
-      .split("\n")
-      .filter((l) => l.startsWith("TcpExt:"));
-    const en = (ext[0] ?? "").split(" ");
-    const ev = (ext[1] ?? "").split(" ");
+    const snmp = readFileSync("/proc/net/snmp", "utf8");
+    const ext = readFileSync("/proc/net/netstat", "utf8");
     const qdisc = /dropped (\d+)/.exec(
       execFileSync("tc", ["-s", "qdisc", "show", "dev", SRC_IFNAME], { encoding: "utf8" }),
     )?.[1];
     return (
-      `retrans ${values[names.indexOf("RetransSegs")]} timeouts ${ev[en.indexOf("TCPTimeouts")]} lost ${ev[en.indexOf("TCPLostRetransmit")]} ` +
-      `loss probes ${ev[en.indexOf("TCPLossProbes")]} fast ${ev[en.indexOf("TCPFastRetrans")]} qdisc drops ${qdisc ?? "?"}`
+      `${counters(snmp, "Tcp:", ["RetransSegs"])} ` +
+      `${counters(ext, "TcpExt:", ["TCPTimeouts", "TCPLostRetransmit", "TCPLossProbes", "TCPFastRetrans", "TCPSackRecovery", "TCPDSACKRecv", "TCPSpuriousRTOs"])} ` +
+      `qdisc drops ${qdisc ?? "?"}; ${receiverSide()}`
     );
   };
   const tcpBefore = tcp();
@@ -421,7 +437,7 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
     log(`  ${spec.name}: ideal ${ideal.ideal} B, pages ${ideal.counts}`);
     const before = await txBytesOf(link);
     const startedAtMs = Date.now();
-    const trace = process.env.VMPRUNE_BENCH_TRACE ? startLinkTrace() : undefined;
+    const trace = process.env.VMPRUNE_BENCH_TRACE ? startLinkTrace(link.dstNetns) : undefined;
     // This process's CPU and event loop over the migration: vmprune send runs here (the rows' other work is small).
     const cpuBefore = process.cpuUsage();
     const loopBefore = performance.eventLoopUtilization();
