@@ -18,7 +18,9 @@ import { tcpAddress } from "../qemu/migration.ts";
 import { StreamParser } from "../stream/parser.ts";
 import { FILE_MAGIC } from "../stream/wire.ts";
 
+/** The lab guests' target page size (x86: TARGET_PAGE_BITS 12), the unit of every RAM record. */
 const PAGE_SIZE = 4096;
+/** SHA-1's digest size. */
 const DIGEST_BYTES = 20;
 
 /** The last record QEMU sent for one page, as the bytes it leaves on the destination. */
@@ -39,12 +41,13 @@ function sha1(bytes: Buffer): Buffer {
   return hash("sha1", bytes, "buffer");
 }
 
-const zeroDigests = new Map<number, Buffer>();
+/** Digests of a page filled with one byte value (what a ZERO record's fill byte leaves), by that value. */
+const filledDigests = new Map<number, Buffer>();
 function filledPageDigest(fill: number): Buffer {
-  let digest = zeroDigests.get(fill);
+  let digest = filledDigests.get(fill);
   if (!digest) {
     digest = sha1(Buffer.alloc(PAGE_SIZE, fill));
-    zeroDigests.set(fill, digest);
+    filledDigests.set(fill, digest);
   }
   return digest;
 }
