@@ -90,8 +90,9 @@ export async function migrateThroughInProcessSend(
 /**
  * The benchmarks' free+cache row: `vmprune receive` as a process (in `netns`, the destination's side of the
  * link, when given) in front of the destination QEMU at `destination` (127.0.0.1:PORT or unix:PATH), reading
- * `receiveDisk`, with a fresh key in the pair's folder; the source migrates through the in-process send (`send`'s options less the link),
- * and receive's references are read from its report when it exits. receive is stopped by PID however it ends.
+ * `receiveDisk`, with a fresh key in the pair's folder; the source migrates through the in-process send (`send`'s
+ * options less the link), and receive's references are read from its report when it exits. receive is stopped by
+ * PID however it ends.
  */
 export async function migrateThroughSendAndReceive(
   pair: LabPair,

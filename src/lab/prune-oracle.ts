@@ -105,7 +105,6 @@ export async function prunedRamOracle(
         notFree.push({ page, pfn, category: CATEGORY_BY_CODE[final[pfn] ?? 0] ?? "?" });
     }
     const seen = await againstLastSent(
-      src,
       dst,
       block,
       sent,
@@ -114,7 +113,7 @@ export async function prunedRamOracle(
     const qemuUnsent: { pfn: number; category: string }[] = [];
     for (const { page, pfn, category } of notFree) {
       const destination = seen.get(page);
-      if (destination === AS_LAST_SENT) qemuUnsent.push({ pfn, category });
+      if (destination === true) qemuUnsent.push({ pfn, category });
       else differingNotFree.push({ pfn, category, ...(destination ? { destination } : {}) });
     }
     let finalFree = 0;
@@ -127,25 +126,24 @@ export async function prunedRamOracle(
 
 /**
  * What the destination holds of each given differing page (RAMBlock page indices) against what the source QEMU
- * last sent for it, when a complete record of a 7.2 source says: "as QEMU last sent" (QEMU's own loss), or how it
- * differs from that. Empty otherwise.
+ * last sent for it, when a complete record says (only 7.2 sources have one, see tapOnQemu72): true for exactly
+ * that (QEMU's own loss), or how it differs. Empty without a complete record.
  */
 async function againstLastSent(
-  src: Vm,
   dst: Vm,
   block: string,
   sent: SentPages | undefined,
   pages: number[],
-): Promise<Map<number, string>> {
-  const seen = new Map<number, string>();
-  if (!sent || src.config.qemu.version !== "7.2" || !sent.complete || pages.length === 0) return seen;
+): Promise<Map<number, true | string>> {
+  const seen = new Map<number, true | string>();
+  if (!sent?.complete || pages.length === 0) return seen;
   const file = await open(dst.ramPath, "r");
   try {
     const bytes = Buffer.alloc(PAGE_SIZE);
     for (const page of pages) {
       await file.read(bytes, 0, PAGE_SIZE, page * PAGE_SIZE);
       const last = sent.lastSent(block, page * PAGE_SIZE);
-      if (sent.deliveredAsSent(block, page * PAGE_SIZE, bytes)) seen.set(page, AS_LAST_SENT);
+      if (sent.deliveredAsSent(block, page * PAGE_SIZE, bytes)) seen.set(page, true);
       else if (last.kind !== "bytes") seen.set(page, `QEMU's last record: ${last.kind}`);
       else
         seen.set(
@@ -158,8 +156,6 @@ async function againstLastSent(
   }
   return seen;
 }
-
-const AS_LAST_SENT = "as QEMU last sent";
 
 /**
  * On a QEMU 7.2 source, a SentPagesTap in front of `uri` (send's listening address), so that the oracle can tell

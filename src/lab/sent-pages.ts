@@ -9,14 +9,15 @@
  * are exactly what QEMU last sent was delivered faithfully: vmprune did not drop or alter it (a dropped page
  * arrives as zeros), and QEMU never sent the newer bytes. Every other differing page stays vmprune's to explain.
  *
- * Only the main channel is recorded. Multifd channels are passed on but not parsed, so once one connects the
- * record is incomplete (`complete` false) and exonerates nothing.
+ * The tap is the project's relay (stream/relay.ts) with SentPages as its main-channel processor, which forwards
+ * every chunk as it came. Only the main channel is recorded. Multifd channels are passed on but not parsed, so
+ * once one connects the record is incomplete (`complete` false) and exonerates nothing.
  */
 import { hash } from "node:crypto";
-import { connect, createServer, type Server, type Socket } from "node:net";
 import { tcpAddress } from "../qemu/migration.ts";
 import { StreamParser } from "../stream/parser.ts";
-import { FILE_MAGIC } from "../stream/wire.ts";
+import type { StreamRecord } from "../stream/records.ts";
+import { type MainChannelProcessor, Relay } from "../stream/relay.ts";
 
 /** The lab guests' target page size (x86: TARGET_PAGE_BITS 12), the unit of every RAM record. */
 const PAGE_SIZE = 4096;
@@ -52,24 +53,23 @@ function filledPageDigest(fill: number): Buffer {
   return digest;
 }
 
-export class SentPages {
+export class SentPages implements MainChannelProcessor {
   private readonly blocks = new Map<string, BlockRecord>();
   private readonly parser = new StreamParser({ onError: "passthrough" });
-  private mainChannels = 0;
   private ramSectionId: number | null = null;
   /** QEMU sent the RAM section's END: its last RAM records (what follows is device state, left unparsed). */
   private ramEnded = false;
-  private otherChannels = 0;
+  /** Connections after the main channel (multifd), whose pages this record does not hold. */
+  otherChannels = 0;
 
-  /** True when the record holds the whole migration: one main channel, fully parsed, and no multifd channel. */
+  /** True when the record holds the whole migration: the main channel parsed to its RAM END, no multifd channel. */
   get complete(): boolean {
-    return this.mainChannels === 1 && this.otherChannels === 0 && this.ramEnded && this.parser.error === null;
+    return this.otherChannels === 0 && this.ramEnded && this.parser.error === null;
   }
 
   /** Why the record is not complete, for the oracle's diagnostics (null when it is). */
   get incompleteBecause(): string | null {
     if (this.otherChannels > 0) return `${this.otherChannels} multifd channel(s) not recorded`;
-    if (this.mainChannels !== 1) return `${this.mainChannels} main channels`;
     if (this.parser.error) return `the main channel did not parse: ${this.parser.error.message}`;
     if (!this.ramEnded) return "the main channel did not reach the RAM section's END";
     return null;
@@ -91,19 +91,19 @@ export class SentPages {
     return last.kind === "bytes" && last.sha1.equals(sha1(bytes));
   }
 
-  /** @internal the tap's view of one source connection's first bytes. */
-  channelOpened(firstBytes: Buffer): "main" | "other" {
-    if (this.mainChannels === 0 && firstBytes.length >= 4 && firstBytes.readUInt32BE(0) === FILE_MAGIC) {
-      this.mainChannels++;
-      return "main";
-    }
-    this.otherChannels++;
-    return "other";
+  /** The relay's main-channel processor: records the chunk's RAM records and forwards it as it came. */
+  push(chunk: Buffer): Buffer[] {
+    this.record(this.parser.push(chunk));
+    return [chunk];
   }
 
-  /** @internal records the RAM records of a main-channel chunk. */
-  record(chunk: Buffer): void {
-    for (const r of this.parser.push(chunk)) {
+  end(): Buffer[] {
+    this.record(this.parser.end());
+    return [];
+  }
+
+  private record(records: StreamRecord[]): void {
+    for (const r of records) {
       if (r.kind === "section" && r.idstr === "ram" && r.type === "START") this.ramSectionId = r.sectionId;
       if (r.kind === "section" && r.type === "END" && r.sectionId === this.ramSectionId) this.ramEnded = true;
       if (r.kind !== "ram") continue;
@@ -137,57 +137,34 @@ export class SentPages {
 }
 
 /**
- * A tap on 127.0.0.1 (any free port) that forwards every connection to `to` (tcp:HOST:PORT) and records the
- * main channel in `pages`. Point the source QEMU's `migrate` at `uri`.
+ * A tap on 127.0.0.1 (any free port) that relays every connection to `to` (tcp:HOST:PORT) and records the main
+ * channel in `pages`. Point the source QEMU's `migrate` at `uri`.
  */
 export class SentPagesTap {
-  readonly pages = new SentPages();
-  private readonly sockets = new Set<Socket>();
-
   private constructor(
-    private readonly server: Server,
-    readonly uri: string,
+    private readonly relay: Relay,
+    readonly pages: SentPages,
   ) {}
 
   static async start(to: string): Promise<SentPagesTap> {
-    const target = tcpAddress(to);
-    let tap: SentPagesTap | undefined;
-    // Half-open both ways: either side may finish writing while the other still answers.
-    const server = createServer({ allowHalfOpen: true }, (source) => tap?.forward(source, target));
-    await new Promise<void>((resolve, reject) => {
-      server.once("error", reject);
-      server.listen(0, "127.0.0.1", () => resolve());
+    const pages = new SentPages();
+    const relay = await Relay.start({
+      listen: { host: "127.0.0.1", port: 0 },
+      to: tcpAddress(to),
+      createMainProcessor: () => pages,
+      createChannelProcessor: () => {
+        pages.otherChannels++;
+        return { push: (chunk) => [chunk], end: () => [] };
+      },
     });
-    const address = server.address();
-    if (address === null || typeof address === "string") throw new Error("sent-pages tap: no TCP address");
-    tap = new SentPagesTap(server, `tcp:127.0.0.1:${address.port}`);
-    return tap;
+    return new SentPagesTap(relay, pages);
   }
 
-  private forward(source: Socket, target: { host: string; port: number }): void {
-    const onward = connect({ port: target.port, host: target.host, allowHalfOpen: true });
-    for (const s of [source, onward]) {
-      this.sockets.add(s);
-      s.on("close", () => this.sockets.delete(s));
-    }
-    let channel: "main" | "other" | null = null;
-    source.on("data", (chunk: Buffer) => {
-      channel ??= this.pages.channelOpened(chunk);
-      if (channel === "main") this.pages.record(chunk);
-      if (!onward.write(chunk)) {
-        source.pause();
-        onward.once("drain", () => source.resume());
-      }
-    });
-    onward.pipe(source);
-    source.on("end", () => onward.end());
-    // A reset on either side ends both: the migration under test sees its peer go, as it would without the tap.
-    source.on("error", () => onward.destroy());
-    onward.on("error", () => source.destroy());
+  get uri(): string {
+    return `tcp:127.0.0.1:${this.relay.address.port}`;
   }
 
-  async stop(): Promise<void> {
-    for (const s of this.sockets) s.destroy();
-    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+  stop(): Promise<void> {
+    return this.relay.close();
   }
 }
