@@ -126,9 +126,14 @@ export interface Agreement {
   freeRatio: number;
   /** PFNs the classifier calls free that kpageflags does not allow to be free: the dangerous error. */
   falseFree: number;
+  /** The first of those PFNs (at most FALSE_FREE_LISTED), to say which pages and what the guest showed for them. */
+  falseFreePfns: number[];
   /** Disagreements by "ours→allowed" for diagnosis. */
   confusion: Record<string, number>;
 }
+
+/** How many false-free PFNs an agreement lists. */
+export const FALSE_FREE_LISTED = 32;
 
 export function compareWithGroundTruth(
   ours: Uint8Array,
@@ -140,6 +145,7 @@ export function compareWithGroundTruth(
   let groundFree = 0;
   let freeAgreeing = 0;
   let falseFree = 0;
+  const falseFreePfns: number[] = [];
   const confusion: Record<string, number> = {};
   const names = Object.keys(CATEGORY) as Category[];
   for (let pfn = 0; pfn < pfns; pfn++) {
@@ -153,7 +159,7 @@ export function compareWithGroundTruth(
     }
     if ((a >> c) & 1) agreeing++;
     else {
-      if (c === CATEGORY.free) falseFree++;
+      if (c === CATEGORY.free && falseFree++ < FALSE_FREE_LISTED) falseFreePfns.push(pfn);
       const key = `${names[c]}→${names.filter((_, i) => (a >> i) & 1).join("|")}`;
       confusion[key] = (confusion[key] ?? 0) + 1;
     }
@@ -166,6 +172,7 @@ export function compareWithGroundTruth(
     freeAgreeing,
     freeRatio: groundFree ? freeAgreeing / groundFree : 1,
     falseFree,
+    falseFreePfns,
     confusion,
   };
 }

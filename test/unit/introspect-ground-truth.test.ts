@@ -60,6 +60,7 @@ test("kpageflags map to the categories they allow", () => {
   const a = compareWithGroundTruth(ours, allowed, d);
   assert.equal(a.agreeing, 10);
   assert.equal(a.falseFree, 1, "calling a reserved page free is the dangerous error");
+  assert.deepEqual(a.falseFreePfns, [10], "and which page it is");
   assert.equal(a.groundFree, 1);
   assert.equal(a.freeRatio, 1);
   assert.deepEqual(a.confusion, { "free→kernel": 1 });
