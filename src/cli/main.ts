@@ -273,7 +273,7 @@ const INSECURE_PLAINTEXT_HELP =
 /** send's and migrate's --refs-when (link-send.ts RefsWhen). */
 const REFS_WHEN_OPTION = [
   "--refs-when <when>",
-  "with --drop cache: when clean cache pages go as references: link-busy (default: only while bytes queue for the link, else whole, which is faster when the link has room) or always (the fewest bytes on the link)",
+  "with --drop cache: when clean cache pages go as references: link-busy (default: only across a network that holds the migration back: never to a receive on this host, and once measured, while the link drains at 200 MB/s or less; else whole, which is faster there) or always (the fewest bytes on the link)",
   (value: string): RefsWhen => {
     if (!(REFS_WHEN as readonly string[]).includes(value))
       throw new InvalidArgumentError(`give one of ${REFS_WHEN.join(", ")}`);

@@ -30,7 +30,7 @@ import {
   type Segment,
 } from "../prune/pruning-processor.ts";
 import type { ChannelCodec, ChannelProcessor, ChannelSide, CodecOutput } from "../stream/relay.ts";
-import { bytesToKernel } from "../transport/socket.ts";
+import { bytesToKernel, peerOnThisHost } from "../transport/socket.ts";
 import { describeTls } from "../transport/tls.ts";
 import { LinkRateMeter } from "./link-rate.ts";
 
@@ -38,16 +38,24 @@ import { LinkRateMeter } from "./link-rate.ts";
 export const REF_SECTOR_BYTES = 512;
 
 /**
- * When clean cache pages go as references: "always", or "link-busy" (the default): only while the link is what
- * holds the migration back (bytes queue for it, it drains slowly, and receive says it is not itself the slow one:
- * {@link RECEIVE_BUSY_PERMILLE}). A reference costs the pipeline more than a whole page: send hashes the page (SHA-256)
- * and places it on the disk, receive reads the disk and hashes it again. Measured on the lab's 2-core host: about
- * 14 µs more of send's CPU and 10 µs more of receive's per reference in isolation (bench:send-cpu, CPU profiles),
- * and 43 µs of the live pipeline's time per reference (bench:link, refs always: 36,857 references in 1.6 s with
- * send saturated and the link idle; issue 12's notes), while a 1 Gbit/s link carries 4 KiB in 34 µs and a
- * 10 Gbit/s one in 3.4 µs. So a reference pays only while bytes queue for the link and the link drains slower
- * than {@link REFS_PAY_BELOW_BYTES_PER_SECOND}; otherwise the whole page is faster, and the pages sent whole in
- * between keep the link fed.
+ * When clean cache pages go as references: "always", or "link-busy" (the default): only where a network lies
+ * between send and receive and it is what holds the migration back. A reference costs CPU a whole page does not:
+ * send hashes the page (SHA-256) and places it on the disk, receive reads the disk and hashes it again (in
+ * isolation about 14 µs more of send's CPU and 10 µs more of receive's per reference: bench:send-cpu, CPU
+ * profiles), to save the link 4 KiB (34 µs at 1 Gbit/s, 3.4 µs at 10 Gbit/s). So, per chunk from the source:
+ * 1. receive on this host (transport/socket.ts peerOnThisHost: a unix socket, loopback, an address of this host):
+ *    never. No network bytes to save, and the CPU a reference costs is the one both QEMUs and receive share (the
+ *    loopback demo: 7,054 references made free+cache take 212% of the baseline's time, 0 took 100%).
+ * 2. once the link was measured draining while bytes waited for it ({@link REFS_RATE_WINDOW_MS} of backlog):
+ *    references iff it drains no faster than {@link REFS_PAY_BELOW_BYTES_PER_SECOND}, whatever waits at the
+ *    moment: a pruned stream comes in bursts, and the kernel's send buffer (MBs) keeps the link fed between them.
+ * 3. before that: while {@link REFS_WHEN_QUEUED_BYTES} wait for the link and receive does not report itself busy
+ *    ({@link RECEIVE_BUSY_PERMILLE}).
+ * Why rule 2 no longer asks for a queue and an idle receive (it did until issue 12's fourteenth session): on the
+ * lab's 1 Gbit/s link the user-space queue rarely reached 2 MiB (the kernel's buffer absorbs the backlog) and
+ * receive, sharing 2 cores with both QEMUs, reported itself busy in 8-14 of ~29 LOADs, so references went to a
+ * few thousand of ~40,000 cache pages; yet references always resumed sooner than that in 17 of 18 same-run
+ * comparisons (bench:link, 3 workloads), by 1-12%.
  */
 export const REFS_WHEN = ["link-busy", "always"] as const;
 export type RefsWhen = (typeof REFS_WHEN)[number];
@@ -63,28 +71,38 @@ export const REFS_WHEN_QUEUED_BYTES = 2 * 1024 * 1024;
 const REFS_WHEN_QUEUED_SHARE_OF_BOUND = 0.25;
 
 /**
- * "link-busy": the link rate (bytes/s, LinkRateMeter over this channel's upstream) at which a reference and a
- * whole page cost the same: 4096 B / 43 µs, the live pipeline's time per reference (the doc of REFS_WHEN). A link
- * measured faster than this (1 Gbit/s and up, or a receive on this host, whose own CPU is what drains it) gets
- * whole pages even while bytes queue; until a rate is measured (500 ms of backlog), a backed-up link gets
- * references. (It was 170 MB/s from the isolated ~24 µs, while the meter read a 1 Gbit/s link as 146-185 MB/s and
- * so mostly kept references off there; once the meter read 120 MB/s, link-busy made 8-11k references per mixed
- * migration and resumed later: 3.88 s against 3.64-3.68 s with none, bench:link medians of 3.)
+ * "link-busy": the link rate (bytes/s, LinkRateMeter over this channel's upstream) up to which references pay.
+ * With send and receive on their own hosts, a reference's costs fall in different stages of the pipeline, and
+ * send's, the larger (~14 µs), breaks even with the link at 4096 B / 14 µs ≈ 290 MB/s; 200 MB/s keeps a margin
+ * for busier hosts. On the lab's one 2-core host a 1 Gbit/s link (~120 MB/s) still resumed sooner with references
+ * than without (the doc of REFS_WHEN). It was 95 MB/s, from 43 µs per reference measured with send saturated and
+ * the link idle on that shared host (bench:link, refs always: 36,857 references in 1.6 s), which counts the CPU
+ * of processes another host would run.
  */
-export const REFS_PAY_BELOW_BYTES_PER_SECOND = 95_000_000;
+export const REFS_PAY_BELOW_BYTES_PER_SECOND = 200_000_000;
 
 /**
- * "link-busy", with a receive that reports its load (link/protocol.ts "Load reports"): bytes queue for the link
+ * "link-busy" before the link is measured (REFS_WHEN rule 3), with a receive that reports its load
+ * (link/protocol.ts "Load reports"): bytes queue for the link
  * but receive's event loop was busy at least this share of its last interval (per mille), so receive, not the
  * network, drains the link: a reference would only add receive's disk read and hash to what holds the migration
  * back. Whole pages then. Below it receive has room, waits on the link, and references pay.
  */
 export const RECEIVE_BUSY_PERMILLE = 800;
 /**
- * "link-busy": how often the link rate meter is sampled (ms), at most: its 500 ms window (link-rate.ts) needs a
- * few dozen samples, not one per chunk.
+ * "link-busy": how often the link rate meter is sampled (ms), at most: its window ({@link REFS_RATE_WINDOW_MS})
+ * needs about ten samples, not one per chunk.
  */
 const LINK_RATE_SAMPLE_MS = 10;
+
+/**
+ * "link-busy": the window of the link rate meter (link-rate.ts) that decides, shorter than its default 500 ms: a
+ * pass of a pruned stream comes in bursts (free stretches send nothing, and references drain the queue), so whole
+ * half-seconds of backlog come late or never (bench:link cache-heavy: a rate after ~3,000 of ~5,500 chunks). A
+ * send buffer filling at the start of a backlog (at most ~4 MiB) can make a 100 ms window read up to 40 MB/s fast,
+ * which errs towards whole pages.
+ */
+const REFS_RATE_WINDOW_MS = 100;
 
 /** A LOAD older than this many report intervals no longer says anything (receive stopped, or is stalled). */
 const LOAD_FRESH_INTERVALS = 3;
@@ -117,6 +135,8 @@ export interface LinkSendOptions {
   queueBoundBytes?: () => number;
   /** "link-busy": how long receive's LOAD counts (default LOAD_FRESH_INTERVALS report intervals). */
   loadFreshMs?: number;
+  /** "link-busy": whether receive runs on this host (default: read from the link's socket, peerOnThisHost). */
+  receiveOnThisHost?: boolean;
   log?: (line: string) => void;
 }
 
@@ -139,11 +159,15 @@ export class LinkSendCodec implements ChannelCodec {
   private source: Socket | undefined;
   private upstream: Socket | undefined;
   /** How fast this channel's link drains while bytes queue for it ("link-busy"). */
-  private readonly linkRate = new LinkRateMeter();
+  private readonly linkRate = new LinkRateMeter(REFS_RATE_WINDOW_MS);
   /** When the link rate meter was last sampled (LINK_RATE_SAMPLE_MS). */
   private rateSampledAtMs = Number.NEGATIVE_INFINITY;
   /** Until when (performance.now()) receive's last LOAD says it is the slow end; 0: it does not. */
   private receiveBusyUntilMs = 0;
+  /** "link-busy": receive shares this host, so no network lies between: whole pages always. */
+  private receiveOnThisHost = false;
+  /** "link-busy": chunks by the reason references were (not) allowed for them. */
+  private readonly refsDecisions = new Map<string, number>();
   /** receive's LOADs, and those that said receive, not the link, was what drained slowly (whole pages then). */
   loadReports = 0;
   receiveBusyReports = 0;
@@ -198,14 +222,19 @@ export class LinkSendCodec implements ChannelCodec {
     };
     const { zeroFill } = this.refsAllowed;
     const anyRefs = this.refsAllowed.index || this.refsAllowed.filesystem;
+    const linkBusy = (this.options.refsWhen ?? "link-busy") === "link-busy";
     this.refsWhileLinkHasRoom =
-      (this.options.refsWhen ?? "link-busy") === "link-busy" && anyRefs
+      linkBusy && anyRefs
         ? { index: false, filesystem: false, multifd: false, zeroFill, linkHasRoom: true }
         : this.refsAllowed;
+    this.receiveOnThisHost = linkBusy && (this.options.receiveOnThisHost ?? peerOnThisHost(upstream));
     this.ledger = new RefLedger<PageRef>(session.windowBytes);
     const tls = describeTls(upstream);
     this.options.log?.(
-      `link #${this.index}: authenticated${tls ? ` over ${tls}` : " (plaintext)"}; ${describeRefs(this.refsAllowed)}`,
+      `link #${this.index}: authenticated${tls ? ` over ${tls}` : " (plaintext)"}; ${describeRefs(this.refsAllowed)}` +
+        (this.receiveOnThisHost && anyRefs
+          ? "; receive is on this host: cache pages go whole (link-busy)"
+          : ""),
     );
   }
 
@@ -283,6 +312,13 @@ export class LinkSendCodec implements ChannelCodec {
   }
 
   closed(): void {
+    if (this.refsDecisions.size > 0) {
+      const rate = this.linkRate.bytesPerSecond;
+      const reasons = [...this.refsDecisions].map(([why, n]) => `${why} ${n}`).join(", ");
+      this.options.log?.(
+        `link #${this.index}: link-busy, chunks by reason: ${reasons}; link ${rate === undefined ? "never measured backed up" : `measured at ${(rate / 1e6).toFixed(0)} MB/s`}`,
+      );
+    }
     if (this.receiveBusyReports > 0 && this.refsWhileLinkHasRoom !== this.refsAllowed)
       this.options.log?.(
         `link #${this.index}: receive reported itself busy in ${this.receiveBusyReports} of ${this.loadReports} load reports; cache pages went whole meanwhile`,
@@ -313,6 +349,7 @@ export class LinkSendCodec implements ChannelCodec {
   private refsNow(): RefsAccepted {
     const upstream = this.upstream;
     if (!upstream || this.refsWhileLinkHasRoom === this.refsAllowed) return this.refsAllowed;
+    if (this.receiveOnThisHost) return this.decided("receive on this host", false);
     const queuedBytes = upstream.writableLength;
     const now = performance.now();
     // Sampled every LINK_RATE_SAMPLE_MS, not per chunk: the meter needs far fewer (and Node's socket.bytesWritten,
@@ -325,17 +362,25 @@ export class LinkSendCodec implements ChannelCodec {
         receivedBytes: 0,
       });
     }
+    const rate = this.linkRate.bytesPerSecond;
+    if (rate !== undefined)
+      return rate > (this.options.refsPayBelowBytesPerSecond ?? REFS_PAY_BELOW_BYTES_PER_SECOND)
+        ? this.decided("link measured fast", false)
+        : this.decided("link measured slow", true);
     const bound = this.options.queueBoundBytes?.();
     const busyAt =
       bound === undefined
         ? REFS_WHEN_QUEUED_BYTES
         : Math.min(REFS_WHEN_QUEUED_BYTES, bound * REFS_WHEN_QUEUED_SHARE_OF_BOUND);
-    if (queuedBytes < busyAt || now < this.receiveBusyUntilMs) return this.refsWhileLinkHasRoom;
-    const rate = this.linkRate.bytesPerSecond;
-    return rate !== undefined &&
-      rate > (this.options.refsPayBelowBytesPerSecond ?? REFS_PAY_BELOW_BYTES_PER_SECOND)
-      ? this.refsWhileLinkHasRoom
-      : this.refsAllowed;
+    if (queuedBytes < busyAt) return this.decided("short queue", false);
+    if (now < this.receiveBusyUntilMs) return this.decided("receive busy", false);
+    return this.decided("link backed up", true);
+  }
+
+  /** Counts why ("link-busy") a chunk's cache pages may or may not go as references; logged when the link closes. */
+  private decided(why: string, refs: boolean): RefsAccepted {
+    this.refsDecisions.set(why, (this.refsDecisions.get(why) ?? 0) + 1);
+    return refs ? this.refsAllowed : this.refsWhileLinkHasRoom;
   }
 
   /** send half-closes the link after its EOF, once every REF is settled (a NACK may still need an answer). */

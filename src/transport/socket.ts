@@ -18,7 +18,8 @@
  */
 import { randomBytes } from "node:crypto";
 import { chmodSync, chownSync, lstatSync, readFileSync, renameSync, type Stats, unlinkSync } from "node:fs";
-import { createServer, connect as netConnect, type Server, type Socket } from "node:net";
+import { createServer, isIPv4, connect as netConnect, type Server, type Socket } from "node:net";
+import { networkInterfaces } from "node:os";
 import { basename, dirname, join } from "node:path";
 import { type ConnectionOptions, TLSSocket, connect as tlsConnect } from "node:tls";
 import { checkUnixPath, type Endpoint, EndpointError, formatEndpoint, isUnixEndpoint } from "./endpoint.ts";
@@ -345,4 +346,30 @@ export function resetSocket(socket: Socket): void {
 export function describePeer(socket: Socket): string {
   if (socket.remoteAddress === undefined) return "a unix-socket peer";
   return formatEndpoint({ host: socket.remoteAddress, port: socket.remotePort ?? 0 });
+}
+
+/**
+ * Whether a connected socket's peer runs on this host (in this network namespace): a unix socket, or a TCP peer
+ * at an address of this host ({@link addressOnThisHost}). Bytes to such a peer cross no network, only memory.
+ */
+export function peerOnThisHost(socket: Socket): boolean {
+  const remote = socket.remoteAddress;
+  if (remote === undefined) return true; // a unix socket (as describePeer)
+  return addressOnThisHost(remote, socket.localAddress);
+}
+
+/**
+ * Whether an IP address is this host's: loopback, the connection's own local address, or an address of one of
+ * the interfaces of this network namespace (os.networkInterfaces). IPv4-mapped IPv6 and IPv6 zones are read
+ * as the plain address.
+ */
+export function addressOnThisHost(address: string, localAddress?: string): boolean {
+  const plain = (a: string) => {
+    const bare = a.split("%")[0] ?? a; // an IPv6 zone ("fe80::1%eth0")
+    return bare.startsWith("::ffff:") && isIPv4(bare.slice(7)) ? bare.slice(7) : bare;
+  };
+  const remote = plain(address);
+  if (remote === "::1" || (isIPv4(remote) && remote.startsWith("127."))) return true;
+  if (localAddress !== undefined && remote === plain(localAddress)) return true;
+  return Object.values(networkInterfaces()).some((list) => list?.some((i) => plain(i.address) === remote));
 }

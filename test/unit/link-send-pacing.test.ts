@@ -115,11 +115,27 @@ async function stalledReceive(
 /** Feeds the stream through a codec towards a receive that reads nothing; where the first reference came. */
 async function migrate(
   t: TestContext,
-  refsWhen: RefsWhen | undefined,
-  slow?: { readEveryMs: number; waitMs: number; refsPayBelowBytesPerSecond: number },
-  queueBoundBytes?: number,
-  load?: ReceiveLoad,
-): Promise<{ processor: PruningProcessor; queuedAtFirstRef: number | null; wholeAfterRefs: number }> {
+  {
+    refsWhen,
+    slow,
+    queueBoundBytes,
+    load,
+    receiveOnThisHost,
+  }: {
+    refsWhen?: RefsWhen;
+    slow?: { readEveryMs: number; waitMs: number; refsPayBelowBytesPerSecond?: number };
+    queueBoundBytes?: number;
+    load?: ReceiveLoad;
+    /** Default false: the test's receive, on loopback, stands for one across a network; "detect": as send does. */
+    receiveOnThisHost?: boolean | "detect";
+  } = {},
+): Promise<{
+  processor: PruningProcessor;
+  queuedAtFirstRef: number | null;
+  wholeAfterRefs: number;
+  refsWithShortQueue: number;
+  maxQueued: number;
+}> {
   const psk = randomBytes(32);
   const upstream = await stalledReceive(t, psk, slow?.readEveryMs, load);
   const processor = cacheProcessor();
@@ -127,10 +143,13 @@ async function migrate(
     psk,
     processor,
     ...(refsWhen ? { refsWhen } : {}),
-    ...(slow ? { refsPayBelowBytesPerSecond: slow.refsPayBelowBytesPerSecond } : {}),
+    ...(slow?.refsPayBelowBytesPerSecond !== undefined
+      ? { refsPayBelowBytesPerSecond: slow.refsPayBelowBytesPerSecond }
+      : {}),
     ...(queueBoundBytes ? { queueBoundBytes: () => queueBoundBytes } : {}),
     // A loaded test host may stall longer than the default freshness between two LOADs.
     loadFreshMs: 60_000,
+    ...(receiveOnThisHost === "detect" ? {} : { receiveOnThisHost: receiveOnThisHost ?? false }),
   });
   await codec.open({ source: new Socket(), upstream });
   if (load) {
@@ -141,25 +160,29 @@ async function migrate(
   }
   let queuedAtFirstRef: number | null = null;
   let wholeAfterRefs = 0;
+  let refsWithShortQueue = 0;
+  let maxQueued = 0;
   for (const chunk of streamChunks()) {
     const queued = upstream.writableLength;
+    maxQueued = Math.max(maxQueued, queued);
     const before = processor.report();
     for (const frame of codec.fromSource(chunk).toUpstream ?? []) upstream.write(frame);
     const after = processor.report();
     if (queuedAtFirstRef === null && after.refs > before.refs) queuedAtFirstRef = queued;
     if (queuedAtFirstRef !== null && queued >= REFS_WHEN_QUEUED_BYTES)
       wholeAfterRefs += after.cacheWhole - before.cacheWhole;
+    if (queued < REFS_WHEN_QUEUED_BYTES) refsWithShortQueue += after.refs - before.refs;
     // Let the socket hand what it can to the kernel, as the event loop does between the source's reads; with a
     // slow receive, the source waits as the relay's backpressure would make it.
     const busyAt = Math.min(REFS_WHEN_QUEUED_BYTES, (queueBoundBytes ?? Number.POSITIVE_INFINITY) / 4);
     if (queued < busyAt) await new Promise((resolve) => setImmediate(resolve));
     else if (slow) await new Promise((resolve) => setTimeout(resolve, slow.waitMs));
   }
-  return { processor, queuedAtFirstRef, wholeAfterRefs };
+  return { processor, queuedAtFirstRef, wholeAfterRefs, refsWithShortQueue, maxQueued };
 }
 
 test("link-busy: cache pages go whole while the link has room, as references once bytes queue for it", async (t) => {
-  const { processor, queuedAtFirstRef } = await migrate(t, undefined);
+  const { processor, queuedAtFirstRef } = await migrate(t);
   const r = processor.report();
   t.diagnostic(
     `${r.cacheWhole} whole, ${r.refs} references; first reference at ${queuedAtFirstRef} B queued`,
@@ -176,7 +199,7 @@ test("link-busy: cache pages go whole while the link has room, as references onc
 
 test("link-busy under a small relay bound (a slow link near the end): references from a quarter of it", async (t) => {
   const bound = 512 * 1024;
-  const { processor, queuedAtFirstRef } = await migrate(t, undefined, undefined, bound);
+  const { processor, queuedAtFirstRef } = await migrate(t, { queueBoundBytes: bound });
   const r = processor.report();
   t.diagnostic(
     `${r.cacheWhole} whole, ${r.refs} references; first reference at ${queuedAtFirstRef} B queued`,
@@ -192,10 +215,8 @@ test("link-busy: a backed-up link measured faster than references pay for gets w
   // The receive reads 4 KiB every 2 ms, slower than the source: bytes queue, and the link drains at a rate the
   // meter can measure; any
   // measured rate counts as fast here (1 B/s), so once 500 ms of backlog gave a rate, pages go whole again.
-  const { processor, queuedAtFirstRef, wholeAfterRefs } = await migrate(t, undefined, {
-    readEveryMs: 2,
-    waitMs: 1,
-    refsPayBelowBytesPerSecond: 1,
+  const { processor, queuedAtFirstRef, wholeAfterRefs } = await migrate(t, {
+    slow: { readEveryMs: 2, waitMs: 1, refsPayBelowBytesPerSecond: 1 },
   });
   const r = processor.report();
   t.diagnostic(
@@ -204,6 +225,28 @@ test("link-busy: a backed-up link measured faster than references pay for gets w
   assert.ok(queuedAtFirstRef !== null, "references while the link's rate was unknown");
   assert.ok(wholeAfterRefs > 0, "whole pages with bytes queued, once the link measured fast");
   assert.equal(r.cacheWhole + r.refs, PAGES);
+});
+
+test("link-busy: a link measured slower than references pay for gets them even while little queues", async (t) => {
+  // The receive reads 4 KiB every 2 ms (2 MB/s): once 500 ms of backlog measured that, far below
+  // REFS_PAY_BELOW_BYTES_PER_SECOND, references go on while the queue they shrink is short. (Before a rate is
+  // measured, only a queue of REFS_WHEN_QUEUED_BYTES makes them.)
+  const { processor, refsWithShortQueue } = await migrate(t, { slow: { readEveryMs: 2, waitMs: 1 } });
+  const r = processor.report();
+  t.diagnostic(
+    `${r.cacheWhole} whole, ${r.refs} references, ${refsWithShortQueue} of them with a short queue`,
+  );
+  assert.ok(refsWithShortQueue > 0, "references with less than the busy queue, once the link measured slow");
+  assert.equal(r.cacheWhole + r.refs, PAGES);
+});
+
+test("link-busy: a receive on this host (loopback) gets whole pages however the link backs up", async (t) => {
+  const { processor, maxQueued } = await migrate(t, { receiveOnThisHost: "detect" });
+  const r = processor.report();
+  t.diagnostic(`${r.cacheWhole} whole, ${r.refs} references; up to ${maxQueued} B queued`);
+  assert.ok(maxQueued >= REFS_WHEN_QUEUED_BYTES, `the link backed up (${maxQueued} B queued)`);
+  assert.equal(r.refs, 0, "no reference: no network lies between send and receive");
+  assert.equal(r.cacheWhole, PAGES);
 });
 
 for (const { name, load, refs } of [
@@ -216,7 +259,7 @@ for (const { name, load, refs } of [
   { name: "room (waiting on the link)", load: { busyPermille: 100, destinationQueuedBytes: 0 }, refs: true },
 ]) {
   test(`link-busy: a backed-up link whose receive reports ${name} gets ${refs ? "references" : "whole pages"}`, async (t) => {
-    const { processor, queuedAtFirstRef } = await migrate(t, undefined, undefined, undefined, load);
+    const { processor, queuedAtFirstRef } = await migrate(t, { load });
     const r = processor.report();
     t.diagnostic(
       `${r.cacheWhole} whole, ${r.refs} references; first reference at ${queuedAtFirstRef} B queued`,
@@ -229,7 +272,7 @@ for (const { name, load, refs } of [
 }
 
 test("always: every cache page on the disk goes as a reference, from the first", async (t) => {
-  const { processor, queuedAtFirstRef } = await migrate(t, "always");
+  const { processor, queuedAtFirstRef } = await migrate(t, { refsWhen: "always" });
   const r = processor.report();
   assert.equal(r.refs, PAGES);
   assert.equal(r.cacheWhole, 0);
