@@ -44,7 +44,7 @@ import {
   describeTls,
   type LinkSecurity,
   linkSecurity,
-  PLAINTEXT_WARNING,
+  plaintextNotice,
   tlsServer,
 } from "../transport/tls.ts";
 import { EventLoopBusy } from "./event-loop-busy.ts";
@@ -251,7 +251,8 @@ export interface RunningReceive {
 export async function startReceive(options: ReceiveOptions): Promise<RunningReceive> {
   const codecs: LinkReceiveCodec[] = [];
   const security = linkSecurity(options.security, options.psk);
-  if (security.mode === "plaintext") options.log?.(PLAINTEXT_WARNING);
+  const notice = plaintextNotice(security);
+  if (notice) options.log?.(notice);
   const secureSource = tlsServer(security);
   const relay = await Relay.start({
     ...(secureSource ? { secureSource } : {}),

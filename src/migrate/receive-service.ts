@@ -25,7 +25,7 @@ import {
   resetSocket,
   type UnixSocketOptions,
 } from "../transport/socket.ts";
-import { type LinkSecurity, linkSecurity, PLAINTEXT_WARNING, tlsServer } from "../transport/tls.ts";
+import { type LinkSecurity, linkSecurity, plaintextNotice, tlsServer } from "../transport/tls.ts";
 import { type AllowedDestinations, describeAllowed, resolveDestination } from "./allowed-destinations.ts";
 import { LinkReceiveCodec, type ReceiveReport, receiveCapabilities, receiveReport } from "./link-receive.ts";
 
@@ -172,7 +172,8 @@ export class ReceiveService {
     this.#options = options;
     this.#endpoint = endpoint;
     const security = linkSecurity(options.security, options.psk);
-    if (security.mode === "plaintext") this.#log(PLAINTEXT_WARNING);
+    const notice = plaintextNotice(security);
+    if (notice) this.#log(notice);
     this.#secure = tlsServer(security, options.handshakeTimeoutMs);
     server.on("connection", (socket: Socket) => void this.#accept(socket));
     server.on("error", (error) => this.#log(`receive service: listener error: ${error.message}`));

@@ -22,7 +22,7 @@ import type { UnixSocketOptions } from "../transport/socket.ts";
 import {
   type LinkSecurity,
   linkSecurity,
-  PLAINTEXT_WARNING,
+  plaintextNotice,
   tlsClientOptions,
   tlsFailureHint,
 } from "../transport/tls.ts";
@@ -301,7 +301,8 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
   let counter: CountingProcessor | undefined;
   const link = options.link;
   const security = link ? linkSecurity(link.security, link.psk) : undefined;
-  if (security?.mode === "plaintext") log(PLAINTEXT_WARNING);
+  const notice = security && plaintextNotice(security);
+  if (notice) log(notice);
   const tlsOptions = security ? tlsClientOptions(security, options.to) : undefined;
   // One send serves one migration: all its link connections carry this id, so a receive service groups them.
   const migrationId = randomBytes(MIGRATION_ID_BYTES);

@@ -44,7 +44,15 @@ export type LinkSecurity =
       /** Client only: the name (or IP) the server's certificate must carry; default the host connected to. */
       hostname?: string;
     }
-  | { mode: "plaintext" };
+  | {
+      mode: "plaintext";
+      /**
+       * Why no TLS is needed, when vmprune itself chose it (`vmprune migrate`: the link is a unix socket in a
+       * private directory between two parts of one process). Absent: the operator asked (--insecure-plaintext),
+       * and both sides warn.
+       */
+      why?: string;
+    };
 
 /** Domain separation between the key file and the TLS PSK derived from it. */
 export const PSK_LABEL = "vmprune-link tls-psk v1";
@@ -72,6 +80,12 @@ export class LinkTlsError extends Error {
 /** What both sides log when the link runs without TLS. */
 export const PLAINTEXT_WARNING =
   "WARNING: the link is NOT encrypted: guest memory crosses the network in cleartext (authenticated only)";
+
+/** What a side logs about a link without TLS: the reason vmprune chose it, else {@link PLAINTEXT_WARNING}. */
+export function plaintextNotice(security: LinkSecurity): string | undefined {
+  if (security.mode !== "plaintext") return undefined;
+  return security.why ? `the link is not encrypted: ${security.why}` : PLAINTEXT_WARNING;
+}
 
 /** The link's protection: the given one, else TLS-PSK from the key (the default a key file alone gets). */
 export function linkSecurity(security: LinkSecurity | undefined, psk: Buffer | undefined): LinkSecurity {

@@ -15,7 +15,13 @@ import { type ReceiveOptions, type RunningReceive, startReceive } from "../../sr
 import { type SendOptions, startSend } from "../../src/migrate/send.ts";
 import type { TcpEndpoint } from "../../src/transport/endpoint.ts";
 import { connect as transportConnect } from "../../src/transport/socket.ts";
-import { type LinkSecurity, tlsClientOptions, tlsServer } from "../../src/transport/tls.ts";
+import {
+  type LinkSecurity,
+  PLAINTEXT_WARNING,
+  plaintextNotice,
+  tlsClientOptions,
+  tlsServer,
+} from "../../src/transport/tls.ts";
 import { type FakeDestination, fakeDestination, MiB, sourceSends, tempDir } from "../support/fake-peers.ts";
 import { makePki } from "../support/pki.ts";
 
@@ -300,4 +306,13 @@ test("a client that never starts its TLS handshake is cut after the handshake ti
   t.after(() => silent.destroy());
   await new Promise((resolve) => silent.once("close", resolve));
   assert.match((await outcome[0]) ?? "", /TLS handshake failed.*did not complete a TLS handshake in time/);
+});
+
+test("a plaintext link that vmprune chose says why instead of warning; one the operator asked for warns", () => {
+  assert.equal(plaintextNotice({ mode: "plaintext" }), PLAINTEXT_WARNING);
+  assert.equal(
+    plaintextNotice({ mode: "plaintext", why: "one process" }),
+    "the link is not encrypted: one process",
+  );
+  assert.equal(plaintextNotice({ mode: "psk", key: randomBytes(32) }), undefined);
 });
