@@ -126,6 +126,7 @@ import { REPORT_WIDTH, table, wrap } from "../src/report/table.ts";
 import { DEFAULT_SAMPLE_INTERVAL_MS, ThroughputSampler } from "../src/report/throughput-sampler.ts";
 import { reportJson } from "../src/report/version.ts";
 import { LAB_OPTIONS, labTarget, median, requireSetup } from "./common.ts";
+import { describeCpu, hostCpu, processCpuMs } from "./host-cpu.ts";
 import { idealBytes } from "./ideal.ts";
 import { linkOfThisProcess, runBehindLink } from "./linked-run.ts";
 import { migrateThroughInProcessSend, migrateThroughSendAndReceive, type SendRun } from "./send-run.ts";
@@ -440,6 +441,8 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
     const trace = process.env.VMPRUNE_BENCH_TRACE ? startLinkTrace(link.dstNetns) : undefined;
     // This process's CPU and event loop over the migration: vmprune send runs here (the rows' other work is small).
     const cpuBefore = process.cpuUsage();
+    const hostBefore = hostCpu();
+    const srcQemuBefore = processCpuMs(pair.src.pid);
     const loopBefore = performance.eventLoopUtilization();
     // The link's use over time for the HTML report: the same counter as linkBytes, read on a timer.
     const sampler = new ThroughputSampler(
@@ -468,6 +471,15 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
     if (trace) {
       const cpu = process.cpuUsage(cpuBefore);
       const loop = performance.eventLoopUtilization(loopBefore);
+      // Where the host's CPU went from `migrate` to the destination running (the destination QEMU's count starts
+      // at its launch, just before; receive, when a row runs it, is in "the rest" with the kernel's network work).
+      log(
+        `  ${describeCpu(hostBefore, hostCpu(), Date.now() - startedAtMs, [
+          { name: "source QEMU", ms: processCpuMs(pair.src.pid) - srcQemuBefore },
+          { name: "destination QEMU", ms: processCpuMs(dst.pid) },
+          { name: "this process (send)", ms: (cpu.user + cpu.system) / 1000 },
+        ])}`,
+      );
       log(
         `  this process (send) over the migration: ${Math.round((cpu.user + cpu.system) / 1000)} ms CPU ` +
           `(${Math.round(cpu.system / 1000)} ms system), event loop busy ${(100 * loop.utilization).toFixed(0)}% of ${Math.round(loop.idle + loop.active)} ms`,
