@@ -49,20 +49,64 @@ export function processCpuMs(pid: number): number {
   return ((Number(fields[11]) || 0) + (Number(fields[12]) || 0)) * msPerTick();
 }
 
-/** "busy 1.93 of 2 cores (97%): src QEMU 1210 ms, ..., the rest 300 ms", over `wallMs`. */
-export function describeCpu(
-  before: HostCpu,
-  after: HostCpu,
-  wallMs: number,
-  processes: Array<{ name: string; ms: number }>,
-): string {
-  const busyMs = after.busyMs - before.busyMs;
-  const cores = availableParallelism();
-  const named = processes.reduce((sum, p) => sum + p.ms, 0);
-  const parts = processes.map((p) => `${p.name} ${Math.round(p.ms)} ms`);
-  parts.push(`the rest ${Math.round(busyMs - named)} ms`);
-  return (
-    `host CPU over ${Math.round(wallMs)} ms: ${Math.round(busyMs)} ms busy, ${(busyMs / wallMs).toFixed(2)} of ` +
-    `${cores} cores (${((100 * busyMs) / (after.totalMs - before.totalMs)).toFixed(0)}%): ${parts.join(", ")}`
-  );
+/** One reading: when (Date.now(), the clock of QEMU's QMP event timestamps), the host's and each process's CPU. */
+interface CpuReading {
+  atMs: number;
+  host: HostCpu;
+  processes: Map<string, number>;
+}
+
+/**
+ * Reads the host's CPU and the named processes' every `intervalMs`, so that a window known only afterwards (from
+ * `migrate` to the destination's RESUME) can be cut out of it: the row's setup (the destination QEMU, receive's
+ * start, send's preparation) would otherwise count as migration. `processes` is asked at each reading (a PID may
+ * appear later: the destination QEMU); a process that is gone reads 0, so give only those that outlive the row.
+ */
+export class CpuSampler {
+  private readonly readings: CpuReading[] = [];
+  private timer: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly processes: () => Array<{ name: string; cpuMs: () => number }>,
+    private readonly intervalMs = 20,
+  ) {}
+
+  start(): void {
+    this.read();
+    this.timer = setInterval(() => this.read(), this.intervalMs);
+  }
+
+  stop(): void {
+    clearInterval(this.timer);
+    this.read();
+  }
+
+  /** "host CPU from migrate to RESUME (2500 ms): 4700 ms busy, 1.88 of 2 cores (94%): ...", or why not. */
+  describe(fromMs: number, toMs: number): string {
+    const first = [...this.readings].reverse().find((r) => r.atMs <= fromMs);
+    const last = this.readings.find((r) => r.atMs >= toMs);
+    if (!first || !last) return "host CPU: no readings around the migration";
+    const wallMs = last.atMs - first.atMs;
+    const busyMs = last.host.busyMs - first.host.busyMs;
+    const totalMs = last.host.totalMs - first.host.totalMs;
+    const parts: string[] = [];
+    let named = 0;
+    for (const [name, ms] of last.processes) {
+      // A process first read after `fromMs` (the destination QEMU) counts from 0: its start is in the window.
+      const used = ms - (first.processes.get(name) ?? 0);
+      named += used;
+      parts.push(`${name} ${Math.round(used)} ms`);
+    }
+    parts.push(`the rest (receive, the kernel's network work) ${Math.round(busyMs - named)} ms`);
+    return (
+      `host CPU from migrate to RESUME (${Math.round(wallMs)} ms): ${Math.round(busyMs)} ms busy, ` +
+      `${(busyMs / wallMs).toFixed(2)} of ${availableParallelism()} cores (${((100 * busyMs) / totalMs).toFixed(0)}%): ${parts.join(", ")}`
+    );
+  }
+
+  private read(): void {
+    const processes = new Map<string, number>();
+    for (const p of this.processes()) processes.set(p.name, p.cpuMs());
+    this.readings.push({ atMs: Date.now(), host: hostCpu(), processes });
+  }
 }

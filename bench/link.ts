@@ -126,7 +126,7 @@ import { REPORT_WIDTH, table, wrap } from "../src/report/table.ts";
 import { DEFAULT_SAMPLE_INTERVAL_MS, ThroughputSampler } from "../src/report/throughput-sampler.ts";
 import { reportJson } from "../src/report/version.ts";
 import { LAB_OPTIONS, labTarget, median, requireSetup } from "./common.ts";
-import { describeCpu, hostCpu, processCpuMs } from "./host-cpu.ts";
+import { CpuSampler, processCpuMs } from "./host-cpu.ts";
 import { idealBytes } from "./ideal.ts";
 import { linkOfThisProcess, runBehindLink } from "./linked-run.ts";
 import { migrateThroughInProcessSend, migrateThroughSendAndReceive, type SendRun } from "./send-run.ts";
@@ -441,8 +441,20 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
     const trace = process.env.VMPRUNE_BENCH_TRACE ? startLinkTrace(link.dstNetns) : undefined;
     // This process's CPU and event loop over the migration: vmprune send runs here (the rows' other work is small).
     const cpuBefore = process.cpuUsage();
-    const hostBefore = hostCpu();
-    const srcQemuBefore = processCpuMs(pair.src.pid);
+    const cpuSampler = trace
+      ? new CpuSampler(() => [
+          { name: "source QEMU", cpuMs: () => processCpuMs(pair.src.pid) },
+          ...(pair.dst ? [{ name: "destination QEMU", cpuMs: () => processCpuMs(pair.dst?.pid ?? 0) }] : []),
+          {
+            name: "this process (send)",
+            cpuMs: () => {
+              const u = process.cpuUsage();
+              return (u.user + u.system) / 1000;
+            },
+          },
+        ])
+      : undefined;
+    cpuSampler?.start();
     const loopBefore = performance.eventLoopUtilization();
     // The link's use over time for the HTML report: the same counter as linkBytes, read on a timer.
     const sampler = new ThroughputSampler(
@@ -458,6 +470,7 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
       sampler.stop();
       // A failed migration must not leave the trace's timer keeping this process alive.
       trace?.cancel();
+      cpuSampler?.stop();
     });
     const throughput = sampler.stop();
     if (sampler.failure) log(`  ${spec.name}: ${sampler.failure}`);
@@ -471,15 +484,8 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
     if (trace) {
       const cpu = process.cpuUsage(cpuBefore);
       const loop = performance.eventLoopUtilization(loopBefore);
-      // Where the host's CPU went from `migrate` to the destination running (the destination QEMU's count starts
-      // at its launch, just before; receive, when a row runs it, is in "the rest" with the kernel's network work).
-      log(
-        `  ${describeCpu(hostBefore, hostCpu(), Date.now() - startedAtMs, [
-          { name: "source QEMU", ms: processCpuMs(pair.src.pid) - srcQemuBefore },
-          { name: "destination QEMU", ms: processCpuMs(dst.pid) },
-          { name: "this process (send)", ms: (cpu.user + cpu.system) / 1000 },
-        ])}`,
-      );
+      // Where the host's CPU went from `migrate` to the destination's RESUME: whether the CPU, not the link, held it.
+      log(`  ${cpuSampler?.describe(pause.resumedAtMs - toResumeMs, pause.resumedAtMs)}`);
       log(
         `  this process (send) over the migration: ${Math.round((cpu.user + cpu.system) / 1000)} ms CPU ` +
           `(${Math.round(cpu.system / 1000)} ms system), event loop busy ${(100 * loop.utilization).toFixed(0)}% of ${Math.round(loop.idle + loop.active)} ms`,
