@@ -70,8 +70,9 @@
  * and link bytes within 10% of the ideal everywhere; mixed and cache-heavy: vmprune free+cache resumes within
  * 1.2 x the floor; idle-after-work: vmprune resumes 75% sooner than plain and sends 92% fewer bytes; anon:
  * vmprune resumes at most 3% later than plain. After each migration the destination must run and pass `verify`.
- * With VMPRUNE_BENCH_TRACE=1 in the environment, each migration also logs the link's use every 50 ms, and vmprune
- * rows send's judging (pages, batches, time in the judge, references).
+ * With VMPRUNE_BENCH_TRACE=1 in the environment, each migration also logs the link's use every 50 ms, the host's
+ * CPU from `migrate` to RESUME (busy cores; source and destination QEMU, send, the rest: bench/host-cpu.ts), and
+ * vmprune rows send's judging (pages, batches, time in the judge, references).
  *
  * Logs go to stderr; stdout gets the table, or with --json the figures.
  */
