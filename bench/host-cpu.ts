@@ -104,6 +104,30 @@ export class CpuSampler {
     );
   }
 
+  /**
+   * The same window over time, one step per `stepMs`: "ms after fromMs:host's busy cores/each process's cores"
+   * (processes in the order given), e.g. to tell stretches where the CPU held the migration from stretches
+   * where the link did.
+   */
+  timeline(fromMs: number, toMs: number, stepMs = 100): string {
+    const out: string[] = [];
+    let prev: CpuReading | undefined;
+    for (const r of this.readings) {
+      if (r.atMs < fromMs - stepMs || r.atMs > toMs + stepMs) continue;
+      if (prev && r.atMs - prev.atMs < stepMs) continue;
+      if (prev) {
+        const wallMs = r.atMs - prev.atMs;
+        const cores = (ms: number, before: number) => ((ms - before) / wallMs).toFixed(1);
+        const each = [...r.processes].map(([name, ms]) => cores(ms, prev?.processes.get(name) ?? ms));
+        out.push(
+          `${Math.round(r.atMs - fromMs)}:${cores(r.host.busyMs, prev.host.busyMs)}/${each.join("/")}`,
+        );
+      }
+      prev = r;
+    }
+    return out.join(" ");
+  }
+
   private read(): void {
     const processes = new Map<string, number>();
     for (const p of this.processes()) processes.set(p.name, p.cpuMs());

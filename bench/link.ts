@@ -488,6 +488,9 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
       // Where the host's CPU went from `migrate` to the destination's RESUME: whether the CPU, not the link, held it.
       log(`  ${cpuSampler?.describe(pause.resumedAtMs - toResumeMs, pause.resumedAtMs)}`);
       log(
+        `  busy cores per 100 ms from migrate (host/source QEMU/destination QEMU/send): ${cpuSampler?.timeline(pause.resumedAtMs - toResumeMs, pause.resumedAtMs)}`,
+      );
+      log(
         `  this process (send) over the migration: ${Math.round((cpu.user + cpu.system) / 1000)} ms CPU ` +
           `(${Math.round(cpu.system / 1000)} ms system), event loop busy ${(100 * loop.utilization).toFixed(0)}% of ${Math.round(loop.idle + loop.active)} ms`,
       );
