@@ -45,13 +45,14 @@ export const REF_SECTOR_BYTES = 512;
  * profiles), to save the link 4 KiB (34 µs at 1 Gbit/s, 3.4 µs at 10 Gbit/s). So, per chunk from the source:
  * 1. receive on this host (transport/socket.ts peerOnThisHost: a unix socket, loopback, an address of this host):
  *    never. No network bytes to save, and the CPU a reference costs is the one both QEMUs and receive share (the
- *    loopback demo: 7,054 references made free+cache take 212% of the baseline's time, 0 took 100%).
+ *    loopback demo: 7,054 references made free+cache take 212% of the baseline's time, 0 took 100%). A receive
+ *    reached through a local tunnel (ssh -L, stunnel) looks local too: "always" is the way there.
  * 2. once the link was measured draining while bytes waited for it ({@link REFS_RATE_WINDOW_MS} of backlog):
  *    references iff it drains no faster than {@link REFS_PAY_BELOW_BYTES_PER_SECOND}, whatever waits at the
  *    moment: a pruned stream comes in bursts, and the kernel's send buffer (MBs) keeps the link fed between them.
  * 3. before that: while {@link REFS_WHEN_QUEUED_BYTES} wait for the link and receive does not report itself busy
  *    ({@link RECEIVE_BUSY_PERMILLE}).
- * Why rule 2 no longer asks for a queue and an idle receive (it did until issue 12's fourteenth session): on the
+ * Why rule 2 asks neither for a queue nor for an idle receive, as rule 3 does (and as rule 2 once did): on the
  * lab's 1 Gbit/s link the user-space queue rarely reached 2 MiB (the kernel's buffer absorbs the backlog) and
  * receive, sharing 2 cores with both QEMUs, reported itself busy in 8-14 of ~29 LOADs, so references went to a
  * few thousand of ~40,000 cache pages; yet references always resumed sooner than that in 17 of 18 same-run
@@ -83,10 +84,10 @@ export const REFS_PAY_BELOW_BYTES_PER_SECOND = 200_000_000;
 
 /**
  * "link-busy" before the link is measured (REFS_WHEN rule 3), with a receive that reports its load
- * (link/protocol.ts "Load reports"): bytes queue for the link
- * but receive's event loop was busy at least this share of its last interval (per mille), so receive, not the
- * network, drains the link: a reference would only add receive's disk read and hash to what holds the migration
- * back. Whole pages then. Below it receive has room, waits on the link, and references pay.
+ * (link/protocol.ts "Load reports"): bytes queue for the link but receive's event loop was busy at least this
+ * share of its last interval (per mille), so receive, not the network, drains the link: a reference would only add
+ * receive's disk read and hash to what holds the migration back. Whole pages then. Below it receive has room,
+ * waits on the link, and references pay.
  */
 export const RECEIVE_BUSY_PERMILLE = 800;
 /**
