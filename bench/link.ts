@@ -758,6 +758,7 @@ const SHORT_ROW_NAMES: Record<string, string> = {
   "vmprune free multifd": "vm mfd",
   "vmprune free+cache": "vm f+c",
   "vmprune free+cache refs always": "vm f+c!",
+  "vmprune free+cache multifd": "vm f+c mfd",
 };
 
 /**
