@@ -443,17 +443,20 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
     // This process's CPU and event loop over the migration: vmprune send runs here (the rows' other work is small).
     const cpuBefore = process.cpuUsage();
     const cpuSampler = trace
-      ? new CpuSampler(() => [
-          { name: "source QEMU", cpuMs: () => processCpuMs(pair.src.pid) },
-          ...(pair.dst ? [{ name: "destination QEMU", cpuMs: () => processCpuMs(pair.dst?.pid ?? 0) }] : []),
-          {
-            name: "this process (send)",
-            cpuMs: () => {
-              const u = process.cpuUsage();
-              return (u.user + u.system) / 1000;
+      ? new CpuSampler(() => {
+          const dst = pair.dst; // started inside the row's migrate: read again at each reading
+          return [
+            { name: "source QEMU", cpuMs: () => processCpuMs(pair.src.pid) },
+            ...(dst ? [{ name: "destination QEMU", cpuMs: () => processCpuMs(dst.pid) }] : []),
+            {
+              name: "this process (send)",
+              cpuMs: () => {
+                const u = process.cpuUsage();
+                return (u.user + u.system) / 1000;
+              },
             },
-          },
-        ])
+          ];
+        })
       : undefined;
     cpuSampler?.start();
     const loopBefore = performance.eventLoopUtilization();

@@ -229,8 +229,9 @@ export const QEMU_LOSS_ATTEMPTS = 3;
  * sent their newer bytes, sent-pages.ts), at most `attempts` times in all. Such a destination can crash from
  * QEMU's loss alone (seen in CI: a kernel panic in __run_timers, a timer list left stale), so the guest there
  * cannot judge vmprune. The source still holds the guest whole: that destination is stopped (it holds the disks'
- * locks), the source resumed and migrated live again to a fresh destination. `each` sees every attempt, so the RAM oracle's assertions hold on all of them; the last
- * migration is returned, for the checks inside the destination guest.
+ * locks), the source resumed and migrated live again to a fresh destination. `each` sees every attempt, so the
+ * RAM oracle's assertions hold on all of them; the last migration is returned, for the checks inside the
+ * destination guest.
  */
 export async function againWhileQemuLoses<M extends { qemuUnsent: unknown[]; dst: Pick<Vm, "stop"> }>(
   pair: { src: { monitor: Pick<QmpClient, "execute"> } },
