@@ -55,7 +55,13 @@ test("qcow2 over a raw backing file + a second disk: send reads them through the
     `cache refs: ${JSON.stringify(refs)}; receive ${JSON.stringify(r)}; ${m.differing} pages differ, ` +
       `${m.finalFree} free at the end; link ${m.send.relay.channels[0]?.bytesToDestination} B`,
   );
-  t.diagnostic(log.filter((l) => /locator|block-export|receive disks/.test(l)).join("\n"));
+  // Which pages send judged cache, and what the link's handshake allowed: a run with no reference at all (seen once,
+  // not reproduced) says here whether the judge or the link kept them whole.
+  t.diagnostic(
+    `send judged ${JSON.stringify(m.send.prune?.pages.byCategory)}; ${m.send.prune?.refs} references, ` +
+      `${m.send.prune?.cacheWhole} cache pages whole, judge: ${m.send.prune?.judge}`,
+  );
+  t.diagnostic(log.filter((l) => /locator|block-export|receive disks|authenticated/.test(l)).join("\n"));
   assert.equal(m.result.status, "completed");
   assert.ok(refs, "send reported its cache references");
   assert.equal(m.send.diskIndex, null, "no image was read whole (send was given none)");
