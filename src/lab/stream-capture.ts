@@ -15,6 +15,8 @@ export interface CaptureOptions {
   minPasses?: number;
   /** With minPasses: hold until this holds too (see MigrationOptions.holdUntil). */
   holdUntil?: MigrationOptions["holdUntil"];
+  /** Called with every query-migrate answer while it runs (see MigrationOptions.onProgress). */
+  onProgress?: MigrationOptions["onProgress"];
   /** Resume the VM after the capture (default true). */
   resume?: boolean;
 }
@@ -38,6 +40,7 @@ export async function captureStream(
     ...(options.parameters ? { parameters: options.parameters } : {}),
     ...(options.minPasses ? { minPasses: options.minPasses } : {}),
     ...(options.holdUntil ? { holdUntil: options.holdUntil } : {}),
+    ...(options.onProgress ? { onProgress: options.onProgress } : {}),
   });
   // Undo the capabilities so the next capture starts from QEMU's defaults.
   if (options.capabilities) {
