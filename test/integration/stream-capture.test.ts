@@ -175,12 +175,13 @@ for (const [qemu, kernel] of [
     // that sent only a few encoded bytes it rounds to 0, and QEMU then switches over at a pass end anyway
     // (endedWhileHeld). Such a capture is taken again. QEMU (7.2 and 10.0) keeps its XBZRLE counters across the
     // migrations of one process, so each capture is judged by how much they grew during it.
-    // Two dirtying processes, not one: QEMU 7.2 under TCG keeps no dirty log for a page whose TLB entry is already
-    // writable (it clears the page's bit at a bitmap sync without resetting vCPU TLBs), so a lone process that
-    // sleeps between batches (the guest's idle switches no address space) was seen dirtying nothing QEMU noticed:
-    // all 5 tries of one suite ended at pass 4 with 0 XBZRLE records. Two processes switch address spaces, which
-    // flushes the TLB, so their writes are logged again; with three busy loops on the host, 400-1,043 records on
-    // the first try (3 of 3), against 0 in 5 tries (1 of 3) with one process. 10.0 does not need it.
+    // Two dirtying processes, not one. Under TCG, QEMU 7.2 was seen logging none of the writes of a lone process
+    // that sleeps between batches: all 5 tries of one suite ended at pass 4 with 0 XBZRLE records, and passes 2-4
+    // found nothing dirty although the process ran. Our reading, not confirmed in QEMU's source: a page whose vCPU
+    // TLB entry is already writable is not logged again after a bitmap sync until the TLB is flushed, and the
+    // guest's idle switches no address space. Two processes switch address spaces, which flushes it: with three
+    // busy loops on the host, 400-1,043 records on the first try (3 of 3), against 0 in 5 tries (1 of 3) with one
+    // process. 10.0 did not show it.
     for (let process = 0; process < 2; process++)
       await vm.agent.run(workload.dirty("32M", "4M", "sparse"), 60_000);
     const grown = (info: MigrationInfo, from: XbzrleCache) => {
