@@ -71,7 +71,7 @@
  * 1.2 x the floor; idle-after-work: vmprune resumes 75% sooner than plain and sends 92% fewer bytes; anon:
  * vmprune resumes at most 3% later than plain. After each migration the destination must run and pass `verify`.
  * With VMPRUNE_BENCH_TRACE=1 in the environment, each migration also logs the link's use every 50 ms, the host's
- * CPU from `migrate` to RESUME (busy cores; source and destination QEMU, send, the rest: bench/host-cpu.ts), and
+ * CPU from `migrate` to RESUME (busy cores; source and destination QEMU, send, the rest: src/lab/host-cpu.ts), and
  * vmprune rows send's judging (pages, batches, time in the judge, references).
  *
  * Logs go to stderr; stdout gets the table, or with --json the figures.
@@ -86,6 +86,7 @@ import { fileURLToPath, pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 import { guestBalloon } from "../src/lab/balloon.ts";
 import { ensureGuestImage } from "../src/lab/guest-image.ts";
+import { CpuSampler, processCpuMs } from "../src/lab/host-cpu.ts";
 import type { KernelId } from "../src/lab/kernels.ts";
 import { LabPair } from "../src/lab/lab-vm.ts";
 import { ensureQemu, type QemuVersion } from "../src/lab/qemu-binaries.ts";
@@ -127,7 +128,6 @@ import { REPORT_WIDTH, table, wrap } from "../src/report/table.ts";
 import { DEFAULT_SAMPLE_INTERVAL_MS, ThroughputSampler } from "../src/report/throughput-sampler.ts";
 import { reportJson } from "../src/report/version.ts";
 import { LAB_OPTIONS, labTarget, median, requireSetup } from "./common.ts";
-import { CpuSampler, processCpuMs } from "./host-cpu.ts";
 import { idealBytes } from "./ideal.ts";
 import { linkOfThisProcess, runBehindLink } from "./linked-run.ts";
 import { migrateThroughInProcessSend, migrateThroughSendAndReceive, type SendRun } from "./send-run.ts";

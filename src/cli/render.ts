@@ -50,6 +50,8 @@ export function renderDemo(result: DemoResult): string {
     ["status", (r) => r.status, null],
     ["total time (s)", (r) => (r.totalTimeMs / 1000).toFixed(2), (r) => r.totalTimeMs],
     ["downtime (ms)", (r) => String(r.downtimeMs), (r) => r.downtimeMs],
+    ["host CPU (s)", (r) => (r.hostCpuMs / 1000).toFixed(2), (r) => r.hostCpuMs],
+    ["  of it vmprune", (r) => (r.vmpruneCpuMs / 1000).toFixed(2), (r) => r.vmpruneCpuMs],
     ["on the wire (MiB)", (r) => mib(r.wireBytes), (r) => r.wireBytes],
     ["from QEMU (MiB)", (r) => mib(r.sourceBytes), null],
     ["PAGE records", (r) => String(r.pageRecords), null],
@@ -70,7 +72,8 @@ export function renderDemo(result: DemoResult): string {
     ...result.runs.filter((r) => !verified(r)).map((r) => `${shortLabel(r)}: guest verify: ${r.verify}`),
     "Loopback: no network limits these migrations, so their times measure this host's CPU (vmprune's relay and " +
       "receive share it with both QEMUs), not what fewer bytes save on a real link; for that, `npm run bench:link` " +
-      "migrates the same guest over a 1 Gbit/s link between two network namespaces.",
+      "migrates the same guest over a 1 Gbit/s link between two network namespaces. Host CPU: all cores' busy " +
+      "time from `migrate` until the command returned, both QEMUs included; of it vmprune: its own process.",
   ];
   return `${head.join("\n")}${table(header, rows)}\n\n${notes.flatMap(fit).join("\n")}\n`;
 }

@@ -7,6 +7,7 @@ import { join } from "node:path";
 import type { Category } from "../introspect/classifier.ts";
 import { type MigrateReport, migrate } from "../migrate/migrate.ts";
 import { LOOPBACK_PARAMETERS } from "../qemu/migration.ts";
+import { hostCpu } from "./host-cpu.ts";
 import type { KernelId } from "./kernels.ts";
 import { LabPair } from "./lab-vm.ts";
 import type { QemuVersion } from "./qemu-binaries.ts";
@@ -50,6 +51,12 @@ export interface DemoRun {
   byCategory: Record<string, number> | null;
   iterations: number;
   verify: string;
+  /**
+   * CPU time from `migrate` until `vmprune migrate` returned (ms): the whole host's (all cores, both QEMUs
+   * included; /proc/stat), and this process's (vmprune's relay, send and receive; process.cpuUsage).
+   */
+  hostCpuMs: number;
+  vmpruneCpuMs: number;
 }
 
 export interface DemoResult {
@@ -63,7 +70,12 @@ export interface DemoResult {
   runs: DemoRun[];
 }
 
-function demoRun(label: string, r: MigrateReport, verify: string): DemoRun {
+function demoRun(
+  label: string,
+  r: MigrateReport,
+  verify: string,
+  cpu: { host: number; vmprune: number },
+): DemoRun {
   return {
     label,
     status: r.error ? `${r.status}: ${r.error}` : r.status,
@@ -78,6 +90,8 @@ function demoRun(label: string, r: MigrateReport, verify: string): DemoRun {
     byCategory: r.prune?.pages.byCategory ?? null,
     iterations: r.iterations,
     verify,
+    hostCpuMs: Math.round(cpu.host),
+    vmpruneCpuMs: Math.round(cpu.vmprune),
   };
 }
 
@@ -109,6 +123,8 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
       }
       const dst = await pair.startDestination();
       log(`live-migrating to a fresh destination on loopback: ${label}`);
+      // CPU from the first progress report (right after `migrate`): the preparation before it is not the migration.
+      let cpuFrom: { host: number; own: NodeJS.CpuUsage } | undefined;
       const report = await migrate({
         srcQmp: pair.src.toolQmpPath,
         dstQmp: dst.toolQmpPath,
@@ -116,13 +132,21 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
         disk: join(pair.diskDir, "data.img"),
         parameters: LOOPBACK_PARAMETERS,
         ...(options.throughputSampleMs ? { throughputSampleMs: options.throughputSampleMs } : {}),
+        onProgress: () => {
+          cpuFrom ??= { host: hostCpu().busyMs, own: process.cpuUsage() };
+        },
         log: (line) => log(`  ${line}`),
       });
+      const own = process.cpuUsage(cpuFrom?.own);
+      const cpu = {
+        host: cpuFrom ? hostCpu().busyMs - cpuFrom.host : 0,
+        vmprune: cpuFrom ? (own.user + own.system) / 1000 : 0,
+      };
       if (report.error || report.status !== "completed")
         throw new Error(`${label}: migration ${report.status}: ${report.error ?? ""}`);
       const verify = (await LabPair.verify(dst)).trim();
       log(`  destination verify: ${verify}`);
-      runs.push(demoRun(label, report, verify));
+      runs.push(demoRun(label, report, verify, cpu));
       options.onMigrated?.(label, report);
       await pair.promoteDestination();
     }

@@ -24,6 +24,8 @@ function run(label: string, figures: Partial<DemoRun>): DemoRun {
     byCategory: null,
     iterations: 3,
     verify: "OK 12 files, 96 MiB",
+    hostCpuMs: 3410,
+    vmpruneCpuMs: 1020,
     ...figures,
   };
 }
@@ -45,6 +47,8 @@ const DEMO_RESULT: DemoResult = {
       wireBytes: 236_453_120,
       pageRecords: 132_470,
       droppedPages: 76_812,
+      hostCpuMs: 2980,
+      vmpruneCpuMs: 1260,
     }),
     run("pruned (--drop free,cache, with receive)", {
       totalTimeMs: 1377,
@@ -64,6 +68,8 @@ test("the demo's report fits 100 columns, figures right-aligned", () => {
   assertFits(out, REPORT_WIDTH);
   assert.ok(assertFiguresRightAligned(out) >= 25, "the table's figures were checked");
   assert.match(out, /^on the wire \(MiB\) +522\.7 +225\.5 +43% +151\.0 +29%$/m);
+  assert.match(out, /^host CPU \(s\) +3\.41 +2\.98 +87% +3\.41 +100%$/m);
+  assert.match(out, /^ {2}of it vmprune +1\.02 +1\.26 +124% +1\.02 +100%$/m);
 });
 
 test("a failed verify shows as FAILED in the table and in full below it, still within 100 columns", () => {

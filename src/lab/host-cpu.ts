@@ -1,7 +1,7 @@
 /**
- * Where the host's CPU went over a migration, for bench:link's trace: the whole host's busy share (/proc/stat)
- * and the CPU time of the processes a row runs (/proc/PID/stat), so a row that misses the link's floor shows
- * whether the CPU, not the link, held it. Times are in the kernel's clock ticks (proc(5): divide by
+ * Where the host's CPU went over a migration, for bench:link's trace and the demo's table: the whole host's busy
+ * share (/proc/stat) and the CPU time of the processes a row runs (/proc/PID/stat), so a row that misses the
+ * link's floor (or, on loopback, the baseline) shows whether the CPU, not the link, held it. Times are in the kernel's clock ticks (proc(5): divide by
  * sysconf(_SC_CLK_TCK), read with `getconf CLK_TCK`).
  */
 import { execFileSync } from "node:child_process";
