@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-node dist/cli/main.js demo "$@"
+# The Node flags of the installed `vmprune` (its shebang; src/cli/node-runtime.ts says why).
+node --initial-old-space-size=128 dist/cli/main.js demo "$@"

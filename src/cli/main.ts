@@ -1,4 +1,4 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S node --initial-old-space-size=128
 import { createReadStream, createWriteStream } from "node:fs";
 import { readFile, writeFile } from "node:fs/promises";
 import { resolve } from "node:path";
@@ -42,6 +42,7 @@ import {
 import { parseSocketMode, parseSocketOwner } from "../transport/owner.ts";
 import type { UnixSocketOptions } from "../transport/socket.ts";
 import type { LinkSecurity } from "../transport/tls.ts";
+import { RELAYING_COMMANDS, relayFlagsNotice } from "./node-runtime.ts";
 import {
   renderDemo,
   renderInspectReport,
@@ -75,6 +76,14 @@ function positiveInt(value: string): number {
 const program = new Command("vmprune")
   .description("Faster live migration of QEMU/KVM VMs by pruning dispensable guest memory")
   .version(vmpruneVersion(), "-V, --version", "print vmprune's version (package.json's)");
+
+// The relaying commands say when Node lacks the flags they are meant to run with (node-runtime.ts).
+program.hook("preAction", (_program, action) => {
+  const parent = action.parent && action.parent !== program ? `${action.parent.name()} ` : "";
+  if (!RELAYING_COMMANDS.has(`${parent}${action.name()}`)) return;
+  const notice = relayFlagsNotice(process.execArgv);
+  if (notice) process.stderr.write(`vmprune: ${notice}\n`);
+});
 
 const lab = program.command("lab").description("the test lab: guest images and QEMU builds");
 lab

@@ -5,6 +5,7 @@
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import { join } from "node:path";
+import { RELAY_NODE_FLAGS } from "../cli/node-runtime.ts";
 import type { SendReport } from "../migrate/send.ts";
 import {
   type Endpoint,
@@ -91,7 +92,10 @@ export class SendProcess {
     const profileDir = process.env.VMPRUNE_PROFILE_DIR;
     // VMPRUNE_NODE_FLAGS: more Node flags for each process (e.g. --max-old-space-size=64, to see whether its
     // memory is live data or the collector's slack).
+    // The flags the installed command runs with (its shebang), first: VMPRUNE_NODE_FLAGS may override them (V8
+    // takes a flag's last value; --initial-old-space-size=0 is V8's default).
     const profile = [
+      ...RELAY_NODE_FLAGS,
       ...(profileDir ? ["--cpu-prof", `--cpu-prof-dir=${profileDir}`] : []),
       ...(process.env.VMPRUNE_NODE_FLAGS?.split(/\s+/).filter((flag) => flag.length > 0) ?? []),
     ];
