@@ -6,7 +6,7 @@
  * for a RAM file alone, from the block list at the head of the stream (the processor hands it over before the
  * first page record).
  */
-import { CATEGORY, classifyPfns, type PageClassifier } from "../introspect/classifier.ts";
+import { CATEGORY, classifyPfns, type FreeBlockMemo, type PageClassifier } from "../introspect/classifier.ts";
 import type { GuestMemory, RamMapping } from "../introspect/guest-memory.ts";
 import {
   classifyGuest,
@@ -181,6 +181,8 @@ export class IntrospectionJudge extends FrameJudge {
   private readonly memmap: MemMap;
   private readonly maxPfn: number;
   private lastRefreshMs = 0;
+  /** The last free block a batch found: where the next batch looks first (classifyPfns reads it again). */
+  private readonly lastFreeBlock: FreeBlockMemo = { head: -1, end: -1 };
   readonly refused: Partial<Record<"free" | "cache", string>>;
   /** The checks made before pruning (self-check.ts). */
   readonly checks: SelfCheck[];
@@ -229,7 +231,7 @@ export class IntrospectionJudge extends FrameJudge {
       this.lastRefreshMs = now;
       this.memmap.refresh();
     }
-    return classifyPfns(this.classifier, this.memmap, pfns, this.maxPfn);
+    return classifyPfns(this.classifier, this.memmap, pfns, this.maxPfn, this.lastFreeBlock);
   }
 }
 

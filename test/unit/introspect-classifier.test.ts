@@ -248,6 +248,39 @@ test("classifyPfns: a batch reads its own struct pages, and below them only for 
   assert.ok(pagesRead <= 16, `read ${pagesRead} struct pages for 3 PFNs: ${JSON.stringify(reads)}`);
 });
 
+test("classifyPfns: a later batch inside the free block an earlier one found reads only that block's head, as it is now", () => {
+  const m = batchMemmap();
+  const reads: Array<[number, number]> = [];
+  const counting: StructPageSource = {
+    read: (pfn, count, into) => {
+      reads.push([pfn, count]);
+      return m.read(pfn, count, into);
+    },
+    pfnOfStructPage: (address) => m.pfnOfStructPage(address),
+    structPageAddress: (pfn) => m.structPageAddress(pfn),
+  };
+  const classifier = new PageClassifier(P61, counting);
+  const lastFreeBlock = { head: -1, end: -1 };
+  // The first batch finds the order-10 block at 2048 by reading from the span's start.
+  assert.deepEqual([...classifyPfns(classifier, counting, [2500, 2501], 8192, lastFreeBlock)], [1, 1]);
+  assert.deepEqual(lastFreeBlock, { head: 2048, end: 3072 });
+  // The next batches, further in: their own struct pages and the head's, nothing between.
+  reads.length = 0;
+  assert.deepEqual([...classifyPfns(classifier, counting, [2900, 2901, 2902], 8192, lastFreeBlock)], [1, 1, 1]);
+  const pagesRead = reads.reduce((sum, [, count]) => sum + count, 0);
+  assert.ok(pagesRead <= 8, `read ${pagesRead} struct pages: ${JSON.stringify(reads)}`);
+  assert.ok(reads.some(([pfn, count]) => pfn === 2048 && count === 1), "the head was read again");
+  // The block is split since (its upper half allocated as an anonymous page, the head now of order 9): the hint
+  // does not stand in for guest memory: the verdicts are those of a full pass over memory as it is now.
+  m.set(2048, { mapcount: -129, private: 9 });
+  m.set(2900, { flags: bits(4), mapping: ANON, refcount: 1, mapcount: 0 });
+  const fresh = classifier.classifyRange(0, 8192, m.range(0, 8192)).categories;
+  const batch = classifyPfns(classifier, counting, [2900, 2950, 2300], 8192, lastFreeBlock);
+  assert.deepEqual([...batch], [fresh[2900], fresh[2950], fresh[2300]]);
+  assert.equal(batch[0], CATEGORY.anonymous);
+  assert.equal(batch[2], CATEGORY.free, "the lower half is still free, in the order-9 block");
+});
+
 test("classifyPfns: PFNs beyond guest RAM (ROM mapped high) or negative are unknown, and the call ends", () => {
   const m = new Memmap(4096);
   layout61(m);
