@@ -266,10 +266,16 @@ test("classifyPfns: a later batch inside the free block an earlier one found rea
   assert.deepEqual(lastFreeBlock, { head: 2048, end: 3072 });
   // The next batches, further in: their own struct pages and the head's, nothing between.
   reads.length = 0;
-  assert.deepEqual([...classifyPfns(classifier, counting, [2900, 2901, 2902], 8192, lastFreeBlock)], [1, 1, 1]);
+  assert.deepEqual(
+    [...classifyPfns(classifier, counting, [2900, 2901, 2902], 8192, lastFreeBlock)],
+    [1, 1, 1],
+  );
   const pagesRead = reads.reduce((sum, [, count]) => sum + count, 0);
   assert.ok(pagesRead <= 8, `read ${pagesRead} struct pages: ${JSON.stringify(reads)}`);
-  assert.ok(reads.some(([pfn, count]) => pfn === 2048 && count === 1), "the head was read again");
+  assert.ok(
+    reads.some(([pfn, count]) => pfn === 2048 && count === 1),
+    "the head was read again",
+  );
   // The block is split since (its upper half allocated as an anonymous page, the head now of order 9): the hint
   // does not stand in for guest memory: the verdicts are those of a full pass over memory as it is now.
   m.set(2048, { mapcount: -129, private: 9 });
