@@ -16,6 +16,16 @@ test("the CLI's shebang and the demo script start Node with the relay's flags", 
   }
 });
 
+test("the benchmarks run vmprune (send in their own process) with the relay's flags", () => {
+  const scripts = (
+    JSON.parse(readFileSync(join(REPO_ROOT, "package.json"), "utf8")) as { scripts: Record<string, string> }
+  ).scripts;
+  const benches = Object.entries(scripts).filter(([name]) => name.startsWith("bench:"));
+  assert.ok(benches.length > 0);
+  for (const [name, command] of benches)
+    for (const flag of RELAY_NODE_FLAGS) assert.ok(command.split(" ").includes(flag), `${name} has ${flag}`);
+});
+
 test("a process started without the relay's flags gets a notice naming them; with them, or another value, none", () => {
   assert.deepEqual(missingRelayFlags([]), [...RELAY_NODE_FLAGS]);
   const notice = relayFlagsNotice(["--import", "tsx"]);
