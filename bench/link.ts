@@ -86,7 +86,7 @@ import { fileURLToPath, pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 import { guestBalloon } from "../src/lab/balloon.ts";
 import { ensureGuestImage } from "../src/lab/guest-image.ts";
-import { CpuSampler, processCpuMs } from "../src/lab/host-cpu.ts";
+import { CpuSampler, ownCpuMs, processCpuMs } from "../src/lab/host-cpu.ts";
 import type { KernelId } from "../src/lab/kernels.ts";
 import { LabPair } from "../src/lab/lab-vm.ts";
 import { ensureQemu, type QemuVersion } from "../src/lab/qemu-binaries.ts";
@@ -448,13 +448,7 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
           return [
             { name: "source QEMU", cpuMs: () => processCpuMs(pair.src.pid) },
             ...(dst ? [{ name: "destination QEMU", cpuMs: () => processCpuMs(dst.pid) }] : []),
-            {
-              name: "this process (send)",
-              cpuMs: () => {
-                const u = process.cpuUsage();
-                return (u.user + u.system) / 1000;
-              },
-            },
+            { name: "this process (send)", cpuMs: () => ownCpuMs() },
           ];
         })
       : undefined;

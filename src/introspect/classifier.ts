@@ -436,10 +436,11 @@ export function classifyPfns(
       out[index] = pages
         ? classifier.classifyOne(pfn, from, stop - from, pages, found).category
         : CATEGORY.unknown;
-      if (lastFreeBlock && found.end > found.head) {
-        lastFreeBlock.head = found.head;
-        lastFreeBlock.end = found.end;
-      }
+    }
+    // The window's free block, for the next batch to look at first.
+    if (lastFreeBlock && found.end > found.head) {
+      lastFreeBlock.head = found.head;
+      lastFreeBlock.end = found.end;
     }
     k = j;
   }

@@ -7,7 +7,7 @@ import { join } from "node:path";
 import type { Category } from "../introspect/classifier.ts";
 import { type MigrateReport, migrate } from "../migrate/migrate.ts";
 import { LOOPBACK_PARAMETERS } from "../qemu/migration.ts";
-import { hostCpu } from "./host-cpu.ts";
+import { hostCpu, ownCpuMs } from "./host-cpu.ts";
 import type { KernelId } from "./kernels.ts";
 import { LabPair } from "./lab-vm.ts";
 import type { QemuVersion } from "./qemu-binaries.ts";
@@ -137,11 +137,9 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
         },
         log: (line) => log(`  ${line}`),
       });
-      const own = process.cpuUsage(cpuFrom?.own);
-      const cpu = {
-        host: cpuFrom ? hostCpu().busyMs - cpuFrom.host : 0,
-        vmprune: cpuFrom ? (own.user + own.system) / 1000 : 0,
-      };
+      const cpu = cpuFrom
+        ? { host: hostCpu().busyMs - cpuFrom.host, vmprune: ownCpuMs(cpuFrom.own) }
+        : { host: 0, vmprune: 0 };
       if (report.error || report.status !== "completed")
         throw new Error(`${label}: migration ${report.status}: ${report.error ?? ""}`);
       const verify = (await LabPair.verify(dst)).trim();

@@ -1,8 +1,8 @@
 /**
  * Where the host's CPU went over a migration, for bench:link's trace and the demo's table: the whole host's busy
  * share (/proc/stat) and the CPU time of the processes a row runs (/proc/PID/stat), so a row that misses the
- * link's floor (or, on loopback, the baseline) shows whether the CPU, not the link, held it. Times are in the kernel's clock ticks (proc(5): divide by
- * sysconf(_SC_CLK_TCK), read with `getconf CLK_TCK`).
+ * link's floor (or, on loopback, the baseline) shows whether the CPU, not the link, held it. Times are in the
+ * kernel's clock ticks (proc(5): divide by sysconf(_SC_CLK_TCK), read with `getconf CLK_TCK`).
  */
 import { execFileSync } from "node:child_process";
 import { readFileSync } from "node:fs";
@@ -47,6 +47,12 @@ export function processCpuMs(pid: number): number {
   // Field 2 (comm) is in parentheses and may hold spaces: count from the last ')'; field 3 is first after it.
   const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
   return ((Number(fields[11]) || 0) + (Number(fields[12]) || 0)) * msPerTick();
+}
+
+/** This process's CPU time (ms, user + system, all its threads) since `since` (process.cpuUsage), or so far. */
+export function ownCpuMs(since?: NodeJS.CpuUsage): number {
+  const u = process.cpuUsage(since);
+  return (u.user + u.system) / 1000;
 }
 
 /** One reading: when (Date.now(), the clock of QEMU's QMP event timestamps), the host's and each process's CPU. */

@@ -90,10 +90,9 @@ export class SendProcess {
     const command = options.command ?? "send";
     // VMPRUNE_PROFILE_DIR: each process writes a V8 CPU profile there (node --cpu-prof), for finding where time goes.
     const profileDir = process.env.VMPRUNE_PROFILE_DIR;
-    // VMPRUNE_NODE_FLAGS: more Node flags for each process (e.g. --max-old-space-size=64, to see whether its
-    // memory is live data or the collector's slack).
-    // The flags the installed command runs with (its shebang), first: VMPRUNE_NODE_FLAGS may override them (V8
-    // takes a flag's last value; --initial-old-space-size=0 is V8's default).
+    // First the flags the installed command runs with (its shebang); then VMPRUNE_NODE_FLAGS, more Node flags for
+    // each process (e.g. --max-old-space-size=64, to see whether its memory is live data or the collector's
+    // slack), which may override them: V8 takes a flag's last value (--initial-old-space-size=0 is its default).
     const profile = [
       ...RELAY_NODE_FLAGS,
       ...(profileDir ? ["--cpu-prof", `--cpu-prof-dir=${profileDir}`] : []),

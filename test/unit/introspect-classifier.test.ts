@@ -199,6 +199,20 @@ function batchMemmap(): Memmap {
   return m;
 }
 
+/** `m` as a struct page source that records each read as [first PFN, count]. */
+function countingReads(m: Memmap): { reads: Array<[number, number]>; counting: StructPageSource } {
+  const reads: Array<[number, number]> = [];
+  const counting: StructPageSource = {
+    read: (pfn, count, into) => {
+      reads.push([pfn, count]);
+      return m.read(pfn, count, into);
+    },
+    pfnOfStructPage: (address) => m.pfnOfStructPage(address),
+    structPageAddress: (pfn) => m.structPageAddress(pfn),
+  };
+  return { reads, counting };
+}
+
 test("classifyPfns: scattered PFNs (a batch of page records) get the same verdicts as a full pass", () => {
   const m = batchMemmap();
   const classifier = new PageClassifier(P61, m);
@@ -219,15 +233,7 @@ test("classifyPfns: scattered PFNs (a batch of page records) get the same verdic
 
 test("classifyPfns: a batch reads its own struct pages, and below them only for a page that may be a free tail", () => {
   const m = batchMemmap();
-  const reads: Array<[number, number]> = [];
-  const counting: StructPageSource = {
-    read: (pfn, count, into) => {
-      reads.push([pfn, count]);
-      return m.read(pfn, count, into);
-    },
-    pfnOfStructPage: (address) => m.pfnOfStructPage(address),
-    structPageAddress: (pfn) => m.structPageAddress(pfn),
-  };
+  const { reads, counting } = countingReads(m);
   const classifier = new PageClassifier(P61, counting);
   // Pages deep inside the order-10 block at 2048: free, found through a read back to the block's head.
   assert.deepEqual([...classifyPfns(classifier, counting, [2500, 2600, 2501], 8192)], [1, 1, 1]);
@@ -250,15 +256,7 @@ test("classifyPfns: a batch reads its own struct pages, and below them only for 
 
 test("classifyPfns: a later batch inside the free block an earlier one found reads only that block's head, as it is now", () => {
   const m = batchMemmap();
-  const reads: Array<[number, number]> = [];
-  const counting: StructPageSource = {
-    read: (pfn, count, into) => {
-      reads.push([pfn, count]);
-      return m.read(pfn, count, into);
-    },
-    pfnOfStructPage: (address) => m.pfnOfStructPage(address),
-    structPageAddress: (pfn) => m.structPageAddress(pfn),
-  };
+  const { reads, counting } = countingReads(m);
   const classifier = new PageClassifier(P61, counting);
   const lastFreeBlock = { head: -1, end: -1 };
   // The first batch finds the order-10 block at 2048 by reading from the span's start.
