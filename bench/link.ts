@@ -86,7 +86,7 @@ import { fileURLToPath, pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 import { guestBalloon } from "../src/lab/balloon.ts";
 import { ensureGuestImage } from "../src/lab/guest-image.ts";
-import { CpuSampler, ownCpuMs, processCpuMs } from "../src/lab/host-cpu.ts";
+import { CpuSampler, ownCpuMs, processCpuMs, threadCpuMs } from "../src/lab/host-cpu.ts";
 import type { KernelId } from "../src/lab/kernels.ts";
 import { LabPair } from "../src/lab/lab-vm.ts";
 import { ensureQemu, type QemuVersion } from "../src/lab/qemu-binaries.ts";
@@ -193,6 +193,8 @@ export interface RowContext {
   pair: LabPair;
   link: LinkDescription;
   qemu: QemuVersion;
+  /** A row that runs `vmprune receive` says its PID here, for the CPU trace. */
+  onReceiveStarted?: (pid: number) => void;
 }
 
 /** A row's migration: from the source of `ctx.pair` to a destination it starts in the dst namespace. */
@@ -324,6 +326,7 @@ async function migrateVmpruneFreeCache(
       refsWhen,
     },
     log,
+    ...(ctx.onReceiveStarted ? { onReceiveStarted: ctx.onReceiveStarted } : {}),
   });
   return rowFigures(run);
 }
@@ -442,13 +445,27 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
     const trace = process.env.VMPRUNE_BENCH_TRACE ? startLinkTrace(link.dstNetns) : undefined;
     // This process's CPU and event loop over the migration: vmprune send runs here (the rows' other work is small).
     const cpuBefore = process.cpuUsage();
+    let receivePid: number | undefined;
     const cpuSampler = trace
       ? new CpuSampler(() => {
           const dst = pair.dst; // started inside the row's migrate: read again at each reading
+          const receive = receivePid;
           return [
             { name: "source QEMU", cpuMs: () => processCpuMs(pair.src.pid) },
             ...(dst ? [{ name: "destination QEMU", cpuMs: () => processCpuMs(dst.pid) }] : []),
             { name: "this process (send)", cpuMs: () => ownCpuMs() },
+            // The rest of a Node process is V8's compiler and collector threads (and libuv's pool).
+            {
+              name: "send's main thread",
+              cpuMs: () => threadCpuMs(process.pid),
+              partOf: "this process (send)",
+            },
+            ...(receive
+              ? [
+                  { name: "receive", cpuMs: () => processCpuMs(receive) },
+                  { name: "receive's main thread", cpuMs: () => threadCpuMs(receive), partOf: "receive" },
+                ]
+              : []),
           ];
         })
       : undefined;
@@ -464,6 +481,9 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
       pair,
       link,
       qemu: options.qemu,
+      onReceiveStarted: (pid) => {
+        receivePid = pid;
+      },
     }).finally(() => {
       sampler.stop();
       // A failed migration must not leave the trace's timer keeping this process alive.
@@ -485,7 +505,7 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
       // Where the host's CPU went from `migrate` to the destination's RESUME: whether the CPU, not the link, held it.
       log(`  ${cpuSampler?.describe(pause.resumedAtMs - toResumeMs, pause.resumedAtMs)}`);
       log(
-        `  busy cores per 100 ms from migrate (host/source QEMU/destination QEMU/send): ${cpuSampler?.timeline(pause.resumedAtMs - toResumeMs, pause.resumedAtMs)}`,
+        `  busy cores per 100 ms from migrate ${cpuSampler?.timeline(pause.resumedAtMs - toResumeMs, pause.resumedAtMs)}`,
       );
       log(
         `  this process (send) over the migration: ${Math.round((cpu.user + cpu.system) / 1000)} ms CPU ` +

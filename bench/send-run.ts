@@ -105,6 +105,8 @@ export async function migrateThroughSendAndReceive(
     receiveDisk: string;
     send: Omit<Parameters<typeof migrateThroughInProcessSend>[2], "to" | "link">;
     log: (line: string) => void;
+    /** receive's PID once it runs (e.g. for a CPU trace). */
+    onReceiveStarted?: (pid: number) => void;
   },
 ): Promise<SendRun & { refsResolved: number }> {
   const keyPath = join(pair.diskDir, "link.key");
@@ -117,6 +119,7 @@ export async function migrateThroughSendAndReceive(
     to: options.destination,
     extraArgs: ["--link-key", keyPath, "--disk", options.receiveDisk],
   });
+  options.onReceiveStarted?.(receive.pid);
   try {
     const run = await migrateThroughInProcessSend(pair, dst, {
       ...options.send,

@@ -36,11 +36,23 @@ export function hostCpu(): HostCpu {
   return { busyMs: busy * msPerTick(), totalMs: (busy + (idle ?? 0) + (iowait ?? 0)) * msPerTick() };
 }
 
-/** A process's CPU time so far (ms, user + system: /proc/PID/stat fields 14 and 15); 0 once it is gone. */
+/** A process's CPU time so far (ms, user + system, all its threads: /proc/PID/stat fields 14 and 15); 0 once gone. */
 export function processCpuMs(pid: number): number {
+  return statCpuMs(`/proc/${pid}/stat`);
+}
+
+/**
+ * One thread's CPU time so far (ms), by default the process's main thread (its TID is its PID): in Node, the event
+ * loop; the rest of a Node process is V8's compiler and collector threads and libuv's pool. 0 once gone.
+ */
+export function threadCpuMs(pid: number, tid = pid): number {
+  return statCpuMs(`/proc/${pid}/task/${tid}/stat`);
+}
+
+function statCpuMs(path: string): number {
   let stat: string;
   try {
-    stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    stat = readFileSync(path, "utf8");
   } catch {
     return 0;
   }
@@ -53,6 +65,13 @@ export function processCpuMs(pid: number): number {
 export function ownCpuMs(since?: NodeJS.CpuUsage): number {
   const u = process.cpuUsage(since);
   return (u.user + u.system) / 1000;
+}
+
+/** A process (or a thread of one: `partOf` names it, and its time is not counted twice) whose CPU is sampled. */
+export interface SampledProcess {
+  name: string;
+  cpuMs: () => number;
+  partOf?: string;
 }
 
 /** One reading: when (Date.now(), the clock of QEMU's QMP event timestamps), the host's and each process's CPU. */
@@ -70,10 +89,12 @@ interface CpuReading {
  */
 export class CpuSampler {
   private readonly readings: CpuReading[] = [];
+  /** Names of threads sampled beside their process: shown, not added to the processes' sum. */
+  private readonly parts = new Set<string>();
   private timer: NodeJS.Timeout | undefined;
 
   constructor(
-    private readonly processes: () => Array<{ name: string; cpuMs: () => number }>,
+    private readonly processes: () => Array<SampledProcess>,
     private readonly intervalMs = 20,
   ) {}
 
@@ -100,10 +121,10 @@ export class CpuSampler {
     for (const [name, ms] of last.processes) {
       // A process first read after `fromMs` (the destination QEMU) counts from 0: its start is in the window.
       const used = ms - (first.processes.get(name) ?? 0);
-      named += used;
+      if (!this.parts.has(name)) named += used;
       parts.push(`${name} ${Math.round(used)} ms`);
     }
-    parts.push(`the rest (receive, the kernel's network work) ${Math.round(busyMs - named)} ms`);
+    parts.push(`the rest (the kernel's network work, other processes) ${Math.round(busyMs - named)} ms`);
     return (
       `host CPU from migrate to RESUME (${Math.round(wallMs)} ms): ${Math.round(busyMs)} ms busy, ` +
       `${(busyMs / wallMs).toFixed(2)} of ${availableParallelism()} cores (${((100 * busyMs) / totalMs).toFixed(0)}%): ${parts.join(", ")}`
@@ -116,6 +137,11 @@ export class CpuSampler {
    * where the link did.
    */
   timeline(fromMs: number, toMs: number, stepMs = 100): string {
+    const names = [...(this.readings.at(-1)?.processes.keys() ?? [])];
+    return `(host/${names.join("/")}) ${this.steps(fromMs, toMs, stepMs)}`;
+  }
+
+  private steps(fromMs: number, toMs: number, stepMs: number): string {
     const out: string[] = [];
     let prev: CpuReading | undefined;
     for (const r of this.readings) {
@@ -136,7 +162,12 @@ export class CpuSampler {
 
   private read(): void {
     const processes = new Map<string, number>();
-    for (const p of this.processes()) processes.set(p.name, p.cpuMs());
+    const previous = this.readings.at(-1)?.processes;
+    for (const p of this.processes()) {
+      // A process that exited within the window reads 0 from then on: keep what it had used.
+      processes.set(p.name, p.cpuMs() || (previous?.get(p.name) ?? 0));
+      if (p.partOf) this.parts.add(p.name);
+    }
     this.readings.push({ atMs: Date.now(), host: hostCpu(), processes });
   }
 }
