@@ -2,18 +2,43 @@
  * Incremental decoder of link frames (protocol.ts): a pure function of the bytes fed to it, in chunks split
  * anywhere. It holds at most one incomplete frame (≤ 5 + 1 MiB bytes, allocated only after the frame's type and
  * length passed their bounds). Payloads that lie within one input chunk are views into it (no copy); a payload
- * split across chunks is assembled into one Buffer of exactly its length. Malformed input gives a LinkError naming
- * the frame's offset in the stream, and the decoder is then unusable (every later call throws the same error).
+ * split across chunks is assembled into one Buffer of exactly its length, except, with `bytesInParts`, DATA and
+ * RETURN: those come out in parts as their bytes arrive. Malformed input gives a LinkError naming the frame's
+ * offset in the stream, and the decoder is then unusable (every later call throws the same error).
  */
 import { LinkError } from "./errors.ts";
-import { codecOf, FRAME_HEADER_BYTES, type Message, type MessageCodec, messageName } from "./protocol.ts";
+import { codecOf, FRAME_HEADER_BYTES, type Message, type MessageCodec, MSG } from "./protocol.ts";
 
 /** One frame, checked against its type's bounds but not yet decoded. */
 export interface Frame {
   type: number;
+  /** The payload, or with `bytesInParts` a DATA or RETURN frame's next part. */
   payload: Buffer;
   /** Offset of the frame's first byte in the link stream. */
   offset: number;
+}
+
+export interface LinkDecoderOptions {
+  /**
+   * DATA and RETURN frames come out in parts, each a view of the input as it arrived (consecutive messages of the
+   * frame's type, each at least one byte), instead of assembled: their bytes are forwarded as they are, so a
+   * frame's boundaries mean nothing to the reader. send frames up to 1 MiB of stream at once, which nearly always
+   * spans socket reads: assembling it cost receive a copy of the whole stream and a 1 MiB allocation per frame.
+   * Not for a reader that takes the remainder after a frame (takeRemainder): a frame in parts has none.
+   */
+  bytesInParts?: boolean;
+}
+
+/** The frame being read across chunks, once its header is known. */
+interface PartialFrame {
+  codec: MessageCodec<Message>;
+  /** Where its payload is assembled; null for a frame handed on in parts. */
+  payload: Buffer | null;
+  /** Payload bytes assembled, or handed on. */
+  fill: number;
+  length: number;
+  /** Offset of the frame's first byte in the link stream. */
+  start: number;
 }
 
 export class LinkDecoder {
@@ -21,21 +46,29 @@ export class LinkDecoder {
   #offset = 0;
   readonly #header = Buffer.alloc(FRAME_HEADER_BYTES);
   #headerFill = 0;
-  /** The frame being assembled across chunks, once its header is known. */
-  #partial: { codec: MessageCodec<Message>; payload: Buffer; fill: number } | undefined;
+  #partial: PartialFrame | undefined;
   /** Input not yet looked at (only {@link write} leaves any). */
   #input: Buffer[] = [];
   #failure: LinkError | undefined;
+  readonly #bytesInParts: boolean;
+
+  constructor(options: LinkDecoderOptions = {}) {
+    this.#bytesInParts = options.bytesInParts ?? false;
+  }
+
+  /** Payload bytes held in an incomplete frame (none for one handed on in parts). */
+  get #assembled(): number {
+    return this.#partial?.payload ? this.#partial.fill : 0;
+  }
 
   /** Stream offset of the first byte not yet consumed into a returned frame. */
   get offset(): number {
-    return this.#offset - this.#headerFill - (this.#partial?.fill ?? 0);
+    return this.#offset - this.#headerFill - this.#assembled;
   }
 
   /** Bytes held: of an incomplete frame, plus input written but not yet read with {@link nextFrame}. */
   get bufferedBytes(): number {
-    const partial = this.#partial ? this.#partial.fill : 0;
-    return this.#headerFill + partial + this.#input.reduce((sum, b) => sum + b.length, 0);
+    return this.#headerFill + this.#assembled + this.#input.reduce((sum, b) => sum + b.length, 0);
   }
 
   /** Every complete message in `chunk` (with what came before). */
@@ -79,9 +112,11 @@ export class LinkDecoder {
   takeRemainder(): Buffer {
     this.#check();
     const parts: Buffer[] = [];
-    if (this.#headerFill > 0) parts.push(Buffer.from(this.#header.subarray(0, this.#headerFill)));
     const partial = this.#partial;
-    if (partial) parts.push(partial.payload.subarray(0, partial.fill));
+    if (partial && !partial.payload)
+      throw new Error("takeRemainder inside a frame handed on in parts: its rest is not a frame");
+    if (this.#headerFill > 0) parts.push(Buffer.from(this.#header.subarray(0, this.#headerFill)));
+    if (partial?.payload) parts.push(partial.payload.subarray(0, partial.fill));
     parts.push(...this.#input);
     this.#headerFill = 0;
     this.#partial = undefined;
@@ -93,11 +128,16 @@ export class LinkDecoder {
   end(): void {
     this.#check();
     const buffered = this.bufferedBytes;
-    if (buffered === 0) return;
-    const what = this.#partial
-      ? `${messageName(this.#header[0] ?? 0)} frame with ${this.#partial.payload.length - this.#partial.fill} of its ${this.#partial.payload.length} payload bytes missing`
+    const partial = this.#partial;
+    if (buffered === 0 && !partial) return;
+    const what = partial
+      ? `${partial.codec.name} frame with ${partial.length - partial.fill} of its ${partial.length} payload bytes missing`
       : `frame header cut after ${buffered} of ${FRAME_HEADER_BYTES} bytes`;
-    this.#failure = new LinkError("truncated", `link ended inside a frame: ${what}`, this.offset);
+    this.#failure = new LinkError(
+      "truncated",
+      `link ended inside a frame: ${what}`,
+      partial?.start ?? this.offset,
+    );
     throw this.#failure;
   }
 
@@ -122,7 +162,7 @@ export class LinkDecoder {
           chunk.copy(this.#header, 0, 0, FRAME_HEADER_BYTES);
           this.#headerFill = FRAME_HEADER_BYTES;
           this.#consume(FRAME_HEADER_BYTES);
-          this.#partial = { codec, payload: Buffer.allocUnsafe(length), fill: 0 };
+          this.#partial = this.#startFrame(codec, length);
           continue;
         }
         const take = Math.min(FRAME_HEADER_BYTES - this.#headerFill, chunk.length);
@@ -132,10 +172,21 @@ export class LinkDecoder {
         if (this.#headerFill < FRAME_HEADER_BYTES) continue;
         const length = this.#header.readUInt32BE(1);
         const codec = this.#checkHeader(this.#header[0] ?? 0, length);
-        this.#partial = { codec, payload: Buffer.allocUnsafe(length), fill: 0 };
+        this.#partial = this.#startFrame(codec, length);
       }
       const partial = this.#partial;
       const rest = this.#input[0];
+      if (!partial.payload) {
+        // Handed on in parts: what this chunk holds of it, as a view.
+        if (!rest) return null;
+        const take = Math.min(partial.length - partial.fill, rest.length);
+        const part = rest.subarray(0, take);
+        this.#consume(take);
+        partial.fill += take;
+        this.#headerFill = 0;
+        if (partial.fill === partial.length) this.#partial = undefined;
+        return { type: partial.codec.type, payload: part, offset: partial.start };
+      }
       if (partial.fill < partial.payload.length) {
         if (!rest) return null;
         const take = Math.min(partial.payload.length - partial.fill, rest.length);
@@ -148,6 +199,18 @@ export class LinkDecoder {
         return this.#emit(partial.codec.type, partial.payload);
       }
     }
+  }
+
+  /** The incomplete frame whose header (all of it read) is `codec`'s with `length` payload bytes. */
+  #startFrame(codec: MessageCodec<Message>, length: number): PartialFrame {
+    const inParts = this.#bytesInParts && (codec.type === MSG.DATA || codec.type === MSG.RETURN);
+    return {
+      codec,
+      payload: inParts ? null : Buffer.allocUnsafe(length),
+      fill: 0,
+      length,
+      start: this.#offset - this.#headerFill,
+    };
   }
 
   /** Checks a frame header against the type's bounds; the frame starts at this.#offset - (header bytes read). */

@@ -115,7 +115,8 @@ function codecOutput(out: ReassemblerOutput): CodecOutput {
 }
 
 export class LinkReceiveCodec implements ChannelCodec {
-  private readonly decoder = new LinkDecoder();
+  // DATA bytes go on to the destination QEMU as they come, not assembled per frame (decoder.ts bytesInParts).
+  private readonly decoder = new LinkDecoder({ bytesInParts: true });
   private reassembler: RefReassembler | undefined;
   private outlet: CodecOutlet | undefined;
   /** The destination QEMU's connection (for LOAD's queued bytes). */

@@ -152,7 +152,8 @@ function isSegmentProcessor(p: ChannelProcessor): p is ChannelProcessor & Segmen
 }
 
 export class LinkSendCodec implements ChannelCodec {
-  private readonly decoder = new LinkDecoder();
+  // RETURN bytes go on to the source QEMU as they come (decoder.ts bytesInParts).
+  private readonly decoder = new LinkDecoder({ bytesInParts: true });
   private ledger = new RefLedger<PageRef>(0);
   private refsAllowed: RefsAccepted = NO_REFS;
   /** What the processors are told while the link has room ("link-busy"): no references, ZEROS as allowed. */

@@ -192,6 +192,70 @@ test("DATA of several buffers: frames across their boundaries, payloads still vi
   assert.deepEqual(encodeBytesFrames(MSG.DATA, [Buffer.alloc(0), Buffer.alloc(0)]), []);
 });
 
+/** DATA and RETURN handed on in parts, joined back: consecutive messages of one of those types as one. */
+function joinParts(messages: Message[]): unknown[] {
+  const joined: Message[] = [];
+  for (const m of messages) {
+    const last = joined.at(-1);
+    if ((m.type === MSG.DATA || m.type === MSG.RETURN) && last?.type === m.type)
+      joined[joined.length - 1] = { type: m.type, bytes: Buffer.concat([last.bytes, m.bytes]) } as Message;
+    else joined.push(m);
+  }
+  return plain(joined);
+}
+
+test("bytesInParts: DATA and RETURN come as views of the input as it arrives, the same bytes at every split", () => {
+  const big = randomBytes(3 * 1024 + 17);
+  const session = [...samples, { type: MSG.DATA, bytes: big } as Message, samples[0] as Message];
+  const wire = Buffer.concat(session.map(encodeMessage));
+  const expected = joinParts(session);
+  for (let cut = 0; cut <= wire.length; cut++) {
+    const decoder = new LinkDecoder({ bytesInParts: true });
+    const first = wire.subarray(0, cut);
+    const second = Buffer.from(wire.subarray(cut)); // a buffer of its own: views of it are told apart
+    const got = [...decoder.push(first), ...decoder.push(second)];
+    decoder.end();
+    assert.deepEqual(joinParts(got), expected, `split at ${cut}`);
+    for (const m of got)
+      if (m.type === MSG.DATA || m.type === MSG.RETURN) {
+        assert.ok(m.bytes.length > 0, "no empty part");
+        assert.ok(m.bytes.buffer === first.buffer || m.bytes.buffer === second.buffer, "a view, not a copy");
+      }
+    assert.equal(decoder.offset, wire.length);
+  }
+  // Byte by byte: the large DATA frame's payload comes as one part per byte, nothing held in between.
+  const payloadStart = wire.length - encodeMessage(samples[0] as Message).length - big.length;
+  const decoder = new LinkDecoder({ bytesInParts: true });
+  const got: Message[] = [];
+  for (let i = 0; i < wire.length; i++) {
+    const messages = decoder.push(wire.subarray(i, i + 1));
+    got.push(...messages);
+    if (i >= payloadStart && i < payloadStart + big.length) {
+      assert.equal(decoder.bufferedBytes, 0, `held bytes at ${i}`);
+      assert.equal(messages.length, 1);
+    }
+  }
+  assert.deepEqual(joinParts(got), expected);
+  // Other types are still assembled whole, and without the option DATA is too.
+  const whole = new LinkDecoder().push(wire.subarray(0, 7)).concat(new LinkDecoder().push(wire));
+  assert.deepEqual(plain(whole), plain(session));
+});
+
+test("bytesInParts: a link cut inside a DATA frame handed on in parts is truncated at that frame", () => {
+  const ready = encodeMessage({ type: MSG.READY });
+  const data = encodeMessage({ type: MSG.DATA, bytes: randomBytes(1000) });
+  const decoder = new LinkDecoder({ bytesInParts: true });
+  const got = decoder.push(Buffer.concat([ready, data.subarray(0, 400)]));
+  assert.deepEqual(
+    got.map((m) => m.type),
+    [MSG.READY, MSG.DATA],
+  );
+  assert.equal(decoder.offset, ready.length + 400, "the part handed on is consumed");
+  assert.throws(() => decoder.takeRemainder(), /inside a frame handed on in parts/);
+  const e = expectLinkError(() => decoder.end(), "truncated", ready.length);
+  assert.match(e.message, /DATA frame with 605 of its 1000 payload bytes missing/);
+});
+
 test("malformed input: each case is a typed LinkError at the offending frame's offset", () => {
   const ready = encodeMessage({ type: MSG.READY });
   const header = (type: number, length: number) => {
