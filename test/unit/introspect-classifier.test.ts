@@ -15,6 +15,7 @@ import {
   type StructPageSource,
 } from "../../src/introspect/classifier.ts";
 import { resolveKernelLayout } from "../../src/introspect/kernel-layout.ts";
+import { batchPathCheck } from "../../src/introspect/self-check.ts";
 import { VmcoreInfo } from "../../src/introspect/vmcoreinfo.ts";
 import {
   editVmcoreinfo,
@@ -556,4 +557,36 @@ test("7.1+: compound_info names the head by pointer or, with HVO, by a mask of t
   );
   const asPointer = new PageClassifier(P612, m).classifyRange(20, 4, m.range(20, 4)).categories;
   assert.ok(asPointer.every((x) => x === CATEGORY.unknown));
+});
+
+test("batch-path check: the stream's path agrees with the whole pass; a guest that allocates between them fails it", () => {
+  const m = batchMemmap();
+  const classifier = new PageClassifier(P61, m);
+  const ok = batchPathCheck(classifier, m, 8192);
+  assert.equal(ok.verdict, "ok", ok.detail);
+  assert.match(
+    ok.detail,
+    /^8192 pages in 8 windows: 0 free only to the batch path, 0 only to the whole pass/,
+  );
+  // The order-10 block at 2048 is allocated (anonymous pages) right after the batch path read it: the whole pass,
+  // which reads the window next, sees no free page there. The check cannot tell that from a batch path that calls
+  // pages in use free, and refuses.
+  const allocating: StructPageSource = {
+    read: (pfn, count, into) => {
+      // The whole pass reads the window at once; the batch path reads a batch's own struct pages.
+      if (pfn === 2048 && count === 1024) {
+        for (let p = 2048; p < 3072; p++)
+          m.set(p, { flags: bits(16, 19, 4, 2), mapping: ANON, refcount: 1, mapcount: 0 });
+      }
+      return m.read(pfn, count, into);
+    },
+    pfnOfStructPage: (address) => m.pfnOfStructPage(address),
+    structPageAddress: (pfn) => m.structPageAddress(pfn),
+  };
+  const failed = batchPathCheck(new PageClassifier(P61, allocating), allocating, 8192);
+  assert.equal(failed.verdict, "failed", failed.detail);
+  assert.match(failed.detail, / 1024 free only to the batch path/);
+  // No window with a readable memmap: nothing to compare.
+  const unreadable: StructPageSource = { ...allocating, read: () => false };
+  assert.equal(batchPathCheck(new PageClassifier(P61, unreadable), unreadable, 8192).verdict, "skipped");
 });
