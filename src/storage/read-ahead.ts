@@ -8,7 +8,10 @@
  * references cost one page each, as without it. A window is kept for `maxAgeMs` at most: older bytes are read
  * again. Bytes from the window may be older than the disk, which is safe: every rebuilt page is checked against
  * the sender's SHA-256, so a stale byte costs a NACK, never a wrong page. Pages are copied out of the window, so
- * that a page waiting to be written to QEMU never pins a whole window.
+ * that a page waiting to be written to QEMU never pins a whole window; the copies share slabs of 16 pages (one
+ * allocation for 16: a 4 KiB Buffer is too large for Node's pool, and its own allocation per page cost more than
+ * its copy: 1.1 against 0.5 us a page measured here). A slab is held while any of its pages is; they are written
+ * to QEMU in the order they were read.
  */
 import { type BlockDevice, checkRange } from "./block-device.ts";
 
@@ -16,6 +19,8 @@ import { type BlockDevice, checkRange } from "./block-device.ts";
 export const READ_AHEAD_BYTES = 256 * 1024;
 /** How long a window's bytes are used. */
 export const READ_AHEAD_MAX_AGE_MS = 500;
+/** Pages copied out of a window share buffers of this size. */
+const PAGE_SLAB_BYTES = 64 * 1024;
 
 /** A disk that reads synchronously (BlockDevice with readSync). */
 export type SyncReadable = Pick<BlockDevice, "name" | "sizeBytes"> & {
@@ -26,6 +31,8 @@ export class SequentialReadAhead {
   #window: Buffer | null = null;
   #windowOffset = 0;
   #windowReadAt = 0;
+  #slab = Buffer.alloc(0);
+  #slabUsed = 0;
   /** Where the last read ended: a read starting there is sequential. */
   #lastEnd = -1;
   /** Reads served from a window, and reads of the device (for tests and reports). */
@@ -52,7 +59,7 @@ export class SequentialReadAhead {
       now - this.#windowReadAt <= this.maxAgeMs
     ) {
       this.hits++;
-      return copyOut(window, offset - this.#windowOffset, length);
+      return this.#copyOut(window, offset - this.#windowOffset, length);
     }
     this.deviceReads++;
     if (!sequential || length >= this.windowBytes) return this.device.readSync(offset, length);
@@ -60,13 +67,22 @@ export class SequentialReadAhead {
     this.#window = this.device.readSync(offset, span);
     this.#windowOffset = offset;
     this.#windowReadAt = now;
-    return copyOut(this.#window, 0, length);
+    return this.#copyOut(this.#window, 0, length);
   }
-}
 
-/** `length` bytes of `window` from `at`, in a buffer of their own (one allocation, one copy). */
-function copyOut(window: Buffer, at: number, length: number): Buffer {
-  const out = Buffer.allocUnsafe(length);
-  window.copy(out, 0, at, at + length);
-  return out;
+  /** `length` bytes of `window` from `at`, copied: into the current slab's next bytes, or their own buffer if large. */
+  #copyOut(window: Buffer, at: number, length: number): Buffer {
+    let out: Buffer;
+    if (length > PAGE_SLAB_BYTES / 4) out = Buffer.allocUnsafe(length);
+    else {
+      if (this.#slabUsed + length > this.#slab.length) {
+        this.#slab = Buffer.allocUnsafe(PAGE_SLAB_BYTES);
+        this.#slabUsed = 0;
+      }
+      out = this.#slab.subarray(this.#slabUsed, this.#slabUsed + length);
+      this.#slabUsed += length;
+    }
+    window.copy(out, 0, at, at + length);
+    return out;
+  }
 }

@@ -73,6 +73,22 @@ test("a page is a copy: changing it changes neither the window nor the next read
   });
 });
 
+test("pages handed out keep their bytes while later pages fill the buffers they share", async () => {
+  const disk = randomBytes(80 * PAGE);
+  await withDisk(disk, async (device) => {
+    const ahead = new SequentialReadAhead(device, 16 * PAGE, 10_000);
+    const pages = Array.from({ length: 80 }, (_, p) => ahead.readSync(p * PAGE, PAGE));
+    pages.forEach((page, p) => {
+      assert.ok(page.equals(disk.subarray(p * PAGE, (p + 1) * PAGE)), `page ${p}`);
+    });
+    assert.ok(ahead.hits > 60, `${ahead.hits} pages from windows`);
+    // Writing one page touches no other, though some share a buffer.
+    pages[20]?.fill(0);
+    assert.ok(pages[19]?.equals(disk.subarray(19 * PAGE, 20 * PAGE)));
+    assert.ok(pages[21]?.equals(disk.subarray(21 * PAGE, 22 * PAGE)));
+  });
+});
+
 test("a window older than its age limit is read again: bytes the disk changed since are seen", async () => {
   const disk = randomBytes(16 * PAGE);
   await withDisk(disk, async (device, path) => {
