@@ -71,7 +71,8 @@
  * 1.2 x the floor; idle-after-work: vmprune resumes 75% sooner than plain and sends 92% fewer bytes; anon:
  * vmprune resumes at most 3% later than plain. After each migration the destination must run and pass `verify`.
  * With VMPRUNE_BENCH_TRACE=1 in the environment, each migration also logs the link's use every 50 ms, the host's
- * CPU from `migrate` to RESUME (busy cores; source and destination QEMU, send, the rest: src/lab/host-cpu.ts), and
+ * CPU from `migrate` to RESUME (busy cores; source and destination QEMU, send and receive each with its main
+ * thread apart, as the rest of a Node process is V8's compiler and collector threads; src/lab/host-cpu.ts), and
  * vmprune rows send's judging (pages, batches, time in the judge, references).
  *
  * Logs go to stderr; stdout gets the table, or with --json the figures.
