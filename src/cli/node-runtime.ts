@@ -13,8 +13,10 @@
  *   128, 256 and 512 behaved alike, and 64 nearly (5 mark-compacts); 32 did not (83).
  * - bench:scale, 4 GiB guest, send and receive as processes (loopback, QEMU 10.0): vmprune free loaded in 4.8-5.6 s
  *   against 5.8-6.0 s without, free+cache in 7.5-8.4 s against 9.3-9.4 s. send's peak RSS moved within its
- *   run-to-run spread (free+cache 172-306 MB without the flag, 277-318 MB with it): at its peak, send's heap held
- *   ~11 MB and its ArrayBuffers 15-28 MiB either way; the rest is guest RAM it mapped and read.
+ *   run-to-run spread (free+cache 172-306 MB without the flag, 277-318 MB with it): not the collector's doing. At
+ *   the RSS peak send's ArrayBuffers held 34-54 MB and its heap 43 MB committed; the rest was anonymous memory
+ *   malloc kept of the freed socket buffers (RssShmem 0: no guest RAM), whose peak, 88-108 MB, comes during the
+ *   migration from the relay's guarded read-ahead.
  * V8 reads the flag only at start-up (v8.setFlagsFromString later has no effect, and NODE_OPTIONS refuses it), so it
  * is on the command line: the CLI's shebang (the installed `vmprune`), scripts/demo.sh, and the lab's send and
  * receive processes (lab/send-process.ts).
