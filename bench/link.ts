@@ -204,6 +204,8 @@ export type RowMigrator = (ctx: RowContext) => Promise<
     result: MigrationResult;
     /** vmprune rows: send's pruning report. */
     prune?: PruneReport;
+    /** vmprune rows: how long send left the source QEMU unread because the link (or receive) held its bound. */
+    sourceHeldMs?: number;
   }
 >;
 
@@ -267,6 +269,7 @@ function rowFigures(run: SendRun): Awaited<ReturnType<RowMigrator>> {
     prepMs: run.prepMs,
     result: run.result,
     prune: run.prune,
+    sourceHeldMs: run.sourceHeldMs,
   };
 }
 
@@ -478,7 +481,7 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
       DEFAULT_SAMPLE_INTERVAL_MS,
     );
     sampler.start();
-    const { result, streamBytes, prunedPages, prepMs, prune } = await migrate({
+    const { result, streamBytes, prunedPages, prepMs, prune, sourceHeldMs } = await migrate({
       pair,
       link,
       qemu: options.qemu,
@@ -515,7 +518,8 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
     }
     if (trace && prune)
       log(
-        `  send's pruning: ${prune.pages.seen} pages seen, ${prune.batches} batches judged in ${Math.round(prune.judgeMs)} ms, ${prune.refs} references, ${prune.cacheWhole} cache pages whole`,
+        `  send's pruning: ${prune.pages.seen} pages seen, ${prune.batches} batches judged in ${Math.round(prune.judgeMs)} ms, ${prune.refs} references, ${prune.cacheWhole} cache pages whole` +
+          (sourceHeldMs === undefined ? "" : `; QEMU's stream waited ${sourceHeldMs} ms for the link`),
       );
     // The samples count from before the row's setup (destination, send's preparation); the report's plots count
     // from `migrate`, as the time to resume does: when it was, from the RESUME back by the time to resume.

@@ -25,6 +25,8 @@ export interface SendRun {
   prepMs: number;
   /** send's pruning report (what it did to which pages). */
   prune: PruneReport;
+  /** How long send left the source QEMU's main channel unread because the link (or receive) held its bound. */
+  sourceHeldMs: number;
 }
 
 export async function migrateThroughInProcessSend(
@@ -78,7 +80,8 @@ export async function migrateThroughInProcessSend(
       const wireBytes = report.relay.channels.reduce((sum, c) => sum + c.bytesToDestination, 0);
       // Pages pruned on the main channel and, with multifd, on the multifd channels.
       const prunedPages = prune.pages.pruned + (prune.multifd?.pagesPruned ?? 0);
-      return { result, wireBytes, prunedPages, prepMs, prune };
+      const sourceHeldMs = report.relay.channels.find((c) => c.index === 0)?.sourceHeldMs ?? 0;
+      return { result, wireBytes, prunedPages, prepMs, prune, sourceHeldMs };
     } finally {
       await send.relay.close();
     }
@@ -131,8 +134,17 @@ export async function migrateThroughSendAndReceive(
       throw error;
     });
     const received = await receive.wait(120_000);
-    const refs = (JSON.parse(received.stdout || "{}") as { refs?: { refsResolved?: number } }).refs;
-    options.log(`  receive: ${refs ? JSON.stringify(refs) : received.stderr.slice(-300)}`);
+    const report = JSON.parse(received.stdout || "{}") as {
+      refs?: { refsResolved?: number };
+      relay?: { channels?: { index: number; sourceHeldMs?: number }[] };
+    };
+    const refs = report.refs;
+    // The link unread because the destination QEMU held receive's bound: how long the destination set the pace.
+    const heldMs = report.relay?.channels?.find((c) => c.index === 0)?.sourceHeldMs;
+    options.log(
+      `  receive: ${refs ? JSON.stringify(refs) : received.stderr.slice(-300)}` +
+        (heldMs === undefined ? "" : `; the link waited ${heldMs} ms for the destination QEMU`),
+    );
     return { ...run, refsResolved: refs?.refsResolved ?? 0 };
   } finally {
     await receive.stop();

@@ -126,15 +126,19 @@ function countBy(items: string[]): string {
   return [...counts].map(([k, n]) => `${n}× ${k}`).join(", ");
 }
 
-/** A relay's connections: kind, bytes each way (named by the caller), what closed them. */
+/**
+ * A relay's connections: kind, bytes each way (named by the caller), how long the source went unread because the
+ * destination side held the relay's bound (so that side set the pace), what closed them.
+ */
 function channelTable(relay: RelayReport, directions: [string, string]): string {
   return table(
-    ["connection", "kind", ...directions, "closed by"],
+    ["connection", "kind", ...directions, "source held", "closed by"],
     relay.channels.map((c) => [
       String(c.index),
       c.kind,
       formatBytes(c.bytesToDestination),
       formatBytes(c.bytesToSource),
+      `${(c.sourceHeldMs / 1000).toFixed(2)} s`,
       c.closedBy,
     ]),
   );

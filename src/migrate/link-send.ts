@@ -29,7 +29,13 @@ import {
   type RefsAccepted,
   type Segment,
 } from "../prune/pruning-processor.ts";
-import type { ChannelCodec, ChannelProcessor, ChannelSide, CodecOutput } from "../stream/relay.ts";
+import {
+  type ChannelCodec,
+  type ChannelProcessor,
+  type ChannelSide,
+  type CodecOutput,
+  HeldTime,
+} from "../stream/relay.ts";
 import { bytesToKernel, peerOnThisHost } from "../transport/socket.ts";
 import { describeTls } from "../transport/tls.ts";
 import { LinkRateMeter } from "./link-rate.ts";
@@ -176,6 +182,8 @@ export class LinkSendCodec implements ChannelCodec {
   private sentEof = false;
   private receivedEof = false;
   private paused = false;
+  /** How long the window (stream rule 3) kept the source unread: receive settling references set the pace. */
+  private readonly windowHeld = new HeldTime();
   nacks = 0;
 
   constructor(
@@ -314,6 +322,11 @@ export class LinkSendCodec implements ChannelCodec {
   }
 
   closed(): void {
+    const windowMs = Math.round(this.windowHeld.ms);
+    if (windowMs > 0)
+      this.options.log?.(
+        `link #${this.index}: the reference window kept the source unread for ${windowMs} ms (receive settling references set the pace)`,
+      );
     if (this.refsDecisions.size > 0) {
       const rate = this.linkRate.bytesPerSecond;
       const reasons = [...this.refsDecisions].map(([why, n]) => `${why} ${n}`).join(", ");
@@ -447,6 +460,7 @@ export class LinkSendCodec implements ChannelCodec {
     // Also when already paused: the relay's own backpressure may have resumed the source meanwhile.
     if (this.ledger.full && this.source) {
       this.paused = true;
+      this.windowHeld.begin();
       this.source.pause();
     }
   }
@@ -454,6 +468,7 @@ export class LinkSendCodec implements ChannelCodec {
   private resumeIfWindowOpen(): void {
     if (this.paused && !this.ledger.full && this.source) {
       this.paused = false;
+      this.windowHeld.end();
       this.source.resume();
     }
   }

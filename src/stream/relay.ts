@@ -184,6 +184,14 @@ export interface ChannelReport {
   closedBy: string;
   /** Bytes received from the source (before the processor). */
   bytesFromSource: number;
+  /**
+   * How long the source went unread because its destination (or the capture) held the bound of rule 5: the time
+   * the destination side, not the source, set the pace. On send that is the link (or receive behind it); on receive,
+   * the destination QEMU. Milliseconds.
+   */
+  sourceHeldMs: number;
+  /** The same for the return path: how long the destination went unread because the source held the bound. */
+  destinationHeldMs: number;
 }
 
 export interface RelayReport {
@@ -250,19 +258,42 @@ export const RESUME_BELOW_SHARE = 0.5;
 /** How often a paused source checks whether its destination went below that share. */
 const RESUME_CHECK_MS = 5;
 
+/** Adds up the time a reader spends held (from the first writer that holds it until the last lets it go). */
+export class HeldTime {
+  #since: number | undefined;
+  #totalMs = 0;
+
+  begin(): void {
+    this.#since ??= performance.now();
+  }
+
+  end(): void {
+    if (this.#since === undefined) return;
+    this.#totalMs += performance.now() - this.#since;
+    this.#since = undefined;
+  }
+
+  /** Milliseconds held so far, a hold still running included. */
+  get ms(): number {
+    return this.#totalMs + (this.#since === undefined ? 0 : performance.now() - this.#since);
+  }
+}
+
 /**
  * Pauses `reader` until `writer` drains (or closes, so that a dead writer never leaves the reader paused), or,
  * with `resumeBelow`, until it holds fewer bytes than that. `holds` is the set of writers the reader currently
- * waits for; it resumes when all have released it.
+ * waits for; it resumes when all have released it. `held`, if given, counts the time the reader was held.
  */
 export function hold(
   reader: Pick<Socket, "pause" | "resume" | "destroyed">,
   writer: Writable,
   holds: Set<Writable>,
   resumeBelow?: () => number,
+  held?: HeldTime,
 ): void {
   if (holds.has(writer)) return;
   holds.add(writer);
+  held?.begin();
   reader.pause();
   let check: NodeJS.Timeout | undefined;
   const release = () => {
@@ -270,7 +301,9 @@ export function hold(
     writer.off("drain", release);
     writer.off("close", release);
     holds.delete(writer);
-    if (holds.size === 0 && !reader.destroyed) reader.resume();
+    if (holds.size > 0) return;
+    held?.end();
+    if (!reader.destroyed) reader.resume();
   };
   writer.on("drain", release);
   writer.on("close", release);
@@ -315,6 +348,8 @@ class Channel {
   #head: Buffer = Buffer.alloc(0);
   readonly #fromSourceHolds = new Set<Writable>();
   readonly #toSourceHolds = new Set<Writable>();
+  readonly #sourceHeld = new HeldTime();
+  readonly #destinationHeld = new HeldTime();
   #resolveClosed!: () => void;
 
   constructor(
@@ -419,6 +454,8 @@ class Channel {
       bytesToSource: this.bytesToSource,
       closedBy: this.closedBy ?? "open",
       bytesFromSource: this.bytesFromSource,
+      sourceHeldMs: Math.round(this.#sourceHeld.ms),
+      destinationHeldMs: Math.round(this.#destinationHeld.ms),
     };
   }
 
@@ -478,7 +515,7 @@ class Channel {
     const capture = this.capture;
     if (capture && !capture.destroyed && !capture.writableEnded) {
       if (!capture.write(chunk) && overLimit(capture, this.ctx.maxBufferedBytes))
-        hold(this.#source, capture, this.#fromSourceHolds);
+        hold(this.#source, capture, this.#fromSourceHolds, undefined, this.#sourceHeld);
     }
     this.#apply(upstream, () => this.codec.fromSource(chunk));
   }
@@ -494,7 +531,13 @@ class Channel {
     }
     const source = this.#source;
     if (out.toUpstream && this.#write(upstream, out.toUpstream))
-      hold(source, upstream, this.#fromSourceHolds, () => this.ctx.maxBufferedBytes * RESUME_BELOW_SHARE);
+      hold(
+        source,
+        upstream,
+        this.#fromSourceHolds,
+        () => this.ctx.maxBufferedBytes * RESUME_BELOW_SHARE,
+        this.#sourceHeld,
+      );
     if (out.toSource && !source.destroyed && !source.writableEnded) {
       let full = false;
       for (const chunk of out.toSource) {
@@ -505,7 +548,7 @@ class Channel {
       }
       if (full && overLimit(source, this.ctx.maxBufferedBytes)) {
         this.ctx.observeBuffered(source.writableLength);
-        hold(upstream, source, this.#toSourceHolds);
+        hold(upstream, source, this.#toSourceHolds, undefined, this.#destinationHeld);
       }
     }
     if (out.endUpstream && !upstream.destroyed && !upstream.writableEnded) halfClose(upstream);

@@ -15,6 +15,7 @@ import { setTimeout as sleep } from "node:timers/promises";
 import {
   type ChannelCodec,
   type CodecOutlet,
+  HeldTime,
   hold,
   type MainChannelProcessor,
   MULTIFD_MAGIC,
@@ -143,7 +144,8 @@ test("20 MiB arrive intact; the return path flows while the source is still send
   const report = await relay.done;
   assert.equal(report.error, undefined);
   assert.equal(report.channels.length, 1);
-  assert.deepEqual(report.channels[0], {
+  const { sourceHeldMs, destinationHeldMs, ...counts } = report.channels[0] ?? {};
+  assert.deepEqual(counts, {
     index: 0,
     kind: "main",
     bytesToDestination: payload.length,
@@ -151,6 +153,9 @@ test("20 MiB arrive intact; the return path flows while the source is still send
     bytesFromSource: payload.length,
     closedBy: "source",
   });
+  // The destination reads as fast as it can: at most brief holds, never the test's length.
+  assert.ok(typeof sourceHeldMs === "number" && sourceHeldMs >= 0 && sourceHeldMs < 2000, `${sourceHeldMs}`);
+  assert.equal(destinationHeldMs, 0, "the return path never held the destination");
 });
 
 test("half-close: the destination's final message after the source's EOF reaches the source", {
@@ -184,6 +189,8 @@ test("half-close: the destination's final message after the source's EOF reaches
     bytesToSource: 8,
     bytesFromSource: 10,
     closedBy: "source",
+    sourceHeldMs: 0,
+    destinationHeldMs: 0,
   });
   // One relay = one migration: it no longer listens.
   const late = connect({ host: HOST, port: relay.address.port });
@@ -278,6 +285,50 @@ test("backpressure: a destination that does not read stalls the source; the rela
   const report = await relay.done;
   assert.equal(report.error, undefined);
   assert.equal(report.channels[0]?.bytesToDestination, total);
+  // The source sat unread for most of the second the destination did not read, and the report says so.
+  const heldMs = report.channels[0]?.sourceHeldMs ?? 0;
+  assert.ok(heldMs >= 500, `held ${heldMs} ms, though the destination read nothing for 1000 ms`);
+});
+
+test("held time: counted from the first writer that holds a reader until the last lets it go, once", async () => {
+  // Writers whose one write completes only when the test says so.
+  const complete: (() => void)[] = [];
+  const writer = () => {
+    const w = new Writable({
+      highWaterMark: 1,
+      write(_chunk, _encoding, callback) {
+        complete.push(callback);
+      },
+    });
+    w.write(Buffer.alloc(16));
+    return w;
+  };
+  const reader = {
+    destroyed: false,
+    pause() {
+      return this as unknown as Socket;
+    },
+    resume() {
+      return this as unknown as Socket;
+    },
+  };
+  const held = new HeldTime();
+  const holds = new Set<Writable>();
+  hold(reader, writer(), holds, undefined, held);
+  hold(reader, writer(), holds, undefined, held);
+  await sleep(100);
+  assert.ok(held.ms >= 90, `a hold still running counts: ${held.ms} ms`);
+  complete.shift()?.(); // the first writer drains; the second still holds the reader
+  await sleep(60);
+  assert.equal(holds.size, 1);
+  assert.ok(held.ms >= 150, `still held: ${held.ms} ms`);
+  complete.shift()?.();
+  await waitFor("the reader let go", () => holds.size === 0);
+  const total = held.ms;
+  // Two writers over the same stretch: counted once, not twice.
+  assert.ok(total >= 150 && total < 400, `held ${total} ms`);
+  await sleep(50);
+  assert.equal(held.ms, total, "no time counts once the reader is free");
 });
 
 test("a source paused for its destination resumes once that holds less than the low mark, before it is empty", async () => {
