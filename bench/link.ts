@@ -59,6 +59,10 @@
  *   guest pause      the source's STOP to the destination's RESUME: the downtime the guest lived through;
  *   to resume        `migrate` to the destination's RESUME (total time − downtime + guest pause);
  *   send prep        vmprune rows: startSend's work before `migrate` (disk index, opening introspection);
+ *   QEMU waited      vmprune rows: how long send left the source QEMU's stream unread because the link (or receive
+ *                    behind it) held the relay's bound (stream/relay.ts sourceHeldMs): the link's share of the pace;
+ *   receive waited   rows with receive: how long it left the link unread because the destination QEMU held its
+ *                    bound: the destination QEMU's share (both run at once when the destination holds up the link);
  *   operator wait    from the start of the command to the destination's RESUME: send prep + to resume for
  *                    vmprune, to resume for QEMU's own rows (their command is `migrate`). What an operator
  *                    waits for; vmprune receive, like the destination's `-incoming`, is started beforehand.
@@ -181,6 +185,14 @@ export interface RunFigures {
   prepMs?: number;
   /** From the start of the command to the destination's RESUME: prepMs (0 for QEMU's own rows) + toResumeMs. */
   operatorWaitMs: number;
+  /**
+   * vmprune rows: how long send left the source QEMU's stream unread because the link (or receive behind it) held
+   * the relay's bound: the time the destination side, not QEMU and send, set the pace. (The reference window's
+   * holds are in send's log.)
+   */
+  sourceHeldMs?: number;
+  /** vmprune rows with receive: how long receive left the link unread because the destination QEMU held its bound. */
+  receiveHeldMs?: number;
   /** Guest pages by how they travelled (QEMU's page counters, send's pruning), for the HTML report. */
   pageBytes?: PageTrafficBytes;
   /** The src end of the veth's tx bytes per interval, ms from `migrate`, for the HTML report. */
@@ -204,9 +216,7 @@ export type RowMigrator = (ctx: RowContext) => Promise<
     result: MigrationResult;
     /** vmprune rows: send's pruning report. */
     prune?: PruneReport;
-    /** vmprune rows: how long send left the source QEMU unread because the link (or receive) held its bound. */
-    sourceHeldMs?: number;
-  }
+  } & Pick<RunFigures, "sourceHeldMs" | "receiveHeldMs">
 >;
 
 interface RowSpec {
@@ -270,6 +280,7 @@ function rowFigures(run: SendRun): Awaited<ReturnType<RowMigrator>> {
     result: run.result,
     prune: run.prune,
     sourceHeldMs: run.sourceHeldMs,
+    ...(run.receiveHeldMs !== undefined ? { receiveHeldMs: run.receiveHeldMs } : {}),
   };
 }
 
@@ -481,7 +492,7 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
       DEFAULT_SAMPLE_INTERVAL_MS,
     );
     sampler.start();
-    const { result, streamBytes, prunedPages, prepMs, prune, sourceHeldMs } = await migrate({
+    const { result, streamBytes, prunedPages, prepMs, prune, sourceHeldMs, receiveHeldMs } = await migrate({
       pair,
       link,
       qemu: options.qemu,
@@ -544,6 +555,8 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
       freePages,
       ...(prunedPages !== undefined ? { prunedPages } : {}),
       ...(prepMs !== undefined ? { prepMs } : {}),
+      ...(sourceHeldMs !== undefined ? { sourceHeldMs } : {}),
+      ...(receiveHeldMs !== undefined ? { receiveHeldMs } : {}),
       pageBytes: pageTrafficOf(result.info, prune ?? null),
       throughput: fromMigrate,
       pause: { fromMs: toResumeMs - pauseMs, toMs: toResumeMs },
@@ -708,6 +721,8 @@ export function medianFigures(list: readonly RunFigures[]): RunFigures {
   };
   if (list.some((r) => r.prunedPages !== undefined)) figures.prunedPages = m("prunedPages");
   if (list.some((r) => r.prepMs !== undefined)) figures.prepMs = m("prepMs");
+  if (list.some((r) => r.sourceHeldMs !== undefined)) figures.sourceHeldMs = m("sourceHeldMs");
+  if (list.some((r) => r.receiveHeldMs !== undefined)) figures.receiveHeldMs = m("receiveHeldMs");
   return figures;
 }
 
@@ -819,6 +834,8 @@ export function formatTable(result: LinkBenchResult): string {
     line("operator wait (s)", (_, m) => seconds(m.operatorWaitMs)),
     line("  / plain", (r) => ratio(r.operatorWaitVsPlain)),
     line("pages pruned", (_, m) => whole(m.prunedPages)),
+    line("QEMU waited (s)", (_, m) => seconds(m.sourceHeldMs)),
+    line("receive waited (s)", (_, m) => seconds(m.receiveHeldMs)),
     // The goals that apply to this workload (a goal no row is judged on is left out).
     line("goals", () => ""),
     ...GOAL_NAMES.filter((g) => result.rows.some((r) => r.goals[g] !== "-")).map((g) =>

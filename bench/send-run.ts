@@ -27,6 +27,8 @@ export interface SendRun {
   prune: PruneReport;
   /** How long send left the source QEMU's main channel unread because the link (or receive) held its bound. */
   sourceHeldMs: number;
+  /** With receive: how long it left the link unread because the destination QEMU held its bound. */
+  receiveHeldMs?: number;
 }
 
 export async function migrateThroughInProcessSend(
@@ -145,7 +147,11 @@ export async function migrateThroughSendAndReceive(
       `  receive: ${refs ? JSON.stringify(refs) : received.stderr.slice(-300)}` +
         (heldMs === undefined ? "" : `; the link waited ${heldMs} ms for the destination QEMU`),
     );
-    return { ...run, refsResolved: refs?.refsResolved ?? 0 };
+    return {
+      ...run,
+      refsResolved: refs?.refsResolved ?? 0,
+      ...(heldMs === undefined ? {} : { receiveHeldMs: heldMs }),
+    };
   } finally {
     await receive.stop();
   }
