@@ -74,10 +74,10 @@ export function sampledWordsZero(buf: Buffer, offset: number): boolean {
 
 /** SHA-256 of the 4096 bytes at `offset` of `buf` (a small Buffer from Node's shared pool). */
 export function strongHash(buf: Buffer, offset = 0, length = 4096): Buffer {
-  // One-shot crypto.hash (Node >= 20.12): no Hash object per page (3.0 vs 3.6 us per 4 KiB here). Its digest as a
-  // "binary" (latin1) string, copied into the pool, rather than as a Buffer: a "buffer" digest is an ArrayBuffer of its own
-  // per page, which the collector then tracks and frees; measured here 2.9 against 3.4 us of CPU per page (40,000
-  // pages, 5 rounds; send and receive hash every cache page sent as a reference).
+  // One-shot crypto.hash (Node >= 20.12): no Hash object per page (3.0 vs 3.6 us per 4 KiB here). The digest as a
+  // "binary" (latin1) string copied into the pool, not as a "buffer" digest: that is an ArrayBuffer of its own per
+  // page, which the collector then tracks and frees. Measured here: 2.9 against 3.4 us of CPU per page (40,000
+  // pages, 5 rounds). send and receive hash every cache page sent as a reference.
   return Buffer.from(hash(REF_HASH_ALGORITHM, buf.subarray(offset, offset + length), "binary"), "latin1");
 }
 
