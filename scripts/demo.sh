@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets everything up (scripts/setup.sh) and runs the demo: a guest with a mixed workload live-migrated on
-# loopback, verified on the destination, with a table of what moved. Extra arguments go to `vmprune demo`.
+# loopback without pruning, with free pages pruned and with free and cache pages pruned (each migration from a
+# freshly booted guest), verified on the destination, with a table of what moved. Extra arguments go to `vmprune demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

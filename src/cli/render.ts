@@ -72,8 +72,12 @@ export function renderDemo(result: DemoResult): string {
     ...result.runs.filter((r) => !verified(r)).map((r) => `${shortLabel(r)}: guest verify: ${r.verify}`),
     "Loopback: no network limits these migrations, so their times measure this host's CPU (vmprune's relay and " +
       "receive share it with both QEMUs), not what fewer bytes save on a real link; for that, `npm run bench:link` " +
-      "migrates the same guest over a 1 Gbit/s link between two network namespaces. Host CPU: all cores' busy " +
-      "time from `migrate` until the command returned, both QEMUs included; of it vmprune: its own process.",
+      "migrates the same guest over a 1 Gbit/s link between two network namespaces. Each migration starts from a " +
+      "freshly booted guest with the same workload, to a destination that keeps guest RAM in anonymous memory, as " +
+      "production destinations do: each page it receives costs it a page fault and a copy; a pruned one, which it " +
+      "only reads (the zero page), far less. " +
+      "Host CPU: all cores' busy time from `migrate` until the command returned, both QEMUs included; of it " +
+      "vmprune: its own process.",
   ];
   return `${head.join("\n")}${table(header, rows)}\n\n${notes.flatMap(fit).join("\n")}\n`;
 }

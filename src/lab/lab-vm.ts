@@ -53,7 +53,7 @@ export interface LabVmOptions {
   /** Start the source with -S and do not wait for the guest: RAM holds only firmware (tiny streams). */
   frozen?: boolean;
   /**
-   * Destinations' guest RAM in anonymous memory (VmConfig.anonymousRam), for benchmarks whose destinations no
+   * Destinations' guest RAM in anonymous memory (VmConfig.anonymousRam), for benchmarks and the demo, whose destinations no
    * oracle reads and which are never promoted to sources.
    */
   anonymousDestinationRam?: boolean;
