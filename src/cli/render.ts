@@ -68,7 +68,7 @@ export function renderDemo(result: DemoResult): string {
   ]);
   const header = ["", shortLabel(base), ...others.flatMap((o) => [shortLabel(o), "vs base"])];
   const notes = [
-    `Columns: ${result.runs.map((r) => `${shortLabel(r)} = ${r.label}`).join(", ")}; vs base: the figure as a share of the baseline's. "cache, from disk": dropped cache pages that receive rebuilt from the shared disk.`,
+    `Columns: ${result.runs.map((r) => `${shortLabel(r)} = ${r.label}`).join(", ")}; vs base: the figure as a share of the baseline's. "cache, from disk": dropped cache pages that receive rebuilt from the shared disk; on one host cache pages go whole (no network lies between to save, and a rebuilt page costs both ends CPU), unless \`vmprune migrate --refs-when always\` asks for references anyway.`,
     ...result.runs.filter((r) => !verified(r)).map((r) => `${shortLabel(r)}: guest verify: ${r.verify}`),
     "Loopback: no network limits these migrations, so their times measure this host's CPU (vmprune's relay and " +
       "receive share it with both QEMUs), not what fewer bytes save on a real link; for that, `npm run bench:link` " +
