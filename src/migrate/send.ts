@@ -92,6 +92,11 @@ export interface SendOptions {
    * for the link, else whole, which is faster when the link has room; "always" for the fewest bytes on the link.
    */
   refsWhen?: RefsWhen;
+  /**
+   * Whether clean cache pages may wait for their reference until the link is busy (default true: QEMU reaches the
+   * dense pages behind a run of cache pages sooner; prune/pruning-processor.ts "Deferred references").
+   */
+  deferRefs?: boolean;
   /** Where the source QEMU's NBD server socket for its disk exports goes (source-disks.ts; default: a temp dir). */
   exportSocketDir?: ExportSocketDir;
   /**
@@ -279,12 +284,17 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
       drop,
       dryRun: options.dryRun ?? false,
       ...(cache ? { cacheIndex: cache.references } : {}),
+      // Cache pages may wait for their reference (link-send.ts decides when), as much as the relay may hold for the
+      // link: the switchover guard shrinks that near the end, so little waits when the guest stops.
+      ...(cache && options.link ? { deferBytes: () => relay.maxBufferedBytes } : {}),
       log,
     });
   const zeroList = opened ? await zeroListVerdict(options.guest?.qmp?.client, log) : "no --drop";
   // One processor per multifd channel, all with the main channel's judge: QEMU sends every page there.
   const multifd: MultifdPruningProcessor[] = [];
   const newMultifdPruner = (connection: number) => {
+    // A page's later version on a multifd channel must not overtake its waiting one on the main channel.
+    pruner?.stopDeferring();
     const processor = new MultifdPruningProcessor(opened?.judge ?? "no --drop: passthrough", connection, {
       drop,
       ...(cache ? { cacheIndex: cache.references } : {}),
@@ -341,6 +351,7 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
                 ...(judge?.readPage ? { readPage: judge.readPage.bind(judge) } : {}),
                 claim: { migration: migrationId, target: link.target ?? "" },
                 ...(options.refsWhen ? { refsWhen: options.refsWhen } : {}),
+                ...(options.deferRefs !== undefined ? { deferRefs: options.deferRefs } : {}),
                 queueBoundBytes: () => relay.maxBufferedBytes,
                 log,
               });
