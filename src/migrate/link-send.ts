@@ -117,8 +117,10 @@ const LOAD_FRESH_INTERVALS = 3;
 
 /**
  * Deferred references (prune/pruning-processor.ts): waiting cache pages go out while at least this much waits in
- * this process for the link. The kernel's send buffer (a few MiB) is full before anything waits here, so the link
- * has tens of ms of work queued while send spends its CPU on references.
+ * this process for the link (or a quarter of the relay's bound, when that is lower: near the end of a migration
+ * the switchover guard lowers it to a few hundred KiB, and the queue never grows past it). The kernel's send buffer
+ * (a few MiB) is full before anything waits here, so the link has tens of ms of work queued while send spends its
+ * CPU on references.
  */
 export const DEFERRED_SEND_QUEUED_BYTES = 1024 * 1024;
 /**
@@ -176,6 +178,7 @@ export interface SegmentProcessor {
   endSegments(refs: RefsAccepted): Segment[];
   /** Deferred references (the main channel's processor only). */
   readonly deferredBytes?: number;
+  readonly deferredExcessBytes?: number;
   flushDeferred?(refs: RefsAccepted, maxPages: number): Segment[];
 }
 
@@ -452,16 +455,40 @@ export class LinkSendCodec implements ChannelCodec {
     const upstream = this.upstream;
     if (!p?.flushDeferred || !upstream || (p.deferredBytes ?? 0) === 0) return [];
     let out: Buffer[] = [];
-    if (idle || upstream.writableLength >= DEFERRED_SEND_QUEUED_BYTES)
+    if (this.linkBusyForDeferred())
+      // The link is what holds the migration back now: references pay, unless it was measured fast.
+      out = this.frames(p.flushDeferred(this.refsWhileLinkBusy(), DEFERRED_SEND_BATCH_PAGES));
+    else if (idle || (p.deferredExcessBytes ?? 0) > 0)
       out = this.frames(p.flushDeferred(this.refsNow(), DEFERRED_SEND_BATCH_PAGES));
     if ((p.deferredBytes ?? 0) > 0) this.scheduleDeferredPump();
     return out;
   }
 
+  /** Whether enough waits for the link that waiting pages may go out (DEFERRED_SEND_QUEUED_BYTES). */
+  private linkBusyForDeferred(): boolean {
+    const bound = this.options.queueBoundBytes?.();
+    const busyAt =
+      bound === undefined
+        ? DEFERRED_SEND_QUEUED_BYTES
+        : Math.min(DEFERRED_SEND_QUEUED_BYTES, bound * REFS_WHEN_QUEUED_SHARE_OF_BOUND);
+    return (this.upstream?.writableLength ?? 0) >= busyAt;
+  }
+
+  /**
+   * The references waiting pages may become while bytes wait for the link: all that receive takes, but with
+   * "link-busy" whole pages on a link measured faster than references pay for (REFS_WHEN rule 2).
+   */
+  private refsWhileLinkBusy(): RefsAccepted {
+    if (this.refsWhileLinkHasRoom === this.refsAllowed) return this.refsAllowed;
+    const rate = this.linkRate.bytesPerSecond;
+    const payBelow = this.options.refsPayBelowBytesPerSecond ?? REFS_PAY_BELOW_BYTES_PER_SECOND;
+    return rate !== undefined && rate > payBelow ? this.refsWhileLinkHasRoom : this.refsAllowed;
+  }
+
   /** The next look at waiting pages: on the next turn of the event loop, or once the source could be quiet. */
   private scheduleDeferredPump(): void {
     if (this.deferredPump !== undefined || this.channelClosed) return;
-    const busy = (this.upstream?.writableLength ?? 0) >= DEFERRED_SEND_QUEUED_BYTES;
+    const busy = this.linkBusyForDeferred() || (this.segmentProcessor()?.deferredExcessBytes ?? 0) > 0;
     const run = () => {
       this.deferredPump = undefined;
       if (this.channelClosed) return;

@@ -404,6 +404,11 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
     const prune = pruneReport();
     // Said once, at the end: a large share of unknown pages means part of guest RAM was out of the judge's sight.
     if (prune?.unknownWarning) log(`vmprune send: ${prune.unknownWarning}`);
+    const deferred = prune?.deferred;
+    if (deferred && deferred.pages > 0)
+      log(
+        `vmprune send: ${deferred.pages} cache pages waited for their reference (at most ${(deferred.peakBytes / 2 ** 20).toFixed(1)} MiB at once); ${deferred.sentAtEnd} went at the RAM section's end, ${deferred.sentForNewer} ahead of a newer version`,
+      );
     return {
       relay: report,
       stream: pruner?.stream() ?? counter?.report() ?? null,

@@ -185,7 +185,14 @@ export interface PruneReport {
    * Deferred references (when they were on): cache pages that waited, the most bytes that waited at once, and the
    * records that had to name their block because waiting pages of another block went out before them.
    */
-  deferred?: { pages: number; peakBytes: number; headersNamed: number };
+  deferred?: {
+    pages: number;
+    peakBytes: number;
+    /** Sent early because a later version of the page came; sent at the RAM section's END (in the guest's pause). */
+    sentForNewer: number;
+    sentAtEnd: number;
+    headersNamed: number;
+  };
 }
 
 /** One input chunk held until every record in it has been decided, and where it starts in the stream. */
@@ -231,6 +238,9 @@ export class PruningProcessor implements MainChannelProcessor {
   private namedHeaders = 0;
   private deferredPages = 0;
   private deferredPeakBytes = 0;
+  /** Waiting pages sent because a later version came, and because the RAM section ended (QEMU's last pages). */
+  private deferredSentForNewer = 0;
+  private deferredSentAtEnd = 0;
 
   constructor(
     private readonly judgeOrReason: PageJudge | string,
@@ -252,6 +262,15 @@ export class PruningProcessor implements MainChannelProcessor {
   /** Bytes of clean cache pages waiting for their reference. */
   get deferredBytes(): number {
     return this.deferred.bytes;
+  }
+
+  /**
+   * Bytes waiting beyond what may wait now (PruneOptions.deferBytes shrinks near the end of a migration): they
+   * should go out whatever the link, or the guest's pause would grow by them.
+   */
+  get deferredExcessBytes(): number {
+    const bytes = this.deferred.bytes;
+    return bytes === 0 ? 0 : Math.max(0, bytes - (this.options.deferBytes?.() ?? 0));
   }
 
   /**
@@ -332,6 +351,7 @@ export class PruningProcessor implements MainChannelProcessor {
         if (this.deferred.size > 0 && this.deferred.has(header.block, header.addr)) {
           // A later version of a waiting page: the waiting one goes first, so the destination keeps this one.
           cut(r.offset);
+          this.deferredSentForNewer += this.deferred.size;
           this.sendDeferred(out, refs);
         }
         this.streamBlock = header.block;
@@ -369,6 +389,7 @@ export class PruningProcessor implements MainChannelProcessor {
         if (r.kind === "ram" && r.type === "eos" && this.inRamEnd && this.insertable) {
           // The RAM section's END: QEMU has sent its last pages, and so must send.
           cut(r.offset);
+          this.deferredSentAtEnd += this.deferred.size;
           this.sendDeferred(out, refs);
         } else if (r.kind === "raw") {
           cut(r.offset);
@@ -645,6 +666,8 @@ export class PruningProcessor implements MainChannelProcessor {
             deferred: {
               pages: this.deferredPages,
               peakBytes: this.deferredPeakBytes,
+              sentForNewer: this.deferredSentForNewer,
+              sentAtEnd: this.deferredSentAtEnd,
               headersNamed: this.namedHeaders,
             },
           }
