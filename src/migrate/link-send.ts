@@ -275,10 +275,11 @@ export class LinkSendCodec implements ChannelCodec {
         ? { index: false, filesystem: false, multifd: false, zeroFill, linkHasRoom: true }
         : this.refsAllowed;
     this.receiveOnThisHost = linkBusy && (this.options.receiveOnThisHost ?? peerOnThisHost(upstream));
+    // Not where cache pages go whole anyway ("link-busy" to a receive on this host).
     this.deferring =
       (this.options.deferRefs ?? true) &&
       anyRefs &&
-      !(this.options.receiveOnThisHost ?? peerOnThisHost(upstream)) &&
+      !this.receiveOnThisHost &&
       this.segmentProcessor()?.flushDeferred !== undefined;
     this.ledger = new RefLedger<PageRef>(session.windowBytes);
     const tls = describeTls(upstream);

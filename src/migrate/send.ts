@@ -279,14 +279,23 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
         )
       : undefined;
   const index = cache?.index;
+  /**
+   * How many bytes of cache pages may wait for their reference (link-send.ts decides when they go): what the relay
+   * may hold for the link, and the switchover guard's far-from-the-end read-ahead until the guard first sets it
+   * (it needs a measured link rate for that, and a run of cache pages at the start leaves the link idle). Near the
+   * end the guard lowers the relay's bound to what the pause can absorb, and what waits beyond it goes at once
+   * (PruningProcessor.deferredExcessBytes), so little waits when the guest stops. Without a guard: the relay's
+   * bound (8 MiB).
+   */
+  let guardSetReadAhead = false;
+  const deferredPagesBound = () =>
+    guard !== undefined && !guardSetReadAhead ? GUARDED_READ_AHEAD_BYTES : relay.maxBufferedBytes;
   const newPruner = (judgeOrReason: PageJudge | string) =>
     new PruningProcessor(judgeOrReason, {
       drop,
       dryRun: options.dryRun ?? false,
       ...(cache ? { cacheIndex: cache.references } : {}),
-      // Cache pages may wait for their reference (link-send.ts decides when), as much as the relay may hold for the
-      // link: the switchover guard shrinks that near the end, so little waits when the guest stops.
-      ...(cache && options.link ? { deferBytes: () => relay.maxBufferedBytes } : {}),
+      ...(cache && options.link ? { deferBytes: deferredPagesBound } : {}),
       log,
     });
   const zeroList = opened ? await zeroListVerdict(options.guest?.qmp?.client, log) : "no --drop";
@@ -389,7 +398,10 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
         },
         readAhead: {
           maxBytes: GUARDED_READ_AHEAD_BYTES,
-          set: (bytes) => started.setMaxBufferedBytes(Math.max(MIN_READ_AHEAD_BYTES, bytes)),
+          set: (bytes) => {
+            guardSetReadAhead = true;
+            started.setMaxBufferedBytes(Math.max(MIN_READ_AHEAD_BYTES, bytes));
+          },
         },
         log,
       });
