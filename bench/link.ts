@@ -44,9 +44,6 @@
  *   vmprune free+cache refs always  the same with `--refs-when always`: every placeable cache page a reference,
  *                    whether or not bytes queue for the link (send's default, link-busy, sends them whole while
  *                    the link has room);
- *   vmprune free+cache refs at once  the same with send's `--no-defer-refs`: a cache page's reference is made as
- *                    the page arrives, never deferred until the link is busy (the default before deferred
- *                    references; prune/pruning-processor.ts "Deferred references");
  *   vmprune free+cache multifd  the same with multifd on (2 channels): free pages moved to the packets' zero
  *                    lists, cache pages inside packets as references (link 1.3);
  *   ideal            bytes of the guest's RAM pages that are neither free, nor clean page cache, nor all zero,
@@ -319,7 +316,6 @@ async function migrateVmpruneFreeCache(
   ctx: RowContext,
   multifd = false,
   refsWhen: RefsWhen = "link-busy",
-  deferRefs = true,
 ): ReturnType<RowMigrator> {
   const capabilities: Record<string, boolean> = multifd ? { multifd: true } : {};
   const parameters: Record<string, unknown> = multifd ? { "multifd-channels": MULTIFD_CHANNELS } : {};
@@ -343,7 +339,6 @@ async function migrateVmpruneFreeCache(
       capabilities,
       disk,
       refsWhen,
-      deferRefs,
     },
     log,
     ...(ctx.onReceiveStarted ? { onReceiveStarted: ctx.onReceiveStarted } : {}),
@@ -366,10 +361,6 @@ const ROWS: readonly RowSpec[] = [
   {
     name: "vmprune free+cache refs always",
     migrate: (ctx) => migrateVmpruneFreeCache(ctx, false, "always"),
-  },
-  {
-    name: "vmprune free+cache refs at once",
-    migrate: (ctx) => migrateVmpruneFreeCache(ctx, false, "link-busy", false),
   },
   { name: "vmprune free+cache multifd", migrate: (ctx) => migrateVmpruneFreeCache(ctx, true) },
 ];
@@ -804,7 +795,6 @@ const SHORT_ROW_NAMES: Record<string, string> = {
   "vmprune free multifd": "vm mfd",
   "vmprune free+cache": "vm f+c",
   "vmprune free+cache refs always": "vm f+c!",
-  "vmprune free+cache refs at once": "vm f+c now",
   "vmprune free+cache multifd": "vm f+c mfd",
 };
 

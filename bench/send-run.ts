@@ -46,8 +46,6 @@ export async function migrateThroughInProcessSend(
     disk?: string;
     /** When cache pages go as references (send's default: "link-busy"). */
     refsWhen?: RefsWhen;
-    /** Whether cache pages may wait for their reference (send's default: true). */
-    deferRefs?: boolean;
   },
 ): Promise<SendRun> {
   const toolQmp = await QmpClient.connect(pair.src.toolQmpPath);
@@ -61,7 +59,6 @@ export async function migrateThroughInProcessSend(
       ...(options.link ? { link: options.link } : {}),
       ...(options.disk ? { disk: options.disk } : {}),
       ...(options.refsWhen ? { refsWhen: options.refsWhen } : {}),
-      ...(options.deferRefs !== undefined ? { deferRefs: options.deferRefs } : {}),
       ...(process.env.VMPRUNE_BENCH_TRACE
         ? { log: (line: string) => process.stderr.write(`  send @${Date.now()}: ${line}\n`) }
         : {}),

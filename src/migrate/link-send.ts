@@ -33,7 +33,6 @@ import {
   type ChannelCodec,
   type ChannelProcessor,
   type ChannelSide,
-  type CodecOutlet,
   type CodecOutput,
   HeldTime,
 } from "../stream/relay.ts";
@@ -115,25 +114,6 @@ const REFS_RATE_WINDOW_MS = 100;
 /** A LOAD older than this many report intervals no longer says anything (receive stopped, or is stalled). */
 const LOAD_FRESH_INTERVALS = 3;
 
-/**
- * Deferred references (prune/pruning-processor.ts): waiting cache pages go out while at least this much waits in
- * this process for the link (or a quarter of the relay's bound, when that is lower: near the end of a migration
- * the switchover guard lowers it to a few hundred KiB, and the queue never grows past it). The kernel's send buffer
- * (a few MiB) is full before anything waits here, so the link has tens of ms of work queued while send spends its
- * CPU on references.
- */
-export const DEFERRED_SEND_QUEUED_BYTES = 1024 * 1024;
-/**
- * Waiting pages sent per turn of the event loop (or per chunk from the source): ~0.5 ms of send's CPU as
- * references, short enough that the source and the return path are read between two batches.
- */
-export const DEFERRED_SEND_BATCH_PAGES = 64;
-/**
- * With nothing from the source for this long, waiting pages go out whatever the link's queue: the source is
- * quiet (between passes, or held by the window), and send's CPU has nothing better to do.
- */
-export const DEFERRED_SEND_IDLE_MS = 5;
-
 function describeRefs(refs: RefsAccepted): string {
   if (refs.index && refs.filesystem) return "references on (disk blocks and filesystem places)";
   if (refs.index) return "references on (disk blocks only: receive is older than link 1.2)";
@@ -164,11 +144,6 @@ export interface LinkSendOptions {
   loadFreshMs?: number;
   /** "link-busy": whether receive runs on this host (default: read from the link's socket, peerOnThisHost). */
   receiveOnThisHost?: boolean;
-  /**
-   * Cache pages may wait for their reference until the link is busy (default true; only where references may be
-   * made at all and receive is not on this host). The processor bounds how much waits (PruneOptions.deferBytes).
-   */
-  deferRefs?: boolean;
   log?: (line: string) => void;
 }
 
@@ -176,10 +151,6 @@ export interface LinkSendOptions {
 export interface SegmentProcessor {
   pushSegments(chunk: Buffer, refs: RefsAccepted): Segment[];
   endSegments(refs: RefsAccepted): Segment[];
-  /** Deferred references (the main channel's processor only). */
-  readonly deferredBytes?: number;
-  readonly deferredExcessBytes?: number;
-  flushDeferred?(refs: RefsAccepted, maxPages: number): Segment[];
 }
 
 function isSegmentProcessor(p: ChannelProcessor): p is ChannelProcessor & SegmentProcessor {
@@ -214,14 +185,6 @@ export class LinkSendCodec implements ChannelCodec {
   /** How long the window (stream rule 3) kept the source unread: receive settling references set the pace. */
   private readonly windowHeld = new HeldTime();
   nacks = 0;
-  /** Whether cache pages may wait for their reference (LinkSendOptions.deferRefs), decided at the handshake. */
-  private deferring = false;
-  private outlet: CodecOutlet | undefined;
-  /** The pending turn that sends waiting pages, if any. */
-  private deferredPump: { cancel(): void } | undefined;
-  /** When the last chunk came from the source (performance.now()). */
-  private lastSourceChunkMs = 0;
-  private channelClosed = false;
 
   constructor(
     private readonly index: number,
@@ -275,12 +238,6 @@ export class LinkSendCodec implements ChannelCodec {
         ? { index: false, filesystem: false, multifd: false, zeroFill, linkHasRoom: true }
         : this.refsAllowed;
     this.receiveOnThisHost = linkBusy && (this.options.receiveOnThisHost ?? peerOnThisHost(upstream));
-    // Not where cache pages go whole anyway ("link-busy" to a receive on this host).
-    this.deferring =
-      (this.options.deferRefs ?? true) &&
-      anyRefs &&
-      !this.receiveOnThisHost &&
-      this.segmentProcessor()?.flushDeferred !== undefined;
     this.ledger = new RefLedger<PageRef>(session.windowBytes);
     const tls = describeTls(upstream);
     this.options.log?.(
@@ -291,22 +248,12 @@ export class LinkSendCodec implements ChannelCodec {
     );
   }
 
-  attach(outlet: CodecOutlet): void {
-    this.outlet = outlet;
-  }
-
   fromSource(chunk: Buffer): CodecOutput {
     const p = this.segmentProcessor();
     const other = this.index === 0 ? undefined : this.options.channelProcessor;
-    let out: Buffer[];
-    if (p) {
-      const refs = this.refsNow();
-      out = this.frames(p.pushSegments(chunk, this.deferring ? { ...refs, mayDefer: true } : refs));
-      if (this.deferring) {
-        this.lastSourceChunkMs = performance.now();
-        out.push(...this.sendDeferred(false));
-      }
-    } else out = this.dataFrames(other ? other.push(chunk) : [chunk]);
+    const out = p
+      ? this.frames(p.pushSegments(chunk, this.refsNow()))
+      : this.dataFrames(other ? other.push(chunk) : [chunk]);
     this.pauseWhileWindowFull();
     return { toUpstream: out };
   }
@@ -375,8 +322,6 @@ export class LinkSendCodec implements ChannelCodec {
   }
 
   closed(): void {
-    this.channelClosed = true;
-    this.stopDeferredPump();
     const windowMs = Math.round(this.windowHeld.ms);
     if (windowMs > 0)
       this.options.log?.(
@@ -445,74 +390,6 @@ export class LinkSendCodec implements ChannelCodec {
     if (queuedBytes < busyAt) return this.decided("short queue", false);
     if (now < this.receiveBusyUntilMs) return this.decided("receive busy", false);
     return this.decided("link backed up", true);
-  }
-
-  /**
-   * Deferred references: one batch of waiting cache pages, as frames, if the link is busy (or the source is
-   * `idle`) and the processor may place records now; and the next turn scheduled while pages still wait.
-   */
-  private sendDeferred(idle: boolean): Buffer[] {
-    const p = this.segmentProcessor();
-    const upstream = this.upstream;
-    if (!p?.flushDeferred || !upstream || (p.deferredBytes ?? 0) === 0) return [];
-    let out: Buffer[] = [];
-    if (this.linkBusyForDeferred())
-      // The link is what holds the migration back now: references pay, unless it was measured fast.
-      out = this.frames(p.flushDeferred(this.refsWhileLinkBusy(), DEFERRED_SEND_BATCH_PAGES));
-    else if (idle || (p.deferredExcessBytes ?? 0) > 0)
-      out = this.frames(p.flushDeferred(this.refsNow(), DEFERRED_SEND_BATCH_PAGES));
-    if ((p.deferredBytes ?? 0) > 0) this.scheduleDeferredPump();
-    return out;
-  }
-
-  /** Whether enough waits for the link that waiting pages may go out (DEFERRED_SEND_QUEUED_BYTES). */
-  private linkBusyForDeferred(): boolean {
-    const bound = this.options.queueBoundBytes?.();
-    const busyAt =
-      bound === undefined
-        ? DEFERRED_SEND_QUEUED_BYTES
-        : Math.min(DEFERRED_SEND_QUEUED_BYTES, bound * REFS_WHEN_QUEUED_SHARE_OF_BOUND);
-    return (this.upstream?.writableLength ?? 0) >= busyAt;
-  }
-
-  /**
-   * The references waiting pages may become while bytes wait for the link: all that receive takes, but with
-   * "link-busy" whole pages on a link measured faster than references pay for (REFS_WHEN rule 2).
-   */
-  private refsWhileLinkBusy(): RefsAccepted {
-    if (this.refsWhileLinkHasRoom === this.refsAllowed) return this.refsAllowed;
-    const rate = this.linkRate.bytesPerSecond;
-    const payBelow = this.options.refsPayBelowBytesPerSecond ?? REFS_PAY_BELOW_BYTES_PER_SECOND;
-    return rate !== undefined && rate > payBelow ? this.refsWhileLinkHasRoom : this.refsAllowed;
-  }
-
-  /** The next look at waiting pages: on the next turn of the event loop, or once the source could be quiet. */
-  private scheduleDeferredPump(): void {
-    if (this.deferredPump !== undefined || this.channelClosed) return;
-    const busy = this.linkBusyForDeferred() || (this.segmentProcessor()?.deferredExcessBytes ?? 0) > 0;
-    const run = () => {
-      this.deferredPump = undefined;
-      if (this.channelClosed) return;
-      try {
-        const idle = performance.now() - this.lastSourceChunkMs >= DEFERRED_SEND_IDLE_MS;
-        const out = this.sendDeferred(idle);
-        if (out.length > 0) this.outlet?.emit({ toUpstream: out });
-      } catch (error) {
-        this.outlet?.fail(error);
-      }
-    };
-    if (busy) {
-      const immediate = setImmediate(run);
-      this.deferredPump = { cancel: () => clearImmediate(immediate) };
-    } else {
-      const timer = setTimeout(run, DEFERRED_SEND_IDLE_MS);
-      this.deferredPump = { cancel: () => clearTimeout(timer) };
-    }
-  }
-
-  private stopDeferredPump(): void {
-    this.deferredPump?.cancel();
-    this.deferredPump = undefined;
   }
 
   /** Counts why ("link-busy") a chunk's cache pages may or may not go as references; logged when the link closes. */

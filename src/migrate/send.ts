@@ -92,11 +92,6 @@ export interface SendOptions {
    * for the link, else whole, which is faster when the link has room; "always" for the fewest bytes on the link.
    */
   refsWhen?: RefsWhen;
-  /**
-   * Whether clean cache pages may wait for their reference until the link is busy (default true: QEMU reaches the
-   * dense pages behind a run of cache pages sooner; prune/pruning-processor.ts "Deferred references").
-   */
-  deferRefs?: boolean;
   /** Where the source QEMU's NBD server socket for its disk exports goes (source-disks.ts; default: a temp dir). */
   exportSocketDir?: ExportSocketDir;
   /**
@@ -279,31 +274,17 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
         )
       : undefined;
   const index = cache?.index;
-  /**
-   * How many bytes of cache pages may wait for their reference (link-send.ts decides when they go): what the relay
-   * may hold for the link, and the switchover guard's far-from-the-end read-ahead until the guard first sets it
-   * (it needs a measured link rate for that, and a run of cache pages at the start leaves the link idle). Near the
-   * end the guard lowers the relay's bound to what the pause can absorb, and what waits beyond it goes at once
-   * (PruningProcessor.deferredExcessBytes), so little waits when the guest stops. Without a guard: the relay's
-   * bound (8 MiB).
-   */
-  let guardSetReadAhead = false;
-  const deferredPagesBound = () =>
-    guard !== undefined && !guardSetReadAhead ? GUARDED_READ_AHEAD_BYTES : relay.maxBufferedBytes;
   const newPruner = (judgeOrReason: PageJudge | string) =>
     new PruningProcessor(judgeOrReason, {
       drop,
       dryRun: options.dryRun ?? false,
       ...(cache ? { cacheIndex: cache.references } : {}),
-      ...(cache && options.link ? { deferBytes: deferredPagesBound } : {}),
       log,
     });
   const zeroList = opened ? await zeroListVerdict(options.guest?.qmp?.client, log) : "no --drop";
   // One processor per multifd channel, all with the main channel's judge: QEMU sends every page there.
   const multifd: MultifdPruningProcessor[] = [];
   const newMultifdPruner = (connection: number) => {
-    // A page's later version on a multifd channel must not overtake its waiting one on the main channel.
-    pruner?.stopDeferring();
     const processor = new MultifdPruningProcessor(opened?.judge ?? "no --drop: passthrough", connection, {
       drop,
       ...(cache ? { cacheIndex: cache.references } : {}),
@@ -360,7 +341,6 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
                 ...(judge?.readPage ? { readPage: judge.readPage.bind(judge) } : {}),
                 claim: { migration: migrationId, target: link.target ?? "" },
                 ...(options.refsWhen ? { refsWhen: options.refsWhen } : {}),
-                ...(options.deferRefs !== undefined ? { deferRefs: options.deferRefs } : {}),
                 queueBoundBytes: () => relay.maxBufferedBytes,
                 log,
               });
@@ -398,10 +378,7 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
         },
         readAhead: {
           maxBytes: GUARDED_READ_AHEAD_BYTES,
-          set: (bytes) => {
-            guardSetReadAhead = true;
-            started.setMaxBufferedBytes(Math.max(MIN_READ_AHEAD_BYTES, bytes));
-          },
+          set: (bytes) => started.setMaxBufferedBytes(Math.max(MIN_READ_AHEAD_BYTES, bytes)),
         },
         log,
       });
@@ -416,11 +393,6 @@ export async function startSend(options: SendOptions): Promise<RunningSend> {
     const prune = pruneReport();
     // Said once, at the end: a large share of unknown pages means part of guest RAM was out of the judge's sight.
     if (prune?.unknownWarning) log(`vmprune send: ${prune.unknownWarning}`);
-    const deferred = prune?.deferred;
-    if (deferred && deferred.pages > 0)
-      log(
-        `vmprune send: ${deferred.pages} cache pages waited for their reference (at most ${(deferred.peakBytes / 2 ** 20).toFixed(1)} MiB at once); ${deferred.sentAtEnd} went at the RAM section's end, ${deferred.sentForNewer} ahead of a newer version`,
-      );
     return {
       relay: report,
       stream: pruner?.stream() ?? counter?.report() ?? null,

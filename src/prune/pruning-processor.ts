@@ -17,63 +17,18 @@
  * pruning refuses xbzrle (checked before the migration by the CLI); should a delta arrive anyway, the processor
  * passes everything through if it has pruned nothing yet, and otherwise fails the migration (the relay resets
  * both sides, the source keeps running: invariant 5).
- *
- * Deferred references (with a receiver, PruneOptions.deferBytes, RefsAccepted.mayDefer): QEMU walks guest RAM in
- * address order, and a long run of clean cache pages (a guest's page cache is often allocated in one stretch)
- * holds back the dense pages behind it while send makes a reference for each, with the link idle (bench:link:
- * ~10 µs of send's CPU per reference, the first 0.7-1.3 s of a cache-heavy migration). So a judged cache page
- * may wait instead, copied (deferred-pages.ts), and the dense pages go on; the caller sends waiting pages when
- * the link is busy ({@link PruningProcessor.flushDeferred}), as references or whole as the link then asks. The
- * destination keeps the last version of a page it receives, and pages may come in any order within the RAM
- * section, so moving a page later is safe where three rules hold, all kept here:
- * 1. a page still waiting when a later record for the same page arrives goes out before that record;
- * 2. every waiting page goes out before the EOS of the RAM section's END (QEMU's last pages; the device state
- *    and the guest's resumption follow);
- * 3. a moved page is a record that names its block, and a CONTINUE record that follows other pages' records on
- *    the wire than in QEMU's stream is rewritten to name its block (the destination resolves CONTINUE to the
- *    block of the record before it).
- * Waiting pages go out only where a record may stand: after a RAM record or the header of a RAM PART or END
- * section. Judging stays after the record arrived (invariant 1): a page waits only once judged clean cache, and
- * its reference is checked against the disk by the receiver whenever it is made (invariant 2).
  */
 import { CATEGORY, CATEGORY_NAMES, type Category } from "../introspect/classifier.ts";
 import { FRAME_HEADER_BYTES, REF_FIXED_BYTES } from "../link/protocol.ts";
 import { StreamParser } from "../stream/parser.ts";
-import type { PageHeader, RamRecord, StreamRecord } from "../stream/records.ts";
+import type { RamRecord, StreamRecord } from "../stream/records.ts";
 import type { MainChannelProcessor } from "../stream/relay.ts";
 import { StreamSummary, type StreamSummaryJson } from "../stream/summary.ts";
-import { RAM_IDSTR } from "../stream/wire.ts";
-import {
-  encodePageHeader,
-  namedHeader,
-  pageHeaderBytes,
-  writeRecordHeader,
-  writeZeroRecord,
-  zeroRecordBytes,
-} from "../stream/writer.ts";
-import { DeferredPages } from "./deferred-pages.ts";
+import { encodePageHeader, writeZeroRecord, zeroRecordBytes } from "../stream/writer.ts";
 import type { MultifdPruneReport } from "./multifd-processor.ts";
 import type { PageJudge, PageRef, RamBlock } from "./page-judge.ts";
 
 type PageRecord = Extract<RamRecord, { type: "page" }>;
-/** A RAM record that names (or continues) a block: PAGE, ZERO, XBZRLE, COMPRESS_PAGE. */
-type BlockRecord = Extract<RamRecord, { header: PageHeader }>;
-type RefSegment = Extract<Segment, { kind: "ref" }>;
-
-/**
- * A rewrite inside a run of forwarded input: a PAGE record that becomes a ZERO record, or a record whose CONTINUE
- * header must name its block because what went out before it is of another block (`named`).
- */
-type Edit = { kind: "zero"; page: PageRecord; named: boolean } | { kind: "name"; record: BlockRecord };
-
-/** How many bytes an edit adds to (or, negative, takes from) the input it replaces. */
-function editDelta(edit: Edit): number {
-  if (edit.kind === "zero") {
-    const h = edit.named ? namedHeader(edit.page.header) : edit.page.header;
-    return zeroRecordBytes(h) - pageRecordBytes(edit.page);
-  }
-  return pageHeaderBytes(namedHeader(edit.record.header)) - pageHeaderBytes(edit.record.header);
-}
 
 /** A PAGE record's length on the wire: be64 address and flags, the counted idstr unless CONTINUE, the page. */
 function pageRecordBytes(page: PageRecord): number {
@@ -113,11 +68,6 @@ export interface RefsAccepted {
    * less than a reference (link-send.ts, refs "link-busy"). Set with every reference kind above off.
    */
   linkHasRoom?: boolean;
-  /**
-   * A clean cache page may wait for its reference (PruneOptions.deferBytes): the receiver takes references, but
-   * whether this one is made (and how) is decided when the page leaves (PruningProcessor.flushDeferred).
-   */
-  mayDefer?: boolean;
 }
 export const NO_REFS: RefsAccepted = { index: false, filesystem: false };
 export const ALL_REFS: RefsAccepted = { index: true, filesystem: true, multifd: true, zeroFill: true };
@@ -145,11 +95,6 @@ export interface PruneOptions {
    */
   drop: readonly Category[];
   cacheIndex?: CacheIndex;
-  /**
-   * Deferred references: with RefsAccepted.mayDefer, a clean cache page waits, copied, while fewer than this many
-   * bytes wait (asked once per batch), instead of having its reference made as it arrives. Absent: never.
-   */
-  deferBytes?: () => number;
   /** Judge and count, but forward every record unchanged. */
   dryRun?: boolean;
   log?: (line: string) => void;
@@ -181,18 +126,6 @@ export interface PruneReport {
   refused: Partial<Record<"free" | "cache", string>>;
   /** The multifd channels' pruning (send adds it when the migration has multifd channels). */
   multifd?: MultifdPruneReport;
-  /**
-   * Deferred references (when they were on): cache pages that waited, the most bytes that waited at once, and the
-   * records that had to name their block because waiting pages of another block went out before them.
-   */
-  deferred?: {
-    pages: number;
-    peakBytes: number;
-    /** Sent early because a later version of the page came; sent at the RAM section's END (in the guest's pause). */
-    sentForNewer: number;
-    sentAtEnd: number;
-    headersNamed: number;
-  };
 }
 
 /** One input chunk held until every record in it has been decided, and where it starts in the stream. */
@@ -222,25 +155,6 @@ export class PruningProcessor implements MainChannelProcessor {
   private cacheWhole = 0;
   /** The stream's RAM blocks, once the judge has accepted them (what multifd packets are judged against). */
   private ramBlocks: Map<string, RamBlock> | null = null;
-  /** Clean cache pages waiting for their reference ("Deferred references"). */
-  private readonly deferred = new DeferredPages();
-  private deferring: boolean;
-  /** The RAM section's id (from its START), and whether the section being read is its END (the last pages). */
-  private ramSectionId: number | null = null;
-  private inRamEnd = false;
-  /** Whether a PAGE record may go out here: after a RAM record, or the header of a RAM PART or END section. */
-  private insertable = false;
-  /** The block the destination takes a CONTINUE record for, after what went out. */
-  private wireBlock: string | null = null;
-  /** The block QEMU's next CONTINUE record means (the last block-naming record it sent). */
-  private streamBlock: string | null = null;
-  /** Records that had to name their block because deferred pages of another block went out before them. */
-  private namedHeaders = 0;
-  private deferredPages = 0;
-  private deferredPeakBytes = 0;
-  /** Waiting pages sent because a later version came, and because the RAM section ended (QEMU's last pages). */
-  private deferredSentForNewer = 0;
-  private deferredSentAtEnd = 0;
 
   constructor(
     private readonly judgeOrReason: PageJudge | string,
@@ -256,41 +170,6 @@ export class PruningProcessor implements MainChannelProcessor {
       }
     this.drop = new Set(options.drop.filter((c) => !(c in this.refused)).map((c) => CATEGORY[c]));
     this.degraded = typeof judgeOrReason === "string" ? judgeOrReason : null;
-    this.deferring = options.deferBytes !== undefined && !options.dryRun;
-  }
-
-  /** Bytes of clean cache pages waiting for their reference. */
-  get deferredBytes(): number {
-    return this.deferred.bytes;
-  }
-
-  /**
-   * Bytes waiting beyond what may wait now (PruneOptions.deferBytes shrinks near the end of a migration): they
-   * should go out whatever the link, or the guest's pause would grow by them.
-   */
-  get deferredExcessBytes(): number {
-    const bytes = this.deferred.bytes;
-    return bytes === 0 ? 0 : Math.max(0, bytes - (this.options.deferBytes?.() ?? 0));
-  }
-
-  /**
-   * Up to `maxPages` waiting cache pages, oldest first, as references where `refs` allows and the disk holds
-   * their bytes, else whole PAGE records; each names its block. Nothing while the stream stands where no record
-   * may go (outside the RAM section's pages): they wait for the next such place.
-   */
-  flushDeferred(refs: RefsAccepted, maxPages: number): Segment[] {
-    if (!this.insertable || this.deferred.size === 0) return [];
-    const out: Segment[] = [];
-    this.sendDeferred(out, refs, maxPages);
-    return out;
-  }
-
-  /**
-   * No more pages wait from now on (those waiting still go, as before). For a migration with multifd channels:
-   * a page's later version there could overtake its waiting one here.
-   */
-  stopDeferring(): void {
-    this.deferring = false;
   }
 
   /** For a plain QEMU destination: the bytes to forward. */
@@ -313,14 +192,7 @@ export class PruningProcessor implements MainChannelProcessor {
 
   endSegments(refs: RefsAccepted = ALL_REFS): Segment[] {
     // The stream ended: whatever is left (a truncated record included) goes on as it came.
-    const out = this.emit(this.parser.end(), refs, this.received);
-    // The RAM section's END sends every waiting page (emit): pages still waiting mean the stream ended before it,
-    // and the destination cannot complete a migration without it.
-    if (this.deferred.size > 0)
-      this.options.log?.(
-        `vmprune send: the source's stream ended before its last RAM section; ${this.deferred.size} cache pages that waited for their reference were not sent (the migration cannot complete without that section anyway)`,
-      );
-    return out;
+    return this.emit(this.parser.end(), refs, this.received);
   }
 
   private plain(segments: Segment[]): Buffer[] {
@@ -331,137 +203,50 @@ export class PruningProcessor implements MainChannelProcessor {
 
   /**
    * The segments for this batch of records: the input as it came up to `upTo` (the end of the last complete
-   * record), with each decided PAGE record replaced by its ZERO record or its reference, or taken out to wait
-   * ("Deferred references"). Input without a decision goes on as views of the held chunks; a run with edits (ZERO
-   * records, headers that must name their block) is spliced into one new buffer (one copy, no allocation per
-   * page).
+   * record), with each decided PAGE record replaced by its ZERO record or its reference. Input without a decision
+   * goes on as views of the held chunks; a run with ZERO records is spliced into one new buffer (one copy, no
+   * allocation per page).
    */
   private emit(records: StreamRecord[], refs: RefsAccepted, upTo: number): Segment[] {
     for (const r of records) this.summary.record(r);
     const decisions = this.decide(records, refs);
     const out: Segment[] = [];
-    let edits: Edit[] = [];
-    const cut = (at: number) => {
-      this.splice(at, edits, out);
-      edits = [];
-    };
-    for (const r of records) {
-      if (r.kind === "ram" && "header" in r) {
-        const header = r.header;
-        if (this.deferred.size > 0 && this.deferred.has(header.block, header.addr)) {
-          // A later version of a waiting page: the waiting one goes first, so the destination keeps this one.
-          cut(r.offset);
-          this.deferredSentForNewer += this.deferred.size;
-          this.sendDeferred(out, refs);
-        }
-        this.streamBlock = header.block;
-        this.insertable = true;
-        const decision = decisions?.get(r);
-        if (decision === "defer") {
-          cut(r.offset);
-          this.skip(r.offset + pageRecordBytes(r as PageRecord));
-          this.deferred.add(header, (r as PageRecord).data);
-          this.deferredPages++;
-          if (this.deferred.bytes > this.deferredPeakBytes) this.deferredPeakBytes = this.deferred.bytes;
+    let zeros: PageRecord[] = [];
+    if (decisions)
+      for (const [record, decision] of decisions) {
+        const page = record as PageRecord;
+        if (decision === "zero") {
+          zeros.push(page);
           continue;
         }
-        // After pages of another block went out in between, a CONTINUE record must name its block.
-        const named = header.idstr === null && header.block !== this.wireBlock;
-        if (named) this.namedHeaders++;
-        this.wireBlock = header.block;
-        if (decision === "zero") {
-          edits.push({ kind: "zero", page: r as PageRecord, named });
-        } else if (decision !== undefined) {
-          cut(r.offset);
-          this.skip(r.offset + pageRecordBytes(r as PageRecord));
-          out.push(named ? { ...decision, pageHeader: encodePageHeader(namedHeader(header)).buf } : decision);
-        } else if (named) edits.push({ kind: "name", record: r });
-        continue;
+        this.splice(page.offset, zeros, out);
+        zeros = [];
+        this.skip(page.offset + pageRecordBytes(page));
+        out.push(decision);
       }
-      if (r.kind === "section") {
-        if (r.type === "START" && r.idstr === RAM_IDSTR) this.ramSectionId = r.sectionId;
-        const ram = r.sectionId === this.ramSectionId;
-        this.inRamEnd = ram && r.type === "END";
-        this.insertable = ram && (r.type === "PART" || r.type === "END");
-        continue;
-      }
-      if (this.deferred.size > 0) {
-        if (r.kind === "ram" && r.type === "eos" && this.inRamEnd && this.insertable) {
-          // The RAM section's END: QEMU has sent its last pages, and so must send.
-          cut(r.offset);
-          this.deferredSentAtEnd += this.deferred.size;
-          this.sendDeferred(out, refs);
-        } else if (r.kind === "raw") {
-          cut(r.offset);
-          this.placeBeforeRaw(out, refs);
-        }
-      }
-      this.insertable = false;
-    }
-    cut(upTo);
+    this.splice(upTo, zeros, out);
     return out;
   }
 
   /**
-   * The parser gave up (what follows is passed on as it comes): waiting pages go here, if a record may, and if
-   * what follows can still take CONTINUE for the block QEMU meant. Else the migration fails (the relay resets both
-   * sides and the source keeps running, invariant 5): the destination would otherwise miss those pages.
+   * Appends the input from `forwarded` up to `end` to `out` as a bytes segment, each of `zeros` (PAGE records
+   * within that range, in stream order) replaced by its ZERO record.
    */
-  private placeBeforeRaw(out: Segment[], refs: RefsAccepted): void {
-    const waiting = this.deferred.size;
-    if (this.insertable) this.sendDeferred(out, refs);
-    if (this.insertable && this.wireBlock === this.streamBlock) return;
-    throw new Error(
-      `the source's stream could not be parsed further while ${waiting} cache pages waited for their reference, and they cannot be placed before the unparsed bytes: failing this migration (the source keeps running); retry with references made as pages arrive`,
-    );
-  }
-
-  /**
-   * Sends waiting pages (the oldest `count`, or all) at the current place in the stream, each a record that
-   * names its block: a reference where `refs` allows and the disk holds its bytes, else the whole PAGE record.
-   * Those of the block QEMU's next CONTINUE means go last, so that record needs no rewrite.
-   */
-  private sendDeferred(out: Segment[], refs: RefsAccepted, count?: number): void {
-    let pages = this.deferred.take(count);
-    const last = this.streamBlock;
-    if (pages.some((p) => p.block !== last))
-      pages = [...pages.filter((p) => p.block !== last), ...pages.filter((p) => p.block === last)];
-    for (const p of pages) {
-      const header: PageHeader = { addr: p.addr, flags: p.flags, idstr: null, block: p.block };
-      const named = namedHeader(header);
-      const ref = this.reference(p.data, named, refs);
-      out.push(ref ?? { kind: "bytes", buffers: [encodePageHeader(named).buf, p.data] });
-      this.wireBlock = p.block;
-    }
-  }
-
-  /**
-   * Appends the input from `forwarded` up to `end` to `out` as a bytes segment, each of `edits` (records within
-   * that range, in stream order) applied.
-   */
-  private splice(end: number, edits: readonly Edit[], out: Segment[]): void {
-    if (edits.length === 0) {
+  private splice(end: number, zeros: readonly PageRecord[], out: Segment[]): void {
+    if (zeros.length === 0) {
       const views: Buffer[] = [];
       this.forward(end, views);
       if (views.length > 0) out.push({ kind: "bytes", buffers: views });
       return;
     }
     let size = end - this.forwarded;
-    for (const e of edits) size += editDelta(e);
+    for (const z of zeros) size += zeroRecordBytes(z.header) - pageRecordBytes(z);
     const buf = Buffer.allocUnsafe(size);
     let at = 0;
-    for (const e of edits) {
-      if (e.kind === "zero") {
-        const page = e.page;
-        at = this.copyInto(page.offset, buf, at);
-        at = writeZeroRecord(page, buf, at, e.named ? namedHeader(page.header) : page.header);
-        this.skip(page.offset + pageRecordBytes(page));
-      } else {
-        const record = e.record;
-        at = this.copyInto(record.offset, buf, at);
-        at = writeRecordHeader(namedHeader(record.header), buf, at);
-        this.skip(record.offset + pageHeaderBytes(record.header));
-      }
+    for (const z of zeros) {
+      at = this.copyInto(z.offset, buf, at);
+      at = writeZeroRecord(z, buf, at);
+      this.skip(z.offset + pageRecordBytes(z));
     }
     at = this.copyInto(end, buf, at);
     out.push({ kind: "bytes", buffers: [buf] });
@@ -510,7 +295,7 @@ export class PruningProcessor implements MainChannelProcessor {
   private decide(
     records: StreamRecord[],
     refs: RefsAccepted,
-  ): Map<StreamRecord, "zero" | "defer" | RefSegment> | null {
+  ): Map<StreamRecord, "zero" | Extract<Segment, { kind: "ref" }>> | null {
     const pages: PageRecord[] = [];
     for (const r of records) {
       if (r.kind !== "ram") continue;
@@ -536,10 +321,7 @@ export class PruningProcessor implements MainChannelProcessor {
       this.judgeMs += performance.now() - started;
       this.batches++;
     }
-    const decisions = new Map<StreamRecord, "zero" | "defer" | RefSegment>();
-    // Room for pages to wait, asked once per batch.
-    let deferRoom =
-      refs.mayDefer && this.deferring ? (this.options.deferBytes?.() ?? 0) - this.deferred.bytes : 0;
+    const decisions = new Map<StreamRecord, "zero" | Extract<Segment, { kind: "ref" }>>();
     for (let i = 0; i < pages.length; i++) {
       const page = pages[i] as PageRecord;
       const category = categories[i] ?? CATEGORY.unknown;
@@ -549,13 +331,26 @@ export class PruningProcessor implements MainChannelProcessor {
         // A clean cache page: a reference if its exact bytes are a block of the shared disk (the receiver checks
         // the hash again against the disk as it is then), else it goes in full.
         if (!this.options.cacheIndex) continue;
-        if (deferRoom >= page.data.length) {
-          deferRoom -= page.data.length;
-          decisions.set(page, "defer");
+        if (refs.linkHasRoom) this.cacheWhole++;
+        if (!(refs.index || refs.filesystem)) continue;
+        const ref: PageRef = { block: page.header.block, blockOffset: page.header.addr };
+        const found = this.options.cacheIndex.lookup(page.data, judge.pfnOf?.(ref) ?? -1, refs);
+        if (!found) {
+          this.cacheMisses++;
           continue;
         }
-        const ref = this.reference(page.data, page.header, refs);
-        if (ref && !this.options.dryRun) decisions.set(page, ref);
+        const pageHeader = encodePageHeader(page.header).buf;
+        this.refs++;
+        this.pruned++;
+        this.bytesSaved += this.parser.pageSize - REF_OVERHEAD_BYTES;
+        if (!this.options.dryRun)
+          decisions.set(page, {
+            kind: "ref",
+            pageHeader,
+            target: found.target,
+            hash: found.hash,
+            page: ref,
+          });
         continue;
       }
       this.pruned++;
@@ -563,29 +358,6 @@ export class PruningProcessor implements MainChannelProcessor {
       if (!this.options.dryRun) decisions.set(page, "zero");
     }
     return decisions.size > 0 ? decisions : null;
-  }
-
-  /**
-   * A clean cache page's reference, where `refs` allows one and the disk holds its bytes (the receiver checks the
-   * hash again against the disk as it is then); else null, and the page goes whole. Counted either way.
-   */
-  private reference(data: Buffer, header: PageHeader, refs: RefsAccepted): RefSegment | null {
-    const index = this.options.cacheIndex;
-    const judge = this.judgeOrReason;
-    if (!index || typeof judge === "string") return null;
-    if (refs.linkHasRoom) this.cacheWhole++;
-    if (!(refs.index || refs.filesystem)) return null;
-    const page: PageRef = { block: header.block, blockOffset: header.addr };
-    const found = index.lookup(data, judge.pfnOf?.(page) ?? -1, refs);
-    if (!found) {
-      this.cacheMisses++;
-      return null;
-    }
-    this.refs++;
-    this.pruned++;
-    this.bytesSaved += this.parser.pageSize - REF_OVERHEAD_BYTES;
-    const pageHeader = encodePageHeader(header).buf;
-    return { kind: "ref", pageHeader, target: found.target, hash: found.hash, page };
   }
 
   private onRamBlocks(blocks: readonly RamBlock[]): void {
@@ -618,7 +390,7 @@ export class PruningProcessor implements MainChannelProcessor {
 
   private onXbzrle(): void {
     if (this.degraded !== null || this.options.dryRun) return;
-    if (this.pruned > 0 || this.deferred.size > 0)
+    if (this.pruned > 0)
       throw new Error(
         "QEMU sent an XBZRLE delta after vmprune had zeroed free pages (xbzrle was turned on during the migration): " +
           "failing this migration so the destination cannot apply a delta to a zeroed page; the source keeps running. " +
@@ -661,17 +433,6 @@ export class PruningProcessor implements MainChannelProcessor {
       judgeMs: Math.round(this.judgeMs),
       unknownWarning: this.unknownWarning(),
       refused: this.refused,
-      ...(this.options.deferBytes
-        ? {
-            deferred: {
-              pages: this.deferredPages,
-              peakBytes: this.deferredPeakBytes,
-              sentForNewer: this.deferredSentForNewer,
-              sentAtEnd: this.deferredSentAtEnd,
-              headersNamed: this.namedHeaders,
-            },
-          }
-        : {}),
     };
   }
 

@@ -34,22 +34,6 @@ export function encodePageHeader(header: PageHeader, extra = 0): { buf: Buffer; 
   return { buf, end: writePageHeader(header, header.flags, buf, 0) };
 }
 
-/**
- * The same header with its block named (CONTINUE clear): what a record must carry when it no longer follows a
- * record of its own block on the wire (a relay that moved records: the destination resolves CONTINUE to the
- * block of the record before, ram.c@v7.2.0 ram_block_from_stream, the same in 10.x).
- */
-export function namedHeader(header: PageHeader): PageHeader {
-  return header.idstr !== null
-    ? header
-    : { ...header, flags: header.flags & ~RAM_FLAG.CONTINUE, idstr: header.block };
-}
-
-/** Writes `header` (its own flags) into `buf` at `at`; returns where the record's payload starts. */
-export function writeRecordHeader(header: PageHeader, buf: Buffer, at: number): number {
-  return writePageHeader(header, header.flags, buf, at);
-}
-
 /** The bytes of a RAM record's header: the be64 offset|flags word and, unless CONTINUE, the counted idstr. */
 export function pageHeaderBytes(header: PageHeader): number {
   return 8 + (header.idstr === null ? 0 : 1 + header.idstr.length);
@@ -68,17 +52,11 @@ export function zeroRecordBytes(header: PageHeader): number {
 
 /**
  * Writes the ZERO record that PAGE record `page` becomes (exactly encodeRecord(pageToZero(page))) into `buf` at
- * `at`, without allocating; returns the offset after it. `header`: the page's header as it must go out (its
- * block named, {@link namedHeader}), if not as it came.
+ * `at`, without allocating; returns the offset after it.
  */
-export function writeZeroRecord(
-  page: Extract<RamRecord, { type: "page" }>,
-  buf: Buffer,
-  at: number,
-  header: PageHeader = page.header,
-): number {
-  const flags = (header.flags & ~RAM_FLAG.PAGE) | RAM_FLAG.ZERO;
-  const end = writePageHeader(header, flags, buf, at);
+export function writeZeroRecord(page: Extract<RamRecord, { type: "page" }>, buf: Buffer, at: number): number {
+  const flags = (page.header.flags & ~RAM_FLAG.PAGE) | RAM_FLAG.ZERO;
+  const end = writePageHeader(page.header, flags, buf, at);
   buf[end] = 0;
   return end + 1;
 }
