@@ -63,6 +63,10 @@
  *                    behind it) held the relay's bound (stream/relay.ts sourceHeldMs): the link's share of the pace;
  *   receive waited   rows with receive: how long it left the link unread because the destination QEMU held its
  *                    bound: the destination QEMU's share (both run at once when the destination holds up the link);
+ *   host CPU         the host's busy CPU time (/proc/stat, summed over its cores) from `migrate` to RESUME: both
+ *                    hosts' work, since both are this machine; "destination side" is the destination QEMU's and
+ *                    receive's part of it, "/ cores" the least time the cores needed for it all (a row cannot resume
+ *                    sooner than the larger of that and the floor);
  *   operator wait    from the start of the command to the destination's RESUME: send prep + to resume for
  *                    vmprune, to resume for QEMU's own rows (their command is `migrate`). What an operator
  *                    waits for; vmprune receive, like the destination's `-incoming`, is started beforehand.
@@ -85,6 +89,7 @@
 import { execFileSync } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { writeFile } from "node:fs/promises";
+import { availableParallelism } from "node:os";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { fileURLToPath, pathToFileURL } from "node:url";
@@ -193,6 +198,19 @@ export interface RunFigures {
   sourceHeldMs?: number;
   /** vmprune rows with receive: how long receive left the link unread because the destination QEMU held its bound. */
   receiveHeldMs?: number;
+  /**
+   * The host's CPU from `migrate` to the destination's RESUME (ms summed over its cores, /proc/stat busy): with
+   * both hosts on one machine, the work of both QEMUs, vmprune and the kernel's network stack, which these cores
+   * had to do within the time to resume.
+   */
+  hostCpuMs?: number;
+  /**
+   * Of it, the destination side's (destination QEMU and receive): what a destination host does to take the guest
+   * in, whatever the link. Most of the destination QEMU's is the kernel zeroing the anonymous memory pages land
+   * in: perf on a plain cache-heavy run's destination QEMU found 57% of its CPU in clear_page under
+   * do_huge_pmd_anonymous_page (QEMU asks for transparent huge pages, so a page's first write zeroes its 2 MiB).
+   */
+  destinationCpuMs?: number;
   /** Guest pages by how they travelled (QEMU's page counters, send's pruning), for the HTML report. */
   pageBytes?: PageTrafficBytes;
   /** The src end of the veth's tx bytes per interval, ms from `migrate`, for the HTML report. */
@@ -461,30 +479,30 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
     // This process's CPU and event loop over the migration: vmprune send runs here (the rows' other work is small).
     const cpuBefore = process.cpuUsage();
     let receivePid: number | undefined;
-    const cpuSampler = trace
-      ? new CpuSampler(() => {
-          const dst = pair.dst; // started inside the row's migrate: read again at each reading
-          const receive = receivePid;
-          return [
-            { name: "source QEMU", cpuMs: () => processCpuMs(pair.src.pid) },
-            ...(dst ? [{ name: "destination QEMU", cpuMs: () => processCpuMs(dst.pid) }] : []),
-            { name: "this process (send)", cpuMs: () => ownCpuMs() },
-            // The rest of a Node process is V8's compiler and collector threads (and libuv's pool).
-            {
-              name: "send's main thread",
-              cpuMs: () => threadCpuMs(process.pid),
-              partOf: "this process (send)",
-            },
-            ...(receive
-              ? [
-                  { name: "receive", cpuMs: () => processCpuMs(receive) },
-                  { name: "receive's main thread", cpuMs: () => threadCpuMs(receive), partOf: "receive" },
-                ]
-              : []),
-          ];
-        })
-      : undefined;
-    cpuSampler?.start();
+    // Where the host's CPU went from `migrate` to RESUME, for every run (the table's CPU lines), in detail with the
+    // trace. A reading is a few /proc files every 20 ms.
+    const cpuSampler = new CpuSampler(() => {
+      const dst = pair.dst; // started inside the row's migrate: read again at each reading
+      const receive = receivePid;
+      return [
+        { name: "source QEMU", cpuMs: () => processCpuMs(pair.src.pid) },
+        ...(dst ? [{ name: "destination QEMU", cpuMs: () => processCpuMs(dst.pid) }] : []),
+        { name: "this process (send)", cpuMs: () => ownCpuMs() },
+        // The rest of a Node process is V8's compiler and collector threads (and libuv's pool).
+        {
+          name: "send's main thread",
+          cpuMs: () => threadCpuMs(process.pid),
+          partOf: "this process (send)",
+        },
+        ...(receive
+          ? [
+              { name: "receive", cpuMs: () => processCpuMs(receive) },
+              { name: "receive's main thread", cpuMs: () => threadCpuMs(receive), partOf: "receive" },
+            ]
+          : []),
+      ];
+    });
+    cpuSampler.start();
     const loopBefore = performance.eventLoopUtilization();
     // The link's use over time for the HTML report: the same counter as linkBytes, read on a timer.
     const sampler = new ThroughputSampler(
@@ -503,7 +521,7 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
       sampler.stop();
       // A failed migration must not leave the trace's timer keeping this process alive.
       trace?.cancel();
-      cpuSampler?.stop();
+      cpuSampler.stop();
     });
     const throughput = sampler.stop();
     if (sampler.failure) log(`  ${spec.name}: ${sampler.failure}`);
@@ -518,9 +536,9 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
       const cpu = process.cpuUsage(cpuBefore);
       const loop = performance.eventLoopUtilization(loopBefore);
       // Where the host's CPU went from `migrate` to the destination's RESUME: whether the CPU, not the link, held it.
-      log(`  ${cpuSampler?.describe(pause.resumedAtMs - toResumeMs, pause.resumedAtMs)}`);
+      log(`  ${cpuSampler.describe(pause.resumedAtMs - toResumeMs, pause.resumedAtMs)}`);
       log(
-        `  busy cores per 100 ms from migrate ${cpuSampler?.timeline(pause.resumedAtMs - toResumeMs, pause.resumedAtMs)}`,
+        `  busy cores per 100 ms from migrate ${cpuSampler.timeline(pause.resumedAtMs - toResumeMs, pause.resumedAtMs)}`,
       );
       log(
         `  this process (send) over the migration: ${Math.round((cpu.user + cpu.system) / 1000)} ms CPU ` +
@@ -538,6 +556,10 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
     const fromMigrate = throughput
       .map((sample) => ({ ...sample, tMs: sample.tMs - migrateAtMs }))
       .filter((sample) => sample.tMs > 0);
+    const cpu = cpuSampler.usage(pause.resumedAtMs - toResumeMs, pause.resumedAtMs);
+    const destinationCpuMs = cpu
+      ? (cpu.processes.get("destination QEMU") ?? 0) + (cpu.processes.get("receive") ?? 0)
+      : undefined;
     const verified = await LabPair.verify(dst);
     if (!/^OK/m.test(verified))
       throw new Error(`${spec.name}: verify on the destination: ${verified.trim()}`);
@@ -557,6 +579,8 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
       ...(prepMs !== undefined ? { prepMs } : {}),
       ...(sourceHeldMs !== undefined ? { sourceHeldMs } : {}),
       ...(receiveHeldMs !== undefined ? { receiveHeldMs } : {}),
+      ...(cpu ? { hostCpuMs: cpu.busyMs } : {}),
+      ...(destinationCpuMs !== undefined ? { destinationCpuMs } : {}),
       pageBytes: pageTrafficOf(result.info, prune ?? null),
       throughput: fromMigrate,
       pause: { fromMs: toResumeMs - pauseMs, toMs: toResumeMs },
@@ -629,6 +653,8 @@ export interface LinkBenchResult {
   link: LinkDescription & { measuredBefore: RateMeasurement; measuredAfter: RateMeasurement };
   multifdCompression: string | undefined;
   maxBandwidthBytesPerSecond: number;
+  /** The host's CPUs (both hosts' processes share them): what "host CPU / cores" divides by. */
+  cores: number;
   rows: RowResult[];
   ideal: { bytes: number; freeOnlyBytes: number; atLinkRateMs: number };
 }
@@ -689,6 +715,7 @@ export async function benchLink(options: BenchOptions): Promise<LinkBenchResult>
     link: { ...options.link, measuredBefore, measuredAfter },
     multifdCompression,
     maxBandwidthBytesPerSecond: MAX_BANDWIDTH,
+    cores: availableParallelism(),
     rows: judged.rows,
     ideal: {
       bytes: judged.idealBytes,
@@ -723,6 +750,8 @@ export function medianFigures(list: readonly RunFigures[]): RunFigures {
   if (list.some((r) => r.prepMs !== undefined)) figures.prepMs = m("prepMs");
   if (list.some((r) => r.sourceHeldMs !== undefined)) figures.sourceHeldMs = m("sourceHeldMs");
   if (list.some((r) => r.receiveHeldMs !== undefined)) figures.receiveHeldMs = m("receiveHeldMs");
+  if (list.some((r) => r.hostCpuMs !== undefined)) figures.hostCpuMs = m("hostCpuMs");
+  if (list.some((r) => r.destinationCpuMs !== undefined)) figures.destinationCpuMs = m("destinationCpuMs");
   return figures;
 }
 
@@ -836,6 +865,11 @@ export function formatTable(result: LinkBenchResult): string {
     line("pages pruned", (_, m) => whole(m.prunedPages)),
     line("QEMU waited (s)", (_, m) => seconds(m.sourceHeldMs)),
     line("receive waited (s)", (_, m) => seconds(m.receiveHeldMs)),
+    line("host CPU (core-s)", (_, m) => seconds(m.hostCpuMs)),
+    line("  destination side", (_, m) => seconds(m.destinationCpuMs)),
+    line("  / cores (s)", (_, m) =>
+      seconds(m.hostCpuMs === undefined ? undefined : m.hostCpuMs / result.cores),
+    ),
     // The goals that apply to this workload (a goal no row is judged on is left out).
     line("goals", () => ""),
     ...GOAL_NAMES.filter((g) => result.rows.some((r) => r.goals[g] !== "-")).map((g) =>
@@ -869,6 +903,10 @@ export function formatTable(result: LinkBenchResult): string {
       "pause <= plain's and link <= 1.1 x ideal everywhere; mixed and cache-heavy: free+cache resumes within " +
       "1.2 x the floor; idle-after-work: vmprune resumes 75% sooner than plain and sends 92% fewer bytes; anon: " +
       "vmprune at most 3% slower than plain.",
+    `Host CPU: the ${result.cores} cores' busy time from \`migrate\` to RESUME (both QEMUs, vmprune, the ` +
+      "kernel's network work: both hosts are this one); destination side: the destination QEMU's and receive's " +
+      "part, whatever the link; / cores: the least time these cores needed for that work, busy throughout. A " +
+      "row cannot resume sooner than the larger of its floor and that.",
   ];
   const fit = (text: string) => wrap(text, REPORT_WIDTH);
   return [

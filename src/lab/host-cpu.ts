@@ -74,6 +74,14 @@ export interface SampledProcess {
   partOf?: string;
 }
 
+/** CPU used over a window (CpuSampler.usage): ms of wall time, of the host's CPUs (busy, all), per process. */
+export interface CpuUsage {
+  wallMs: number;
+  busyMs: number;
+  totalMs: number;
+  processes: ReadonlyMap<string, number>;
+}
+
 /** One reading: when (Date.now(), the clock of QEMU's QMP event timestamps), the host's and each process's CPU. */
 interface CpuReading {
   atMs: number;
@@ -108,21 +116,36 @@ export class CpuSampler {
     this.read();
   }
 
-  /** "host CPU from migrate to RESUME (2500 ms): 4700 ms busy, 1.88 of 2 cores (94%): ...", or why not. */
-  describe(fromMs: number, toMs: number): string {
+  /**
+   * The CPU used between the readings around `fromMs` and `toMs`: the host's (busy and all, ms summed over its
+   * CPUs) and each sampled process's (threads named with `partOf` included, beside their process), or undefined
+   * without readings on both sides.
+   */
+  usage(fromMs: number, toMs: number): CpuUsage | undefined {
     const first = [...this.readings].reverse().find((r) => r.atMs <= fromMs);
     const last = this.readings.find((r) => r.atMs >= toMs);
-    if (!first || !last) return "host CPU: no readings around the migration";
-    const wallMs = last.atMs - first.atMs;
-    const busyMs = last.host.busyMs - first.host.busyMs;
-    const totalMs = last.host.totalMs - first.host.totalMs;
+    if (!first || !last) return undefined;
+    const processes = new Map<string, number>();
+    // A process first read after `fromMs` (the destination QEMU) counts from 0: its start is in the window.
+    for (const [name, ms] of last.processes) processes.set(name, ms - (first.processes.get(name) ?? 0));
+    return {
+      wallMs: last.atMs - first.atMs,
+      busyMs: last.host.busyMs - first.host.busyMs,
+      totalMs: last.host.totalMs - first.host.totalMs,
+      processes,
+    };
+  }
+
+  /** "host CPU from migrate to RESUME (2500 ms): 4700 ms busy, 1.88 of 2 cores (94%): ...", or why not. */
+  describe(fromMs: number, toMs: number): string {
+    const used = this.usage(fromMs, toMs);
+    if (!used) return "host CPU: no readings around the migration";
+    const { wallMs, busyMs, totalMs } = used;
     const parts: string[] = [];
     let named = 0;
-    for (const [name, ms] of last.processes) {
-      // A process first read after `fromMs` (the destination QEMU) counts from 0: its start is in the window.
-      const used = ms - (first.processes.get(name) ?? 0);
-      if (!this.parts.has(name)) named += used;
-      parts.push(`${name} ${Math.round(used)} ms`);
+    for (const [name, ms] of used.processes) {
+      if (!this.parts.has(name)) named += ms;
+      parts.push(`${name} ${Math.round(ms)} ms`);
     }
     parts.push(`the rest (the kernel's network work, other processes) ${Math.round(busyMs - named)} ms`);
     return (

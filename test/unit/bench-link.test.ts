@@ -30,6 +30,8 @@ function figures(f: {
   pruned?: number;
   sourceHeldMs?: number;
   receiveHeldMs?: number;
+  hostCpuMs?: number;
+  destinationCpuMs?: number;
 }): RunFigures {
   const toResumeMs = f.totalMs - f.downMs + f.pauseMs;
   return {
@@ -48,11 +50,25 @@ function figures(f: {
     ...(f.pruned !== undefined ? { prunedPages: f.pruned } : {}),
     ...(f.sourceHeldMs !== undefined ? { sourceHeldMs: f.sourceHeldMs } : {}),
     ...(f.receiveHeldMs !== undefined ? { receiveHeldMs: f.receiveHeldMs } : {}),
+    ...(f.hostCpuMs !== undefined ? { hostCpuMs: f.hostCpuMs } : {}),
+    ...(f.destinationCpuMs !== undefined ? { destinationCpuMs: f.destinationCpuMs } : {}),
   };
 }
 
 const RUNS = new Map<string, RunFigures[]>([
-  ["plain", [figures({ linkMiB: 548, totalMs: 4710, downMs: 212, pauseMs: 240 })]],
+  [
+    "plain",
+    [
+      figures({
+        linkMiB: 548,
+        totalMs: 4710,
+        downMs: 212,
+        pauseMs: 240,
+        hostCpuMs: 1900,
+        destinationCpuMs: 1150,
+      }),
+    ],
+  ],
   ["free-page-hint", [figures({ linkMiB: 262, totalMs: 2420, downMs: 180, pauseMs: 205 })]],
   ["xbzrle", [figures({ linkMiB: 561, totalMs: 4980, downMs: 230, pauseMs: 251 })]],
   ["multifd", [figures({ linkMiB: 552, totalMs: 4650, downMs: 200, pauseMs: 230 })]],
@@ -88,6 +104,8 @@ const RUNS = new Map<string, RunFigures[]>([
         pruned: 95_906,
         sourceHeldMs: 240,
         receiveHeldMs: 130,
+        hostCpuMs: 3300,
+        destinationCpuMs: 1700,
       }),
     ],
   ],
@@ -153,6 +171,7 @@ function benchResult(runs: ReadonlyMap<string, RunFigures[]>): LinkBenchResult {
     },
     multifdCompression: "zstd",
     maxBandwidthBytesPerSecond: 1_250_000_000,
+    cores: 2,
     rows,
     ideal: { bytes: idealBytes, freeOnlyBytes: idealFreeOnlyBytes, atLinkRateMs: floorMs },
   };
@@ -167,6 +186,10 @@ test("the table fits 100 columns, figures right-aligned, and shows prep and oper
   // Which side set the pace: QEMU's stream waiting for the link, and receive's link for the destination QEMU.
   assert.match(out, /^QEMU waited \(s\) +- +- +- +- +- +0\.61 +- +0\.24 *$/m);
   assert.match(out, /^receive waited \(s\) +- +- +- +- +- +- +- +0\.13 *$/m);
+  // What the host's cores did meanwhile, and the least time that took them.
+  assert.match(out, /^host CPU \(core-s\) +1\.90 +- +- +- +- +- +- +3\.30 *$/m);
+  assert.match(out, /^ {2}destination side +1\.15 +- +- +- +- +- +- +1\.70 *$/m);
+  assert.match(out, /^ {2}\/ cores \(s\) +0\.95 +- +- +- +- +- +- +1\.65 *$/m);
   assert.match(out, /^operator wait \(s\) +4\.74 +2\.44 +5\.00 +4\.68 +2\.77 +1\.45 +1\.63 +1\.05 *$/m);
   assert.match(
     out,
