@@ -288,8 +288,7 @@ export function hold(
   reader: Pick<Socket, "pause" | "resume" | "destroyed">,
   writer: Writable,
   holds: Set<Writable>,
-  resumeBelow?: () => number,
-  held?: HeldTime,
+  { resumeBelow, held }: { resumeBelow?: () => number; held?: HeldTime } = {},
 ): void {
   if (holds.has(writer)) return;
   holds.add(writer);
@@ -515,7 +514,7 @@ class Channel {
     const capture = this.capture;
     if (capture && !capture.destroyed && !capture.writableEnded) {
       if (!capture.write(chunk) && overLimit(capture, this.ctx.maxBufferedBytes))
-        hold(this.#source, capture, this.#fromSourceHolds, undefined, this.#sourceHeld);
+        hold(this.#source, capture, this.#fromSourceHolds, { held: this.#sourceHeld });
     }
     this.#apply(upstream, () => this.codec.fromSource(chunk));
   }
@@ -531,13 +530,10 @@ class Channel {
     }
     const source = this.#source;
     if (out.toUpstream && this.#write(upstream, out.toUpstream))
-      hold(
-        source,
-        upstream,
-        this.#fromSourceHolds,
-        () => this.ctx.maxBufferedBytes * RESUME_BELOW_SHARE,
-        this.#sourceHeld,
-      );
+      hold(source, upstream, this.#fromSourceHolds, {
+        resumeBelow: () => this.ctx.maxBufferedBytes * RESUME_BELOW_SHARE,
+        held: this.#sourceHeld,
+      });
     if (out.toSource && !source.destroyed && !source.writableEnded) {
       let full = false;
       for (const chunk of out.toSource) {
@@ -548,7 +544,7 @@ class Channel {
       }
       if (full && overLimit(source, this.ctx.maxBufferedBytes)) {
         this.ctx.observeBuffered(source.writableLength);
-        hold(upstream, source, this.#toSourceHolds, undefined, this.#destinationHeld);
+        hold(upstream, source, this.#toSourceHolds, { held: this.#destinationHeld });
       }
     }
     if (out.endUpstream && !upstream.destroyed && !upstream.writableEnded) halfClose(upstream);

@@ -314,8 +314,8 @@ test("held time: counted from the first writer that holds a reader until the las
   };
   const held = new HeldTime();
   const holds = new Set<Writable>();
-  hold(reader, writer(), holds, undefined, held);
-  hold(reader, writer(), holds, undefined, held);
+  hold(reader, writer(), holds, { held });
+  hold(reader, writer(), holds, { held });
   await sleep(100);
   assert.ok(held.ms >= 90, `a hold still running counts: ${held.ms} ms`);
   complete.shift()?.(); // the first writer drains; the second still holds the reader
@@ -353,7 +353,7 @@ test("a source paused for its destination resumes once that holds less than the 
       return this as unknown as Socket;
     },
   };
-  hold(source, destination, new Set(), () => 8 * MiB * RESUME_BELOW_SHARE);
+  hold(source, destination, new Set(), { resumeBelow: () => 8 * MiB * RESUME_BELOW_SHARE });
   assert.equal(paused, true);
   const resumedAt: number[] = [];
   while (done.length > 0) {
