@@ -60,7 +60,8 @@
  *   to resume        `migrate` to the destination's RESUME (total time − downtime + guest pause);
  *   send prep        vmprune rows: startSend's work before `migrate` (disk index, opening introspection);
  *   QEMU waited      vmprune rows: how long send left the source QEMU's stream unread because the link (or receive
- *                    behind it) held the relay's bound (stream/relay.ts sourceHeldMs): the link's share of the pace;
+ *                    behind it) held the relay's bound, or receive's settling of references held the link's window
+ *                    (stream/relay.ts sourceHeldMs): the destination side's share of the pace;
  *   receive waited   rows with receive: how long it left the link unread because the destination QEMU held its
  *                    bound: the destination QEMU's share (both run at once when the destination holds up the link);
  *   host CPU         the host's busy CPU time (/proc/stat, summed over its cores) from `migrate` to RESUME: both
@@ -192,8 +193,8 @@ export interface RunFigures {
   operatorWaitMs: number;
   /**
    * vmprune rows: how long send left the source QEMU's stream unread because the link (or receive behind it) held
-   * the relay's bound: the time the destination side, not QEMU and send, set the pace. (The reference window's
-   * holds are in send's log.)
+   * the relay's bound, or receive had not yet settled the references of the link's window: the time the destination
+   * side, not QEMU and send, set the pace. (send's log gives the window's share.)
    */
   sourceHeldMs?: number;
   /** vmprune rows with receive: how long receive left the link unread because the destination QEMU held its bound. */

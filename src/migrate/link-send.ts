@@ -184,6 +184,8 @@ export class LinkSendCodec implements ChannelCodec {
   private paused = false;
   /** How long the window (stream rule 3) kept the source unread: receive settling references set the pace. */
   private readonly windowHeld = new HeldTime();
+  /** The relay's count of the source's held time, which the window's holds add to. */
+  private sourceHeld: HeldTime | undefined;
   nacks = 0;
 
   constructor(
@@ -191,9 +193,18 @@ export class LinkSendCodec implements ChannelCodec {
     private readonly options: LinkSendOptions,
   ) {}
 
-  async open({ source, upstream }: { source: Socket; upstream: Socket }): Promise<void> {
+  async open({
+    source,
+    upstream,
+    sourceHeld,
+  }: {
+    source: Socket;
+    upstream: Socket;
+    sourceHeld?: HeldTime;
+  }): Promise<void> {
     this.source = source;
     this.upstream = upstream;
+    this.sourceHeld = sourceHeld;
     let session: Awaited<ReturnType<typeof clientHandshake>>;
     try {
       session = await clientHandshake(upstream, {
@@ -459,8 +470,12 @@ export class LinkSendCodec implements ChannelCodec {
   private pauseWhileWindowFull(): void {
     // Also when already paused: the relay's own backpressure may have resumed the source meanwhile.
     if (this.ledger.full && this.source) {
+      // Once per pause: the relay's own holds may have resumed the source meanwhile, never this one.
+      if (!this.paused) {
+        this.windowHeld.begin();
+        this.sourceHeld?.begin();
+      }
       this.paused = true;
-      this.windowHeld.begin();
       this.source.pause();
     }
   }
@@ -469,6 +484,7 @@ export class LinkSendCodec implements ChannelCodec {
     if (this.paused && !this.ledger.full && this.source) {
       this.paused = false;
       this.windowHeld.end();
+      this.sourceHeld?.end();
       this.source.resume();
     }
   }

@@ -101,8 +101,11 @@ export interface ChannelCodec {
    * refuses the connection (rule 9).
    */
   openSource?(source: Socket): Promise<void>;
-  /** After the upstream connection is established and before any byte flows either way (e.g. a handshake). */
-  open?(sockets: { source: Socket; upstream: Socket }): Promise<void>;
+  /**
+   * After the upstream connection is established and before any byte flows either way (e.g. a handshake).
+   * `sourceHeld`: where a codec that pauses the source itself adds that time (ChannelReport.sourceHeldMs).
+   */
+  open?(sockets: { source: Socket; upstream: Socket; sourceHeld: HeldTime }): Promise<void>;
   /**
    * Once, when bytes start to flow (after `open`): the outlet for output that arises later, on the codec's own
    * time (e.g. when an asynchronous disk read settles). Emitting after the channel closed does nothing.
@@ -185,9 +188,10 @@ export interface ChannelReport {
   /** Bytes received from the source (before the processor). */
   bytesFromSource: number;
   /**
-   * How long the source went unread because its destination (or the capture) held the bound of rule 5: the time
-   * the destination side, not the source, set the pace. On send that is the link (or receive behind it); on receive,
-   * the destination QEMU. Milliseconds.
+   * How long the source went unread because its destination (or the capture) held the bound of rule 5, or the
+   * codec held it (ChannelCodec.open's `sourceHeld`): the time the destination side, not the source, set the pace.
+   * On send that is the link, or receive behind it (its reference window included); on receive, the destination
+   * QEMU. Milliseconds.
    */
   sourceHeldMs: number;
   /** The same for the return path: how long the destination went unread because the source held the bound. */
@@ -258,17 +262,22 @@ export const RESUME_BELOW_SHARE = 0.5;
 /** How often a paused source checks whether its destination went below that share. */
 const RESUME_CHECK_MS = 5;
 
-/** Adds up the time a reader spends held (from the first writer that holds it until the last lets it go). */
+/**
+ * Adds up the time a reader spends held: from the first hold that begins until the last one ends, so that holds
+ * over the same stretch (the relay's bound and a codec's own, e.g. the link's reference window) count once.
+ */
 export class HeldTime {
   #since: number | undefined;
   #totalMs = 0;
+  #holds = 0;
 
   begin(): void {
-    this.#since ??= performance.now();
+    if (this.#holds++ === 0) this.#since = performance.now();
   }
 
   end(): void {
-    if (this.#since === undefined) return;
+    if (this.#holds === 0) return;
+    if (--this.#holds > 0 || this.#since === undefined) return;
     this.#totalMs += performance.now() - this.#since;
     this.#since = undefined;
   }
@@ -291,8 +300,9 @@ export function hold(
   { resumeBelow, held }: { resumeBelow?: () => number; held?: HeldTime } = {},
 ): void {
   if (holds.has(writer)) return;
+  // One hold for the reader, however many writers hold it.
+  if (holds.size === 0) held?.begin();
   holds.add(writer);
-  held?.begin();
   reader.pause();
   let check: NodeJS.Timeout | undefined;
   const release = () => {
@@ -466,7 +476,9 @@ class Channel {
       return;
     }
     upstream.setNoDelay(true);
-    const opening = this.codec.open ? this.codec.open({ source, upstream }) : Promise.resolve();
+    const opening = this.codec.open
+      ? this.codec.open({ source, upstream, sourceHeld: this.#sourceHeld })
+      : Promise.resolve();
     opening.then(
       () => this.#flow(upstream),
       (error: unknown) => {

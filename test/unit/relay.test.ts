@@ -331,6 +331,29 @@ test("held time: counted from the first writer that holds a reader until the las
   assert.equal(held.ms, total, "no time counts once the reader is free");
 });
 
+test("held time: a codec's own hold (the link's window) adds to the relay's, overlapping stretches once", async () => {
+  const held = new HeldTime();
+  // The codec holds alone for ~60 ms.
+  held.begin();
+  await sleep(60);
+  held.end();
+  const alone = held.ms;
+  assert.ok(alone >= 50 && alone < 300, `the codec's hold alone counts: ${alone} ms`);
+  // The relay and the codec hold over the same ~80 ms; the relay lets go first, the codec ~40 ms later.
+  held.begin();
+  held.begin();
+  await sleep(80);
+  held.end();
+  assert.ok(held.ms - alone >= 70, `still held by the codec: ${held.ms - alone} ms`);
+  await sleep(40);
+  held.end();
+  const total = held.ms;
+  assert.ok(total - alone >= 110 && total - alone < 400, `the overlap counted once: ${total - alone} ms`);
+  held.end(); // one end too many changes nothing
+  await sleep(30);
+  assert.equal(held.ms, total, "nothing counts once both let go");
+});
+
 test("a source paused for its destination resumes once that holds less than the low mark, before it is empty", async () => {
   // A destination whose writes complete only when the test says: 8 MiB queued, then drained 1 MiB at a time.
   const done: (() => void)[] = [];
