@@ -549,7 +549,9 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
     if (trace && prune)
       log(
         `  send's pruning: ${prune.pages.seen} pages seen, ${prune.batches} batches judged in ${Math.round(prune.judgeMs)} ms, ${prune.refs} references, ${prune.cacheWhole} cache pages whole` +
-          (sourceHeldMs === undefined ? "" : `; QEMU's stream waited ${sourceHeldMs} ms for the link`),
+          (sourceHeldMs === undefined
+            ? ""
+            : `; QEMU's stream waited ${sourceHeldMs} ms for the link or receive`),
       );
     // The samples count from before the row's setup (destination, send's preparation); the report's plots count
     // from `migrate`, as the time to resume does: when it was, from the RESUME back by the time to resume.
