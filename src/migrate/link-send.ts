@@ -470,7 +470,8 @@ export class LinkSendCodec implements ChannelCodec {
   private pauseWhileWindowFull(): void {
     // Also when already paused: the relay's own backpressure may have resumed the source meanwhile.
     if (this.ledger.full && this.source) {
-      // Once per pause: the relay's own holds may have resumed the source meanwhile, never this one.
+      // The window's hold begins once, at its first pause; pausing again (after the relay resumed the source)
+      // continues it.
       if (!this.paused) {
         this.windowHeld.begin();
         this.sourceHeld?.begin();
