@@ -451,6 +451,10 @@ function startLinkTrace(dstNetns: string): {
 /** The accelerator the lab VMs ran with (all of them: one host, one probe). */
 let accelUsed = "";
 
+/** The CPU sampler's names for the destination side's processes (RunFigures.destinationCpuMs adds them up). */
+const DESTINATION_QEMU = "destination QEMU";
+const RECEIVE = "receive";
+
 async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOptions): Promise<RunFigures> {
   const { link } = options;
   const pair = await LabPair.boot({
@@ -487,7 +491,7 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
       const receive = receivePid;
       return [
         { name: "source QEMU", cpuMs: () => processCpuMs(pair.src.pid) },
-        ...(dst ? [{ name: "destination QEMU", cpuMs: () => processCpuMs(dst.pid) }] : []),
+        ...(dst ? [{ name: DESTINATION_QEMU, cpuMs: () => processCpuMs(dst.pid) }] : []),
         { name: "this process (send)", cpuMs: () => ownCpuMs() },
         // The rest of a Node process is V8's compiler and collector threads (and libuv's pool).
         {
@@ -497,8 +501,8 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
         },
         ...(receive
           ? [
-              { name: "receive", cpuMs: () => processCpuMs(receive) },
-              { name: "receive's main thread", cpuMs: () => threadCpuMs(receive), partOf: "receive" },
+              { name: RECEIVE, cpuMs: () => processCpuMs(receive) },
+              { name: "receive's main thread", cpuMs: () => threadCpuMs(receive), partOf: RECEIVE },
             ]
           : []),
       ];
@@ -559,9 +563,9 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
     const fromMigrate = throughput
       .map((sample) => ({ ...sample, tMs: sample.tMs - migrateAtMs }))
       .filter((sample) => sample.tMs > 0);
-    const cpu = cpuSampler.usage(pause.resumedAtMs - toResumeMs, pause.resumedAtMs);
-    const destinationCpuMs = cpu
-      ? (cpu.processes.get("destination QEMU") ?? 0) + (cpu.processes.get("receive") ?? 0)
+    const used = cpuSampler.usage(pause.resumedAtMs - toResumeMs, pause.resumedAtMs);
+    const destinationCpuMs = used
+      ? (used.processes.get(DESTINATION_QEMU) ?? 0) + (used.processes.get(RECEIVE) ?? 0)
       : undefined;
     const verified = await LabPair.verify(dst);
     if (!/^OK/m.test(verified))
@@ -582,7 +586,7 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
       ...(prepMs !== undefined ? { prepMs } : {}),
       ...(sourceHeldMs !== undefined ? { sourceHeldMs } : {}),
       ...(receiveHeldMs !== undefined ? { receiveHeldMs } : {}),
-      ...(cpu ? { hostCpuMs: cpu.busyMs } : {}),
+      ...(used ? { hostCpuMs: used.busyMs } : {}),
       ...(destinationCpuMs !== undefined ? { destinationCpuMs } : {}),
       pageBytes: pageTrafficOf(result.info, prune ?? null),
       throughput: fromMigrate,

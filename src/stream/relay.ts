@@ -267,7 +267,8 @@ const RESUME_CHECK_MS = 5;
  * over the same stretch (the relay's bound and a codec's own, e.g. the link's reference window) count once.
  */
 export class HeldTime {
-  #since: number | undefined;
+  /** When the running stretch began (meaningful while `#holds` > 0). */
+  #since = 0;
   #totalMs = 0;
   #holds = 0;
 
@@ -277,14 +278,12 @@ export class HeldTime {
 
   end(): void {
     if (this.#holds === 0) return;
-    if (--this.#holds > 0 || this.#since === undefined) return;
-    this.#totalMs += performance.now() - this.#since;
-    this.#since = undefined;
+    if (--this.#holds === 0) this.#totalMs += performance.now() - this.#since;
   }
 
   /** Milliseconds held so far, a hold still running included. */
   get ms(): number {
-    return this.#totalMs + (this.#since === undefined ? 0 : performance.now() - this.#since);
+    return this.#totalMs + (this.#holds > 0 ? performance.now() - this.#since : 0);
   }
 }
 
