@@ -3,7 +3,7 @@
  * vmprune, against the ideal and the link's floor. Not a test.
  *
  *   npm run bench:link -- [--kernel 6.1|6.12] [--qemu 7.2|10.0] [--runs 3] [--rate-mbit 1000] [--json]
- *                         [--report FILE.html]
+ *                         [--report FILE.html] [--destination-ram on-demand|preallocated]
  *
  * The link (src/lab/shaped-link.ts): two network namespaces, `vmprune-<pid>-src-*` and `vmprune-<pid>-dst-*`,
  * joined by a veth pair shaped with tbf to 1 Gbit/s on both ends, 10.77.0.1/30 (src) and 10.77.0.2/30 (dst).
@@ -25,6 +25,11 @@
  * is the lab's /dev/shm file, which send reads. With a /dev/shm file at the destination too, a read of an untouched
  * page allocates and clears it, and QEMU reads every page a ZERO record names: half of the destination QEMU's CPU
  * (perf, cache-heavy free+cache), and free+cache's pause there was 321-412 ms against 136-181 ms with anonymous RAM.
+ * `--destination-ram preallocated` has the destinations clear all their RAM when they start (VmConfig.preallocateRam),
+ * before `migrate`, instead of on each page's first write during it: on this lab's host that clearing alone took
+ * the destination QEMU 1-3.6 s of CPU per cache-heavy migration one day and 0.5-1.2 s another (a bare-metal host
+ * clears 512 MiB in well under 0.1 s), so the default (on-demand, as QEMU runs unless told otherwise) measures the
+ * host as much as the pipeline; preallocated compares pipelines.
  * A 512 MiB lab guest (1 vCPU) runs the mixed workload (src/lab/workloads.ts); a fresh pair per migration, rows
  * alternating within each run. Migration `max-bandwidth` is 10 Gbit/s, so the link, not QEMU's cap, limits.
  * Rows:
@@ -66,8 +71,9 @@
  *                    bound: the destination QEMU's share (both run at once when the destination holds up the link);
  *   host CPU         the host's busy CPU time (/proc/stat, summed over its cores) from `migrate` to RESUME: both
  *                    hosts' work, since both are this machine; "destination side" is the destination QEMU's and
- *                    receive's part of it, "/ cores" the least time the cores needed for it all (a row cannot resume
- *                    sooner than the larger of that and the floor);
+ *                    receive's part of it, "destination QEMU" the destination QEMU's own (loading the stream, most
+ *                    of it the kernel clearing the pages it lands in), "/ cores" the least time the cores needed
+ *                    for it all (a row cannot resume sooner than the larger of that and the floor);
  *   operator wait    from the start of the command to the destination's RESUME: send prep + to resume for
  *                    vmprune, to resume for QEMU's own rows (their command is `migrate`). What an operator
  *                    waits for; vmprune receive, like the destination's `-incoming`, is started beforehand.
@@ -212,6 +218,11 @@ export interface RunFigures {
    * do_huge_pmd_anonymous_page (QEMU asks for transparent huge pages, so a page's first write zeroes its 2 MiB).
    */
   destinationCpuMs?: number;
+  /**
+   * Of that, the destination QEMU's own: loading the stream, most of it the kernel clearing the pages it lands in
+   * (see VmConfig.preallocateRam for how slow and uneven that is on this lab's host).
+   */
+  destinationQemuCpuMs?: number;
   /** Guest pages by how they travelled (QEMU's page counters, send's pruning), for the HTML report. */
   pageBytes?: PageTrafficBytes;
   /** The src end of the veth's tx bytes per interval, ms from `migrate`, for the HTML report. */
@@ -465,6 +476,7 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
     // Destinations in anonymous memory, as production guests have it (VmConfig.anonymousRam): no oracle here reads
     // their RAM, and a /dev/shm file made every ZERO record cost the destination a page allocation.
     anonymousDestinationRam: true,
+    ...(options.destinationRam === "preallocated" ? { preallocateDestinationRam: true } : {}),
     ...(spec.balloon ? { balloon: spec.balloon } : {}),
   });
   accelUsed = pair.accel;
@@ -588,6 +600,9 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
       ...(receiveHeldMs !== undefined ? { receiveHeldMs } : {}),
       ...(used ? { hostCpuMs: used.busyMs } : {}),
       ...(destinationCpuMs !== undefined ? { destinationCpuMs } : {}),
+      ...(used?.processes.has(DESTINATION_QEMU)
+        ? { destinationQemuCpuMs: used.processes.get(DESTINATION_QEMU) }
+        : {}),
       pageBytes: pageTrafficOf(result.info, prune ?? null),
       throughput: fromMigrate,
       pause: { fromMs: toResumeMs - pauseMs, toMs: toResumeMs },
@@ -662,6 +677,7 @@ export interface LinkBenchResult {
   maxBandwidthBytesPerSecond: number;
   /** The host's CPUs (both hosts' processes share them): what "host CPU / cores" divides by. */
   cores: number;
+  destinationRam: DestinationRam;
   rows: RowResult[];
   ideal: { bytes: number; freeOnlyBytes: number; atLinkRateMs: number };
 }
@@ -674,7 +690,12 @@ interface BenchOptions {
   /** Row names to run (default all), e.g. for a quick look at two of them. */
   rows?: readonly string[];
   workload: WorkloadName;
+  /** Destinations' guest RAM cleared as pages arrive (QEMU's default), or all of it when they start. */
+  destinationRam: DestinationRam;
 }
+
+const DESTINATION_RAM = ["on-demand", "preallocated"] as const;
+type DestinationRam = (typeof DESTINATION_RAM)[number];
 
 export async function benchLink(options: BenchOptions): Promise<LinkBenchResult> {
   const measuredBefore = await measureRateOf(options.link);
@@ -723,6 +744,7 @@ export async function benchLink(options: BenchOptions): Promise<LinkBenchResult>
     multifdCompression,
     maxBandwidthBytesPerSecond: MAX_BANDWIDTH,
     cores: availableParallelism(),
+    destinationRam: options.destinationRam,
     rows: judged.rows,
     ideal: {
       bytes: judged.idealBytes,
@@ -759,6 +781,8 @@ export function medianFigures(list: readonly RunFigures[]): RunFigures {
   if (list.some((r) => r.receiveHeldMs !== undefined)) figures.receiveHeldMs = m("receiveHeldMs");
   if (list.some((r) => r.hostCpuMs !== undefined)) figures.hostCpuMs = m("hostCpuMs");
   if (list.some((r) => r.destinationCpuMs !== undefined)) figures.destinationCpuMs = m("destinationCpuMs");
+  if (list.some((r) => r.destinationQemuCpuMs !== undefined))
+    figures.destinationQemuCpuMs = m("destinationQemuCpuMs");
   return figures;
 }
 
@@ -874,6 +898,7 @@ export function formatTable(result: LinkBenchResult): string {
     line("receive waited (s)", (_, m) => seconds(m.receiveHeldMs)),
     line("host CPU (core-s)", (_, m) => seconds(m.hostCpuMs)),
     line("  destination side", (_, m) => seconds(m.destinationCpuMs)),
+    line("    destination QEMU", (_, m) => seconds(m.destinationQemuCpuMs)),
     line("  / cores (s)", (_, m) =>
       seconds(m.hostCpuMs === undefined ? undefined : m.hostCpuMs / result.cores),
     ),
@@ -893,7 +918,10 @@ export function formatTable(result: LinkBenchResult): string {
     `Link: veth ${link.srcNetns} ${link.srcIp} → ${link.dstNetns} ${link.dstIp}, tbf ${link.rateMbit} Mbit/s both ` +
       `ends; measured ${link.measuredBefore.gbitPerSecond.toFixed(3)} Gbit/s before, ` +
       `${link.measuredAfter.gbitPerSecond.toFixed(3)} after (100 MB TCP); migration max-bandwidth ` +
-      `${(result.maxBandwidthBytesPerSecond * 8) / 1e9} Gbit/s.`,
+      `${(result.maxBandwidthBytesPerSecond * 8) / 1e9} Gbit/s.` +
+      (result.destinationRam === "preallocated"
+        ? " Destinations preallocated their RAM (cleared before `migrate`)."
+        : ""),
   ];
   const notes = [
     `Columns: ${result.rows
@@ -912,7 +940,8 @@ export function formatTable(result: LinkBenchResult): string {
       "vmprune at most 3% slower than plain.",
     `Host CPU: the ${result.cores} cores' busy time from \`migrate\` to RESUME (both QEMUs, vmprune, the ` +
       "kernel's network work: both hosts are this one); destination side: the destination QEMU's and receive's " +
-      "part, whatever the link; / cores: the least time these cores needed for that work, busy throughout. A " +
+      "part, whatever the link, and of it the destination QEMU's own (most of it the kernel clearing the pages " +
+      "the stream lands in); / cores: the least time these cores needed for that work, busy throughout. A " +
       "row cannot resume sooner than the larger of its floor and that.",
   ];
   const fit = (text: string) => wrap(text, REPORT_WIDTH);
@@ -979,7 +1008,8 @@ export function linkReportModel(result: LinkBenchResult): MigrationReportModel {
 async function main(argv: string[]): Promise<void> {
   const usage =
     "usage: bench/link.ts [--kernel 6.1|6.12] [--qemu 7.2|10.0] [--runs 3] [--rate-mbit 1000] " +
-    "[--workload mixed|cache-heavy|idle-after-work|anon] [--rows NAME,NAME] [--json] [--report FILE.html]";
+    "[--workload mixed|cache-heavy|idle-after-work|anon] [--rows NAME,NAME] [--destination-ram on-demand|preallocated] " +
+    "[--json] [--report FILE.html]";
   const { values } = parseArgs({
     args: argv,
     options: {
@@ -987,6 +1017,7 @@ async function main(argv: string[]): Promise<void> {
       "rate-mbit": { type: "string", default: "1000" },
       workload: { type: "string", default: "mixed" },
       rows: { type: "string" },
+      "destination-ram": { type: "string", default: "on-demand" },
       json: { type: "boolean", default: false },
       report: { type: "string" },
     },
@@ -997,6 +1028,11 @@ async function main(argv: string[]): Promise<void> {
   if (unknownRow !== undefined)
     throw new Error(`unknown row ${unknownRow}: rows are ${ROWS.map((r) => r.name).join(", ")} (${usage})`);
   const { kernel, qemu, runs } = labTarget(values, usage);
+  const destinationRam = DESTINATION_RAM.find((d) => d === values["destination-ram"]);
+  if (!destinationRam)
+    throw new Error(
+      `--destination-ram is ${DESTINATION_RAM.join(" or ")}, not ${values["destination-ram"]} (${usage})`,
+    );
   const rateMbit = Number(values["rate-mbit"]);
   if (!(rateMbit > 0)) throw new Error(`--rate-mbit needs a positive number (${usage})`);
   requireSetup("bench:link", { guests: [kernel], qemu: [qemu], commands: ["ip", "tc"], root: true });
@@ -1018,6 +1054,7 @@ async function main(argv: string[]): Promise<void> {
     runs,
     link,
     workload: values.workload,
+    destinationRam,
     ...(rowNames ? { rows: rowNames } : {}),
   });
   process.stdout.write(values.json ? reportJson(result) : `${formatTable(result)}\n`);

@@ -126,8 +126,14 @@ export class CpuSampler {
     const last = this.readings.find((r) => r.atMs >= toMs);
     if (!first || !last) return undefined;
     const processes = new Map<string, number>();
-    // A process first read after `fromMs` (the destination QEMU) counts from 0: its start is in the window.
-    for (const [name, ms] of last.processes) processes.set(name, ms - (first.processes.get(name) ?? 0));
+    // A process first read after `fromMs` (the destination QEMU, which a row starts just before `migrate`) counts
+    // from its first reading: what it did before that is its start-up (with preallocated RAM, seconds of
+    // clearing pages), not the window's work.
+    for (const [name, ms] of last.processes) {
+      const from =
+        first.processes.get(name) ?? this.readings.find((r) => r.processes.has(name))?.processes.get(name);
+      processes.set(name, ms - (from ?? 0));
+    }
     return {
       wallMs: last.atMs - first.atMs,
       busyMs: last.host.busyMs - first.host.busyMs,

@@ -57,6 +57,8 @@ export interface LabVmOptions {
    * oracle reads and which are never promoted to sources.
    */
   anonymousDestinationRam?: boolean;
+  /** Destinations' guest RAM faulted in when they start (VmConfig.preallocateRam). */
+  preallocateDestinationRam?: boolean;
   /**
    * Network namespaces (src/lab/netns.ts) to start the source and the destination QEMU in (VmConfig.netns), so
    * that their migration traffic crosses a link between them (src/lab/shaped-link.ts). Absent: this process's
@@ -163,6 +165,7 @@ export class LabPair {
       ...(options.balloon ? { balloon: options.balloon } : {}),
       ...(options.netns?.[role] ? { netns: options.netns[role] } : {}),
       ...(role === "dst" && options.anonymousDestinationRam ? { anonymousRam: true } : {}),
+      ...(role === "dst" && options.preallocateDestinationRam ? { preallocateRam: true } : {}),
     };
   }
 

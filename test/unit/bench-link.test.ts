@@ -32,6 +32,7 @@ function figures(f: {
   receiveHeldMs?: number;
   hostCpuMs?: number;
   destinationCpuMs?: number;
+  destinationQemuCpuMs?: number;
 }): RunFigures {
   const toResumeMs = f.totalMs - f.downMs + f.pauseMs;
   return {
@@ -52,6 +53,7 @@ function figures(f: {
     ...(f.receiveHeldMs !== undefined ? { receiveHeldMs: f.receiveHeldMs } : {}),
     ...(f.hostCpuMs !== undefined ? { hostCpuMs: f.hostCpuMs } : {}),
     ...(f.destinationCpuMs !== undefined ? { destinationCpuMs: f.destinationCpuMs } : {}),
+    ...(f.destinationQemuCpuMs !== undefined ? { destinationQemuCpuMs: f.destinationQemuCpuMs } : {}),
   };
 }
 
@@ -66,6 +68,7 @@ const RUNS = new Map<string, RunFigures[]>([
         pauseMs: 240,
         hostCpuMs: 1900,
         destinationCpuMs: 1150,
+        destinationQemuCpuMs: 1150,
       }),
     ],
   ],
@@ -106,6 +109,7 @@ const RUNS = new Map<string, RunFigures[]>([
         receiveHeldMs: 130,
         hostCpuMs: 3300,
         destinationCpuMs: 1700,
+        destinationQemuCpuMs: 980,
       }),
     ],
   ],
@@ -172,6 +176,7 @@ function benchResult(runs: ReadonlyMap<string, RunFigures[]>): LinkBenchResult {
     multifdCompression: "zstd",
     maxBandwidthBytesPerSecond: 1_250_000_000,
     cores: 2,
+    destinationRam: "on-demand",
     rows,
     ideal: { bytes: idealBytes, freeOnlyBytes: idealFreeOnlyBytes, atLinkRateMs: floorMs },
   };
@@ -189,6 +194,7 @@ test("the table fits 100 columns, figures right-aligned, and shows prep and oper
   // What the host's cores did meanwhile, and the least time that took them.
   assert.match(out, /^host CPU \(core-s\) +1\.90 +- +- +- +- +- +- +3\.30 *$/m);
   assert.match(out, /^ {2}destination side +1\.15 +- +- +- +- +- +- +1\.70 *$/m);
+  assert.match(out, /^ {4}destination QEMU +1\.15 +- +- +- +- +- +- +0\.98 *$/m);
   assert.match(out, /^ {2}\/ cores \(s\) +0\.95 +- +- +- +- +- +- +1\.65 *$/m);
   assert.match(out, /^operator wait \(s\) +4\.74 +2\.44 +5\.00 +4\.68 +2\.77 +1\.45 +1\.63 +1\.05 *$/m);
   assert.match(

@@ -36,17 +36,40 @@ test("a part is shown, not added to the processes' sum; an exited process keeps 
     ],
     1_000_000,
   );
-  const from = Date.now();
+  // The window lies between the readings: from after the first, to before the last (readings are in whole ms).
   sampler.start();
+  const from = Date.now();
   whole += 400;
   part += 300;
   gone = 0; // exited: /proc reads 0
   await new Promise((r) => setTimeout(r, 5));
+  const to = Date.now();
   sampler.stop();
-  const text = sampler.describe(from, Date.now());
+  const text = sampler.describe(from, to);
   assert.match(text, /proc 400 ms, proc's main thread 300 ms, exits 0 ms/);
   const rest = Number(/the rest \([^)]*\) (-?\d+) ms/.exec(text)?.[1]);
   const busy = Number(/: (\d+) ms busy/.exec(text)?.[1]);
   assert.equal(rest, busy - 400, "only the process's 400 ms is taken from the host's busy time");
-  assert.match(sampler.timeline(from, Date.now(), 1), /^\(host\/proc\/proc's main thread\/exits\)/);
+  assert.match(sampler.timeline(from, to, 1), /^\(host\/proc\/proc's main thread\/exits\)/);
+});
+
+test("a process first read inside the window counts from its first reading, not from its start", async () => {
+  let late: number | undefined;
+  const sampler = new CpuSampler(
+    () => (late === undefined ? [] : [{ name: "late", cpuMs: () => late ?? 0 }]),
+    1_000_000,
+  );
+  const pause = () => new Promise((r) => setTimeout(r, 5));
+  sampler.start(); // a reading without it
+  await pause();
+  const from = Date.now();
+  await pause();
+  late = 5000; // it spent 5 s starting up (preallocating its RAM, say) before anyone read it
+  sampler.stop(); // its first reading, inside the window
+  late += 250;
+  await pause();
+  const to = Date.now();
+  sampler.stop(); // the reading that closes the window
+  const used = sampler.usage(from, to);
+  assert.equal(used?.processes.get("late"), 250, "only the work after it was first read");
 });

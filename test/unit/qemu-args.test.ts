@@ -92,3 +92,14 @@ test("anonymous guest RAM: a memory-backend-ram of the same size and id, no file
   assert.ok(objects.includes("memory-backend-ram,id=dimm0,size=128M"), objects.join(" | "));
   assert.ok(!args.some((a) => a.includes(files.ramPath)), "no RAM file");
 });
+
+test("preallocated guest RAM: every memory backend, anonymous or a file, cleared when QEMU starts", () => {
+  for (const anonymousRam of [true, false]) {
+    const args = qemuArgs({ ...base, anonymousRam, preallocateRam: true, dimmMiB: 128 }, files);
+    const backends = flagValues(args, "-object").filter((o) => o.startsWith("memory-backend-"));
+    assert.equal(backends.length, 2, backends.join(" | "));
+    for (const backend of backends) assert.match(backend, /,prealloc=on$/, backend);
+  }
+  const onDemand = flagValues(qemuArgs({ ...base, anonymousRam: true }, files), "-object");
+  assert.ok(!onDemand.some((o) => o.includes("prealloc")), "not unless asked");
+});
