@@ -215,7 +215,8 @@ export interface RunFigures {
    * Of it, the destination side's (destination QEMU and receive): what a destination host does to take the guest
    * in, whatever the link. Most of the destination QEMU's is the kernel zeroing the anonymous memory pages land
    * in: perf on a plain cache-heavy run's destination QEMU found 57% of its CPU in clear_page under
-   * do_huge_pmd_anonymous_page (QEMU asks for transparent huge pages, so a page's first write zeroes its 2 MiB).
+   * do_huge_pmd_anonymous_page one day, 87% another (QEMU asks for transparent huge pages, so a page's first write
+   * zeroes its 2 MiB).
    */
   destinationCpuMs?: number;
   /**
@@ -989,6 +990,9 @@ export function linkReportModel(result: LinkBenchResult): MigrationReportModel {
         `medians of ${result.runs} run${result.runs === 1 ? "" : "s"} per row.`,
       `Link: veth ${link.srcIp} → ${link.dstIp}, tbf ${link.rateMbit} Mbit/s; measured ` +
         `${link.measuredBefore.gbitPerSecond.toFixed(3)} Gbit/s before, ${link.measuredAfter.gbitPerSecond.toFixed(3)} after.`,
+      ...(result.destinationRam === "preallocated"
+        ? ["Destinations preallocated their RAM (cleared before `migrate`, not during it)."]
+        : []),
     ],
     rows,
     ...(rows.some((r) => r.name === "plain") ? { baseline: "plain" } : {}),

@@ -195,6 +195,11 @@ test("the table fits 100 columns, figures right-aligned, and shows prep and oper
   assert.match(out, /^host CPU \(core-s\) +1\.90 +- +- +- +- +- +- +3\.30 *$/m);
   assert.match(out, /^ {2}destination side +1\.15 +- +- +- +- +- +- +1\.70 *$/m);
   assert.match(out, /^ {4}destination QEMU +1\.15 +- +- +- +- +- +- +0\.98 *$/m);
+  assert.ok(!out.includes("preallocated"), "on-demand destinations: nothing said");
+  assert.match(
+    formatTable({ ...benchResult(RUNS), destinationRam: "preallocated" }),
+    /Destinations preallocated their RAM \(cleared before `migrate`\)\./,
+  );
   assert.match(out, /^ {2}\/ cores \(s\) +0\.95 +- +- +- +- +- +- +1\.65 *$/m);
   assert.match(out, /^operator wait \(s\) +4\.74 +2\.44 +5\.00 +4\.68 +2\.77 +1\.45 +1\.63 +1\.05 *$/m);
   assert.match(
@@ -242,4 +247,10 @@ test("--report: every row with its medians, the median pages by category, its fi
   const html = await htmlReport(model);
   assert.equal(html.match(/<svg\b/g)?.length, 3);
   assert.match(html, /veth 10\.77\.0\.1 → 10\.77\.0\.2, tbf 1000 Mbit\/s/);
+  assert.ok(!model.context.some((line) => line.includes("preallocated")), "on-demand: nothing said");
+  const preallocated = linkReportModel({ ...benchResult(runs), destinationRam: "preallocated" });
+  assert.ok(
+    preallocated.context.some((line) => line.startsWith("Destinations preallocated their RAM")),
+    preallocated.context.join(" | "),
+  );
 });
