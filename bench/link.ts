@@ -25,11 +25,10 @@
  * is the lab's /dev/shm file, which send reads. With a /dev/shm file at the destination too, a read of an untouched
  * page allocates and clears it, and QEMU reads every page a ZERO record names: half of the destination QEMU's CPU
  * (perf, cache-heavy free+cache), and free+cache's pause there was 321-412 ms against 136-181 ms with anonymous RAM.
- * `--destination-ram preallocated` has the destinations clear all their RAM when they start (VmConfig.preallocateRam),
- * before `migrate`, instead of on each page's first write during it: on this lab's host that clearing alone took
- * the destination QEMU 1-3.6 s of CPU per cache-heavy migration one day and 0.5-1.2 s another (a bare-metal host
- * clears 512 MiB in well under 0.1 s), so the default (on-demand, as QEMU runs unless told otherwise) measures the
- * host as much as the pipeline; preallocated compares pipelines.
+ * `--destination-ram preallocated` has the destinations clear all their RAM when they start, before `migrate`,
+ * instead of on each page's first write during it. On this lab's host that clearing is slow and uneven
+ * (VmConfig.preallocateRam), so the default (on-demand, as QEMU runs unless told otherwise) measures the host as
+ * much as the pipeline; preallocated compares pipelines.
  * A 512 MiB lab guest (1 vCPU) runs the mixed workload (src/lab/workloads.ts); a fresh pair per migration, rows
  * alternating within each run. Migration `max-bandwidth` is 10 Gbit/s, so the link, not QEMU's cap, limits.
  * Rows:
@@ -577,8 +576,9 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
       .map((sample) => ({ ...sample, tMs: sample.tMs - migrateAtMs }))
       .filter((sample) => sample.tMs > 0);
     const used = cpuSampler.usage(pause.resumedAtMs - toResumeMs, pause.resumedAtMs);
+    const destinationQemuCpuMs = used?.processes.get(DESTINATION_QEMU);
     const destinationCpuMs = used
-      ? (used.processes.get(DESTINATION_QEMU) ?? 0) + (used.processes.get(RECEIVE) ?? 0)
+      ? (destinationQemuCpuMs ?? 0) + (used.processes.get(RECEIVE) ?? 0)
       : undefined;
     const verified = await LabPair.verify(dst);
     if (!/^OK/m.test(verified))
@@ -601,9 +601,7 @@ async function runOnce(spec: RowSpec, migrate: RowMigrator, options: BenchOption
       ...(receiveHeldMs !== undefined ? { receiveHeldMs } : {}),
       ...(used ? { hostCpuMs: used.busyMs } : {}),
       ...(destinationCpuMs !== undefined ? { destinationCpuMs } : {}),
-      ...(used?.processes.has(DESTINATION_QEMU)
-        ? { destinationQemuCpuMs: used.processes.get(DESTINATION_QEMU) }
-        : {}),
+      ...(destinationQemuCpuMs !== undefined ? { destinationQemuCpuMs } : {}),
       pageBytes: pageTrafficOf(result.info, prune ?? null),
       throughput: fromMigrate,
       pause: { fromMs: toResumeMs - pauseMs, toMs: toResumeMs },
@@ -697,6 +695,13 @@ interface BenchOptions {
 
 const DESTINATION_RAM = ["on-demand", "preallocated"] as const;
 type DestinationRam = (typeof DESTINATION_RAM)[number];
+
+/** What the table's header and the HTML report say of the destinations' RAM (nothing for QEMU's default). */
+function destinationRamNote(destinationRam: DestinationRam): string[] {
+  return destinationRam === "preallocated"
+    ? ["Destinations preallocated their RAM (cleared before `migrate`, not during it)."]
+    : [];
+}
 
 export async function benchLink(options: BenchOptions): Promise<LinkBenchResult> {
   const measuredBefore = await measureRateOf(options.link);
@@ -919,10 +924,8 @@ export function formatTable(result: LinkBenchResult): string {
     `Link: veth ${link.srcNetns} ${link.srcIp} → ${link.dstNetns} ${link.dstIp}, tbf ${link.rateMbit} Mbit/s both ` +
       `ends; measured ${link.measuredBefore.gbitPerSecond.toFixed(3)} Gbit/s before, ` +
       `${link.measuredAfter.gbitPerSecond.toFixed(3)} after (100 MB TCP); migration max-bandwidth ` +
-      `${(result.maxBandwidthBytesPerSecond * 8) / 1e9} Gbit/s.` +
-      (result.destinationRam === "preallocated"
-        ? " Destinations preallocated their RAM (cleared before `migrate`)."
-        : ""),
+      `${(result.maxBandwidthBytesPerSecond * 8) / 1e9} Gbit/s.`,
+    ...destinationRamNote(result.destinationRam),
   ];
   const notes = [
     `Columns: ${result.rows
@@ -990,9 +993,7 @@ export function linkReportModel(result: LinkBenchResult): MigrationReportModel {
         `medians of ${result.runs} run${result.runs === 1 ? "" : "s"} per row.`,
       `Link: veth ${link.srcIp} → ${link.dstIp}, tbf ${link.rateMbit} Mbit/s; measured ` +
         `${link.measuredBefore.gbitPerSecond.toFixed(3)} Gbit/s before, ${link.measuredAfter.gbitPerSecond.toFixed(3)} after.`,
-      ...(result.destinationRam === "preallocated"
-        ? ["Destinations preallocated their RAM (cleared before `migrate`, not during it)."]
-        : []),
+      ...destinationRamNote(result.destinationRam),
     ],
     rows,
     ...(rows.some((r) => r.name === "plain") ? { baseline: "plain" } : {}),

@@ -67,8 +67,9 @@ export interface VmConfig {
    * Fault in and clear all guest RAM when QEMU starts (the backend's `prealloc=on`), not on first write. For a
    * destination, this moves the kernel's clearing of the pages the stream lands in from the migration to before
    * it. On this lab's host that clearing is slow and uneven: perf on a cache-heavy destination QEMU found 87% of
-   * its CPU in clear_page_erms, 2-3.6 s per 512 MiB migration one day and 0.5-1.2 s another, where a bare-metal
-   * host clears 512 MiB in well under 0.1 s.
+   * its CPU in clear_page_erms; bench:link's destination QEMUs used 1.0-3.7 s of CPU per 512 MiB cache-heavy
+   * migration and up to 6.2 s per mixed one on one day, 0.5-1.2 s on another, where a bare-metal host clears
+   * 512 MiB in well under 0.1 s. Preallocated, they used 0.17-0.29 s.
    */
   preallocateRam?: boolean;
   /**

@@ -198,7 +198,7 @@ test("the table fits 100 columns, figures right-aligned, and shows prep and oper
   assert.ok(!out.includes("preallocated"), "on-demand destinations: nothing said");
   assert.match(
     formatTable({ ...benchResult(RUNS), destinationRam: "preallocated" }),
-    /Destinations preallocated their RAM \(cleared before `migrate`\)\./,
+    /Destinations preallocated their RAM \(cleared before `migrate`, not during it\)\./,
   );
   assert.match(out, /^ {2}\/ cores \(s\) +0\.95 +- +- +- +- +- +- +1\.65 *$/m);
   assert.match(out, /^operator wait \(s\) +4\.74 +2\.44 +5\.00 +4\.68 +2\.77 +1\.45 +1\.63 +1\.05 *$/m);
